@@ -1,0 +1,87 @@
+"""Frozen, named presets and the one function that applies overrides to them.
+
+Every training script keeps its presets as frozen dataclasses in a registry;
+command-line overrides go through `override`, which rejects unknown fields,
+wrong types and values a field's own check refuses.
+"""
+import dataclasses
+import typing
+from typing import Any, Callable, Dict, Mapping
+
+from distrnn.errors import UsageError
+
+
+def parse_value(name: str, kind: type, text: str) -> Any:
+    """Turns the text of a command-line override into a field's type."""
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind is int:
+            return int(text, 10)
+        return kind(text)
+    except ValueError:
+        raise UsageError(f"--{name} takes {kind.__name__}, got {text!r}") from None
+
+
+def field_types(cls) -> Dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def override(config, overrides: Mapping[str, Any]):
+    """Returns `config` with `overrides` applied; values may be strings.
+
+    Raises UsageError naming the field for an unknown name, a value of the
+    wrong type, or a value the config's `validate` refuses.
+    """
+    types = field_types(type(config))
+    changes = {}
+    for name, value in overrides.items():
+        if name not in types:
+            known = ", ".join(sorted(types))
+            raise UsageError(f"unknown config field {name!r}; fields are: {known}")
+        kind = types[name]
+        if isinstance(value, str) and kind is not str:
+            value = parse_value(name, kind, value)
+        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise UsageError(f"config field {name!r} takes {kind.__name__}, got {value!r}")
+        changes[name] = value
+    new = dataclasses.replace(config, **changes)
+    validate = getattr(new, "validate", None)
+    if validate is not None:
+        validate()
+    return new
+
+
+def check(condition: bool, message: str) -> None:
+    """Raises UsageError(message) unless condition holds; for config validation."""
+    if not condition:
+        raise UsageError(message)
+
+
+class Registry:
+    """Named presets of one config class."""
+
+    def __init__(self):
+        self._presets: Dict[str, Callable[[], Any]] = {}
+
+    def register(self, name: str, config) -> None:
+        self._presets[name] = config
+
+    def names(self):
+        return sorted(self._presets)
+
+    def get(self, name: str):
+        if name not in self._presets:
+            raise UsageError(f"unknown --config {name!r}; choose one of: {', '.join(self.names())}")
+        return self._presets[name]
+
+    def as_dict(self, name: str) -> Dict[str, Any]:
+        return dataclasses.asdict(self.get(name))

@@ -1,0 +1,5 @@
+import sys
+
+from distrnn.ptb.cli import main
+
+sys.exit(main())

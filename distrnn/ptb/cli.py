@@ -1,0 +1,67 @@
+"""`python -m distrnn.ptb`: flags in, `train.train_and_evaluate` out.
+
+    python -m distrnn.ptb --config small --data_path DIR [--hidden_size 100 ...]
+"""
+import os
+import sys
+
+from distrnn import cli
+from distrnn.config import override
+
+
+def build_parser():
+    from distrnn.ptb.configs import PTBConfig, PRESETS
+    parser = cli.ArgumentParser(
+        prog="python -m distrnn.ptb",
+        description="Train the PTB word language model of Zaremba et al. 2014 with distrnn's stacked LSTM.")
+    parser.add_argument("--config", default="small", help=f"preset: {', '.join(PRESETS.names())} (default small)")
+    parser.add_argument("--list_configs", action="store_true", help="print the presets with their published results and exit")
+    parser.add_argument("--data_path", help="directory with ptb.train.txt, ptb.valid.txt, ptb.test.txt, read as it "
+                        "is; default: ~/.cache/distrnn/ptb, downloaded and checksummed when missing")
+    parser.add_argument("--save_path", help="where checkpoints, TensorBoard logs and the perplexity plot go "
+                        "(default runs/ptb-CONFIG-TIME)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --save_path "
+                        "(starts fresh when there is none)")
+    parser.add_argument("--max_epochs", type=int, default=0, help="stop after N epochs in all (default: the preset's)")
+    parser.add_argument("--max_steps", type=int, default=0, help="stop after N training steps in all")
+    parser.add_argument("--metrics_json", help="write the final figures to this JSON file")
+    parser.add_argument("--seed", type=int, default=1, help="seed for weights and dropout (default 1)")
+    parser.add_argument("--checkpoint_every", type=int, default=500,
+                        help="steps between checkpoints; one is also saved after every epoch (default 500)")
+    names = cli.add_config_flags(parser, PTBConfig, cli.field_comments(PTBConfig))
+    return parser, names
+
+
+def list_configs() -> None:
+    import dataclasses
+    from distrnn.ptb.configs import PRESETS, PUBLISHED
+    for name in PRESETS.names():
+        ppl, cost = PUBLISHED[name]
+        fields = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(PRESETS.get(name)).items())
+        print(f"{name:7s} published test ppl {ppl if ppl else '-'}; {cost}\n        {fields}")
+
+
+def run(argv) -> int:
+    parser, names = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_configs:
+        list_configs()
+        return 0
+    for flag in ("max_epochs", "max_steps", "checkpoint_every"):
+        value = getattr(args, flag)
+        if value < 0 or (flag == "checkpoint_every" and value == 0):
+            raise cli.UsageError(f"--{flag} must be {'positive' if flag == 'checkpoint_every' else '>= 0'}, got {value}")
+    from distrnn.ptb.configs import PRESETS
+    config = override(PRESETS.get(args.config), cli.config_overrides(args, names))
+    # TensorFlow is imported only once the flags are known to be good.
+    from distrnn.ptb.train import RunOptions, train_and_evaluate
+    options = RunOptions(data_path=args.data_path, save_path=args.save_path, resume=args.resume,
+                         max_epochs=args.max_epochs, max_steps=args.max_steps, metrics_json=args.metrics_json,
+                         seed=args.seed, checkpoint_every=args.checkpoint_every, config_name=args.config)
+    metrics = train_and_evaluate(config, options)
+    return metrics["interrupted"] or 0
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # hide TensorFlow's C++ start-up chatter
+    return cli.run_main("distrnn.ptb", lambda: run(sys.argv[1:] if argv is None else argv))

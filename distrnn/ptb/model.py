@@ -1,0 +1,60 @@
+"""The word language model: embedding, dropout, stacked LSTM, softmax.
+
+Shapes: B batch rows, T time steps, H hidden units, V vocabulary. The stack
+runs time-major, (T, B, H), so each time step is a contiguous slice.
+"""
+import tensorflow as tf
+
+from distrnn.rnn import LSTMCell, unroll
+
+
+class PTBModel(tf.Module):
+    def __init__(self, config, vocab_size: int, seed: int = 0, name: str = "ptb_lm"):
+        super().__init__(name=name)
+        self.config, self.vocab_size = config, vocab_size
+        h, scale = config.hidden_size, config.init_scale
+        # Every weight starts uniform in [-init_scale, init_scale] (LSTM biases at 0),
+        # drawn from one seeded generator so a run is reproducible from --seed.
+        init_rng = tf.random.Generator.from_seed(seed)
+
+        def uniform(shape, dtype=tf.float32):
+            return init_rng.uniform(shape, -scale, scale, dtype=dtype)
+
+        with self.name_scope:
+            self.embedding = tf.Variable(uniform([vocab_size, h]), name="embedding")
+            # forget_bias 0 as in the reference implementation
+            self.cells = [LSTMCell(h, h, forget_bias=0.0, initializer=uniform, name=f"lstm_{i}")
+                          for i in range(config.num_layers)]
+            self.softmax_w = tf.Variable(uniform([h, vocab_size]), name="softmax_w")
+            self.softmax_b = tf.Variable(uniform([vocab_size]), name="softmax_b")
+            # Dropout masks come from a stateful generator that is checkpointed,
+            # so a resumed run draws the masks the uninterrupted run would have.
+            self.dropout_rng = tf.random.Generator.from_seed(seed + 1)
+
+    def zero_state(self, batch_size: int):
+        return tuple(cell.zero_state(batch_size) for cell in self.cells)
+
+    def _dropout(self, x):
+        seed = self.dropout_rng.make_seeds(1)[:, 0]
+        return tf.nn.experimental.stateless_dropout(x, rate=1.0 - self.config.keep_prob, seed=seed)
+
+    def __call__(self, x, state, training: bool):
+        """x (B, T) word ids -> logits (T*B, V) in time-major order, new state."""
+        dropout = training and self.config.keep_prob < 1.0
+        h = tf.gather(self.embedding, tf.transpose(x))   # (T, B, H)
+        if dropout:
+            h = self._dropout(h)
+        new_state = []
+        for cell, layer_state in zip(self.cells, state):
+            h, layer_state = unroll(cell, h, layer_state, mode=self.config.rnn_mode)
+            if dropout:
+                h = self._dropout(h)
+            new_state.append(layer_state)
+        logits = tf.matmul(tf.reshape(h, [-1, self.config.hidden_size]), self.softmax_w) + self.softmax_b
+        return logits, tuple(new_state)
+
+
+def token_losses(logits, y):
+    """Cross-entropy per token, (T*B,), for targets y (B, T) matching time-major logits."""
+    targets = tf.reshape(tf.transpose(y), [-1])
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)

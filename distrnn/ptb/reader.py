@@ -1,0 +1,212 @@
+"""Penn Treebank reader: the standard three files, the vocabulary, and batching.
+
+Files are `ptb.train.txt`, `ptb.valid.txt` and `ptb.test.txt`, one sentence a
+line; every line ends with the token `<eos>`. The vocabulary is built from
+train, most frequent word first (ties broken alphabetically, as the reference).
+Words of valid/test missing from it become `<unk>` and are counted.
+"""
+import collections
+import dataclasses
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from typing import Dict, Iterator, Tuple
+
+import numpy as np
+
+from distrnn.errors import UsageError
+
+SPLITS = ("train", "valid", "test")
+EOS, UNK = "<eos>", "<unk>"
+ARCHIVE_URL = "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
+DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "distrnn", "ptb")
+# The standard files as published in Mikolov's simple-examples archive. ptb.train.txt
+# is known in public copies by its git blob id: sha1(b"blob <size>\0" + bytes).
+CHECKSUMS = {
+    "ptb.train.txt": ("git-blob-sha1", "04d78dc94771b5c04adc40b3be08bd8c82942e7f"),
+    "ptb.valid.txt": ("sha256", "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2"),
+    "ptb.test.txt": ("sha256", "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0"),
+}
+DATA_PATH_HINT = ("pass --data_path DIR, where DIR holds ptb.train.txt, ptb.valid.txt and ptb.test.txt "
+                  "(from simple-examples.tgz: simple-examples/data/)")
+
+
+def file_name(split: str) -> str:
+    return f"ptb.{split}.txt"
+
+
+def digest(path: str, kind: str) -> str:
+    with open(path, "rb") as f:
+        data = f.read()
+    if kind == "sha256":
+        return hashlib.sha256(data).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def verify(directory: str) -> None:
+    """Checks the standard files in `directory` against their published checksums."""
+    for name, (kind, expected) in CHECKSUMS.items():
+        path = os.path.join(directory, name)
+        actual = digest(path, kind)
+        if actual != expected:
+            raise UsageError(f"{path} does not match the standard PTB file ({kind} {actual}, expected "
+                             f"{expected}); delete {directory} to download again, or {DATA_PATH_HINT}")
+
+
+def download(directory: str = DEFAULT_DIR, url: str = ARCHIVE_URL) -> str:
+    """Downloads and extracts the three standard files into `directory`, verified."""
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        archive = os.path.join(tmp, "simple-examples.tgz")
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as out:
+                shutil.copyfileobj(response, out)
+        except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
+            raise UsageError(f"could not download PTB from {url} ({e}); {DATA_PATH_HINT}") from None
+        try:
+            with tarfile.open(archive) as tar:
+                for name in CHECKSUMS:
+                    member = tar.getmember(f"./simple-examples/data/{name}")
+                    with tar.extractfile(member) as src, open(os.path.join(tmp, name), "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        except (tarfile.TarError, KeyError) as e:
+            raise UsageError(f"{url} is not the simple-examples archive ({e}); {DATA_PATH_HINT}") from None
+        verify(tmp)
+        for name in CHECKSUMS:  # only verified files reach the cache directory
+            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    return directory
+
+
+def resolve_data_path(data_path: str = None) -> str:
+    """A user's --data_path is read as it is; the default cache is downloaded and verified."""
+    if data_path:
+        return data_path
+    if not all(os.path.exists(os.path.join(DEFAULT_DIR, name)) for name in CHECKSUMS):
+        download(DEFAULT_DIR)
+    verify(DEFAULT_DIR)
+    return DEFAULT_DIR
+
+
+def read_words(path: str):
+    """The words of a file, with `<eos>` at the end of every line."""
+    if not os.path.isfile(path):
+        raise UsageError(f"missing data file {path}; {DATA_PATH_HINT}")
+    with open(path, encoding="utf-8") as f:
+        words = f.read().replace("\n", f" {EOS} ").split()
+    if all(w == EOS for w in words):  # nothing but blank lines counts as empty
+        raise UsageError(f"data file {path} is empty; {DATA_PATH_HINT}")
+    return words
+
+
+def build_vocab(words) -> Dict[str, int]:
+    """Word -> id, most frequent first; `<unk>` is always present."""
+    counts = collections.Counter(words)
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    vocab = {word: i for i, (word, _) in enumerate(ordered)}
+    vocab.setdefault(UNK, len(vocab))
+    return vocab
+
+
+def to_ids(words, vocab: Dict[str, int]) -> Tuple[np.ndarray, int]:
+    """Ids of `words`, and how many were outside the vocabulary (mapped to <unk>)."""
+    unk = vocab[UNK]
+    ids = np.fromiter((vocab.get(w, unk) for w in words), dtype=np.int32, count=len(words))
+    oov = sum(1 for w in words if w not in vocab)
+    return ids, oov
+
+
+@dataclasses.dataclass
+class PTBData:
+    vocab: Dict[str, int]
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+    oov: Dict[str, int]  # words of valid/test mapped to <unk>
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+
+def load(data_path: str) -> PTBData:
+    words = {split: read_words(os.path.join(data_path, file_name(split))) for split in SPLITS}
+    vocab = build_vocab(words["train"])
+    ids, oov = {}, {}
+    for split in SPLITS:
+        ids[split], oov[split] = to_ids(words[split], vocab)
+    return PTBData(vocab, ids["train"], ids["valid"], ids["test"], {"valid": oov["valid"], "test": oov["test"]})
+
+
+# Truncated backprop through time. The token stream is cut into batch_size
+# rows; row r continues where row r-1's text left off, and each step trains on
+# the next window of num_steps columns, carrying the LSTM state across windows:
+#
+#   stream  t0 t1 t2 t3 t4 t5 t6 t7 t8 t9 t10 t11      batch_size=3, num_steps=2
+#   rows    [t0 t1 t2 t3]                              window 0: x=rows[:, 0:2]
+#           [t4 t5 t6 t7]                                        y=rows[:, 1:3]
+#           [t8 t9 t10 t11]                            window 1: x=rows[:, 2:4] ...
+#
+# Training drops the tail of the stream that does not fill a row and the last
+# partial window, as the reference does; evaluation counts every token.
+
+def train_rows(data: np.ndarray, batch_size: int) -> np.ndarray:
+    """The stream cut into batch_size rows: (batch_size, batch_len)."""
+    batch_len = len(data) // batch_size
+    return data[:batch_size * batch_len].reshape(batch_size, batch_len)
+
+
+def epoch_size(num_tokens: int, batch_size: int, num_steps: int) -> int:
+    """Training windows per epoch."""
+    return (num_tokens // batch_size - 1) // num_steps
+
+
+def train_windows(rows: np.ndarray, num_steps: int, start: int = 0) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
+    """Yields (index, x, y) for the windows of `rows` from window `start`; x, y: (batch, num_steps)."""
+    n = (rows.shape[1] - 1) // num_steps
+    for i in range(start, n):
+        lo = i * num_steps
+        yield i, rows[:, lo:lo + num_steps], rows[:, lo + 1:lo + num_steps + 1]
+
+
+@dataclasses.dataclass
+class EvalBatches:
+    """A split laid out for exact evaluation: every token is a target once.
+
+    The stream gets a leading `<eos>` (the end of the sentence before it), so
+    its first word is predicted too. Targets are cut into `batch_size` rows of
+    equal length; the last row and the last window are padded, and `weights`
+    is 0 on padding, so sum(weights) == number of words in the split.
+    """
+    inputs: np.ndarray   # (batch_size, windows * num_steps) int32
+    targets: np.ndarray  # same shape
+    weights: np.ndarray  # same shape, float32: 1 on real targets, 0 on padding
+    num_steps: int
+
+    @property
+    def num_windows(self) -> int:
+        return self.inputs.shape[1] // self.num_steps
+
+    def window(self, i: int):
+        s = slice(i * self.num_steps, (i + 1) * self.num_steps)
+        return self.inputs[:, s], self.targets[:, s], self.weights[:, s]
+
+
+def eval_batches(data: np.ndarray, eos_id: int, batch_size: int, num_steps: int) -> EvalBatches:
+    n = len(data)
+    stream = np.concatenate([[eos_id], data]).astype(np.int32)
+    row_len = -(-n // batch_size)                       # ceil(n / batch_size)
+    padded_len = -(-row_len // num_steps) * num_steps   # whole windows
+    inputs = np.zeros((batch_size, padded_len), np.int32)
+    targets = np.zeros((batch_size, padded_len), np.int32)
+    weights = np.zeros((batch_size, padded_len), np.float32)
+    for r in range(batch_size):
+        lo, hi = r * row_len, min((r + 1) * row_len, n)
+        if lo >= hi:
+            continue
+        inputs[r, :hi - lo] = stream[lo:hi]
+        targets[r, :hi - lo] = stream[lo + 1:hi + 1]
+        weights[r, :hi - lo] = 1.0
+    return EvalBatches(inputs, targets, weights, num_steps)

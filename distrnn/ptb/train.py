@@ -1,0 +1,298 @@
+"""Training and evaluation of the PTB word language model.
+
+`train_and_evaluate(config, options)` is the whole job; `python -m distrnn.ptb`
+only parses flags and calls it, and the tests call it the same way.
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from distrnn import distributed, training
+from distrnn.errors import UsageError
+from distrnn.ptb import reader
+from distrnn.ptb.model import PTBModel, token_losses
+from distrnn.training import log
+
+# Fields that fix variable shapes or the meaning of a saved data position: a
+# checkpoint cannot be resumed under different values.
+SHAPE_FIELDS = ("num_layers", "hidden_size", "batch_size", "num_steps")
+EXIT_INTERRUPTED = None  # 128 + signal number, see training.StopSignal
+
+
+@dataclasses.dataclass
+class RunOptions:
+    data_path: Optional[str] = None      # directory with ptb.{train,valid,test}.txt; None: download to the cache
+    save_path: Optional[str] = None      # checkpoints, TensorBoard, plot; None: runs/ptb-<config>-<time>
+    resume: bool = False                 # continue from the latest checkpoint in save_path
+    max_epochs: int = 0                  # stop after this many epochs in all (0: config's max_max_epoch)
+    max_steps: int = 0                   # stop after this many training steps in all (0: no limit)
+    metrics_json: Optional[str] = None   # write the final figures here
+    seed: int = 1                        # weights and dropout masks
+    checkpoint_every: int = 500          # steps between checkpoints (also saved after every epoch)
+    config_name: str = "custom"
+
+
+def sum_duplicate_rows(grad):
+    """Merges repeated rows of an embedding gradient.
+
+    tf.gather's gradient is IndexedSlices with one row per looked-up word, so a
+    word seen k times appears k times. Summing them first makes the global
+    norm used for clipping the norm of the true gradient, and shrinks the
+    sparse update.
+    """
+    if not isinstance(grad, tf.IndexedSlices):
+        return grad
+    ids, position = tf.unique(grad.indices)
+    values = tf.math.unsorted_segment_sum(grad.values, position, tf.shape(ids)[0])
+    return tf.IndexedSlices(values, ids, grad.dense_shape)
+
+
+class Trainer(tf.Module):
+    """The model, its optimizer and everything a checkpoint must hold to resume exactly."""
+
+    def __init__(self, config, vocab_size: int, seed: int):
+        super().__init__(name="trainer")
+        self.config = config
+        self.model = PTBModel(config, vocab_size, seed=seed)
+        self.optimizer = tf.keras.optimizers.SGD(learning_rate=config.learning_rate)
+        self.optimizer.build(self.model.trainable_variables)
+        # Position in the run. The carried LSTM state is part of it: resuming
+        # mid-epoch continues from the state the last window left.
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.epoch_cost = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        self.epoch_iters = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.history = tf.Variable("[]", dtype=tf.string, trainable=False)  # JSON list of per-epoch figures
+        self.carried = [tf.Variable(t, trainable=False)
+                        for t in tf.nest.flatten(self.model.zero_state(config.batch_size))]
+
+    def carried_state(self):
+        """The LSTM state saved with the run, structured as the model's state."""
+        return tf.nest.pack_sequence_as(self.model.zero_state(1), [v.read_value() for v in self.carried])
+
+    def carry(self, state) -> None:
+        for variable, value in zip(self.carried, tf.nest.flatten(state)):
+            variable.assign(value)
+
+    def checkpoint(self) -> tf.train.Checkpoint:
+        return tf.train.Checkpoint(
+            model=self.model, optimizer=self.optimizer, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
+            global_step=self.global_step, epoch_cost=self.epoch_cost, epoch_iters=self.epoch_iters,
+            history=self.history, carried_state=self.carried)
+
+    @tf.function
+    def train_step(self, x, y, state):
+        """One window: x, y (B, T). Returns the loss (sum over time of the batch mean) and new state."""
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            logits, state = self.model(x, state, training=True)
+            # Averaged over the batch, summed over time steps, as the reference.
+            loss = tf.reduce_sum(token_losses(logits, y)) / tf.cast(tf.shape(x)[0], tf.float32)
+        grads = [sum_duplicate_rows(g) for g in tape.gradient(loss, variables)]
+        grads, _ = tf.clip_by_global_norm(grads, self.config.max_grad_norm)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        return loss, state
+
+    @tf.function
+    def eval_step(self, x, y, weights, state):
+        """Sum of token losses where weights is 1 (padding has weight 0), and new state."""
+        logits, state = self.model(x, state, training=False)
+        w = tf.reshape(tf.transpose(weights), [-1])
+        return tf.reduce_sum(token_losses(logits, y) * w), state
+
+
+def evaluate(trainer: Trainer, batches: reader.EvalBatches, world) -> float:
+    """Exact perplexity over a whole split: exp(total loss / number of words)."""
+    state = trainer.model.zero_state(batches.inputs.shape[0])
+    total = 0.0
+    for i in range(batches.num_windows):
+        x, y, w = batches.window(i)
+        loss, state = trainer.eval_step(x, y, w, state)
+        total += float(loss)
+    total, count = world.allreduce_sum([total, float(batches.weights.sum())])
+    return float(math.exp(total / count))
+
+
+def default_save_path(config_name: str) -> str:
+    return os.path.join("runs", f"ptb-{config_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def config_mismatch(save_path: str, config, vocab_size: int) -> Optional[str]:
+    """Names the shape-defining fields where the saved run's config differs, if any."""
+    path = os.path.join(save_path, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    current = dict(dataclasses.asdict(config), vocab_size=vocab_size)
+    diffs = [f"{k}={saved.get(k)} there, {current[k]} here" for k in SHAPE_FIELDS + ("vocab_size",)
+             if k in saved and saved[k] != current[k]]
+    return "; ".join(diffs) or None
+
+
+def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
+    """Trains, validates every epoch, tests at the end; returns the metrics dict.
+
+    Returns early with metrics["interrupted"] set to the signal's exit code when
+    SIGINT/SIGTERM arrives (after saving a checkpoint).
+    """
+    world = world or distributed.init()
+    config.validate()
+    t_start = time.time()
+    training.check_metrics_path(options.metrics_json if world.is_chief else None)
+    data_path = reader.resolve_data_path(options.data_path)
+    data = reader.load(data_path)
+    B, T = config.batch_size, config.num_steps
+    steps_per_epoch = reader.epoch_size(len(data.train), B, T)
+    if steps_per_epoch < 1:
+        raise UsageError(f"the train split has {len(data.train)} words, too few for batch_size x num_steps = "
+                         f"{B} x {T} (it needs more than {B * (T + 1)}); lower --batch_size or --num_steps")
+    save_path = options.save_path or default_save_path(options.config_name)
+    if world.is_chief:
+        training.prepare_save_path(save_path)
+
+    trainer = Trainer(config, data.vocab_size, options.seed)
+    checkpoints = training.Checkpoints(trainer.checkpoint(), save_path)
+    resumed = checkpoints.restore_or_start(
+        options.resume, lambda: config_mismatch(save_path, config, data.vocab_size))
+    if world.is_chief:
+        training.write_json(os.path.join(save_path, "config.json"),
+                            dict(dataclasses.asdict(config), vocab_size=data.vocab_size, name=options.config_name))
+
+    max_epochs = min(options.max_epochs or config.max_max_epoch, config.max_max_epoch)
+    total_steps = max_epochs * steps_per_epoch
+    if options.max_steps:
+        total_steps = min(total_steps, options.max_steps)
+    if world.is_chief:
+        log(f"data {data_path}: vocabulary {data.vocab_size}, words train {len(data.train)} "
+            f"valid {len(data.valid)} test {len(data.test)}; words mapped to <unk>: "
+            f"valid {data.oov['valid']}, test {data.oov['test']}")
+        log(f"config {options.config_name}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()))
+        log(f"batch {B} rows x {T} steps = {B * T} words a step, {steps_per_epoch} steps an epoch, "
+            f"{max_epochs} epochs, {total_steps} steps in all; save_path {save_path}")
+        if options.resume:
+            log(f"resumed from {checkpoints.latest} at epoch {int(trainer.epoch) + 1}, "
+                f"step {int(trainer.step_in_epoch)}" if resumed else f"--resume: no checkpoint in {save_path}, starting fresh")
+
+    eos = data.vocab[reader.EOS]
+    valid_batches = reader.eval_batches(data.valid, eos, B, T)
+    test_batches = reader.eval_batches(data.test, eos, B, T)
+    rows = reader.train_rows(data.train, B)
+    tensorboard = training.TensorBoard(save_path, world.is_chief)
+    speed = training.Speed()
+    history = json.loads(trainer.history.numpy().decode())
+    progress_every = max(1, steps_per_epoch // 10)
+    valid_ppl = history[-1]["valid_perplexity"] if history else None
+    valid_is_current = bool(history) and int(trainer.step_in_epoch) == 0
+    interrupted = None
+
+    def save():
+        if world.is_chief:
+            checkpoints.save(int(trainer.global_step))
+
+    with training.StopSignal() as stop:
+        while int(trainer.epoch) < max_epochs and not (options.max_steps and int(trainer.global_step) >= options.max_steps):
+            epoch = int(trainer.epoch)
+            lr = config.learning_rate_at(epoch)
+            trainer.optimizer.learning_rate.assign(lr)
+            start = int(trainer.step_in_epoch)
+            state = trainer.carried_state() if start else trainer.model.zero_state(B)
+            for i, x, y in reader.train_windows(rows, T, start=start):
+                t0 = time.perf_counter()
+                loss, state = trainer.train_step(x, y, state)
+                loss = float(loss)
+                speed.add(B * T * world.size, time.perf_counter() - t0)
+                trainer.epoch_cost.assign_add(loss)
+                trainer.epoch_iters.assign_add(T)
+                trainer.step_in_epoch.assign(i + 1)
+                trainer.global_step.assign_add(1)
+                step = int(trainer.global_step)
+                train_ppl = math.exp(float(trainer.epoch_cost) / int(trainer.epoch_iters))
+                if world.is_chief and ((i + 1) % progress_every == 0 or i + 1 == steps_per_epoch):
+                    eta = (total_steps - step) * (speed.seconds / max(speed.steps - speed.warmup, 1))
+                    log(f"epoch {epoch + 1}/{max_epochs} step {i + 1}/{steps_per_epoch} "
+                        f"({100 * (i + 1) / steps_per_epoch:.0f}%) | train ppl {train_ppl:8.2f} | lr {lr:.4g} | "
+                        f"{speed.rate:7.0f} words/sec | eta {training.format_duration(eta)}")
+                    tensorboard.scalars(step, loss=loss / T, perplexity=train_ppl, learning_rate=lr,
+                                        words_per_sec=speed.rate)
+                last_of_run = options.max_steps and step >= options.max_steps
+                if stop.signum or last_of_run or (step % options.checkpoint_every == 0 and i + 1 < steps_per_epoch):
+                    trainer.carry(state)
+                    save()
+                if stop.signum:
+                    interrupted = stop.exit_code
+                    break
+                if last_of_run:
+                    break
+            valid_is_current = False
+            if interrupted or int(trainer.step_in_epoch) < steps_per_epoch:
+                break
+            valid_ppl = evaluate(trainer, valid_batches, world)
+            valid_is_current = True
+            history.append({"epoch": epoch + 1, "train_perplexity": train_ppl, "valid_perplexity": valid_ppl,
+                            "learning_rate": lr})
+            if world.is_chief:
+                log(f"epoch {epoch + 1}/{max_epochs} | train ppl {train_ppl:.2f} | valid ppl {valid_ppl:.2f}")
+                tensorboard.scalars(int(trainer.global_step), valid_perplexity=valid_ppl)
+            trainer.history.assign(json.dumps(history))
+            trainer.epoch.assign_add(1)
+            trainer.step_in_epoch.assign(0)
+            trainer.epoch_cost.assign(0.0)
+            trainer.epoch_iters.assign(0)
+            save()
+            if stop.signum:
+                interrupted = stop.exit_code
+                break
+
+    metrics = {"interrupted": interrupted, "save_path": save_path}
+    if interrupted:
+        if world.is_chief:
+            log(f"stopped by signal: checkpoint saved in {checkpoints.directory}; continue with --resume "
+                f"--save_path {save_path}")
+        tensorboard.close()
+        return metrics
+    if not valid_is_current:
+        valid_ppl = evaluate(trainer, valid_batches, world)
+    test_ppl = evaluate(trainer, test_batches, world)
+    iters = int(trainer.epoch_iters)
+    last_train_ppl = (math.exp(float(trainer.epoch_cost) / iters) if iters
+                      else (history[-1]["train_perplexity"] if history else None))
+    steps = int(trainer.global_step)
+    metrics.update({
+        "train_perplexity": last_train_ppl,
+        "valid_perplexity": valid_ppl,
+        "test_perplexity": test_ppl,
+        "words_per_sec": speed.rate if speed.seconds > 0 else None,
+        "steps": steps,
+        "epochs": round(steps / steps_per_epoch, 4),
+        "steps_per_epoch": steps_per_epoch,
+        "world_size": world.size,
+        "config": dataclasses.asdict(config),
+        "config_name": options.config_name,
+        "vocab_size": data.vocab_size,
+        "words": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test)},
+        "oov": data.oov,
+        "history": history,
+        "wall_time_sec": round(time.time() - t_start, 2),
+        "versions": training.versions(),
+    })
+    if world.is_chief:
+        wps = f"{metrics['words_per_sec']:.0f}" if metrics["words_per_sec"] else "n/a"
+        log(f"done: {steps} steps | train ppl {last_train_ppl:.2f} | valid ppl {valid_ppl:.2f} | "
+            f"test ppl {test_ppl:.2f} | {wps} words/sec | {training.format_duration(metrics['wall_time_sec'])}")
+        if history:
+            training.plot_curves(os.path.join(save_path, "perplexity.png"), f"PTB {options.config_name}",
+                                 "perplexity", {"train": [h["train_perplexity"] for h in history],
+                                                "valid": [h["valid_perplexity"] for h in history]})
+        tensorboard.scalars(steps, test_perplexity=test_ppl)
+        if options.metrics_json:
+            training.write_json(options.metrics_json, {k: v for k, v in metrics.items() if k != "interrupted"})
+    tensorboard.close()
+    return metrics

@@ -1,0 +1,127 @@
+"""The real command line: bad input, checkpoints that survive it, kill and resume."""
+import json
+import os
+import signal
+
+import pytest
+
+from conftest import run_ptb
+
+TINY = ["--config", "test", "--hidden_size", "8", "--batch_size", "4", "--num_steps", "5"]
+
+
+def assert_usage_error(proc, *fragments):
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distrnn.ptb: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def checkpoint_files(save_path):
+    directory = os.path.join(save_path, "checkpoints")
+    return {name: os.path.getmtime(os.path.join(directory, name)) for name in sorted(os.listdir(directory))}
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--hidden_size", "0"], ["hidden_size must be positive, got 0"]),
+    (["--batch_size", "-2"], ["batch_size must be positive, got -2"]),
+    (["--hidden_size", "big"], ["--hidden_size takes int, got 'big'"]),
+    (["--hidden_sise", "10"], ["unrecognized arguments: --hidden_sise", "did you mean --hidden_size?"]),
+    (["--config", "huge"], ["unknown --config 'huge'"]),
+    (["--max_steps", "-1"], ["--max_steps must be >= 0"]),
+])
+def test_bad_flags(args, fragments, corpus, tmp_path):
+    assert_usage_error(run_ptb(*TINY, "--data_path", corpus, "--save_path", tmp_path / "s", *args), *fragments)
+    assert not (tmp_path / "s").exists()
+
+
+def test_missing_and_empty_data(tmp_path, corpus):
+    assert_usage_error(run_ptb(*TINY, "--data_path", tmp_path / "nowhere", "--save_path", tmp_path / "s"),
+                       "missing data file", "ptb.train.txt", "--data_path")
+    with open(os.path.join(corpus, "ptb.test.txt"), "w"):
+        pass
+    assert_usage_error(run_ptb(*TINY, "--data_path", corpus, "--save_path", tmp_path / "s"),
+                       "ptb.test.txt is empty", "--data_path")
+
+
+def test_batch_larger_than_split(corpus, tmp_path):
+    assert_usage_error(run_ptb("--config", "test", "--batch_size", "500", "--num_steps", "20",
+                               "--data_path", corpus, "--save_path", tmp_path / "s"),
+                       "too few for batch_size x num_steps = 500 x 20", "lower --batch_size or --num_steps")
+
+
+def test_unwritable_save_path(corpus, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert_usage_error(run_ptb(*TINY, "--data_path", corpus, "--save_path", blocker / "run"),
+                       "cannot write to --save_path", "pass a directory you can write to")
+    assert blocker.read_text() == "not a directory"
+
+
+def test_checkpoints_are_never_clobbered(corpus, tmp_path):
+    save = tmp_path / "run"
+    run_ptb(*TINY, "--data_path", corpus, "--save_path", save, "--max_steps", "3", check=0)
+    before = checkpoint_files(save)
+    assert "checkpoint" in before
+    # A fresh run into the same save_path would overwrite it: refused.
+    assert_usage_error(run_ptb(*TINY, "--data_path", corpus, "--save_path", save, "--max_steps", "3"),
+                       "already holds a checkpoint", "--resume")
+    # Resuming with another shape: refused, with the fields named.
+    assert_usage_error(run_ptb(*TINY[:-4], "--hidden_size", "12", "--batch_size", "4", "--data_path", corpus,
+                               "--save_path", save, "--resume"),
+                       "is from another config", "hidden_size=8 there, 12 here")
+    # Even without config.json to compare, the shapes are checked on restore.
+    os.remove(save / "config.json")
+    assert_usage_error(run_ptb(*TINY[:-4], "--hidden_size", "12", "--batch_size", "4", "--data_path", corpus,
+                               "--save_path", save, "--resume"),
+                       "does not fit this model")
+    assert checkpoint_files(save) == before
+
+
+def test_kill_and_resume_continues_as_uninterrupted(corpus, tmp_path, ptb_process):
+    common = ["--config", "test", "--hidden_size", "8", "--batch_size", "2", "--num_steps", "3",
+              "--data_path", corpus, "--max_steps", "600", "--checkpoint_every", "100000"]
+    straight = tmp_path / "straight.json"
+    run_ptb(*common, "--save_path", tmp_path / "a", "--metrics_json", straight, check=0)
+
+    proc = ptb_process(*common, "--save_path", tmp_path / "b", "--metrics_json", tmp_path / "never.json")
+    for line in proc.stdout:  # wait until it is training, then stop it as a scheduler would
+        if "words/sec" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    output = proc.stdout.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, output
+    assert "stopped by signal: checkpoint saved" in output
+    assert not (tmp_path / "never.json").exists()
+    stopped_at = int(open(tmp_path / "b" / "checkpoints" / "checkpoint").read().split('"')[1].split("-")[-1])
+    assert 0 < stopped_at < 600
+
+    resumed = tmp_path / "resumed.json"
+    proc = run_ptb(*common, "--save_path", tmp_path / "b", "--resume", "--metrics_json", resumed, check=0)
+    assert f"resumed from" in proc.stdout and f"ckpt-{stopped_at}" in proc.stdout
+    a, b = json.loads(straight.read_text()), json.loads(resumed.read_text())
+    assert b["steps"] == a["steps"] == 600
+    for key in ("train_perplexity", "valid_perplexity", "test_perplexity"):
+        assert b[key] == pytest.approx(a[key], rel=1e-6), key
+
+
+def test_list_configs():
+    proc = run_ptb("--list_configs", check=0)
+    assert "small   published test ppl 115.91" in proc.stdout
+    assert "large   published test ppl 78.29" in proc.stdout
+
+
+@pytest.mark.slow
+def test_small_preset_on_ptb_mini(ptb_mini, tmp_path):
+    """The real preset on real data for a few steps, through the command line."""
+    metrics = tmp_path / "m.json"
+    proc = run_ptb("--config", "small", "--data_path", ptb_mini, "--save_path", tmp_path / "run", "--max_steps", "30",
+                   "--metrics_json", metrics, check=0)
+    m = json.loads(metrics.read_text())
+    assert m["vocab_size"] == 6049 and m["steps"] == 30
+    assert m["oov"] == {"valid": 0, "test": 0}  # ptb-mini's vocabulary is closed, as in standard PTB
+    # 30 steps of SGD take the model well below the uniform guess (perplexity = vocabulary size).
+    assert m["test_perplexity"] < 0.5 * 6049
+    assert "test ppl" in proc.stdout

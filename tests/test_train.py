@@ -1,0 +1,85 @@
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from distrnn.config import override
+from distrnn.ptb import reader
+from distrnn.ptb.configs import PRESETS
+from distrnn.ptb.train import RunOptions, Trainer, sum_duplicate_rows, train_and_evaluate
+
+SMALLISH = {"hidden_size": "16", "num_steps": "5", "batch_size": "4", "num_layers": "2"}
+
+
+def test_sum_duplicate_rows_gives_the_dense_gradient_norm():
+    g = tf.IndexedSlices(tf.constant([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), tf.constant([2, 0, 2]),
+                         tf.constant([4, 2]))
+    merged = sum_duplicate_rows(g)
+    dense = tf.convert_to_tensor(g)
+    np.testing.assert_array_equal(tf.convert_to_tensor(merged).numpy(), dense.numpy())
+    assert sorted(merged.indices.numpy().tolist()) == [0, 2]
+    assert float(tf.linalg.global_norm([merged])) == pytest.approx(float(tf.norm(dense)))
+
+
+def test_training_step_lowers_loss_on_a_repeated_batch():
+    config = override(PRESETS.get("test"), dict(SMALLISH, max_grad_norm="5"))
+    trainer = Trainer(config, vocab_size=30, seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 30, (4, 5)).astype(np.int32)
+    y = (x + 1) % 30  # learnable from the current word alone
+    state = trainer.model.zero_state(4)
+    losses = [float(trainer.train_step(x, y, state)[0]) for _ in range(30)]
+    # A fresh model predicts close to uniformly: loss = num_steps * log(V).
+    assert losses[0] == pytest.approx(5 * math.log(30), rel=0.02)
+    assert losses[-1] < 0.75 * losses[0]
+    assert all(b < a for a, b in zip(losses, losses[1:]))
+
+
+def test_dropout_applies_only_in_training():
+    config = override(PRESETS.get("test"), dict(SMALLISH, keep_prob="0.5"))
+    trainer = Trainer(config, vocab_size=30, seed=0)
+    x = np.arange(20, dtype=np.int32).reshape(4, 5)
+    state = trainer.model.zero_state(4)
+    eval_a, _ = trainer.model(x, state, training=False)
+    eval_b, _ = trainer.model(x, state, training=False)
+    train_a, _ = trainer.model(x, state, training=True)
+    np.testing.assert_array_equal(eval_a.numpy(), eval_b.numpy())
+    assert not np.allclose(train_a.numpy(), eval_a.numpy())
+
+
+def test_resume_gives_the_same_next_step_loss(corpus, tmp_path):
+    config = override(PRESETS.get("test"), dict(SMALLISH, keep_prob="0.8"))
+    straight = train_and_evaluate(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "a"), max_steps=12))
+    first = train_and_evaluate(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "b"), max_steps=7))
+    assert first["steps"] == 7
+    resumed = train_and_evaluate(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "b"), max_steps=12,
+                                                    resume=True))
+    assert resumed["steps"] == 12
+    # Train perplexity of the epoch so far, valid and test: the same figures as without the break.
+    for key in ("train_perplexity", "valid_perplexity", "test_perplexity"):
+        assert resumed[key] == pytest.approx(straight[key], rel=1e-6), key
+
+
+def test_epochs_history_plot_and_metrics(corpus, tmp_path):
+    config = override(PRESETS.get("test"), dict(SMALLISH, max_max_epoch="2", max_epoch="1"))
+    metrics_path = tmp_path / "m.json"
+    m = train_and_evaluate(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "run"),
+                                              metrics_json=str(metrics_path)))
+    data = reader.load(corpus)
+    steps = reader.epoch_size(len(data.train), 4, 5)
+    assert m["steps"] == 2 * steps and m["epochs"] == 2
+    assert [h["learning_rate"] for h in m["history"]] == [1.0, 0.5]
+    assert m["valid_perplexity"] == m["history"][-1]["valid_perplexity"]
+    saved = json.loads(metrics_path.read_text())
+    for key in ("train_perplexity", "valid_perplexity", "test_perplexity", "words_per_sec", "steps", "epochs",
+                "world_size", "config", "versions"):
+        assert key in saved, key
+    assert saved["world_size"] == 1 and saved["config"]["hidden_size"] == 16
+    assert saved["versions"]["tensorflow"] == tf.__version__
+    assert os.path.getsize(tmp_path / "run" / "perplexity.png") > 1000
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "run" / "tensorboard"))
+    # The vocabulary is small, so a trained model beats the uniform guess.
+    assert saved["test_perplexity"] < data.vocab_size
