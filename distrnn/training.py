@@ -138,6 +138,11 @@ class Speed:
             self.seconds += seconds
 
     @property
+    def seconds_per_step(self) -> float:
+        timed = self.steps - self.warmup
+        return self.seconds / timed if timed > 0 else float("nan")
+
+    @property
     def rate(self) -> float:
         return self.units / self.seconds if self.seconds > 0 else float("nan")
 

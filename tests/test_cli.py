@@ -125,3 +125,23 @@ def test_small_preset_on_ptb_mini(ptb_mini, tmp_path):
     # 30 steps of SGD take the model well below the uniform guess (perplexity = vocabulary size).
     assert m["test_perplexity"] < 0.5 * 6049
     assert "test ppl" in proc.stdout
+
+
+def test_runs_without_horovod(corpus, tmp_path):
+    """Horovod is optional: with it unimportable the job runs as one process."""
+    shadow = tmp_path / "shadow" / "horovod"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('horovod hidden by the test')\n")
+    metrics = tmp_path / "m.json"
+    env_path = f"{shadow.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    os.environ["PYTHONPATH"], saved = env_path, os.environ.get("PYTHONPATH")
+    try:
+        run_ptb(*TINY, "--data_path", corpus, "--save_path", tmp_path / "s", "--max_steps", "3",
+                "--metrics_json", metrics, check=0)
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
+    m = json.loads(metrics.read_text())
+    assert m["versions"]["horovod"] is None and m["world_size"] == 1 and m["steps"] == 3

@@ -5,6 +5,7 @@ runs time-major, (T, B, H), so each time step is a contiguous slice.
 """
 import tensorflow as tf
 
+from distrnn.ops import sparse_softmax_cross_entropy
 from distrnn.rnn import LSTMCell, unroll
 
 
@@ -57,4 +58,4 @@ class PTBModel(tf.Module):
 def token_losses(logits, y):
     """Cross-entropy per token, (T*B,), for targets y (B, T) matching time-major logits."""
     targets = tf.reshape(tf.transpose(y), [-1])
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+    return sparse_softmax_cross_entropy(logits, targets)

@@ -22,7 +22,6 @@ from distrnn.training import log
 # Fields that fix variable shapes or the meaning of a saved data position: a
 # checkpoint cannot be resumed under different values.
 SHAPE_FIELDS = ("num_layers", "hidden_size", "batch_size", "num_steps")
-EXIT_INTERRUPTED = None  # 128 + signal number, see training.StopSignal
 
 
 @dataclasses.dataclass
@@ -53,6 +52,23 @@ def sum_duplicate_rows(grad):
     return tf.IndexedSlices(values, ids, grad.dense_shape)
 
 
+@dataclasses.dataclass
+class Position:
+    """Where a run stands; saved with every checkpoint so --resume continues exactly."""
+    epoch: int = 0            # 0-based epoch in progress
+    step_in_epoch: int = 0    # next training window of that epoch
+    global_step: int = 0      # training steps done in all
+    epoch_cost: float = 0.0   # sum of step losses this epoch (for train perplexity)
+    epoch_iters: int = 0      # time steps trained this epoch
+    history: list = dataclasses.field(default_factory=list)  # per finished epoch: perplexities, lr
+
+    @property
+    def train_perplexity(self) -> Optional[float]:
+        if self.epoch_iters:
+            return math.exp(self.epoch_cost / self.epoch_iters)
+        return self.history[-1]["train_perplexity"] if self.history else None
+
+
 class Trainer(tf.Module):
     """The model, its optimizer and everything a checkpoint must hold to resume exactly."""
 
@@ -62,30 +78,28 @@ class Trainer(tf.Module):
         self.model = PTBModel(config, vocab_size, seed=seed)
         self.optimizer = tf.keras.optimizers.SGD(learning_rate=config.learning_rate)
         self.optimizer.build(self.model.trainable_variables)
-        # Position in the run. The carried LSTM state is part of it: resuming
-        # mid-epoch continues from the state the last window left.
-        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.epoch_cost = tf.Variable(0.0, dtype=tf.float64, trainable=False)
-        self.epoch_iters = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.history = tf.Variable("[]", dtype=tf.string, trainable=False)  # JSON list of per-epoch figures
-        self.carried = [tf.Variable(t, trainable=False)
-                        for t in tf.nest.flatten(self.model.zero_state(config.batch_size))]
+        # The Position as JSON, and the carried LSTM state: resuming mid-epoch
+        # continues from the state the last window left.
+        self._position = tf.Variable(json.dumps(dataclasses.asdict(Position())), dtype=tf.string, trainable=False)
+        self._carried = [tf.Variable(t, trainable=False)
+                         for t in tf.nest.flatten(self.model.zero_state(config.batch_size))]
+
+    def checkpoint(self) -> tf.train.Checkpoint:
+        return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, position=self._position,
+                                   carried_state=self._carried)
+
+    def record(self, position: Position, state) -> None:
+        """Copies the run's position and carried state into the checkpointed variables."""
+        self._position.assign(json.dumps(dataclasses.asdict(position)))
+        for variable, value in zip(self._carried, tf.nest.flatten(state)):
+            variable.assign(value)
+
+    def position(self) -> Position:
+        return Position(**json.loads(self._position.numpy().decode()))
 
     def carried_state(self):
         """The LSTM state saved with the run, structured as the model's state."""
-        return tf.nest.pack_sequence_as(self.model.zero_state(1), [v.read_value() for v in self.carried])
-
-    def carry(self, state) -> None:
-        for variable, value in zip(self.carried, tf.nest.flatten(state)):
-            variable.assign(value)
-
-    def checkpoint(self) -> tf.train.Checkpoint:
-        return tf.train.Checkpoint(
-            model=self.model, optimizer=self.optimizer, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
-            global_step=self.global_step, epoch_cost=self.epoch_cost, epoch_iters=self.epoch_iters,
-            history=self.history, carried_state=self.carried)
+        return tf.nest.pack_sequence_as(self.model.zero_state(1), [v.read_value() for v in self._carried])
 
     @tf.function
     def train_step(self, x, y, state):
@@ -170,6 +184,7 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
     total_steps = max_epochs * steps_per_epoch
     if options.max_steps:
         total_steps = min(total_steps, options.max_steps)
+    pos = trainer.position()
     if world.is_chief:
         log(f"data {data_path}: vocabulary {data.vocab_size}, words train {len(data.train)} "
             f"valid {len(data.valid)} test {len(data.test)}; words mapped to <unk>: "
@@ -178,8 +193,8 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
         log(f"batch {B} rows x {T} steps = {B * T} words a step, {steps_per_epoch} steps an epoch, "
             f"{max_epochs} epochs, {total_steps} steps in all; save_path {save_path}")
         if options.resume:
-            log(f"resumed from {checkpoints.latest} at epoch {int(trainer.epoch) + 1}, "
-                f"step {int(trainer.step_in_epoch)}" if resumed else f"--resume: no checkpoint in {save_path}, starting fresh")
+            log(f"resumed from {checkpoints.latest} at epoch {pos.epoch + 1}, step {pos.step_in_epoch}" if resumed
+                else f"--resume: no checkpoint in {save_path}, starting fresh")
 
     eos = data.vocab[reader.EOS]
     valid_batches = reader.eval_batches(data.valid, eos, B, T)
@@ -187,69 +202,62 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
     rows = reader.train_rows(data.train, B)
     tensorboard = training.TensorBoard(save_path, world.is_chief)
     speed = training.Speed()
-    history = json.loads(trainer.history.numpy().decode())
     progress_every = max(1, steps_per_epoch // 10)
-    valid_ppl = history[-1]["valid_perplexity"] if history else None
-    valid_is_current = bool(history) and int(trainer.step_in_epoch) == 0
+    # The last validation figure still describes the weights when the run stopped at an epoch's end.
+    valid_ppl = pos.history[-1]["valid_perplexity"] if pos.history and pos.step_in_epoch == 0 else None
     interrupted = None
 
-    def save():
+    def save(state):
         if world.is_chief:
-            checkpoints.save(int(trainer.global_step))
+            trainer.record(pos, state)
+            checkpoints.save(pos.global_step)
+
+    def done():
+        return pos.epoch >= max_epochs or (options.max_steps and pos.global_step >= options.max_steps)
 
     with training.StopSignal() as stop:
-        while int(trainer.epoch) < max_epochs and not (options.max_steps and int(trainer.global_step) >= options.max_steps):
-            epoch = int(trainer.epoch)
-            lr = config.learning_rate_at(epoch)
+        while not done() and not interrupted:
+            lr = config.learning_rate_at(pos.epoch)
             trainer.optimizer.learning_rate.assign(lr)
-            start = int(trainer.step_in_epoch)
-            state = trainer.carried_state() if start else trainer.model.zero_state(B)
-            for i, x, y in reader.train_windows(rows, T, start=start):
+            state = trainer.carried_state() if pos.step_in_epoch else trainer.model.zero_state(B)
+            for i, x, y in reader.train_windows(rows, T, start=pos.step_in_epoch):
                 t0 = time.perf_counter()
                 loss, state = trainer.train_step(x, y, state)
                 loss = float(loss)
                 speed.add(B * T * world.size, time.perf_counter() - t0)
-                trainer.epoch_cost.assign_add(loss)
-                trainer.epoch_iters.assign_add(T)
-                trainer.step_in_epoch.assign(i + 1)
-                trainer.global_step.assign_add(1)
-                step = int(trainer.global_step)
-                train_ppl = math.exp(float(trainer.epoch_cost) / int(trainer.epoch_iters))
-                if world.is_chief and ((i + 1) % progress_every == 0 or i + 1 == steps_per_epoch):
-                    eta = (total_steps - step) * (speed.seconds / max(speed.steps - speed.warmup, 1))
-                    log(f"epoch {epoch + 1}/{max_epochs} step {i + 1}/{steps_per_epoch} "
-                        f"({100 * (i + 1) / steps_per_epoch:.0f}%) | train ppl {train_ppl:8.2f} | lr {lr:.4g} | "
-                        f"{speed.rate:7.0f} words/sec | eta {training.format_duration(eta)}")
-                    tensorboard.scalars(step, loss=loss / T, perplexity=train_ppl, learning_rate=lr,
-                                        words_per_sec=speed.rate)
-                last_of_run = options.max_steps and step >= options.max_steps
-                if stop.signum or last_of_run or (step % options.checkpoint_every == 0 and i + 1 < steps_per_epoch):
-                    trainer.carry(state)
-                    save()
+                pos.epoch_cost += loss
+                pos.epoch_iters += T
+                pos.step_in_epoch = i + 1
+                pos.global_step += 1
+                valid_ppl = None
+                if world.is_chief and (pos.step_in_epoch % progress_every == 0 or pos.step_in_epoch == steps_per_epoch):
+                    eta = (total_steps - pos.global_step) * speed.seconds_per_step
+                    log(f"epoch {pos.epoch + 1}/{max_epochs} step {pos.step_in_epoch}/{steps_per_epoch} "
+                        f"({100 * pos.step_in_epoch / steps_per_epoch:.0f}%) | train ppl {pos.train_perplexity:8.2f} | "
+                        f"lr {lr:.4g} | {speed.rate:7.0f} words/sec | eta {training.format_duration(eta)}")
+                    tensorboard.scalars(pos.global_step, loss=loss / T, perplexity=pos.train_perplexity,
+                                        learning_rate=lr, words_per_sec=speed.rate)
                 if stop.signum:
                     interrupted = stop.exit_code
+                if pos.step_in_epoch == steps_per_epoch:
+                    break  # the epoch's checkpoint follows validation
+                if interrupted or done() or pos.global_step % options.checkpoint_every == 0:
+                    save(state)
+                if interrupted or done():
                     break
-                if last_of_run:
-                    break
-            valid_is_current = False
-            if interrupted or int(trainer.step_in_epoch) < steps_per_epoch:
+            if pos.step_in_epoch < steps_per_epoch:
                 break
             valid_ppl = evaluate(trainer, valid_batches, world)
-            valid_is_current = True
-            history.append({"epoch": epoch + 1, "train_perplexity": train_ppl, "valid_perplexity": valid_ppl,
-                            "learning_rate": lr})
+            pos.history.append({"epoch": pos.epoch + 1, "train_perplexity": pos.train_perplexity,
+                                "valid_perplexity": valid_ppl, "learning_rate": lr})
             if world.is_chief:
-                log(f"epoch {epoch + 1}/{max_epochs} | train ppl {train_ppl:.2f} | valid ppl {valid_ppl:.2f}")
-                tensorboard.scalars(int(trainer.global_step), valid_perplexity=valid_ppl)
-            trainer.history.assign(json.dumps(history))
-            trainer.epoch.assign_add(1)
-            trainer.step_in_epoch.assign(0)
-            trainer.epoch_cost.assign(0.0)
-            trainer.epoch_iters.assign(0)
-            save()
+                log(f"epoch {pos.epoch + 1}/{max_epochs} | train ppl {pos.train_perplexity:.2f} | "
+                    f"valid ppl {valid_ppl:.2f}")
+                tensorboard.scalars(pos.global_step, valid_perplexity=valid_ppl)
+            pos.epoch, pos.step_in_epoch, pos.epoch_cost, pos.epoch_iters = pos.epoch + 1, 0, 0.0, 0
+            save(trainer.model.zero_state(B))
             if stop.signum:
                 interrupted = stop.exit_code
-                break
 
     metrics = {"interrupted": interrupted, "save_path": save_path}
     if interrupted:
@@ -258,13 +266,12 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
                 f"--save_path {save_path}")
         tensorboard.close()
         return metrics
-    if not valid_is_current:
+    if valid_ppl is None:
         valid_ppl = evaluate(trainer, valid_batches, world)
     test_ppl = evaluate(trainer, test_batches, world)
-    iters = int(trainer.epoch_iters)
-    last_train_ppl = (math.exp(float(trainer.epoch_cost) / iters) if iters
-                      else (history[-1]["train_perplexity"] if history else None))
-    steps = int(trainer.global_step)
+    last_train_ppl = pos.train_perplexity
+    steps = pos.global_step
+    history = pos.history
     metrics.update({
         "train_perplexity": last_train_ppl,
         "valid_perplexity": valid_ppl,

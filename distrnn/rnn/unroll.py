@@ -2,9 +2,15 @@
 
 Both compute the same outputs, final state and gradients; `dynamic` keeps the
 graph size independent of the sequence length, `static` lets the graph
-optimiser see every step (useful for short sequences on CPU).
+optimiser see every step (useful for short sequences on CPU). LSTM cells run
+through `lstm_sequence`, whose backward pass is written by hand; other cells
+are differentiated by TensorFlow (`unroll_autodiff`, also the reference the
+tests hold the LSTM path to).
 """
 import tensorflow as tf
+
+from distrnn.rnn.cells import LSTMCell
+from distrnn.rnn.lstm_sequence import lstm_sequence
 
 UNROLL_MODES = ("dynamic", "static")
 
@@ -14,7 +20,20 @@ def unroll(cell, inputs, state, mode: str = "dynamic"):
 
     Returns (outputs (T, B, H), final state).
     """
+    if mode not in UNROLL_MODES:
+        raise ValueError(f"unknown unroll mode {mode!r}; use one of {UNROLL_MODES}")
+    if not isinstance(cell, LSTMCell):
+        return unroll_autodiff(cell, inputs, state, mode)
     projected = cell.project_inputs(inputs)  # (T, B, 4H): the input matmul, once for all steps
+    c, h = state
+    outputs, c, h = lstm_sequence(projected, c, h, cell.recurrent_kernel(), cell.forget_bias,
+                                  static=(mode == "static"))
+    return outputs, (c, h)
+
+
+def unroll_autodiff(cell, inputs, state, mode: str = "dynamic"):
+    """The generic loop over `cell.step`, differentiated by TensorFlow."""
+    projected = cell.project_inputs(inputs)
     w_h = cell.recurrent_kernel()
     if mode == "static":
         outputs = []
@@ -22,8 +41,6 @@ def unroll(cell, inputs, state, mode: str = "dynamic"):
             out, state = cell.step(projected[t], state, w_h)
             outputs.append(out)
         return tf.stack(outputs), state
-    if mode != "dynamic":
-        raise ValueError(f"unknown unroll mode {mode!r}; use one of {UNROLL_MODES}")
 
     num_steps = tf.shape(inputs)[0]
     outputs = tf.TensorArray(inputs.dtype, size=num_steps)
