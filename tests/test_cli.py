@@ -127,21 +127,14 @@ def test_small_preset_on_ptb_mini(ptb_mini, tmp_path):
     assert "test ppl" in proc.stdout
 
 
-def test_runs_without_horovod(corpus, tmp_path):
+def test_runs_without_horovod(corpus, tmp_path, monkeypatch):
     """Horovod is optional: with it unimportable the job runs as one process."""
     shadow = tmp_path / "shadow" / "horovod"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('horovod hidden by the test')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{shadow.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     metrics = tmp_path / "m.json"
-    env_path = f"{shadow.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    os.environ["PYTHONPATH"], saved = env_path, os.environ.get("PYTHONPATH")
-    try:
-        run_ptb(*TINY, "--data_path", corpus, "--save_path", tmp_path / "s", "--max_steps", "3",
-                "--metrics_json", metrics, check=0)
-    finally:
-        if saved is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = saved
+    run_ptb(*TINY, "--data_path", corpus, "--save_path", tmp_path / "s", "--max_steps", "3",
+            "--metrics_json", metrics, check=0)
     m = json.loads(metrics.read_text())
     assert m["versions"]["horovod"] is None and m["world_size"] == 1 and m["steps"] == 3
