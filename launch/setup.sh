@@ -96,7 +96,7 @@ else
 fi
 
 # --- check ----------------------------------------------------------------------
-build=$("$venv/bin/horovodrun" --check-build)
+build=$(TF_CPP_MIN_LOG_LEVEL=3 "$venv/bin/horovodrun" --check-build 2>/dev/null)
 for need in TensorFlow Gloo; do
     if ! grep -q "\[X\] $need" <<<"$build"; then
         echo "$build" >&2
@@ -104,4 +104,4 @@ for need in TensorFlow Gloo; do
         exit 1
     fi
 done
-log "ready: $("$py" -c 'import tensorflow as tf, horovod; print("tensorflow", tf.__version__, "horovod", horovod.__version__)' 2>/dev/null)"
+log "ready: $(TF_CPP_MIN_LOG_LEVEL=3 "$py" -c 'import tensorflow as tf, horovod; print("tensorflow", tf.__version__, "horovod", horovod.__version__)' 2>/dev/null)"

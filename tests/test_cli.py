@@ -100,7 +100,7 @@ def test_kill_and_resume_continues_as_uninterrupted(corpus, tmp_path, ptb_proces
 
     resumed = tmp_path / "resumed.json"
     proc = run_ptb(*common, "--save_path", tmp_path / "b", "--resume", "--metrics_json", resumed, check=0)
-    assert f"resumed from" in proc.stdout and f"ckpt-{stopped_at}" in proc.stdout
+    assert "resumed from" in proc.stdout and f"ckpt-{stopped_at}" in proc.stdout
     a, b = json.loads(straight.read_text()), json.loads(resumed.read_text())
     assert b["steps"] == a["steps"] == 600
     for key in ("train_perplexity", "valid_perplexity", "test_perplexity"):
@@ -138,3 +138,16 @@ def test_runs_without_horovod(corpus, tmp_path, monkeypatch):
             "--metrics_json", metrics, check=0)
     m = json.loads(metrics.read_text())
     assert m["versions"]["horovod"] is None and m["world_size"] == 1 and m["steps"] == 3
+
+
+def test_default_data_offline_and_corrupt(tmp_path, monkeypatch):
+    """Without --data_path the standard PTB is fetched into ~/.cache/distrnn/ptb and checked."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DISTRNN_PTB_URL", "http://127.0.0.1:9/simple-examples.tgz")  # nothing listens there
+    assert_usage_error(run_ptb(*TINY, "--save_path", tmp_path / "s"), "could not download PTB", "--data_path")
+    cache = tmp_path / ".cache" / "distrnn" / "ptb"
+    for name in ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"):
+        (cache / name).write_text("a b c\n")
+    assert_usage_error(run_ptb(*TINY, "--save_path", tmp_path / "s"),
+                       "ptb.train.txt does not match the standard PTB file", "--data_path")
+    assert (cache / "ptb.train.txt").read_text() == "a b c\n"  # the user's files are left alone

@@ -22,7 +22,6 @@ from distrnn.errors import UsageError
 SPLITS = ("train", "valid", "test")
 EOS, UNK = "<eos>", "<unk>"
 ARCHIVE_URL = "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
-DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "distrnn", "ptb")
 # The standard files as published in Mikolov's simple-examples archive. ptb.train.txt
 # is known in public copies by its git blob id: sha1(b"blob <size>\0" + bytes).
 CHECKSUMS = {
@@ -56,8 +55,12 @@ def verify(directory: str) -> None:
                              f"{expected}); delete {directory} to download again, or {DATA_PATH_HINT}")
 
 
-def download(directory: str = DEFAULT_DIR, url: str = ARCHIVE_URL) -> str:
-    """Downloads and extracts the three standard files into `directory`, verified."""
+def download(directory: str, url: str = None) -> str:
+    """Downloads and extracts the three standard files into `directory`, verified.
+
+    The archive comes from ARCHIVE_URL, or from $DISTRNN_PTB_URL (a mirror) when set.
+    """
+    url = url or os.environ.get("DISTRNN_PTB_URL") or ARCHIVE_URL
     os.makedirs(directory, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         archive = os.path.join(tmp, "simple-examples.tgz")
@@ -80,14 +83,19 @@ def download(directory: str = DEFAULT_DIR, url: str = ARCHIVE_URL) -> str:
     return directory
 
 
+def default_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "distrnn", "ptb")
+
+
 def resolve_data_path(data_path: str = None) -> str:
     """A user's --data_path is read as it is; the default cache is downloaded and verified."""
     if data_path:
         return data_path
-    if not all(os.path.exists(os.path.join(DEFAULT_DIR, name)) for name in CHECKSUMS):
-        download(DEFAULT_DIR)
-    verify(DEFAULT_DIR)
-    return DEFAULT_DIR
+    directory = default_dir()
+    if not all(os.path.exists(os.path.join(directory, name)) for name in CHECKSUMS):
+        download(directory)
+    verify(directory)
+    return directory
 
 
 def read_words(path: str):

@@ -10,7 +10,6 @@ import os
 import time
 from typing import Optional
 
-import numpy as np
 import tensorflow as tf
 
 from distrnn import distributed, training
@@ -134,6 +133,16 @@ def evaluate(trainer: Trainer, batches: reader.EvalBatches, world) -> float:
     return float(math.exp(total / count))
 
 
+def progress_line(pos: Position, max_epochs: int, steps_per_epoch: int, total_steps: int, lr: float,
+                  speed: training.Speed) -> str:
+    line = (f"epoch {pos.epoch + 1}/{max_epochs} step {pos.step_in_epoch}/{steps_per_epoch} "
+            f"({100 * pos.step_in_epoch / steps_per_epoch:.0f}%) | train ppl {pos.train_perplexity:8.2f} | lr {lr:.4g}")
+    if not speed.seconds:
+        return f"{line} | words/sec after {speed.warmup} steps"
+    eta = (total_steps - pos.global_step) * speed.seconds_per_step
+    return f"{line} | {speed.rate:7.0f} words/sec | eta {training.format_duration(eta)}"
+
+
 def default_save_path(config_name: str) -> str:
     return os.path.join("runs", f"ptb-{config_name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -231,10 +240,7 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
                 pos.global_step += 1
                 valid_ppl = None
                 if world.is_chief and (pos.step_in_epoch % progress_every == 0 or pos.step_in_epoch == steps_per_epoch):
-                    eta = (total_steps - pos.global_step) * speed.seconds_per_step
-                    log(f"epoch {pos.epoch + 1}/{max_epochs} step {pos.step_in_epoch}/{steps_per_epoch} "
-                        f"({100 * pos.step_in_epoch / steps_per_epoch:.0f}%) | train ppl {pos.train_perplexity:8.2f} | "
-                        f"lr {lr:.4g} | {speed.rate:7.0f} words/sec | eta {training.format_duration(eta)}")
+                    log(progress_line(pos, max_epochs, steps_per_epoch, total_steps, lr, speed))
                     tensorboard.scalars(pos.global_step, loss=loss / T, perplexity=pos.train_perplexity,
                                         learning_rate=lr, words_per_sec=speed.rate)
                 if stop.signum:
