@@ -1,74 +1,151 @@
+"""Every unrolling mode against the formulas in NumPy and against TensorFlow's autodiff."""
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from distrnn.rnn import LSTMCell, unroll
+from distrnn.rnn import BasicRNNCell, GRUCell, LSTMCell, supported, unroll, unroll_autodiff
 
 # The two-step example of the material distrnn grows from: input size 3, 5 units, batch 4.
 X0 = np.array([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 0, 1]], np.float32)
 X1 = np.array([[9, 8, 7], [0, 0, 0], [6, 5, 4], [3, 2, 1]], np.float32)
+CELL_KINDS = ["rnn", "gru", "lstm", "lstm_peep"]
+MODES = ["static", "dynamic", "block"]
 
 
 def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def numpy_lstm(xs, kernel, bias, forget_bias, c, h):
+def numpy_step(kind, cell, x, state):
+    """The cell formulas written out; state is a tuple of arrays."""
+    k, b = cell.kernel.numpy(), cell.bias.numpy()
+    n = cell.input_size
+    if kind == "rnn":
+        h = np.tanh(np.concatenate([x, state[0]], 1) @ k + b)
+        return h, (h,)
+    if kind == "gru":
+        h = state[0]
+        xr, xu, xn = np.split(x @ k[:n] + b, 3, axis=1)
+        hr, hu, hn = np.split(h @ k[n:] + cell.recurrent_bias.numpy(), 3, axis=1)
+        r, u = sigmoid(xr + hr), sigmoid(xu + hu)
+        h = u * h + (1 - u) * np.tanh(xn + r * hn)
+        return h, (h,)
+    c, h = state
+    i, j, f, o = np.split(np.concatenate([x, h], 1) @ k + b, 4, axis=1)
+    if cell.use_peepholes:
+        i, f = i + cell.w_i_diag.numpy() * c, f + cell.w_f_diag.numpy() * c
+    c = sigmoid(f + cell.forget_bias) * c + sigmoid(i) * np.tanh(j)
+    if cell.use_peepholes:
+        o = o + cell.w_o_diag.numpy() * c
+    h = sigmoid(o) * np.tanh(c)
+    return h, (c, h)
+
+
+def numpy_unroll(kind, cell, xs, state, lengths=None):
     outputs = []
-    for x in xs:
-        z = np.concatenate([x, h], axis=1) @ kernel + bias
-        i, j, f, o = np.split(z, 4, axis=1)
-        c = sigmoid(f + forget_bias) * c + sigmoid(i) * np.tanh(j)
-        h = sigmoid(o) * np.tanh(c)
-        outputs.append(h)
-    return np.stack(outputs), c, h
+    for t, x in enumerate(xs):
+        out, new = numpy_step(kind, cell, x, state)
+        if lengths is not None:
+            valid = (t < lengths)[:, None]
+            out = np.where(valid, out, 0.0)
+            new = tuple(np.where(valid, a, s) for a, s in zip(new, state))
+        outputs.append(out)
+        state = new
+    return (np.stack(outputs) if outputs else None), state
 
 
-def make_cell(forget_bias=1.0, seed=3):
+def make_cell(kind, input_size=3, units=5, seed=3):
     init = tf.keras.initializers.RandomUniform(-0.5, 0.5, seed=seed)
-    cell = LSTMCell(3, 5, forget_bias=forget_bias, initializer=init)
-    cell.bias.assign(tf.random.stateless_uniform([20], seed=[seed, 1], minval=-0.5, maxval=0.5))
+    if kind == "rnn":
+        cell = BasicRNNCell(input_size, units, initializer=init)
+    elif kind == "gru":
+        cell = GRUCell(input_size, units, initializer=init)
+        cell.recurrent_bias.assign(tf.random.stateless_uniform([3 * units], seed=[seed, 2], minval=-0.5, maxval=0.5))
+    else:
+        cell = LSTMCell(input_size, units, forget_bias=1.0, use_peepholes=kind == "lstm_peep", initializer=init)
+    cell.bias.assign(tf.random.stateless_uniform(cell.bias.shape, seed=[seed, 1], minval=-0.5, maxval=0.5))
     return cell
 
 
-@pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_two_step_example_matches_numpy(mode):
-    cell = make_cell()
+def initial_state(cell, batch):
+    values = (np.full((batch, cell.units), 0.1, np.float32), np.full((batch, cell.units), -0.2, np.float32))
+    return values[-cell.state_size:]
+
+
+def cases():
+    for kind in CELL_KINDS:
+        for mode in MODES:
+            if supported(make_cell(kind), mode):
+                yield kind, mode
+
+
+@pytest.mark.parametrize("kind, mode", list(cases()))
+def test_two_step_example_matches_numpy(kind, mode):
+    cell = make_cell(kind)
     xs = np.stack([X0, X1])  # (T=2, B=4, I=3)
-    c0 = np.full((4, 5), 0.1, np.float32)
-    h0 = np.full((4, 5), -0.2, np.float32)
-    outputs, (c, h) = tf.function(lambda x: unroll(cell, x, (tf.constant(c0), tf.constant(h0)), mode))(xs)
-    ref_out, ref_c, ref_h = numpy_lstm(xs, cell.kernel.numpy(), cell.bias.numpy(), 1.0, c0, h0)
-    np.testing.assert_allclose(outputs.numpy(), ref_out, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(c.numpy(), ref_c, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(h.numpy(), ref_h, rtol=1e-5, atol=1e-6)
+    state0 = initial_state(cell, 4)
+    outputs, state = tf.function(lambda x: unroll(cell, x, tuple(map(tf.constant, state0)), mode))(xs)
+    ref_out, ref_state = numpy_unroll(kind, cell, xs, state0)
     assert outputs.shape == (2, 4, 5)
+    np.testing.assert_allclose(outputs.numpy(), ref_out, rtol=1e-5, atol=1e-6)
+    for a, b in zip(state, ref_state):
+        np.testing.assert_allclose(a.numpy(), b, rtol=1e-5, atol=1e-6)
 
 
-def test_dynamic_and_static_agree_with_gradients():
-    cell = make_cell(forget_bias=0.0)
-    xs = tf.random.stateless_normal([7, 4, 3], seed=[1, 2])
-    state = cell.zero_state(4)
-    results = {}
-    for mode in ("dynamic", "static"):
+@pytest.mark.parametrize("kind, mode", list(cases()))
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_outputs_states_and_gradients_match_autodiff(kind, mode, with_lengths):
+    cell = make_cell(kind, input_size=4, units=6)
+    xs = tf.random.stateless_normal([7, 5, 4], seed=[1, 2])
+    state0 = tuple(tf.random.stateless_normal([5, 6], seed=[3, k]) for k in range(cell.state_size))
+    lengths = tf.constant([7, 3, 0, 1, 5]) if with_lengths else None
+    weights = tf.random.stateless_normal([7, 5, 6], seed=[4, 4])
+
+    def run(fn):
         @tf.function
-        def run(x):
+        def f(x, state):
             with tf.GradientTape() as tape:
-                tape.watch(x)
-                out, (c, h) = unroll(cell, x, state, mode)
-                loss = tf.reduce_sum(out * tf.range(1.0, 6.0)) + tf.reduce_sum(c * c)
-            return [out, c, h] + tape.gradient(loss, [x, cell.kernel, cell.bias])
-        results[mode] = [t.numpy() for t in run(xs)]
-    for a, b in zip(results["dynamic"], results["static"]):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+                tape.watch([x, state])
+                out, final = fn(cell, x, state, sequence_length=lengths)
+                loss = tf.reduce_sum(out * weights) + sum(tf.reduce_sum(s * s) for s in final)
+            return [out, *final] + tape.gradient(loss, [x, *state] + list(cell.trainable_variables))
+        return [t.numpy() for t in f(xs, state0)]
+
+    ours = run(lambda c, x, s, sequence_length: unroll(c, x, s, mode, sequence_length))
+    reference = run(lambda c, x, s, sequence_length: unroll_autodiff(c, x, s, "static", sequence_length))
+    assert len(ours) == len(reference)
+    for a, b in zip(ours, reference):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, mode", list(cases()))
+def test_sequence_length_semantics(kind, mode):
+    cell = make_cell(kind)
+    xs = np.random.default_rng(0).normal(size=(4, 3, 3)).astype(np.float32)
+    lengths = np.array([4, 2, 0])
+    state0 = initial_state(cell, 3)
+    outputs, state = unroll(cell, tf.constant(xs), tuple(map(tf.constant, state0)), mode, tf.constant(lengths))
+    outputs = outputs.numpy()
+    assert np.all(outputs[2:, 1] == 0) and np.all(outputs[:, 2] == 0)  # zero past each end
+    for row, n in enumerate(lengths):  # final state = the state after the row's last valid step
+        _, ref = numpy_unroll(kind, cell, xs[:n, row:row + 1], tuple(s[row:row + 1] for s in state0))
+        for a, b in zip(state, ref):
+            np.testing.assert_allclose(a.numpy()[row:row + 1], b, rtol=1e-5, atol=1e-6)
 
 
 def test_state_carries_across_calls():
     # Unrolling 4 steps at once equals 2 + 2 with the state carried: what truncated BPTT relies on.
-    cell = make_cell()
+    cell = make_cell("lstm")
     xs = tf.random.stateless_normal([4, 2, 3], seed=[5, 6])
     out_all, state_all = unroll(cell, xs, cell.zero_state(2))
     out_a, state_a = unroll(cell, xs[:2], cell.zero_state(2))
     out_b, state_b = unroll(cell, xs[2:], state_a)
     np.testing.assert_allclose(np.concatenate([out_a, out_b]), out_all.numpy(), rtol=1e-6)
     np.testing.assert_allclose(state_b[0].numpy(), state_all[0].numpy(), rtol=1e-6)
+
+
+def test_modes_that_do_not_fit_a_cell_are_refused():
+    with pytest.raises(ValueError, match="rnn_mode block does not support GRUCell"):
+        unroll(make_cell("gru"), tf.zeros([2, 1, 3]), (tf.zeros([1, 5]),), "block")
+    with pytest.raises(ValueError, match="with peepholes"):
+        unroll(make_cell("lstm_peep"), tf.zeros([2, 1, 3]), (tf.zeros([1, 5]),) * 2, "cudnn")

@@ -1,5 +1,6 @@
 """distrnn's own recurrent cells and the loops that unroll them over time."""
-from distrnn.rnn.cells import LSTMCell
-from distrnn.rnn.unroll import unroll, UNROLL_MODES
+from distrnn.rnn.cells import CELLS, BasicRNNCell, GRUCell, LSTMCell
+from distrnn.rnn.unroll import UNROLL_MODES, resolve_mode, supported, unroll, unroll_autodiff
 
-__all__ = ["LSTMCell", "unroll", "UNROLL_MODES"]
+__all__ = ["CELLS", "BasicRNNCell", "GRUCell", "LSTMCell", "UNROLL_MODES", "resolve_mode", "supported",
+           "unroll", "unroll_autodiff"]

@@ -3,50 +3,126 @@
 A cell splits its work in two so that the unrolling loop stays small: the
 input half of every gate is computed for all time steps in one large matmul
 before the loop (`project_inputs`), and each step adds only the recurrent half
-(`step`). The weights are stored as one kernel over [inputs, h], the layout of
-TensorFlow 1's LSTMCell and of the fused BlockLSTM kernel, so checkpoints keep
-one shape whichever way the recurrence is computed.
+(`step`). Weights are one kernel over [inputs, h] (gates side by side), the
+layout of TensorFlow 1's cells and of the fused BlockLSTM kernel, so a
+checkpoint has one shape whichever mode computes the recurrence.
+
+States are tuples: (c, h) for the LSTM, (h,) for the others.
 """
 import tensorflow as tf
 
 
-class LSTMCell(tf.Module):
-    """LSTM (Hochreiter & Schmidhuber 1997) without peepholes; gates in i, j, f, o order.
+class RecurrentCell(tf.Module):
+    """Common parts: `gates` blocks of `units` columns in one kernel over [inputs, h]."""
 
-        [i, j, f, o] = [x, h] @ kernel + bias
-        c' = sigmoid(f + forget_bias) * c + sigmoid(i) * tanh(j)
-        h' = sigmoid(o) * tanh(c')
-    """
+    gates = 1
 
-    def __init__(self, input_size: int, units: int, forget_bias: float = 0.0,
-                 initializer=None, name: str = None):
+    def __init__(self, input_size: int, units: int, initializer=None, name: str = None):
         super().__init__(name=name)
-        self.input_size, self.units, self.forget_bias = input_size, units, forget_bias
-        init = initializer or tf.keras.initializers.GlorotUniform()
+        self.input_size, self.units = input_size, units
+        self._init = initializer or tf.keras.initializers.GlorotUniform()
         with self.name_scope:
-            self.kernel = tf.Variable(init([input_size + units, 4 * units]), name="kernel")
-            self.bias = tf.Variable(tf.zeros([4 * units]), name="bias")
+            self.kernel = tf.Variable(self._init([input_size + units, self.gates * units]), name="kernel")
+            self.bias = tf.Variable(tf.zeros([self.gates * units]), name="bias")
+
+    @property
+    def state_size(self) -> int:
+        return 1
 
     def zero_state(self, batch_size: int):
         zeros = tf.zeros([batch_size, self.units])
-        return (zeros, zeros)  # (c, h)
+        return (zeros,) * self.state_size
+
+    def output(self, state):
+        """The output h of a state."""
+        return state[-1]
 
     def project_inputs(self, inputs):
-        """inputs (T, B, I) -> the input half of every gate, (T, B, 4H), bias included."""
+        """inputs (T, B, I) -> the input half of every gate, (T, B, G*H), bias included."""
         t, b = tf.shape(inputs)[0], tf.shape(inputs)[1]
         flat = tf.reshape(inputs, [-1, self.input_size])                 # (T*B, I)
-        z = tf.matmul(flat, self.kernel[:self.input_size]) + self.bias   # (T*B, 4H)
-        return tf.reshape(z, [t, b, 4 * self.units])
+        z = tf.matmul(flat, self.kernel[:self.input_size]) + self.bias   # (T*B, G*H)
+        return tf.reshape(z, [t, b, self.gates * self.units])
 
     def recurrent_kernel(self):
         """The [h] rows of the kernel; taken once per sequence, outside the loop."""
         return self.kernel[self.input_size:]
 
+
+class BasicRNNCell(RecurrentCell):
+    """h' = tanh([x, h] @ kernel + bias)."""
+
     def step(self, projected, state, recurrent_kernel):
-        """One time step: projected (B, 4H) from project_inputs, state (c, h)."""
+        h = tf.tanh(projected + tf.matmul(state[0], recurrent_kernel))
+        return h, (h,)
+
+
+class LSTMCell(RecurrentCell):
+    """LSTM (Hochreiter & Schmidhuber 1997), gates in i, j, f, o order, optional peepholes
+    (Gers & Schmidhuber 2000, as TensorFlow 1's LSTMCell(use_peepholes=True)):
+
+        [i, j, f, o] = [x, h] @ kernel + bias
+        i = sigmoid(i + w_i_diag * c)        f = sigmoid(f + forget_bias + w_f_diag * c)
+        c' = f * c + i * tanh(j)
+        o = sigmoid(o + w_o_diag * c')       h' = o * tanh(c')
+    """
+
+    gates = 4
+
+    def __init__(self, input_size: int, units: int, forget_bias: float = 1.0, use_peepholes: bool = False,
+                 initializer=None, name: str = None):
+        super().__init__(input_size, units, initializer, name)
+        self.forget_bias, self.use_peepholes = forget_bias, use_peepholes
+        if use_peepholes:
+            with self.name_scope:
+                self.w_i_diag = tf.Variable(self._init([units]), name="w_i_diag")
+                self.w_f_diag = tf.Variable(self._init([units]), name="w_f_diag")
+                self.w_o_diag = tf.Variable(self._init([units]), name="w_o_diag")
+
+    @property
+    def state_size(self) -> int:
+        return 2
+
+    def peepholes(self):
+        """(3, H): the i, f, o peephole weights, or None."""
+        return tf.stack([self.w_i_diag, self.w_f_diag, self.w_o_diag]) if self.use_peepholes else None
+
+    def step(self, projected, state, recurrent_kernel):
         c, h = state
         z = projected + tf.matmul(h, recurrent_kernel)
         i, j, f, o = tf.split(z, 4, axis=1)
+        if self.use_peepholes:
+            i, f = i + self.w_i_diag * c, f + self.w_f_diag * c
         c = tf.sigmoid(f + self.forget_bias) * c + tf.sigmoid(i) * tf.tanh(j)
+        if self.use_peepholes:
+            o = o + self.w_o_diag * c
         h = tf.sigmoid(o) * tf.tanh(c)
         return h, (c, h)
+
+
+class GRUCell(RecurrentCell):
+    """GRU (Cho et al. 2014) in the form cuDNN computes, with the reset gate applied
+    after the recurrent matmul, so that each step needs one fused matmul:
+
+        [r, u, n]_x = x @ kernel_x + bias          [r, u, n]_h = h @ kernel_h + recurrent_bias
+        r = sigmoid(r_x + r_h)    u = sigmoid(u_x + u_h)    n = tanh(n_x + r * n_h)
+        h' = u * h + (1 - u) * n
+    """
+
+    gates = 3
+
+    def __init__(self, input_size: int, units: int, initializer=None, name: str = None):
+        super().__init__(input_size, units, initializer, name)
+        with self.name_scope:
+            self.recurrent_bias = tf.Variable(tf.zeros([3 * units]), name="recurrent_bias")
+
+    def step(self, projected, state, recurrent_kernel):
+        h = state[0]
+        xr, xu, xn = tf.split(projected, 3, axis=1)
+        hr, hu, hn = tf.split(tf.matmul(h, recurrent_kernel) + self.recurrent_bias, 3, axis=1)
+        r, u = tf.sigmoid(xr + hr), tf.sigmoid(xu + hu)
+        h = u * h + (1.0 - u) * tf.tanh(xn + r * hn)
+        return h, (h,)
+
+
+CELLS = {"lstm": LSTMCell, "gru": GRUCell, "rnn": BasicRNNCell}
