@@ -36,7 +36,11 @@ def test_override_parses_types():
     ({"hidden_size": "0"}, "hidden_size must be positive, got 0"),
     ({"batch_size": "-3"}, "batch_size must be positive, got -3"),
     ({"keep_prob": "1.5"}, "keep_prob must be in"),
-    ({"rnn_mode": "magic"}, "rnn_mode must be one of dynamic, static"),
+    ({"rnn_mode": "magic"}, "rnn_mode must be one of static, dynamic, block, cudnn, auto"),
+    ({"cell": "gru", "use_peepholes": "true"}, "use_peepholes needs cell lstm"),
+    ({"cell": "gru", "rnn_mode": "block"}, "rnn_mode block runs LSTM cells only"),
+    ({"use_peepholes": "yes", "rnn_mode": "cudnn"}, "cuDNN has no peephole LSTM"),
+    ({"use_peepholes": "maybe"}, "--use_peepholes takes bool, got 'maybe'"),
     ({"num_layers": True}, "takes int"),
 ])
 def test_override_errors(overrides, message):

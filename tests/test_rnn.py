@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from distrnn.rnn import BasicRNNCell, GRUCell, LSTMCell, supported, unroll, unroll_autodiff
+from distrnn.rnn import BasicRNNCell, GRUCell, LSTMCell, resolve_mode, supported, unroll, unroll_autodiff
 
 # The two-step example of the material distrnn grows from: input size 3, 5 units, batch 4.
 X0 = np.array([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 0, 1]], np.float32)
@@ -75,7 +75,8 @@ def initial_state(cell, batch):
 def cases():
     for kind in CELL_KINDS:
         for mode in MODES:
-            if supported(make_cell(kind), mode):
+            cell = make_cell(kind)
+            if supported(cell.kind, cell.use_peepholes, mode):
                 yield kind, mode
 
 
@@ -145,7 +146,20 @@ def test_state_carries_across_calls():
 
 
 def test_modes_that_do_not_fit_a_cell_are_refused():
-    with pytest.raises(ValueError, match="rnn_mode block does not support GRUCell"):
+    with pytest.raises(ValueError, match="rnn_mode block does not support the gru cell"):
         unroll(make_cell("gru"), tf.zeros([2, 1, 3]), (tf.zeros([1, 5]),), "block")
     with pytest.raises(ValueError, match="with peepholes"):
         unroll(make_cell("lstm_peep"), tf.zeros([2, 1, 3]), (tf.zeros([1, 5]),) * 2, "cudnn")
+
+
+def test_auto_picks_a_mode_and_says_why():
+    assert resolve_mode("lstm", False, "auto", on_gpu=False, num_steps=20)[0] == "static"
+    assert resolve_mode("gru", False, "auto", on_gpu=False, num_steps=1000)[0] == "dynamic"
+    assert resolve_mode("lstm", True, "auto", on_gpu=True, num_steps=20)[0] == "dynamic"  # no cuDNN peepholes
+    assert resolve_mode("lstm", False, "block", on_gpu=False) == ("block", "asked for")
+
+
+def test_config_lists_match_the_library():
+    from distrnn.ptb import configs
+    from distrnn.rnn import CELLS, UNROLL_MODES
+    assert set(configs.RNN_MODES) == set(UNROLL_MODES) and set(configs.CELLS) == set(CELLS)

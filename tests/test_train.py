@@ -83,3 +83,25 @@ def test_epochs_history_plot_and_metrics(corpus, tmp_path):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "run" / "tensorboard"))
     # The vocabulary is small, so a trained model beats the uniform guess.
     assert saved["test_perplexity"] < data.vocab_size
+
+
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_other_cells_train(corpus, tmp_path, cell):
+    config = override(PRESETS.get("test"), dict(SMALLISH, cell=cell, max_grad_norm="5", learning_rate="0.3"))
+    m = train_and_evaluate(config, RunOptions(data_path=corpus, save_path=str(tmp_path / cell), max_steps=60))
+    assert m["steps"] == 60 and m["test_perplexity"] < 0.8 * reader.load(corpus).vocab_size
+
+
+@pytest.mark.parametrize("trained, restored", [("block", "dynamic"), ("static", "block")])
+def test_checkpoints_move_between_modes(corpus, tmp_path, trained, restored):
+    """A model trained in one mode restores in another and gives the same loss."""
+    base = dict(SMALLISH, use_peepholes="true", max_grad_norm="5")
+    save = str(tmp_path / "run")
+    first = train_and_evaluate(override(PRESETS.get("test"), dict(base, rnn_mode=trained)),
+                               RunOptions(data_path=corpus, save_path=save, max_steps=8))
+    again = train_and_evaluate(override(PRESETS.get("test"), dict(base, rnn_mode=restored)),
+                               RunOptions(data_path=corpus, save_path=save, max_steps=8, resume=True))
+    assert (first["rnn_mode"], again["rnn_mode"]) == (trained, restored)
+    assert again["steps"] == 8
+    for key in ("valid_perplexity", "test_perplexity"):
+        assert again[key] == pytest.approx(first[key], rel=1e-5), key

@@ -20,7 +20,10 @@ import dataclasses
 
 from distrnn.config import Registry, check
 
-RNN_MODES = ("dynamic", "static")
+# Kept in step with distrnn.rnn.UNROLL_MODES and CELLS (tested); listed here so
+# that parsing flags does not import TensorFlow.
+RNN_MODES = ("static", "dynamic", "block", "cudnn", "auto")
+CELLS = ("lstm", "gru", "rnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +39,9 @@ class PTBConfig:
     keep_prob: float = 1.0       # dropout keep probability on non-recurrent connections
     lr_decay: float = 0.5        # learning rate multiplier per epoch after max_epoch
     batch_size: int = 20         # rows of the token stream trained in parallel
-    rnn_mode: str = "dynamic"    # how the recurrence is unrolled: dynamic (tf.while_loop) or static
+    rnn_mode: str = "auto"       # how the recurrence runs: static, dynamic, block, cudnn or auto (fastest here)
+    cell: str = "lstm"           # recurrent cell: lstm, gru or rnn (basic tanh RNN)
+    use_peepholes: bool = False  # LSTM peephole connections (not with rnn_mode cudnn)
 
     def validate(self) -> None:
         for name in ("num_layers", "num_steps", "hidden_size", "max_epoch", "max_max_epoch", "batch_size"):
@@ -50,6 +55,13 @@ class PTBConfig:
         check(0.0 < self.lr_decay <= 1.0, f"lr_decay must be in (0, 1], got {self.lr_decay}")
         check(self.rnn_mode in RNN_MODES,
               f"rnn_mode must be one of {', '.join(RNN_MODES)}, got {self.rnn_mode!r}")
+        check(self.cell in CELLS, f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
+        check(not self.use_peepholes or self.cell == "lstm",
+              f"use_peepholes needs cell lstm, got cell {self.cell!r}; drop --use_peepholes")
+        check(self.rnn_mode not in ("block", "cudnn") or self.cell == "lstm",
+              f"rnn_mode {self.rnn_mode} runs LSTM cells only; use --rnn_mode auto, static or dynamic for {self.cell}")
+        check(not (self.rnn_mode == "cudnn" and self.use_peepholes),
+              "cuDNN has no peephole LSTM; use --rnn_mode block, static or dynamic with --use_peepholes")
 
     def learning_rate_at(self, epoch: int) -> float:
         """The reference schedule: constant for max_epoch epochs, then decayed (epoch is 0-based)."""

@@ -6,13 +6,24 @@ runs time-major, (T, B, H), so each time step is a contiguous slice.
 import tensorflow as tf
 
 from distrnn.ops import sparse_softmax_cross_entropy
-from distrnn.rnn import LSTMCell, unroll
+from distrnn.rnn import CELLS, LSTMCell, unroll
+
+
+def make_cell(config, initializer, name):
+    size = config.hidden_size
+    if config.cell == "lstm":  # forget_bias 0 as in the reference implementation
+        return LSTMCell(size, size, forget_bias=0.0, use_peepholes=config.use_peepholes, initializer=initializer,
+                        name=name)
+    return CELLS[config.cell](size, size, initializer=initializer, name=name)
 
 
 class PTBModel(tf.Module):
-    def __init__(self, config, vocab_size: int, seed: int = 0, name: str = "ptb_lm"):
+    """rnn_mode: the concrete unrolling mode (see distrnn.rnn.resolve_mode for `auto`)."""
+
+    def __init__(self, config, vocab_size: int, seed: int = 0, rnn_mode: str = None, name: str = "ptb_lm"):
         super().__init__(name=name)
         self.config, self.vocab_size = config, vocab_size
+        self.rnn_mode = rnn_mode or config.rnn_mode
         h, scale = config.hidden_size, config.init_scale
         # Every weight starts uniform in [-init_scale, init_scale] (LSTM biases at 0),
         # drawn from one seeded generator so a run is reproducible from --seed.
@@ -23,9 +34,7 @@ class PTBModel(tf.Module):
 
         with self.name_scope:
             self.embedding = tf.Variable(uniform([vocab_size, h]), name="embedding")
-            # forget_bias 0 as in the reference implementation
-            self.cells = [LSTMCell(h, h, forget_bias=0.0, initializer=uniform, name=f"lstm_{i}")
-                          for i in range(config.num_layers)]
+            self.cells = [make_cell(config, uniform, name=f"{config.cell}_{i}") for i in range(config.num_layers)]
             self.softmax_w = tf.Variable(uniform([h, vocab_size]), name="softmax_w")
             self.softmax_b = tf.Variable(uniform([vocab_size]), name="softmax_b")
             # Dropout masks come from a stateful generator that is checkpointed,
@@ -47,7 +56,7 @@ class PTBModel(tf.Module):
             h = self._dropout(h)
         new_state = []
         for cell, layer_state in zip(self.cells, state):
-            h, layer_state = unroll(cell, h, layer_state, mode=self.config.rnn_mode)
+            h, layer_state = unroll(cell, h, layer_state, mode=self.rnn_mode)
             if dropout:
                 h = self._dropout(h)
             new_state.append(layer_state)

@@ -16,6 +16,7 @@ from distrnn import distributed, training
 from distrnn.errors import UsageError
 from distrnn.ptb import reader
 from distrnn.ptb.model import PTBModel, token_losses
+from distrnn.rnn import resolve_mode
 from distrnn.training import log
 
 # Fields that fix variable shapes or the meaning of a saved data position: a
@@ -71,10 +72,12 @@ class Position:
 class Trainer(tf.Module):
     """The model, its optimizer and everything a checkpoint must hold to resume exactly."""
 
-    def __init__(self, config, vocab_size: int, seed: int):
+    def __init__(self, config, vocab_size: int, seed: int, on_gpu: bool = False):
         super().__init__(name="trainer")
         self.config = config
-        self.model = PTBModel(config, vocab_size, seed=seed)
+        self.rnn_mode, self.rnn_mode_reason = resolve_mode(config.cell, config.use_peepholes, config.rnn_mode,
+                                                           on_gpu, config.num_steps)
+        self.model = PTBModel(config, vocab_size, seed=seed, rnn_mode=self.rnn_mode)
         self.optimizer = tf.keras.optimizers.SGD(learning_rate=config.learning_rate)
         self.optimizer.build(self.model.trainable_variables)
         # The Position as JSON, and the carried LSTM state: resuming mid-epoch
@@ -181,7 +184,7 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
     if world.is_chief:
         training.prepare_save_path(save_path)
 
-    trainer = Trainer(config, data.vocab_size, options.seed)
+    trainer = Trainer(config, data.vocab_size, options.seed, on_gpu=bool(tf.config.list_logical_devices("GPU")))
     checkpoints = training.Checkpoints(trainer.checkpoint(), save_path)
     resumed = checkpoints.restore_or_start(
         options.resume, lambda: config_mismatch(save_path, config, data.vocab_size))
@@ -199,6 +202,7 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
             f"valid {len(data.valid)} test {len(data.test)}; words mapped to <unk>: "
             f"valid {data.oov['valid']}, test {data.oov['test']}")
         log(f"config {options.config_name}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()))
+        log(f"rnn_mode {trainer.rnn_mode} ({trainer.rnn_mode_reason})")
         log(f"batch {B} rows x {T} steps = {B * T} words a step, {steps_per_epoch} steps an epoch, "
             f"{max_epochs} epochs, {total_steps} steps in all; save_path {save_path}")
         if options.resume:
@@ -288,6 +292,7 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
         "steps_per_epoch": steps_per_epoch,
         "world_size": world.size,
         "config": dataclasses.asdict(config),
+        "rnn_mode": trainer.rnn_mode,
         "config_name": options.config_name,
         "vocab_size": data.vocab_size,
         "words": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test)},

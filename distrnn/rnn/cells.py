@@ -16,6 +16,8 @@ class RecurrentCell(tf.Module):
     """Common parts: `gates` blocks of `units` columns in one kernel over [inputs, h]."""
 
     gates = 1
+    kind = None  # the name in CELLS
+    use_peepholes = False
 
     def __init__(self, input_size: int, units: int, initializer=None, name: str = None):
         super().__init__(name=name)
@@ -52,6 +54,8 @@ class RecurrentCell(tf.Module):
 class BasicRNNCell(RecurrentCell):
     """h' = tanh([x, h] @ kernel + bias)."""
 
+    kind = "rnn"
+
     def step(self, projected, state, recurrent_kernel):
         h = tf.tanh(projected + tf.matmul(state[0], recurrent_kernel))
         return h, (h,)
@@ -68,6 +72,7 @@ class LSTMCell(RecurrentCell):
     """
 
     gates = 4
+    kind = "lstm"
 
     def __init__(self, input_size: int, units: int, forget_bias: float = 1.0, use_peepholes: bool = False,
                  initializer=None, name: str = None):
@@ -110,6 +115,7 @@ class GRUCell(RecurrentCell):
     """
 
     gates = 3
+    kind = "gru"
 
     def __init__(self, input_size: int, units: int, initializer=None, name: str = None):
         super().__init__(input_size, units, initializer, name)

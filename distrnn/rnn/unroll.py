@@ -25,34 +25,39 @@ UNROLL_MODES = ("static", "dynamic", "block", "cudnn", "auto")
 logger = logging.getLogger("distrnn")
 
 
-def supported(cell, mode: str) -> bool:
+def supported(kind: str, use_peepholes: bool, mode: str) -> bool:
+    """Whether `mode` can run a cell of `kind` (a key of CELLS)."""
     if mode in ("static", "dynamic", "auto"):
         return True
     if mode == "block":
-        return isinstance(cell, LSTMCell)
+        return kind == "lstm"
     if mode == "cudnn":
-        return isinstance(cell, LSTMCell) and not cell.use_peepholes
+        return kind == "lstm" and not use_peepholes
     return False
 
 
-def resolve_mode(cell, mode: str, on_gpu: bool) -> tuple:
-    """(concrete mode, reason) for `auto`; other modes are checked and returned as they are."""
+STATIC_MAX_STEPS = 64  # beyond this a Python-unrolled graph grows slow to build and run
+
+
+def resolve_mode(kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_steps: int = None) -> tuple:
+    """(concrete mode, reason why): `auto` becomes the fastest mode for the device and
+    cell; other modes are checked and returned as they are."""
     if mode not in UNROLL_MODES:
         raise ValueError(f"unknown rnn_mode {mode!r}; use one of {', '.join(UNROLL_MODES)}")
     if mode != "auto":
-        if not supported(cell, mode):
-            raise ValueError(f"rnn_mode {mode} does not support {type(cell).__name__}"
-                             f"{' with peepholes' if getattr(cell, 'use_peepholes', False) else ''}; "
-                             "use static or dynamic")
+        if not supported(kind, use_peepholes, mode):
+            raise ValueError(f"rnn_mode {mode} does not support the {kind} cell"
+                             f"{' with peepholes' if use_peepholes else ''}; use static or dynamic")
         return mode, "asked for"
-    if on_gpu and supported(cell, "cudnn") and fused.cudnn_available():
+    if on_gpu and supported(kind, use_peepholes, "cudnn") and fused.cudnn_available():
         return "cudnn", "GPU with cuDNN and an LSTM without peepholes"
-    # Measured on CPU (2 x 200-unit layers, 20 steps, batch 20, forward+backward):
-    # static 12-14 ms, dynamic 14-16 ms, block 19 ms. On a GPU without cuDNN the
-    # while loop keeps the graph small.
+    # Measured on CPU (2 x 200-unit LSTM layers, 20 steps, batch 20, forward+backward):
+    # static 12-14 ms, dynamic 14-16 ms, block 19 ms.
     if on_gpu:
         return "dynamic", "GPU without cuDNN for this cell"
-    return "static", "CPU: the Python-unrolled loop with the hand-written backward pass is fastest here"
+    if num_steps is None or num_steps > STATIC_MAX_STEPS:
+        return "dynamic", f"CPU, sequences longer than {STATIC_MAX_STEPS} steps (or of unknown length)"
+    return "static", "CPU, short sequences: the Python-unrolled loop is fastest here"
 
 
 def unroll(cell, inputs, state, mode: str = "dynamic", sequence_length=None):
@@ -62,10 +67,8 @@ def unroll(cell, inputs, state, mode: str = "dynamic", sequence_length=None):
     its final state is the state after its last valid step.
     Returns (outputs (T, B, H), final state).
     """
-    if mode == "auto":
-        mode, _ = resolve_mode(cell, mode, on_gpu=bool(tf.config.list_logical_devices("GPU")))
-    elif not supported(cell, mode):
-        resolve_mode(cell, mode, False)  # raises with the reason
+    mode, _ = resolve_mode(cell.kind, cell.use_peepholes, mode, num_steps=inputs.shape[0],
+                           on_gpu=mode == "auto" and bool(tf.config.list_logical_devices("GPU")))
     if mode == "block":
         return fused.block_lstm(cell, inputs, state, sequence_length)
     if mode == "cudnn":
