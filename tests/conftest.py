@@ -6,6 +6,17 @@ import sys
 import numpy as np
 import pytest
 
+# Four logical CPU devices for the whole session, so placement tests can pin
+# layers to separate devices; TensorFlow allows this once, before first use.
+VIRTUAL_DEVICES = 4
+
+
+def pytest_configure(config):
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * VIRTUAL_DEVICES)
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 

@@ -5,7 +5,7 @@
 import os
 import sys
 
-from distrnn import cli
+from distrnn import cli, placement
 from distrnn.config import override
 
 
@@ -28,6 +28,16 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=1, help="seed for weights and dropout (default 1)")
     parser.add_argument("--checkpoint_every", type=int, default=500,
                         help="steps between checkpoints; one is also saved after every epoch (default 500)")
+    devices = parser.add_argument_group("devices (model parallelism)")
+    devices.add_argument("--devices", help="comma-separated devices for the model's parts, e.g. /gpu:0,/gpu:1")
+    devices.add_argument("--num_gpus", type=int, default=0, help="use /gpu:0 ... /gpu:N-1")
+    devices.add_argument("--virtual_devices", type=int, default=0,
+                         help="split the CPU into N logical devices and place the model on them")
+    devices.add_argument("--strategy", default="round_robin", choices=placement.STRATEGIES,
+                         help="how parts are mapped to devices (default round_robin)")
+    devices.add_argument("--placement", default="sequential", choices=placement.PLACEMENTS,
+                         help="sequential: one layer after another; pipeline: a wavefront so all devices work at "
+                              "once (default sequential)")
     names = cli.add_config_flags(parser, PTBConfig, cli.field_comments(PTBConfig))
     return parser, names
 
@@ -47,7 +57,7 @@ def run(argv) -> int:
     if args.list_configs:
         list_configs()
         return 0
-    for flag in ("max_epochs", "max_steps", "checkpoint_every"):
+    for flag in ("max_epochs", "max_steps", "checkpoint_every", "num_gpus", "virtual_devices"):
         value = getattr(args, flag)
         if value < 0 or (flag == "checkpoint_every" and value == 0):
             raise cli.UsageError(f"--{flag} must be {'positive' if flag == 'checkpoint_every' else '>= 0'}, got {value}")
@@ -57,7 +67,9 @@ def run(argv) -> int:
     from distrnn.ptb.train import RunOptions, train_and_evaluate
     options = RunOptions(data_path=args.data_path, save_path=args.save_path, resume=args.resume,
                          max_epochs=args.max_epochs, max_steps=args.max_steps, metrics_json=args.metrics_json,
-                         seed=args.seed, checkpoint_every=args.checkpoint_every, config_name=args.config)
+                         seed=args.seed, checkpoint_every=args.checkpoint_every, config_name=args.config,
+                         devices=args.devices, num_gpus=args.num_gpus, virtual_devices=args.virtual_devices,
+                         strategy=args.strategy, placement=args.placement)
     metrics = train_and_evaluate(config, options)
     return metrics["interrupted"] or 0
 

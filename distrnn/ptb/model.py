@@ -1,12 +1,17 @@
-"""The word language model: embedding, dropout, stacked LSTM, softmax.
+"""The word language model: embedding, dropout, stacked recurrent layers, softmax.
 
 Shapes: B batch rows, T time steps, H hidden units, V vocabulary. The stack
 runs time-major, (T, B, H), so each time step is a contiguous slice.
+
+The model takes a placement Plan (distrnn.placement): each part's variables
+are created, and its computation runs, on the plan's device for it.
 """
 import tensorflow as tf
 
 from distrnn.ops import sparse_softmax_cross_entropy
-from distrnn.rnn import CELLS, LSTMCell, unroll
+from distrnn.placement import on_device, single_device
+from distrnn.rnn import CELLS, LSTMCell
+from distrnn.rnn.stack import pipeline_stack, sequential_stack
 
 
 def make_cell(config, initializer, name):
@@ -18,14 +23,18 @@ def make_cell(config, initializer, name):
 
 
 class PTBModel(tf.Module):
-    """rnn_mode: the concrete unrolling mode (see distrnn.rnn.resolve_mode for `auto`)."""
+    """rnn_mode: the concrete unrolling mode (see distrnn.rnn.resolve_mode for `auto`);
+    placement: `sequential` or `pipeline` (see distrnn.rnn.stack)."""
 
-    def __init__(self, config, vocab_size: int, seed: int = 0, rnn_mode: str = None, name: str = "ptb_lm"):
+    def __init__(self, config, vocab_size: int, seed: int = 0, rnn_mode: str = None, plan=None,
+                 placement: str = "sequential", name: str = "ptb_lm"):
         super().__init__(name=name)
         self.config, self.vocab_size = config, vocab_size
         self.rnn_mode = rnn_mode or config.rnn_mode
+        self.plan = plan or single_device(config.num_layers)
+        self.placement = placement
         h, scale = config.hidden_size, config.init_scale
-        # Every weight starts uniform in [-init_scale, init_scale] (LSTM biases at 0),
+        # Every weight starts uniform in [-init_scale, init_scale] (recurrent biases at 0),
         # drawn from one seeded generator so a run is reproducible from --seed.
         init_rng = tf.random.Generator.from_seed(seed)
 
@@ -33,38 +42,58 @@ class PTBModel(tf.Module):
             return init_rng.uniform(shape, -scale, scale, dtype=dtype)
 
         with self.name_scope:
-            self.embedding = tf.Variable(uniform([vocab_size, h]), name="embedding")
-            self.cells = [make_cell(config, uniform, name=f"{config.cell}_{i}") for i in range(config.num_layers)]
-            self.softmax_w = tf.Variable(uniform([h, vocab_size]), name="softmax_w")
-            self.softmax_b = tf.Variable(uniform([vocab_size]), name="softmax_b")
-            # Dropout masks come from a stateful generator that is checkpointed,
-            # so a resumed run draws the masks the uninterrupted run would have.
-            self.dropout_rng = tf.random.Generator.from_seed(seed + 1)
+            with tf.device(self.plan.embedding):
+                self.embedding = tf.Variable(uniform([vocab_size, h]), name="embedding")
+                # Dropout masks come from a stateful generator that is checkpointed,
+                # so a resumed run draws the masks the uninterrupted run would have.
+                self.dropout_rng = tf.random.Generator.from_seed(seed + 1)
+            self.cells = []
+            for i, device in enumerate(self.plan.layers):
+                with tf.device(device):
+                    self.cells.append(make_cell(config, uniform, name=f"{config.cell}_{i}"))
+            with tf.device(self.plan.softmax):
+                self.softmax_w = tf.Variable(uniform([h, vocab_size]), name="softmax_w")
+                self.softmax_b = tf.Variable(uniform([vocab_size]), name="softmax_b")
 
     def zero_state(self, batch_size: int):
         return tuple(cell.zero_state(batch_size) for cell in self.cells)
 
-    def _dropout(self, x):
+    def _dropout_mask(self, shape):
+        """keep/keep_prob where kept, 0 elsewhere."""
         seed = self.dropout_rng.make_seeds(1)[:, 0]
-        return tf.nn.experimental.stateless_dropout(x, rate=1.0 - self.config.keep_prob, seed=seed)
+        return tf.nn.experimental.stateless_dropout(tf.ones(shape), rate=1.0 - self.config.keep_prob, seed=seed)
 
     def __call__(self, x, state, training: bool):
         """x (B, T) word ids -> logits (T*B, V) in time-major order, new state."""
         dropout = training and self.config.keep_prob < 1.0
-        h = tf.gather(self.embedding, tf.transpose(x))   # (T, B, H)
-        if dropout:
-            h = self._dropout(h)
-        new_state = []
-        for cell, layer_state in zip(self.cells, state):
-            h, layer_state = unroll(cell, h, layer_state, mode=self.rnn_mode)
+        with tf.device(self.plan.embedding), tf.name_scope("embedding"):
+            h = tf.gather(self.embedding, tf.transpose(x))   # (T, B, H)
             if dropout:
-                h = self._dropout(h)
-            new_state.append(layer_state)
-        logits = tf.matmul(tf.reshape(h, [-1, self.config.hidden_size]), self.softmax_w) + self.softmax_b
-        return logits, tuple(new_state)
+                h = h * self._dropout_mask(tf.shape(h))
+        masks = None
+        if dropout:  # one mask per layer output, drawn on the layer's device
+            masks = []
+            for device in self.plan.layers:
+                with tf.device(device):
+                    masks.append(self._dropout_mask(tf.shape(h)))
+        if self.placement == "pipeline":
+            h, new_state = pipeline_stack(self.cells, self.plan.layers, h, state, static=self.rnn_mode == "static",
+                                          masks=masks)
+        else:
+            h, new_state = sequential_stack(self.cells, self.plan.layers, h, state, self.rnn_mode, masks)
+        with tf.device(self.plan.softmax), tf.name_scope("softmax"):
+            logits, = on_device(self.plan.softmax, lambda h: [
+                tf.matmul(tf.reshape(h, [-1, self.config.hidden_size]), self.softmax_w) + self.softmax_b])(h)
+        return logits, new_state
 
+    def token_losses(self, logits, y, weights=None):
+        """Cross-entropy per token (T*B,) for targets y (B, T), on the softmax's device;
+        times `weights` (B, T) when given."""
+        targets = tf.reshape(tf.transpose(y), [-1])
 
-def token_losses(logits, y):
-    """Cross-entropy per token, (T*B,), for targets y (B, T) matching time-major logits."""
-    targets = tf.reshape(tf.transpose(y), [-1])
-    return sparse_softmax_cross_entropy(logits, targets)
+        def compute(logits):
+            loss = sparse_softmax_cross_entropy(logits, targets)
+            return [loss if weights is None else loss * tf.reshape(tf.transpose(weights), [-1])]
+
+        with tf.device(self.plan.softmax), tf.name_scope("softmax"):
+            return on_device(self.plan.softmax, compute)(logits)[0]

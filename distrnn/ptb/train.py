@@ -12,10 +12,10 @@ from typing import Optional
 
 import tensorflow as tf
 
-from distrnn import distributed, training
+from distrnn import distributed, placement, training
 from distrnn.errors import UsageError
 from distrnn.ptb import reader
-from distrnn.ptb.model import PTBModel, token_losses
+from distrnn.ptb.model import PTBModel
 from distrnn.rnn import resolve_mode
 from distrnn.training import log
 
@@ -34,6 +34,11 @@ class RunOptions:
     metrics_json: Optional[str] = None   # write the final figures here
     seed: int = 1                        # weights and dropout masks
     checkpoint_every: int = 500          # steps between checkpoints (also saved after every epoch)
+    devices: Optional[str] = None        # comma-separated devices for the layers, e.g. /gpu:0,/gpu:1
+    num_gpus: int = 0                    # use /gpu:0 ... /gpu:N-1
+    virtual_devices: int = 0             # split the CPU into N logical devices and use them
+    strategy: str = "round_robin"        # placement strategy: round_robin or balanced
+    placement: str = "sequential"        # sequential or pipeline (wavefront across the layers' devices)
     config_name: str = "custom"
 
 
@@ -72,12 +77,17 @@ class Position:
 class Trainer(tf.Module):
     """The model, its optimizer and everything a checkpoint must hold to resume exactly."""
 
-    def __init__(self, config, vocab_size: int, seed: int, on_gpu: bool = False):
+    def __init__(self, config, vocab_size: int, seed: int, on_gpu: bool = False, plan=None,
+                 placement: str = "sequential"):
         super().__init__(name="trainer")
         self.config = config
         self.rnn_mode, self.rnn_mode_reason = resolve_mode(config.cell, config.use_peepholes, config.rnn_mode,
                                                            on_gpu, config.num_steps)
-        self.model = PTBModel(config, vocab_size, seed=seed, rnn_mode=self.rnn_mode)
+        if placement == "pipeline" and self.rnn_mode not in ("static", "dynamic"):
+            # The wavefront interleaves the layers' time steps, which a whole-sequence kernel cannot.
+            self.rnn_mode_reason = f"{self.rnn_mode} runs whole sequences; the pipeline needs a step loop"
+            self.rnn_mode = "dynamic"
+        self.model = PTBModel(config, vocab_size, seed=seed, rnn_mode=self.rnn_mode, plan=plan, placement=placement)
         self.optimizer = tf.keras.optimizers.SGD(learning_rate=config.learning_rate)
         self.optimizer.build(self.model.trainable_variables)
         # The Position as JSON, and the carried LSTM state: resuming mid-epoch
@@ -110,7 +120,7 @@ class Trainer(tf.Module):
         with tf.GradientTape() as tape:
             logits, state = self.model(x, state, training=True)
             # Averaged over the batch, summed over time steps, as the reference.
-            loss = tf.reduce_sum(token_losses(logits, y)) / tf.cast(tf.shape(x)[0], tf.float32)
+            loss = tf.reduce_sum(self.model.token_losses(logits, y)) / tf.cast(tf.shape(x)[0], tf.float32)
         grads = [sum_duplicate_rows(g) for g in tape.gradient(loss, variables)]
         grads, _ = tf.clip_by_global_norm(grads, self.config.max_grad_norm)
         self.optimizer.apply_gradients(zip(grads, variables))
@@ -120,8 +130,7 @@ class Trainer(tf.Module):
     def eval_step(self, x, y, weights, state):
         """Sum of token losses where weights is 1 (padding has weight 0), and new state."""
         logits, state = self.model(x, state, training=False)
-        w = tf.reshape(tf.transpose(weights), [-1])
-        return tf.reduce_sum(token_losses(logits, y) * w), state
+        return tf.reduce_sum(self.model.token_losses(logits, y, weights)), state
 
 
 def evaluate(trainer: Trainer, batches: reader.EvalBatches, world) -> float:
@@ -134,6 +143,16 @@ def evaluate(trainer: Trainer, batches: reader.EvalBatches, world) -> float:
         total += float(loss)
     total, count = world.allreduce_sum([total, float(batches.weights.sum())])
     return float(math.exp(total / count))
+
+
+def make_model_plan(config, vocab_size: int, devices, strategy: str):
+    """The placement plan of the model's parts over `devices` (one device, TensorFlow's choice, if none)."""
+    if not devices:
+        return placement.single_device(config.num_layers)
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[config.cell]
+    costs = placement.lm_costs(vocab_size, config.hidden_size, config.num_layers, config.batch_size,
+                               config.num_steps, cell_gates=gates)
+    return placement.make_plan(config.num_layers, devices, strategy, costs)
 
 
 def progress_line(pos: Position, max_epochs: int, steps_per_epoch: int, total_steps: int, lr: float,
@@ -171,6 +190,8 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
     """
     world = world or distributed.init()
     config.validate()
+    # Logical devices must be configured before anything else touches TensorFlow's devices.
+    devices = placement.resolve_devices(options.devices, options.num_gpus, options.virtual_devices)
     t_start = time.time()
     training.check_metrics_path(options.metrics_json if world.is_chief else None)
     data_path = reader.resolve_data_path(options.data_path)
@@ -184,7 +205,9 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
     if world.is_chief:
         training.prepare_save_path(save_path)
 
-    trainer = Trainer(config, data.vocab_size, options.seed, on_gpu=bool(tf.config.list_logical_devices("GPU")))
+    plan = make_model_plan(config, data.vocab_size, devices, options.strategy)
+    trainer = Trainer(config, data.vocab_size, options.seed, on_gpu=bool(tf.config.list_logical_devices("GPU")),
+                      plan=plan, placement=options.placement)
     checkpoints = training.Checkpoints(trainer.checkpoint(), save_path)
     resumed = checkpoints.restore_or_start(
         options.resume, lambda: config_mismatch(save_path, config, data.vocab_size))
@@ -203,6 +226,10 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
             f"valid {data.oov['valid']}, test {data.oov['test']}")
         log(f"config {options.config_name}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()))
         log(f"rnn_mode {trainer.rnn_mode} ({trainer.rnn_mode_reason})")
+        if devices:
+            for line in plan.describe():
+                log(line)
+            log(f"placement {options.placement}")
         log(f"batch {B} rows x {T} steps = {B * T} words a step, {steps_per_epoch} steps an epoch, "
             f"{max_epochs} epochs, {total_steps} steps in all; save_path {save_path}")
         if options.resume:
@@ -293,6 +320,7 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
         "world_size": world.size,
         "config": dataclasses.asdict(config),
         "rnn_mode": trainer.rnn_mode,
+        "placement": dict(plan.as_dict(), schedule=options.placement),
         "config_name": options.config_name,
         "vocab_size": data.vocab_size,
         "words": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test)},
