@@ -1,12 +1,14 @@
-"""Words/sec of `python -m distrnn.ptb --config small` against the plain tf.keras
-baseline (../shared/bench/keras_ptb_baseline.py) on the same data, in one run.
+"""Words/sec of `python -m distrnn.ptb --config small` in each rnn_mode against the
+plain tf.keras baseline (../shared/bench/keras_ptb_baseline.py) on the same data, in one run.
 
-    python bench/ptb_speed.py [--data_path DIR] [--epochs 1] [--repeats 3] [--extra "--rnn_mode static"]
+    python bench/ptb_speed.py [--data_path DIR] [--epochs 1] [--repeats 3] [--modes auto static dynamic block]
+                              [--extra "--hidden_size 300"]
 
-Both run as child processes, alternating, `--repeats` times each; the median
-words/sec of each and their ratio are printed, with train perplexity after the
-same number of epochs (both use the reference's batch 20 x 20 steps, SGD lr 1,
-clip 5). words/sec leaves out the first 5 steps of each process in both.
+Every configuration runs as a child process, in turn, `--repeats` times; the
+median words/sec of each, its ratio to the baseline and the train perplexity
+after the same number of epochs are printed (all use the reference's batch
+20 x 20 steps, SGD lr 1, clip 5). words/sec leaves out the first 5 steps of
+each process everywhere. cudnn is measured only where a GPU is visible.
 """
 import argparse
 import json
@@ -47,28 +49,41 @@ def main():
     p.add_argument("--data_path", default=os.path.join(ROOT, "..", "shared", "data", "ptb-mini"))
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--extra", default="", help="more flags for distrnn.ptb, e.g. '--rnn_mode static'")
+    p.add_argument("--modes", nargs="+", default=["auto", "static", "dynamic", "block", "cudnn"],
+                   help="rnn_modes to measure (cudnn only where a GPU is visible)")
+    p.add_argument("--extra", default="", help="more flags for distrnn.ptb, e.g. '--hidden_size 300'")
     args = p.parse_args()
     if not os.path.exists(BASELINE):
         sys.exit(f"ptb_speed: baseline not found at {BASELINE}")
-    ours, theirs = [], []
+    modes = [m for m in args.modes if m != "cudnn" or has_gpu()]
+    runs = {m: [] for m in modes}
+    theirs = []
     for r in range(args.repeats):
-        ours.append(run_distrnn(args.data_path, args.epochs, args.extra.split()))
+        for mode in modes:
+            runs[mode].append(run_distrnn(args.data_path, args.epochs, ["--rnn_mode", mode] + args.extra.split()))
         theirs.append(run_baseline(args.data_path, args.epochs))
-        print(f"run {r + 1}: distrnn {ours[-1][0]:.0f} words/sec (train ppl {ours[-1][1]:.2f}), "
-              f"keras {theirs[-1][0]:.0f} words/sec (train ppl {theirs[-1][1]:.2f})", flush=True)
-    wps_ours = statistics.median(w for w, _ in ours)
-    wps_theirs = statistics.median(w for w, _ in theirs)
-    result = {
-        "distrnn_words_per_sec": round(wps_ours, 1), "keras_words_per_sec": round(wps_theirs, 1),
-        "ratio": round(wps_ours / wps_theirs, 3),
-        "distrnn_train_perplexity": round(ours[0][1], 2), "keras_train_perplexity": round(theirs[0][1], 2),
-        "epochs": args.epochs, "repeats": args.repeats, "data_path": os.path.abspath(args.data_path),
-        "cpus": os.cpu_count(),
-    }
-    print(f"distrnn {wps_ours:.0f} words/sec, keras baseline {wps_theirs:.0f} words/sec: "
-          f"ratio {result['ratio']:.3f} (median of {args.repeats})")
+        print(f"run {r + 1}: " + ", ".join(f"{m} {runs[m][-1][0]:.0f}" for m in modes) +
+              f", keras {theirs[-1][0]:.0f} words/sec", flush=True)
+    keras_wps = statistics.median(w for w, _ in theirs)
+    result = {"keras_words_per_sec": round(keras_wps, 1), "keras_train_perplexity": round(theirs[0][1], 2),
+              "modes": {}, "epochs": args.epochs, "repeats": args.repeats,
+              "data_path": os.path.abspath(args.data_path), "cpus": os.cpu_count()}
+    for mode in modes:
+        wps = statistics.median(w for w, _ in runs[mode])
+        ppl = runs[mode][0][1]
+        result["modes"][mode] = {"words_per_sec": round(wps, 1), "ratio": round(wps / keras_wps, 3),
+                                 "train_perplexity": round(ppl, 2)}
+        print(f"distrnn --rnn_mode {mode:8s} {wps:7.0f} words/sec  ratio {wps / keras_wps:.3f}  "
+              f"train ppl {ppl:.2f}")
+    print(f"keras baseline            {keras_wps:7.0f} words/sec  ratio 1.000  train ppl {theirs[0][1]:.2f}"
+          f"   (median of {args.repeats})")
     print(json.dumps(result))
+
+
+def has_gpu():
+    out = subprocess.run([sys.executable, "-c", "import tensorflow as tf; print(len(tf.config.list_physical_devices('GPU')))"],
+                         capture_output=True, text=True, env=ENV).stdout.strip()
+    return out not in ("", "0")
 
 
 if __name__ == "__main__":
