@@ -2,17 +2,24 @@
 
 Autodiff through the unrolled steps replays every forward op of every step in
 reverse; on CPU, with batch-20 tensors, the per-op overhead of those ops
-dominates. Here the forward pass keeps the activated gates and cell states,
-and the backward pass does only what the math needs per step (one matmul and
-a few elementwise ops); the recurrent and peephole weight gradients are large
-reductions after the loop instead of small ones per step. The same structure
-is where saved activations can later be swapped to the host or recomputed.
+dominates (about 60 ops a step). Here the loops carry only what is truly
+sequential, and everything else is done for all time steps at once:
+
+  forward, per step:  z = x_t + h W_h (forget bias folded into x before the loop);
+                      a = activations(z);  c = f c + i j;  h = o tanh(c)
+  backward, before the loop, for all steps at once: the activation derivatives
+      and the factors that multiply dh and dc;
+  backward, per step: dh = d_out_t + dh';  dc = dh Q_t + dc';  dz = [dc, dc, dc, dh] * PD_t;
+                      dc' = dc F_t;  dh' = dz W_h^T                  (one matmul, six small ops)
+  backward, after the loop: dW_h = sum_t h_{t-1}^T dz_t as one matmul, peephole gradients as sums.
 
 Both passes run either as tf.while_loop (`static=False`: graph size
 independent of the sequence length) or as a Python loop (`static=True`: every
-step visible to the graph optimiser).
+step visible to the graph optimiser). The saved activations (gates and cell
+states per step) are what a later memory mode can swap to the host or
+recompute.
 
-Notation per step, gates in i, j, f, o order (a = activated gates):
+Gates are in i, j, f, o order:
     i = sigmoid(z_i + p_i c_prev)   j = tanh(z_j)   f = sigmoid(z_f + forget_bias + p_f c_prev)
     c_new = f c_prev + i j          o = sigmoid(z_o + p_o c_new)     h_new = o tanh(c_new)
 With a mask m (1 while t < sequence_length): c_t = m c_new + (1 - m) c_prev, likewise h_t;
@@ -21,52 +28,29 @@ the output is m h_new.
 import tensorflow as tf
 
 
-def _forward_step(x_t, m, c_prev, h_prev, w_h, shift, peep):
-    z = x_t + tf.matmul(h_prev, w_h) + shift
-    zi, zj, zf, zo = tf.split(z, 4, axis=1)
-    if peep is not None:
-        zi, zf = zi + peep[0] * c_prev, zf + peep[1] * c_prev
-    i, j, f = tf.sigmoid(zi), tf.tanh(zj), tf.sigmoid(zf)
-    c = f * c_prev + i * j
-    if peep is not None:
-        zo = zo + peep[2] * c
-    o = tf.sigmoid(zo)
+def _blocks(units, values):
+    """A (4H,) vector with the given value on each of the i, j, f, o blocks."""
+    return tf.concat([tf.fill([units], float(v)) for v in values], 0)
+
+
+def _forward_step(x_t, m, c_prev, h_prev, w_h, peep):
+    """x_t: the step's input half of the gates, bias and forget bias included."""
+    z = x_t + tf.matmul(h_prev, w_h)
+    if peep is None:
+        zi, zj, zf, zo = tf.split(z, 4, axis=1)
+        i, j, f, o = tf.sigmoid(zi), tf.tanh(zj), tf.sigmoid(zf), tf.sigmoid(zo)
+        a = tf.concat([i, j, f, o], 1)
+        c = f * c_prev + i * j
+    else:
+        zi, zj, zf, zo = tf.split(z, 4, axis=1)
+        i, j, f = tf.sigmoid(zi + peep[0] * c_prev), tf.tanh(zj), tf.sigmoid(zf + peep[1] * c_prev)
+        c = f * c_prev + i * j
+        o = tf.sigmoid(zo + peep[2] * c)
+        a = tf.concat([i, j, f, o], 1)
     h = o * tf.tanh(c)
-    gates = tf.concat([i, j, f, o], 1)
     if m is None:
-        return c, h, h, gates
-    return m * c + (1.0 - m) * c_prev, m * h + (1.0 - m) * h_prev, m * h, gates
-
-
-def _backward_step(d_out, m, dc_next, dh_next, gates, c, c_prev, w_h, jmask, peep):
-    """Gradients through one step: (d gate pre-activations, dc_prev, dh_prev).
-
-    `c` is the stored cell state; where m is 0 it differs from c_new, but there
-    every gradient into the step is 0, so it is never used.
-    """
-    i, j, f, o = tf.split(gates, 4, axis=1)
-    tanh_c = tf.tanh(c)
-    dh = d_out + dh_next
-    dc_in = dc_next
-    if m is not None:
-        dh, dc_in = m * dh, m * dc_next
-    d_zo = dh * tanh_c * o * (1.0 - o)
-    dc = dh * o * (1.0 - tanh_c * tanh_c) + dc_in
-    if peep is not None:
-        dc += d_zo * peep[2]
-    d_a = tf.concat([dc * j, dc * i, dc * c_prev], 1)
-    # sigmoid' = a (1 - a) and tanh' = (1 - a)(1 + a): one expression for the i, j, f blocks.
-    a = gates[:, :-tf.shape(o)[1]]
-    dz = tf.concat([d_a * (1.0 - a) * (a + jmask), d_zo], 1)
-    dc_prev = dc * f
-    if peep is not None:
-        d_zi, _, d_zf, _ = tf.split(dz, 4, axis=1)
-        dc_prev += d_zi * peep[0] + d_zf * peep[1]
-    dh_prev = tf.matmul(dz, w_h, transpose_b=True)
-    if m is not None:
-        dc_prev += (1.0 - m) * dc_next
-        dh_prev += (1.0 - m) * dh_next
-    return dz, dc_prev, dh_prev
+        return c, h, h, a
+    return m * c + (1.0 - m) * c_prev, m * h + (1.0 - m) * h_prev, m * h, a
 
 
 def lstm_sequence(projected, c0, h0, w_h, forget_bias: float, peepholes=None, mask=None, static: bool = False):
@@ -83,9 +67,7 @@ def lstm_sequence(projected, c0, h0, w_h, forget_bias: float, peepholes=None, ma
         peep = extra[0] if has_peep else None
         mask = extra[-1] if has_mask else None
         units = tf.shape(h0)[1]
-        zeros = tf.zeros([units])
-        shift = tf.concat([zeros, zeros, tf.fill([units], forget_bias), zeros], 0)  # forget bias on f
-        jmask = tf.concat([zeros, tf.ones([units]), zeros], 0)                       # 1 on the tanh block
+        x = projected + _blocks(units, (0, 0, forget_bias, 0))
         num_steps = tf.shape(projected)[0]
         ta = lambda: tf.TensorArray(projected.dtype, size=num_steps)
         m_at = (lambda t: mask[t]) if has_mask else (lambda t: None)
@@ -93,12 +75,12 @@ def lstm_sequence(projected, c0, h0, w_h, forget_bias: float, peepholes=None, ma
         if static:
             c, h, outs, gates, cells = c0, h0, [], [], []
             for t in range(projected.shape[0]):
-                c, h, out, a = _forward_step(projected[t], m_at(t), c, h, w_h, shift, peep)
+                c, h, out, a = _forward_step(x[t], m_at(t), c, h, w_h, peep)
                 outs.append(out), gates.append(a), cells.append(c)
             outputs, gates, cells = tf.stack(outs), tf.stack(gates), tf.stack(cells)
         else:
             def body(t, c, h, outs, gates, cells):
-                c, h, out, a = _forward_step(projected[t], m_at(t), c, h, w_h, shift, peep)
+                c, h, out, a = _forward_step(x[t], m_at(t), c, h, w_h, peep)
                 return t + 1, c, h, outs.write(t, out), gates.write(t, a), cells.write(t, c)
 
             _, c, h, outs, gates, cells = tf.while_loop(
@@ -108,9 +90,35 @@ def lstm_sequence(projected, c0, h0, w_h, forget_bias: float, peepholes=None, ma
         # outputs, cells (T, B, H); gates (T, B, 4H) after their activations
 
         def grad(d_outputs, d_c, d_h):
+            # For all steps at once: activation derivatives D (sigmoid' = a (1 - a),
+            # tanh' = (1 - a)(1 + a)), what each gate's gradient multiplies (P), and the
+            # factors of dh and dc in the recurrences (Q, F).
+            i, j, f, o = tf.split(gates, 4, axis=2)
             c_prev = tf.concat([c0[None], cells[:-1]], 0)
-            step = lambda t, dc, dh: _backward_step(d_outputs[t], m_at(t), dc, dh, gates[t], cells[t], c_prev[t],
-                                                    w_h, jmask, peep)
+            tanh_c = tf.tanh(cells)
+            derivative = (1.0 - gates) * (gates + _blocks(units, (0, 1, 0, 0)))
+            pd = tf.concat([j, i, c_prev, tanh_c], 2) * derivative       # (T, B, 4H)
+            q = o * (1.0 - tanh_c * tanh_c)                              # dc += dh q
+            fc = f                                                       # dc_prev = dc fc
+            if has_peep:
+                pd_i, _, pd_f, pd_o = tf.split(pd, 4, axis=2)
+                q += pd_o * peep[2]
+                fc = f + pd_i * peep[0] + pd_f * peep[1]
+
+            def step(t, dc_next, dh_next):
+                dh = d_outputs[t] + dh_next
+                dc_in = dc_next
+                if has_mask:
+                    dh, dc_in = mask[t] * dh, mask[t] * dc_next
+                dc = dh * q[t] + dc_in
+                dz = tf.concat([dc, dc, dc, dh], 1) * pd[t]
+                dc_prev = dc * fc[t]
+                dh_prev = tf.matmul(dz, w_h, transpose_b=True)
+                if has_mask:
+                    dc_prev += (1.0 - mask[t]) * dc_next
+                    dh_prev += (1.0 - mask[t]) * dh_next
+                return dz, dc_prev, dh_prev
+
             if static:
                 dzs = []
                 for t in reversed(range(projected.shape[0])):
