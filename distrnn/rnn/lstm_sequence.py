@@ -35,18 +35,15 @@ def _blocks(units, values):
 
 def _forward_step(x_t, m, c_prev, h_prev, w_h, peep):
     """x_t: the step's input half of the gates, bias and forget bias included."""
-    z = x_t + tf.matmul(h_prev, w_h)
-    if peep is None:
-        zi, zj, zf, zo = tf.split(z, 4, axis=1)
-        i, j, f, o = tf.sigmoid(zi), tf.tanh(zj), tf.sigmoid(zf), tf.sigmoid(zo)
-        a = tf.concat([i, j, f, o], 1)
-        c = f * c_prev + i * j
-    else:
-        zi, zj, zf, zo = tf.split(z, 4, axis=1)
-        i, j, f = tf.sigmoid(zi + peep[0] * c_prev), tf.tanh(zj), tf.sigmoid(zf + peep[1] * c_prev)
-        c = f * c_prev + i * j
-        o = tf.sigmoid(zo + peep[2] * c)
-        a = tf.concat([i, j, f, o], 1)
+    zi, zj, zf, zo = tf.split(x_t + tf.matmul(h_prev, w_h), 4, axis=1)
+    if peep is not None:
+        zi, zf = zi + peep[0] * c_prev, zf + peep[1] * c_prev
+    i, j, f = tf.sigmoid(zi), tf.tanh(zj), tf.sigmoid(zf)
+    c = f * c_prev + i * j
+    if peep is not None:
+        zo = zo + peep[2] * c
+    o = tf.sigmoid(zo)
+    a = tf.concat([i, j, f, o], 1)
     h = o * tf.tanh(c)
     if m is None:
         return c, h, h, a
