@@ -120,7 +120,9 @@ class StopSignal:
 
     @property
     def exit_code(self) -> int:
-        return 128 + self.signum  # the shell convention: 130 for SIGINT, 143 for SIGTERM
+        # The shell convention: 130 for SIGINT, 143 for SIGTERM (also on ranks that stop
+        # because another rank was signalled).
+        return 128 + (self.signum or signal.SIGTERM)
 
 
 class Speed:

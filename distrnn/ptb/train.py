@@ -10,6 +10,7 @@ import os
 import time
 from typing import Optional
 
+import numpy as np
 import tensorflow as tf
 
 from distrnn import distributed, placement, training
@@ -78,9 +79,10 @@ class Trainer(tf.Module):
     """The model, its optimizer and everything a checkpoint must hold to resume exactly."""
 
     def __init__(self, config, vocab_size: int, seed: int, on_gpu: bool = False, plan=None,
-                 placement: str = "sequential"):
+                 placement: str = "sequential", world=None):
         super().__init__(name="trainer")
         self.config = config
+        self.world = world or distributed.World()
         self.rnn_mode, self.rnn_mode_reason = resolve_mode(config.cell, config.use_peepholes, config.rnn_mode,
                                                            on_gpu, config.num_steps)
         if placement == "pipeline" and self.rnn_mode not in ("static", "dynamic"):
@@ -90,28 +92,39 @@ class Trainer(tf.Module):
         self.model = PTBModel(config, vocab_size, seed=seed, rnn_mode=self.rnn_mode, plan=plan, placement=placement)
         self.optimizer = tf.keras.optimizers.SGD(learning_rate=config.learning_rate)
         self.optimizer.build(self.model.trainable_variables)
-        # The Position as JSON, and the carried LSTM state: resuming mid-epoch
-        # continues from the state the last window left.
+        # The Position as JSON, and the carried LSTM state of the whole global batch (every
+        # rank's rows): resuming mid-epoch continues from the state the last window left.
         self._position = tf.Variable(json.dumps(dataclasses.asdict(Position())), dtype=tf.string, trainable=False)
         self._carried = [tf.Variable(t, trainable=False)
-                         for t in tf.nest.flatten(self.model.zero_state(config.batch_size))]
+                         for t in tf.nest.flatten(self.model.zero_state(config.batch_size * self.world.size))]
 
     def checkpoint(self) -> tf.train.Checkpoint:
         return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, position=self._position,
                                    carried_state=self._carried)
 
     def record(self, position: Position, state) -> None:
-        """Copies the run's position and carried state into the checkpointed variables."""
+        """Copies the run's position and carried state into the checkpointed variables.
+        A collective: every rank calls it (each contributes its rows of the state)."""
         self._position.assign(json.dumps(dataclasses.asdict(position)))
         for variable, value in zip(self._carried, tf.nest.flatten(state)):
-            variable.assign(value)
+            variable.assign(self.world.allgather(value))
 
     def position(self) -> Position:
         return Position(**json.loads(self._position.numpy().decode()))
 
     def carried_state(self):
-        """The LSTM state saved with the run, structured as the model's state."""
-        return tf.nest.pack_sequence_as(self.model.zero_state(1), [v.read_value() for v in self._carried])
+        """This rank's rows of the LSTM state saved with the run, structured as the model's state."""
+        return tf.nest.pack_sequence_as(self.model.zero_state(1),
+                                        [self.world.stripe(v.numpy()) for v in self._carried])
+
+    def share_from_chief(self) -> None:
+        """After rank 0 restored (or initialised) the run: every rank takes its weights,
+        optimizer slots, dropout generator, position and carried state."""
+        if self.world.size == 1:
+            return
+        self.world.broadcast_variables(list(self.model.variables) + list(self.optimizer.variables) +
+                                       [self.model.dropout_rng.state] + self._carried)
+        self._position.assign(self.world.broadcast_object(self._position.numpy()))
 
     @tf.function
     def train_step(self, x, y, state):
@@ -121,10 +134,11 @@ class Trainer(tf.Module):
             logits, state = self.model(x, state, training=True)
             # Averaged over the batch, summed over time steps, as the reference.
             loss = tf.reduce_sum(self.model.token_losses(logits, y)) / tf.cast(tf.shape(x)[0], tf.float32)
+        tape = self.world.wrap_tape(tape)  # gradients averaged over ranks: the global batch's mean
         grads = [sum_duplicate_rows(g) for g in tape.gradient(loss, variables)]
         grads, _ = tf.clip_by_global_norm(grads, self.config.max_grad_norm)
         self.optimizer.apply_gradients(zip(grads, variables))
-        return loss, state
+        return self.world.average(loss), state
 
     @tf.function
     def eval_step(self, x, y, weights, state):
@@ -133,8 +147,15 @@ class Trainer(tf.Module):
         return tf.reduce_sum(self.model.token_losses(logits, y, weights)), state
 
 
+def rank_share(batches: reader.EvalBatches, world) -> reader.EvalBatches:
+    """This rank's rows of a split laid out for the global batch."""
+    return reader.EvalBatches(world.stripe(batches.inputs), world.stripe(batches.targets),
+                              world.stripe(batches.weights), batches.num_steps)
+
+
 def evaluate(trainer: Trainer, batches: reader.EvalBatches, world) -> float:
-    """Exact perplexity over a whole split: exp(total loss / number of words)."""
+    """Exact perplexity over a whole split: exp(total loss / number of words), from the
+    sums of every rank's losses and word counts."""
     state = trainer.model.zero_state(batches.inputs.shape[0])
     total = 0.0
     for i in range(batches.num_windows):
@@ -143,6 +164,21 @@ def evaluate(trainer: Trainer, batches: reader.EvalBatches, world) -> float:
         total += float(loss)
     total, count = world.allreduce_sum([total, float(batches.weights.sum())])
     return float(math.exp(total / count))
+
+
+def on_chief(world, fn):
+    """Runs fn on rank 0 only and returns its result on every rank; a UsageError there is
+    raised on every rank, so no rank is left waiting for the others."""
+    result, error = None, None
+    if world.is_chief:
+        try:
+            result = fn()
+        except UsageError as e:
+            error = str(e)
+    result, error = world.broadcast_object((result, error))
+    if error:
+        raise UsageError(error)
+    return result
 
 
 def make_model_plan(config, vocab_size: int, devices, strategy: str):
@@ -196,24 +232,32 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
     training.check_metrics_path(options.metrics_json if world.is_chief else None)
     data_path = reader.resolve_data_path(options.data_path)
     data = reader.load(data_path)
-    B, T = config.batch_size, config.num_steps
-    steps_per_epoch = reader.epoch_size(len(data.train), B, T)
+    B, T = config.batch_size, config.num_steps  # B rows on each rank; B * world.size rows in all
+    global_batch = B * world.size
+    steps_per_epoch = reader.epoch_size(len(data.train), global_batch, T)
     if steps_per_epoch < 1:
-        raise UsageError(f"the train split has {len(data.train)} words, too few for batch_size x num_steps = "
-                         f"{B} x {T} (it needs more than {B * (T + 1)}); lower --batch_size or --num_steps")
+        ranks = f" x {world.size} ranks" if world.size > 1 else ""
+        raise UsageError(f"the train split has {len(data.train)} words, too few for batch_size{' x ranks' if ranks else ''}"
+                         f" x num_steps = {B}{ranks} x {T} (it needs more than {global_batch * (T + 1)}); "
+                         "lower --batch_size or --num_steps")
     save_path = options.save_path or default_save_path(options.config_name)
-    if world.is_chief:
-        training.prepare_save_path(save_path)
 
     plan = make_model_plan(config, data.vocab_size, devices, options.strategy)
     trainer = Trainer(config, data.vocab_size, options.seed, on_gpu=bool(tf.config.list_logical_devices("GPU")),
-                      plan=plan, placement=options.placement)
+                      plan=plan, placement=options.placement, world=world)
     checkpoints = training.Checkpoints(trainer.checkpoint(), save_path)
-    resumed = checkpoints.restore_or_start(
-        options.resume, lambda: config_mismatch(save_path, config, data.vocab_size))
-    if world.is_chief:
+
+    def chief_setup():
+        training.prepare_save_path(save_path)
+        resumed = checkpoints.restore_or_start(
+            options.resume, lambda: config_mismatch(save_path, config, data.vocab_size))
         training.write_json(os.path.join(save_path, "config.json"),
                             dict(dataclasses.asdict(config), vocab_size=data.vocab_size, name=options.config_name))
+        return resumed
+
+    # Rank 0 alone touches save_path and restores; its outcome (or its error) reaches every rank.
+    resumed = on_chief(world, chief_setup)
+    trainer.share_from_chief()
 
     max_epochs = min(options.max_epochs or config.max_max_epoch, config.max_max_epoch)
     total_steps = max_epochs * steps_per_epoch
@@ -230,16 +274,17 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
             for line in plan.describe():
                 log(line)
             log(f"placement {options.placement}")
-        log(f"batch {B} rows x {T} steps = {B * T} words a step, {steps_per_epoch} steps an epoch, "
+        ranks = f" x {world.size} ranks" if world.size > 1 else ""
+        log(f"batch {B} rows{ranks} x {T} steps = {global_batch * T} words a step, {steps_per_epoch} steps an epoch, "
             f"{max_epochs} epochs, {total_steps} steps in all; save_path {save_path}")
         if options.resume:
             log(f"resumed from {checkpoints.latest} at epoch {pos.epoch + 1}, step {pos.step_in_epoch}" if resumed
                 else f"--resume: no checkpoint in {save_path}, starting fresh")
 
     eos = data.vocab[reader.EOS]
-    valid_batches = reader.eval_batches(data.valid, eos, B, T)
-    test_batches = reader.eval_batches(data.test, eos, B, T)
-    rows = reader.train_rows(data.train, B)
+    valid_batches = rank_share(reader.eval_batches(data.valid, eos, global_batch, T), world)
+    test_batches = rank_share(reader.eval_batches(data.test, eos, global_batch, T), world)
+    rows = world.stripe(reader.train_rows(data.train, global_batch))  # (B, batch_len): this rank's rows
     tensorboard = training.TensorBoard(save_path, world.is_chief)
     speed = training.Speed()
     progress_every = max(1, steps_per_epoch // 10)
@@ -248,9 +293,14 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
     interrupted = None
 
     def save(state):
+        trainer.record(pos, state)  # every rank: it gathers the carried state
         if world.is_chief:
-            trainer.record(pos, state)
             checkpoints.save(pos.global_step)
+
+    def stop_requested():
+        # Every rank must stop at the same step, or the others wait forever in the next collective.
+        local = stop.signum is not None
+        return bool(world.allreduce_sum([local])[0]) if world.size > 1 else local
 
     def done():
         return pos.epoch >= max_epochs or (options.max_steps and pos.global_step >= options.max_steps)
@@ -274,7 +324,7 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
                     log(progress_line(pos, max_epochs, steps_per_epoch, total_steps, lr, speed))
                     tensorboard.scalars(pos.global_step, loss=loss / T, perplexity=pos.train_perplexity,
                                         learning_rate=lr, words_per_sec=speed.rate)
-                if stop.signum:
+                if stop_requested():
                     interrupted = stop.exit_code
                 if pos.step_in_epoch == steps_per_epoch:
                     break  # the epoch's checkpoint follows validation
@@ -293,7 +343,7 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
                 tensorboard.scalars(pos.global_step, valid_perplexity=valid_ppl)
             pos.epoch, pos.step_in_epoch, pos.epoch_cost, pos.epoch_iters = pos.epoch + 1, 0, 0.0, 0
             save(trainer.model.zero_state(B))
-            if stop.signum:
+            if stop_requested():
                 interrupted = stop.exit_code
 
     metrics = {"interrupted": interrupted, "save_path": save_path}
@@ -318,6 +368,9 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
         "epochs": round(steps / steps_per_epoch, 4),
         "steps_per_epoch": steps_per_epoch,
         "world_size": world.size,
+        "global_batch_size": global_batch,
+        "words_per_sec_per_rank": ([float(w) for w in world.allgather(np.array([speed.rate / world.size]))]
+                                   if speed.seconds > 0 else None),
         "config": dataclasses.asdict(config),
         "rnn_mode": trainer.rnn_mode,
         "placement": dict(plan.as_dict(), schedule=options.placement),
