@@ -234,12 +234,11 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
     data = reader.load(data_path)
     B, T = config.batch_size, config.num_steps  # B rows on each rank; B * world.size rows in all
     global_batch = B * world.size
+    batch_text = f"batch_size x num_steps = {B} x {T}" + (f" on each of {world.size} ranks" if world.size > 1 else "")
     steps_per_epoch = reader.epoch_size(len(data.train), global_batch, T)
     if steps_per_epoch < 1:
-        ranks = f" x {world.size} ranks" if world.size > 1 else ""
-        raise UsageError(f"the train split has {len(data.train)} words, too few for batch_size{' x ranks' if ranks else ''}"
-                         f" x num_steps = {B}{ranks} x {T} (it needs more than {global_batch * (T + 1)}); "
-                         "lower --batch_size or --num_steps")
+        raise UsageError(f"the train split has {len(data.train)} words, too few for {batch_text} (it needs more "
+                         f"than {global_batch * (T + 1)}); lower --batch_size or --num_steps")
     save_path = options.save_path or default_save_path(options.config_name)
 
     plan = make_model_plan(config, data.vocab_size, devices, options.strategy)
@@ -274,8 +273,7 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
             for line in plan.describe():
                 log(line)
             log(f"placement {options.placement}")
-        ranks = f" x {world.size} ranks" if world.size > 1 else ""
-        log(f"batch {B} rows{ranks} x {T} steps = {global_batch * T} words a step, {steps_per_epoch} steps an epoch, "
+        log(f"{batch_text}: {global_batch * T} words a step, {steps_per_epoch} steps an epoch, "
             f"{max_epochs} epochs, {total_steps} steps in all; save_path {save_path}")
         if options.resume:
             log(f"resumed from {checkpoints.latest} at epoch {pos.epoch + 1}, step {pos.step_in_epoch}" if resumed
