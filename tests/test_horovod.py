@@ -14,14 +14,16 @@ from conftest import ROOT, run_ptb
 HOROVODRUN = shutil.which("horovodrun", path=os.path.dirname(sys.executable)) or shutil.which("horovodrun")
 
 
-def horovodrun(np_, *args, timeout=300):
+def horovodrun(np_, *args, timeout=300, check=True, command=None):
+    """`horovodrun --gloo -np N -H localhost:N python -m distrnn.ptb ARGS` (or `command`)."""
     if HOROVODRUN is None:
         pytest.skip("horovodrun not found: Horovod is not installed (bash launch/setup.sh installs it)")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-    cmd = [HOROVODRUN, "--gloo", "-np", str(np_), "-H", f"localhost:{np_}", sys.executable, "-m", "distrnn.ptb",
-           *map(str, args)]
+    command = command or [sys.executable, "-m", "distrnn.ptb", *map(str, args)]
+    cmd = [HOROVODRUN, "--gloo", "-np", str(np_), "-H", f"localhost:{np_}", *command]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    if check:
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
@@ -31,11 +33,13 @@ def weights(save_path):
     return {n: reader.get_tensor(n) for n in names}
 
 
-def test_two_ranks_equal_one_process_with_twice_the_batch(corpus, tmp_path):
+@pytest.mark.parametrize("split", [["--batch_size", "2"], ["--global_batch_size", "4", "--sparse_as_dense"]],
+                         ids=["batch_per_rank", "global_batch_dense_embedding"])
+def test_two_ranks_equal_one_process_with_twice_the_batch(corpus, tmp_path, split):
     common = ["--config", "test", "--hidden_size", "8", "--num_layers", "2", "--num_steps", "5",
               "--max_max_epoch", "3", "--max_epoch", "1", "--keep_prob", "1.0", "--max_grad_norm", "5",
               "--data_path", corpus, "--seed", "3"]
-    proc = horovodrun(2, *common, "--batch_size", "2", "--save_path", tmp_path / "two",
+    proc = horovodrun(2, *common, *split, "--save_path", tmp_path / "two",
                       "--metrics_json", tmp_path / "two.json")
     run_ptb(*common, "--batch_size", "4", "--save_path", tmp_path / "one", "--metrics_json", tmp_path / "one.json",
             check=0)
@@ -71,3 +75,21 @@ def test_resume_under_two_ranks_continues_exactly(corpus, tmp_path):
     assert a["steps"] == b["steps"] == 14
     for key in ("train_perplexity", "valid_perplexity", "test_perplexity"):
         assert b[key] == pytest.approx(a[key], rel=1e-6), key
+
+
+def test_bad_splits_and_mismatched_ranks_fail_fast(corpus, tmp_path):
+    """Clear errors on every rank, and no rank left waiting."""
+    base = ["--config", "test", "--data_path", corpus, "--max_steps", "3"]
+    proc = horovodrun(2, *base, "--global_batch_size", "3", "--save_path", tmp_path / "a", check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "--global_batch_size 3 cannot be split evenly over 2 ranks; use a multiple of 2" in proc.stderr
+    # horovodrun prints its own traceback when a rank exits non-zero; the ranks print none.
+    assert not [line for line in proc.stderr.splitlines() if line.startswith("[") and "Traceback" in line]
+    # Rank 1 started with another hidden size: refused before any training step.
+    args = " ".join(map(str, base + ["--save_path", tmp_path / "b"]))
+    script = (f'extra=""; [ "$HOROVOD_RANK" = 1 ] && extra="--hidden_size 9"; '
+              f'exec {sys.executable} -m distrnn.ptb {args} $extra')
+    proc = horovodrun(2, command=["bash", "-c", script], check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "1 of 2 ranks started with a config or flags different from rank 0's" in proc.stderr
+    assert "done:" not in proc.stdout

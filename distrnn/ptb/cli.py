@@ -38,6 +38,11 @@ def build_parser():
     devices.add_argument("--placement", default="sequential", choices=placement.PLACEMENTS,
                          help="sequential: one layer after another; pipeline: a wavefront so all devices work at "
                               "once (default sequential)")
+    ranks = parser.add_argument_group("several processes (under horovodrun)")
+    ranks.add_argument("--global_batch_size", type=int, default=0,
+                       help="rows of one step over all ranks, split evenly (default: batch_size x ranks)")
+    ranks.add_argument("--sparse_as_dense", action="store_true",
+                       help="allreduce the embedding gradient as a dense tensor instead of allgathering its rows")
     names = cli.add_config_flags(parser, PTBConfig, cli.field_comments(PTBConfig))
     return parser, names
 
@@ -57,7 +62,7 @@ def run(argv) -> int:
     if args.list_configs:
         list_configs()
         return 0
-    for flag in ("max_epochs", "max_steps", "checkpoint_every", "num_gpus", "virtual_devices"):
+    for flag in ("max_epochs", "max_steps", "checkpoint_every", "num_gpus", "virtual_devices", "global_batch_size"):
         value = getattr(args, flag)
         if value < 0 or (flag == "checkpoint_every" and value == 0):
             raise cli.UsageError(f"--{flag} must be {'positive' if flag == 'checkpoint_every' else '>= 0'}, got {value}")
@@ -69,7 +74,8 @@ def run(argv) -> int:
                          max_epochs=args.max_epochs, max_steps=args.max_steps, metrics_json=args.metrics_json,
                          seed=args.seed, checkpoint_every=args.checkpoint_every, config_name=args.config,
                          devices=args.devices, num_gpus=args.num_gpus, virtual_devices=args.virtual_devices,
-                         strategy=args.strategy, placement=args.placement)
+                         strategy=args.strategy, placement=args.placement,
+                         global_batch_size=args.global_batch_size, sparse_as_dense=args.sparse_as_dense)
     metrics = train_and_evaluate(config, options)
     return metrics["interrupted"] or 0
 

@@ -4,6 +4,7 @@
 only parses flags and calls it, and the tests call it the same way.
 """
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -40,6 +41,8 @@ class RunOptions:
     virtual_devices: int = 0             # split the CPU into N logical devices and use them
     strategy: str = "round_robin"        # placement strategy: round_robin or balanced
     placement: str = "sequential"        # sequential or pipeline (wavefront across the layers' devices)
+    global_batch_size: int = 0           # rows of one step over all ranks (0: batch_size x ranks)
+    sparse_as_dense: bool = False        # Horovod: allreduce the embedding gradient densified, not allgathered
     config_name: str = "custom"
 
 
@@ -79,10 +82,11 @@ class Trainer(tf.Module):
     """The model, its optimizer and everything a checkpoint must hold to resume exactly."""
 
     def __init__(self, config, vocab_size: int, seed: int, on_gpu: bool = False, plan=None,
-                 placement: str = "sequential", world=None):
+                 placement: str = "sequential", world=None, sparse_as_dense: bool = False):
         super().__init__(name="trainer")
         self.config = config
         self.world = world or distributed.World()
+        self.sparse_as_dense = sparse_as_dense
         self.rnn_mode, self.rnn_mode_reason = resolve_mode(config.cell, config.use_peepholes, config.rnn_mode,
                                                            on_gpu, config.num_steps)
         if placement == "pipeline" and self.rnn_mode not in ("static", "dynamic"):
@@ -134,7 +138,7 @@ class Trainer(tf.Module):
             logits, state = self.model(x, state, training=True)
             # Averaged over the batch, summed over time steps, as the reference.
             loss = tf.reduce_sum(self.model.token_losses(logits, y)) / tf.cast(tf.shape(x)[0], tf.float32)
-        tape = self.world.wrap_tape(tape)  # gradients averaged over ranks: the global batch's mean
+        tape = self.world.wrap_tape(tape, self.sparse_as_dense)  # averaged over ranks: the global batch's mean
         grads = [sum_duplicate_rows(g) for g in tape.gradient(loss, variables)]
         grads, _ = tf.clip_by_global_norm(grads, self.config.max_grad_norm)
         self.optimizer.apply_gradients(zip(grads, variables))
@@ -164,6 +168,29 @@ def evaluate(trainer: Trainer, batches: reader.EvalBatches, world) -> float:
         total += float(loss)
     total, count = world.allreduce_sum([total, float(batches.weights.sum())])
     return float(math.exp(total / count))
+
+
+def per_rank_config(config, global_batch_size: int, world):
+    """With --global_batch_size, each rank's batch_size is its share of it."""
+    if not global_batch_size:
+        return config
+    if global_batch_size < world.size or global_batch_size % world.size:
+        raise UsageError(f"--global_batch_size {global_batch_size} cannot be split evenly over {world.size} ranks; "
+                         f"use a multiple of {world.size}")
+    return dataclasses.replace(config, batch_size=global_batch_size // world.size)
+
+
+def check_same_run(world, config, options) -> None:
+    """Every rank must train the same thing: ranks started with other flags would deadlock or
+    diverge silently, so a hash of the config and run options is compared with rank 0's."""
+    if world.size == 1:
+        return
+    text = json.dumps([dataclasses.asdict(config), dataclasses.asdict(options)], sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    differing = int(world.allreduce_sum([digest != world.broadcast_object(digest)])[0])
+    if differing:
+        raise UsageError(f"{differing} of {world.size} ranks started with a config or flags different from rank 0's; "
+                         "start every rank with the same command line")
 
 
 def on_chief(world, fn):
@@ -225,7 +252,9 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
     SIGINT/SIGTERM arrives (after saving a checkpoint).
     """
     world = world or distributed.init()
+    config = per_rank_config(config, options.global_batch_size, world)
     config.validate()
+    check_same_run(world, config, options)
     # Logical devices must be configured before anything else touches TensorFlow's devices.
     devices = placement.resolve_devices(options.devices, options.num_gpus, options.virtual_devices)
     t_start = time.time()
@@ -243,7 +272,7 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
 
     plan = make_model_plan(config, data.vocab_size, devices, options.strategy)
     trainer = Trainer(config, data.vocab_size, options.seed, on_gpu=bool(tf.config.list_logical_devices("GPU")),
-                      plan=plan, placement=options.placement, world=world)
+                      plan=plan, placement=options.placement, world=world, sparse_as_dense=options.sparse_as_dense)
     checkpoints = training.Checkpoints(trainer.checkpoint(), save_path)
 
     def chief_setup():
