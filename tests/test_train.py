@@ -105,3 +105,14 @@ def test_checkpoints_move_between_modes(corpus, tmp_path, trained, restored):
     assert again["steps"] == 8
     for key in ("valid_perplexity", "test_perplexity"):
         assert again[key] == pytest.approx(first[key], rel=1e-5), key
+
+
+def test_learning_rate_scaling_and_warmup():
+    from distrnn.ptb.train import learning_rate
+    c = PRESETS.get("small")  # lr 1.0, constant for 4 epochs, then halved
+    assert learning_rate(c, 0, 0, 4.0) == 1.0
+    assert learning_rate(c, 0, 0, 4.0, "linear") == 4.0
+    assert learning_rate(c, 0, 0, 4.0, "sqrt") == 2.0
+    assert learning_rate(c, 5, 0, 4.0, "linear") == 1.0  # 4 x 0.25
+    # warmup: from 1x at step 0 to 4x at step 10, linearly
+    assert [learning_rate(c, 0, s, 4.0, "linear", 10) for s in (0, 5, 10, 20)] == [1.0, 2.5, 4.0, 4.0]

@@ -43,6 +43,10 @@ def build_parser():
                        help="rows of one step over all ranks, split evenly (default: batch_size x ranks)")
     ranks.add_argument("--sparse_as_dense", action="store_true",
                        help="allreduce the embedding gradient as a dense tensor instead of allgathering its rows")
+    ranks.add_argument("--lr_scaling", default="none", choices=("none", "linear", "sqrt"),
+                       help="scale the learning rate with global batch / batch_size (default none: see README)")
+    ranks.add_argument("--lr_warmup_steps", type=int, default=0,
+                       help="reach the scaled learning rate linearly over N steps")
     names = cli.add_config_flags(parser, PTBConfig, cli.field_comments(PTBConfig))
     return parser, names
 
@@ -62,7 +66,8 @@ def run(argv) -> int:
     if args.list_configs:
         list_configs()
         return 0
-    for flag in ("max_epochs", "max_steps", "checkpoint_every", "num_gpus", "virtual_devices", "global_batch_size"):
+    for flag in ("max_epochs", "max_steps", "checkpoint_every", "num_gpus", "virtual_devices", "global_batch_size",
+                 "lr_warmup_steps"):
         value = getattr(args, flag)
         if value < 0 or (flag == "checkpoint_every" and value == 0):
             raise cli.UsageError(f"--{flag} must be {'positive' if flag == 'checkpoint_every' else '>= 0'}, got {value}")
@@ -75,7 +80,8 @@ def run(argv) -> int:
                          seed=args.seed, checkpoint_every=args.checkpoint_every, config_name=args.config,
                          devices=args.devices, num_gpus=args.num_gpus, virtual_devices=args.virtual_devices,
                          strategy=args.strategy, placement=args.placement,
-                         global_batch_size=args.global_batch_size, sparse_as_dense=args.sparse_as_dense)
+                         global_batch_size=args.global_batch_size, sparse_as_dense=args.sparse_as_dense,
+                         lr_scaling=args.lr_scaling, lr_warmup_steps=args.lr_warmup_steps)
     metrics = train_and_evaluate(config, options)
     return metrics["interrupted"] or 0
 

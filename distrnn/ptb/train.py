@@ -43,6 +43,8 @@ class RunOptions:
     placement: str = "sequential"        # sequential or pipeline (wavefront across the layers' devices)
     global_batch_size: int = 0           # rows of one step over all ranks (0: batch_size x ranks)
     sparse_as_dense: bool = False        # Horovod: allreduce the embedding gradient densified, not allgathered
+    lr_scaling: str = "none"             # none, linear or sqrt in global batch / the config's batch_size
+    lr_warmup_steps: int = 0             # ramp from the unscaled to the scaled learning rate over N steps
     config_name: str = "custom"
 
 
@@ -170,6 +172,20 @@ def evaluate(trainer: Trainer, batches: reader.EvalBatches, world) -> float:
     return float(math.exp(total / count))
 
 
+LR_SCALINGS = ("none", "linear", "sqrt")
+
+
+def learning_rate(config, epoch: int, step: int, batch_ratio: float, scaling: str = "none",
+                  warmup_steps: int = 0) -> float:
+    """The reference schedule, times a factor for a larger global batch: 1 (none), batch_ratio
+    (linear, Goyal et al. 2017) or its square root; the factor ramps up from 1 over the first
+    `warmup_steps` steps."""
+    factor = {"none": 1.0, "linear": batch_ratio, "sqrt": math.sqrt(batch_ratio)}[scaling]
+    if warmup_steps and step < warmup_steps:
+        factor = 1.0 + (factor - 1.0) * step / warmup_steps
+    return config.learning_rate_at(epoch) * factor
+
+
 def per_rank_config(config, global_batch_size: int, world):
     """With --global_batch_size, each rank's batch_size is its share of it."""
     if not global_batch_size:
@@ -252,6 +268,7 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
     SIGINT/SIGTERM arrives (after saving a checkpoint).
     """
     world = world or distributed.init()
+    reference_batch = config.batch_size  # what the config's learning rate was tuned for
     config = per_rank_config(config, options.global_batch_size, world)
     config.validate()
     check_same_run(world, config, options)
@@ -334,10 +351,13 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
 
     with training.StopSignal() as stop:
         while not done() and not interrupted:
-            lr = config.learning_rate_at(pos.epoch)
-            trainer.optimizer.learning_rate.assign(lr)
             state = trainer.carried_state() if pos.step_in_epoch else trainer.model.zero_state(B)
+            lr = None
             for i, x, y in reader.train_windows(rows, T, start=pos.step_in_epoch):
+                if lr is None or pos.global_step <= options.lr_warmup_steps:
+                    lr = learning_rate(config, pos.epoch, pos.global_step, global_batch / reference_batch,
+                                       options.lr_scaling, options.lr_warmup_steps)
+                    trainer.optimizer.learning_rate.assign(lr)
                 t0 = time.perf_counter()
                 loss, state = trainer.train_step(x, y, state)
                 loss = float(loss)
