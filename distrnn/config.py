@@ -82,6 +82,3 @@ class Registry:
         if name not in self._presets:
             raise UsageError(f"unknown --config {name!r}; choose one of: {', '.join(self.names())}")
         return self._presets[name]
-
-    def as_dict(self, name: str) -> Dict[str, Any]:
-        return dataclasses.asdict(self.get(name))

@@ -9,7 +9,6 @@ import math
 import os
 import platform
 import signal
-import time
 from typing import Dict, List, Optional
 
 import tensorflow as tf
@@ -204,8 +203,3 @@ def write_json(path: str, obj) -> None:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
-
-
-def now() -> float:
-    return time.perf_counter()
-
