@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -93,3 +94,38 @@ def test_bad_splits_and_mismatched_ranks_fail_fast(corpus, tmp_path):
     assert proc.returncode != 0
     assert "1 of 2 ranks started with a config or flags different from rank 0's" in proc.stderr
     assert "done:" not in proc.stdout
+
+
+def test_sigterm_to_horovodrun_checkpoints_and_resumes(corpus, tmp_path):
+    """A scheduler's SIGTERM reaches every rank through horovodrun; the ranks agree on the step,
+    rank 0 saves, and --resume continues as the uninterrupted run."""
+    if HOROVODRUN is None:
+        pytest.skip("horovodrun not found: Horovod is not installed (bash launch/setup.sh installs it)")
+    common = ["--config", "test", "--hidden_size", "8", "--num_steps", "3", "--batch_size", "2",
+              "--max_max_epoch", "20", "--data_path", corpus, "--max_steps", "1200", "--checkpoint_every", "100000"]
+    horovodrun(2, *common, "--save_path", tmp_path / "a", "--metrics_json", tmp_path / "a.json")
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    cmd = [HOROVODRUN, "--gloo", "-np", "2", "-H", "localhost:2", sys.executable, "-m", "distrnn.ptb",
+           *map(str, common), "--save_path", str(tmp_path / "b")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if "words/sec" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        output = proc.stdout.read()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "stopped by signal: checkpoint saved" in output and "Exit code: 143" in output, output[-2000:]
+    stopped_at = int(open(tmp_path / "b" / "checkpoints" / "checkpoint").read().split('"')[1].split("-")[-1])
+    assert 0 < stopped_at < 1200
+
+    proc = horovodrun(2, *common, "--save_path", tmp_path / "b", "--resume", "--metrics_json", tmp_path / "b.json")
+    assert f"ckpt-{stopped_at}" in proc.stdout
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("a", "b"))
+    assert a["steps"] == b["steps"] == 1200
+    for key in ("train_perplexity", "valid_perplexity", "test_perplexity"):
+        assert b[key] == pytest.approx(a[key], rel=1e-6), key
