@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+# How the learning rate may follow a global batch larger than the config's batch_size.
+LR_SCALINGS = ("none", "linear", "sqrt")
 # Set by horovodrun (Gloo), mpirun (Open MPI) or an MPI launcher (PMI).
 LAUNCH_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 

@@ -15,14 +15,20 @@ from conftest import ROOT, run_ptb
 HOROVODRUN = shutil.which("horovodrun", path=os.path.dirname(sys.executable)) or shutil.which("horovodrun")
 
 
-def horovodrun(np_, *args, timeout=300, check=True, command=None):
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+
+
+def horovodrun_command(np_, *args, command=None):
     """`horovodrun --gloo -np N -H localhost:N python -m distrnn.ptb ARGS` (or `command`)."""
     if HOROVODRUN is None:
         pytest.skip("horovodrun not found: Horovod is not installed (bash launch/setup.sh installs it)")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     command = command or [sys.executable, "-m", "distrnn.ptb", *map(str, args)]
-    cmd = [HOROVODRUN, "--gloo", "-np", str(np_), "-H", f"localhost:{np_}", *command]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return [HOROVODRUN, "--gloo", "-np", str(np_), "-H", f"localhost:{np_}", *command]
+
+
+def horovodrun(np_, *args, timeout=300, check=True, command=None):
+    proc = subprocess.run(horovodrun_command(np_, *args, command=command), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -99,16 +105,12 @@ def test_bad_splits_and_mismatched_ranks_fail_fast(corpus, tmp_path):
 def test_sigterm_to_horovodrun_checkpoints_and_resumes(corpus, tmp_path):
     """A scheduler's SIGTERM reaches every rank through horovodrun; the ranks agree on the step,
     rank 0 saves, and --resume continues as the uninterrupted run."""
-    if HOROVODRUN is None:
-        pytest.skip("horovodrun not found: Horovod is not installed (bash launch/setup.sh installs it)")
     common = ["--config", "test", "--hidden_size", "8", "--num_steps", "3", "--batch_size", "2",
               "--max_max_epoch", "20", "--data_path", corpus, "--max_steps", "1200", "--checkpoint_every", "100000"]
     horovodrun(2, *common, "--save_path", tmp_path / "a", "--metrics_json", tmp_path / "a.json")
 
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-    cmd = [HOROVODRUN, "--gloo", "-np", "2", "-H", "localhost:2", sys.executable, "-m", "distrnn.ptb",
-           *map(str, common), "--save_path", str(tmp_path / "b")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(horovodrun_command(2, *common, "--save_path", tmp_path / "b"), cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in proc.stdout:
             if "words/sec" in line:

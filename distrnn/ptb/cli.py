@@ -5,7 +5,7 @@
 import os
 import sys
 
-from distrnn import cli, placement
+from distrnn import cli, distributed, placement
 from distrnn.config import override
 
 
@@ -43,7 +43,7 @@ def build_parser():
                        help="rows of one step over all ranks, split evenly (default: batch_size x ranks)")
     ranks.add_argument("--sparse_as_dense", action="store_true",
                        help="allreduce the embedding gradient as a dense tensor instead of allgathering its rows")
-    ranks.add_argument("--lr_scaling", default="none", choices=("none", "linear", "sqrt"),
+    ranks.add_argument("--lr_scaling", default="none", choices=distributed.LR_SCALINGS,
                        help="scale the learning rate with global batch / batch_size (default none: see README)")
     ranks.add_argument("--lr_warmup_steps", type=int, default=0,
                        help="reach the scaled learning rate linearly over N steps")

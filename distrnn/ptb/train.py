@@ -18,7 +18,7 @@ from distrnn import distributed, placement, training
 from distrnn.errors import UsageError
 from distrnn.ptb import reader
 from distrnn.ptb.model import PTBModel
-from distrnn.rnn import resolve_mode
+from distrnn.rnn import CELLS, resolve_mode
 from distrnn.training import log
 
 # Fields that fix variable shapes or the meaning of a saved data position: a
@@ -172,14 +172,11 @@ def evaluate(trainer: Trainer, batches: reader.EvalBatches, world) -> float:
     return float(math.exp(total / count))
 
 
-LR_SCALINGS = ("none", "linear", "sqrt")
-
-
 def learning_rate(config, epoch: int, step: int, batch_ratio: float, scaling: str = "none",
                   warmup_steps: int = 0) -> float:
     """The reference schedule, times a factor for a larger global batch: 1 (none), batch_ratio
-    (linear, Goyal et al. 2017) or its square root; the factor ramps up from 1 over the first
-    `warmup_steps` steps."""
+    (linear, Goyal et al. 2017) or its square root (see distributed.LR_SCALINGS); the factor
+    ramps up from 1 over the first `warmup_steps` steps."""
     factor = {"none": 1.0, "linear": batch_ratio, "sqrt": math.sqrt(batch_ratio)}[scaling]
     if warmup_steps and step < warmup_steps:
         factor = 1.0 + (factor - 1.0) * step / warmup_steps
@@ -228,9 +225,8 @@ def make_model_plan(config, vocab_size: int, devices, strategy: str):
     """The placement plan of the model's parts over `devices` (one device, TensorFlow's choice, if none)."""
     if not devices:
         return placement.single_device(config.num_layers)
-    gates = {"lstm": 4, "gru": 3, "rnn": 1}[config.cell]
     costs = placement.lm_costs(vocab_size, config.hidden_size, config.num_layers, config.batch_size,
-                               config.num_steps, cell_gates=gates)
+                               config.num_steps, cell_gates=CELLS[config.cell].gates)
     return placement.make_plan(config.num_layers, devices, strategy, costs)
 
 
@@ -361,7 +357,7 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
                 t0 = time.perf_counter()
                 loss, state = trainer.train_step(x, y, state)
                 loss = float(loss)
-                speed.add(B * T * world.size, time.perf_counter() - t0)
+                speed.add(global_batch * T, time.perf_counter() - t0)
                 pos.epoch_cost += loss
                 pos.epoch_iters += T
                 pos.step_in_epoch = i + 1
