@@ -4,6 +4,8 @@ import pytest
 import tensorflow as tf
 
 from distrnn.rnn import BasicRNNCell, GRUCell, LSTMCell, resolve_mode, supported, unroll, unroll_autodiff
+from distrnn.rnn.lstm_sequence import lstm_stack
+from distrnn.rnn.unroll import lstm_layer
 
 # The two-step example of the material distrnn grows from: input size 3, 5 units, batch 4.
 X0 = np.array([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 0, 1]], np.float32)
@@ -115,6 +117,56 @@ def test_outputs_states_and_gradients_match_autodiff(kind, mode, with_lengths):
     ours = run(lambda c, x, s, sequence_length: unroll(c, x, s, mode, sequence_length))
     reference = run(lambda c, x, s, sequence_length: unroll_autodiff(c, x, s, "static", sequence_length))
     assert len(ours) == len(reference)
+    for a, b in zip(ours, reference):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("static", [True, False])
+@pytest.mark.parametrize("peepholes", [False, True])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_interleaved_lstm_stack_matches_layer_by_layer_autodiff(static, peepholes, with_lengths):
+    # Three layers of different widths (4 -> 6 -> 5 -> 3 units), dropout masks between them.
+    sizes = [4, 6, 5, 3]
+    cells = []
+    for l in range(3):
+        cell = make_cell("lstm_peep" if peepholes else "lstm", input_size=sizes[l], units=sizes[l + 1], seed=l)
+        cell.forget_bias = 0.5 * l
+        cells.append(cell)
+    xs = tf.random.stateless_normal([7, 5, 4], seed=[1, 2])
+    states = [tuple(tf.random.stateless_normal([5, sizes[l + 1]], seed=[3 + l, k]) for k in range(2))
+              for l in range(3)]
+    masks = [tf.cast(tf.random.stateless_uniform([7, 5, sizes[l + 1]], seed=[5, l]) < 0.7, tf.float32) / 0.7
+             for l in range(3)]
+    lengths = tf.constant([7, 3, 0, 1, 5]) if with_lengths else None
+    weights = tf.random.stateless_normal([7, 5, 3], seed=[4, 4])
+    variables = [v for cell in cells for v in cell.trainable_variables]
+
+    def run(stack):
+        @tf.function
+        def f(x, states):
+            with tf.GradientTape() as tape:
+                tape.watch([x, states])
+                out, finals = stack(x, states)
+                loss = tf.reduce_sum(out * weights) + sum(tf.reduce_sum(s * s) for f in finals for s in f)
+            flat = [s for f in finals for s in f]
+            return [out, *flat] + tape.gradient(loss, [x, *tf.nest.flatten(states)] + variables)
+        return [t.numpy() for t in f(xs, states)]
+
+    def layer_by_layer(x, states):
+        finals = []
+        for cell, state, mask in zip(cells, states, masks):
+            x, final = unroll_autodiff(cell, x, state, "static", lengths)
+            x = x * mask
+            finals.append(final)
+        return x, finals
+
+    def interleaved(x, states):
+        layers = [lstm_layer(cell) for cell in cells]
+        mask = None if lengths is None else tf.transpose(tf.sequence_mask(lengths, 7, tf.float32))[:, :, None]
+        return lstm_stack(x, states, layers, dropout=masks, mask=mask, static=static)
+
+    ours, reference = run(interleaved), run(layer_by_layer)
+    assert len(ours) == len(reference) == 1 + 6 + 1 + 6 + len(variables)
     for a, b in zip(ours, reference):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 

@@ -8,7 +8,7 @@ are created, and its computation runs, on the plan's device for it.
 """
 import tensorflow as tf
 
-from distrnn.ops import sparse_softmax_cross_entropy
+from distrnn.ops import softmax_cross_entropy
 from distrnn.placement import on_device, single_device
 from distrnn.rnn import CELLS, LSTMCell
 from distrnn.rnn.stack import pipeline_stack, sequential_stack
@@ -64,7 +64,8 @@ class PTBModel(tf.Module):
         return tf.nn.experimental.stateless_dropout(tf.ones(shape), rate=1.0 - self.config.keep_prob, seed=seed)
 
     def __call__(self, x, state, training: bool):
-        """x (B, T) word ids -> logits (T*B, V) in time-major order, new state."""
+        """x (B, T) word ids -> the last layer's outputs (T*B, H) in time-major order, which
+        `token_losses` turns into losses through the softmax, and the new state."""
         dropout = training and self.config.keep_prob < 1.0
         with tf.device(self.plan.embedding), tf.name_scope("embedding"):
             h = tf.gather(self.embedding, tf.transpose(x))   # (T, B, H)
@@ -81,19 +82,21 @@ class PTBModel(tf.Module):
                                           masks=masks)
         else:
             h, new_state = sequential_stack(self.cells, self.plan.layers, h, state, self.rnn_mode, masks)
-        with tf.device(self.plan.softmax), tf.name_scope("softmax"):
-            logits, = on_device(self.plan.softmax, lambda h: [
-                tf.matmul(tf.reshape(h, [-1, self.config.hidden_size]), self.softmax_w) + self.softmax_b])(h)
-        return logits, new_state
+        return tf.reshape(h, [-1, self.config.hidden_size]), new_state
 
-    def token_losses(self, logits, y, weights=None):
-        """Cross-entropy per token (T*B,) for targets y (B, T), on the softmax's device;
-        times `weights` (B, T) when given."""
+    def token_losses(self, features, y, weights=None):
+        """Cross-entropy per token (T*B,) of the softmax over `features` (the model's output)
+        for targets y (B, T), on the softmax's device; times `weights` (B, T) when given."""
         targets = tf.reshape(tf.transpose(y), [-1])
 
-        def compute(logits):
-            loss = sparse_softmax_cross_entropy(logits, targets)
+        def compute(features):
+            loss = softmax_cross_entropy(features, self.softmax_w, self.softmax_b, targets)
             return [loss if weights is None else loss * tf.reshape(tf.transpose(weights), [-1])]
 
         with tf.device(self.plan.softmax), tf.name_scope("softmax"):
-            return on_device(self.plan.softmax, compute)(logits)[0]
+            return on_device(self.plan.softmax, compute)(features)[0]
+
+    def logits(self, features):
+        """The softmax layer's logits (T*B, V) for the model's output, for inspection."""
+        with tf.device(self.plan.softmax):
+            return tf.nn.bias_add(tf.matmul(features, self.softmax_w), self.softmax_b)

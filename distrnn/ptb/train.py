@@ -96,8 +96,7 @@ class Trainer(tf.Module):
             self.rnn_mode_reason = f"{self.rnn_mode} runs whole sequences; the pipeline needs a step loop"
             self.rnn_mode = "dynamic"
         self.model = PTBModel(config, vocab_size, seed=seed, rnn_mode=self.rnn_mode, plan=plan, placement=placement)
-        self.optimizer = tf.keras.optimizers.SGD(learning_rate=config.learning_rate)
-        self.optimizer.build(self.model.trainable_variables)
+        self.optimizer = training.SGD(config.learning_rate)
         # The Position as JSON, and the carried LSTM state of the whole global batch (every
         # rank's rows): resuming mid-epoch continues from the state the last window left.
         self._position = tf.Variable(json.dumps(dataclasses.asdict(Position())), dtype=tf.string, trainable=False)
@@ -137,20 +136,19 @@ class Trainer(tf.Module):
         """One window: x, y (B, T). Returns the loss (sum over time of the batch mean) and new state."""
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
-            logits, state = self.model(x, state, training=True)
+            features, state = self.model(x, state, training=True)
             # Averaged over the batch, summed over time steps, as the reference.
-            loss = tf.reduce_sum(self.model.token_losses(logits, y)) / tf.cast(tf.shape(x)[0], tf.float32)
+            loss = tf.reduce_sum(self.model.token_losses(features, y)) / tf.cast(tf.shape(x)[0], tf.float32)
         tape = self.world.wrap_tape(tape, self.sparse_as_dense)  # averaged over ranks: the global batch's mean
         grads = [sum_duplicate_rows(g) for g in tape.gradient(loss, variables)]
-        grads, _ = tf.clip_by_global_norm(grads, self.config.max_grad_norm)
-        self.optimizer.apply_gradients(zip(grads, variables))
+        self.optimizer.apply(grads, variables, clip_norm=self.config.max_grad_norm)
         return self.world.average(loss), state
 
     @tf.function
     def eval_step(self, x, y, weights, state):
         """Sum of token losses where weights is 1 (padding has weight 0), and new state."""
-        logits, state = self.model(x, state, training=False)
-        return tf.reduce_sum(self.model.token_losses(logits, y, weights)), state
+        features, state = self.model(x, state, training=False)
+        return tf.reduce_sum(self.model.token_losses(features, y, weights)), state
 
 
 def rank_share(batches: reader.EvalBatches, world) -> reader.EvalBatches:

@@ -4,26 +4,52 @@ another (sequential) or as a wavefront (pipeline).
 Sequential: layer l runs its whole sequence, then layer l+1 starts; with
 layers on different devices only one device works at a time.
 
-Pipeline (as GNMT does): in loop iteration k, layer l computes time step
-t = k - l from layer l-1's output of iteration k-1, so all layers (and
-devices) work in the same iteration; T + L - 1 iterations in all.
+Pipeline (as GNMT does): layer l computes time step t from layer l-1's output
+at step t as soon as that exists, so all layers (and devices) work at once:
 
     iteration  0    1    2    3    4          T = 4 steps, L = 3 layers
     layer 0    t0   t1   t2   t3   .
     layer 1    .    t0   t1   t2   t3
     layer 2    .    .    t0   t1   t2   t3
 
-Both give the same outputs, states and gradients. `masks` are dropout masks
-(T, B, H) applied to each layer's output, drawn before the loop so that both
-schedules use the same ones.
+For LSTM stacks in static or dynamic mode, `lstm_stack` runs all layers in one
+loop, forward and backward, with its hand-written backward pass; the
+dataflow executor then overlaps the layers by itself. Other cells get the
+explicit schedule above: in loop iteration k, layer l computes step k - l;
+T + L - 1 iterations in all. On a single device an LSTM stack always runs
+interleaved, whatever the schedule: it computes the same and frees the
+second core (see distrnn.rnn.lstm_sequence).
+
+All give the same outputs, states and gradients. `masks` are dropout masks
+(T, B, H) applied to each layer's output, drawn before the loop so that every
+schedule uses the same ones.
 """
 import tensorflow as tf
 
 from distrnn.placement import on_device
-from distrnn.rnn.unroll import unroll
+from distrnn.rnn.cells import LSTMCell
+from distrnn.rnn.lstm_sequence import lstm_stack
+from distrnn.rnn.unroll import concrete_mode, lstm_layer, unroll
+
+
+def interleaved_mode(cells, mode: str, num_steps: int):
+    """static or dynamic when `lstm_stack` can run `cells` in `mode`, else None."""
+    if not all(isinstance(cell, LSTMCell) for cell in cells):
+        return None
+    modes = {concrete_mode(cell, mode, num_steps) for cell in cells}
+    return modes.pop() if len(modes) == 1 and modes <= {"static", "dynamic"} else None
+
+
+def interleaved_lstm(cells, devices, inputs, states, static: bool, masks=None):
+    layers = [lstm_layer(cell, device) for cell, device in zip(cells, devices)]
+    outputs, new_states = lstm_stack(inputs, [tuple(s) for s in states], layers, dropout=masks, static=static)
+    return outputs, tuple(new_states)
 
 
 def sequential_stack(cells, devices, inputs, states, mode: str, masks=None):
+    interleaved = interleaved_mode(cells, mode, inputs.shape[0])
+    if interleaved and len(set(devices)) == 1:
+        return interleaved_lstm(cells, devices, inputs, states, interleaved == "static", masks)
     new_states = []
     h = inputs
     for l, (cell, device) in enumerate(zip(cells, devices)):
@@ -40,10 +66,12 @@ def sequential_stack(cells, devices, inputs, states, mode: str, masks=None):
 
 def pipeline_stack(cells, devices, inputs, states, static: bool, masks=None):
     """inputs (T, B, I) time-major, states: one tuple per layer. Returns outputs of the last layer, states."""
+    if interleaved_mode(cells, "static" if static else "dynamic", inputs.shape[0]):
+        return interleaved_lstm(cells, devices, inputs, states, static, masks)
     num_layers = len(cells)
     with tf.device(devices[0]), tf.name_scope("layer_0"):
         # Layer 0 sees all its inputs at once: (T, B, G*H).
-        first, = on_device(devices[0], lambda x: [cells[0].project_inputs(x)])(inputs)
+        first, = on_device(devices[0], lambda x: [cells[0].project_inputs(x, cells[0].split_kernel()[0])])(inputs)
 
     def layer_step(l, x_t, state, t):
         """Layer l at time step t: x_t is layer l-1's output (layer 0: its projected input)."""
@@ -52,8 +80,9 @@ def pipeline_stack(cells, devices, inputs, states, static: bool, masks=None):
         # Everything the step differentiates enters as an argument or is a variable read
         # inside, so that on_device can build its gradient on the layer's device.
         def compute(x_t, mask_t, *state):
-            z = x_t if l == 0 else tf.matmul(x_t, cell.kernel[:cell.input_size]) + cell.bias
-            out, state = cell.step(z, state, cell.recurrent_kernel())
+            w_x, w_h = cell.split_kernel()
+            z = x_t if l == 0 else tf.matmul(x_t, w_x) + cell.bias
+            out, state = cell.step(z, state, w_h)
             return [out * mask_t, *state]
 
         with tf.device(devices[l]), tf.name_scope(f"layer_{l}"):

@@ -8,7 +8,7 @@
 | cudnn   | cuDNN on a GPU                                            | LSTM, no peepholes |
 | auto    | the fastest of these for the device and options           | all              |
 
-LSTM cells in static and dynamic mode run through `lstm_sequence`, whose
+LSTM cells in static and dynamic mode run through `lstm_stack`, whose
 backward pass is written by hand; other cells are differentiated by
 TensorFlow (`unroll_autodiff`, also the reference the tests hold the LSTM
 path to).
@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from distrnn.rnn import fused
 from distrnn.rnn.cells import LSTMCell
-from distrnn.rnn.lstm_sequence import lstm_sequence
+from distrnn.rnn.lstm_sequence import Layer, lstm_stack
 
 UNROLL_MODES = ("static", "dynamic", "block", "cudnn", "auto")
 logger = logging.getLogger("distrnn")
@@ -60,6 +60,12 @@ def resolve_mode(kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_st
     return "static", "CPU, short sequences: the Python-unrolled loop is fastest here"
 
 
+def concrete_mode(cell, mode: str, num_steps: int = None) -> str:
+    """The mode `unroll` runs `cell` in (see resolve_mode)."""
+    on_gpu = mode == "auto" and bool(tf.config.list_logical_devices("GPU"))
+    return resolve_mode(cell.kind, cell.use_peepholes, mode, on_gpu, num_steps)[0]
+
+
 def unroll(cell, inputs, state, mode: str = "dynamic", sequence_length=None):
     """Runs `cell` over time-major `inputs` (T, B, I) from `state`.
 
@@ -67,28 +73,29 @@ def unroll(cell, inputs, state, mode: str = "dynamic", sequence_length=None):
     its final state is the state after its last valid step.
     Returns (outputs (T, B, H), final state).
     """
-    mode, _ = resolve_mode(cell.kind, cell.use_peepholes, mode, num_steps=inputs.shape[0],
-                           on_gpu=mode == "auto" and bool(tf.config.list_logical_devices("GPU")))
+    mode = concrete_mode(cell, mode, inputs.shape[0])
     if mode == "block":
         return fused.block_lstm(cell, inputs, state, sequence_length)
     if mode == "cudnn":
         return fused.cudnn_lstm(cell, inputs, state, sequence_length)
     if not isinstance(cell, LSTMCell):
         return unroll_autodiff(cell, inputs, state, mode, sequence_length)
-    projected = cell.project_inputs(inputs)  # (T, B, 4H): the input matmul, once for all steps
     mask = None
     if sequence_length is not None:
         mask = tf.transpose(tf.sequence_mask(sequence_length, tf.shape(inputs)[0], dtype=inputs.dtype))[:, :, None]
-    c, h = state
-    outputs, c, h = lstm_sequence(projected, c, h, cell.recurrent_kernel(), cell.forget_bias,
-                                  peepholes=cell.peepholes(), mask=mask, static=(mode == "static"))
-    return outputs, (c, h)
+    outputs, [state] = lstm_stack(inputs, [tuple(state)], [lstm_layer(cell)], mask=mask, static=(mode == "static"))
+    return outputs, state
+
+
+def lstm_layer(cell, device: str = None) -> Layer:
+    """An LSTMCell's weights as `lstm_stack` takes them."""
+    return Layer(cell.kernel, cell.bias, cell.forget_bias, cell.peepholes(), device)
 
 
 def unroll_autodiff(cell, inputs, state, mode: str = "dynamic", sequence_length=None):
     """The generic loop over `cell.step`, differentiated by TensorFlow."""
-    projected = cell.project_inputs(inputs)
-    w_h = cell.recurrent_kernel()
+    w_x, w_h = cell.split_kernel()
+    projected = cell.project_inputs(inputs, w_x)
     state = tuple(state)
     if sequence_length is not None:
         sequence_length = tf.cast(sequence_length, tf.int32)
