@@ -1,7 +1,7 @@
 """Shared pieces of the command-line entry points.
 
 Every entry point parses flags, then calls a library function inside
-`run_main`, which turns a UsageError into one line on stderr and exit code 2.
+`run_main`, which turns a DistrnnError into one line on stderr and its exit code (2 for bad input).
 """
 import argparse
 import dataclasses
@@ -10,7 +10,7 @@ import sys
 from typing import Callable, Dict, List
 
 from distrnn.config import field_types
-from distrnn.errors import UsageError
+from distrnn.errors import DistrnnError, UsageError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -57,9 +57,9 @@ def field_comments(config_cls) -> Dict[str, str]:
 
 
 def run_main(prog: str, fn: Callable[[], int]) -> int:
-    """Runs fn; a UsageError becomes `prog: error: message` and exit code 2."""
+    """Runs fn; a DistrnnError becomes `prog: error: message` and its exit code (2 for a UsageError)."""
     try:
         return fn() or 0
-    except UsageError as e:
+    except DistrnnError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -7,8 +7,10 @@ wrap its gradient tape and to share state from rank 0. Without Horovod, or
 outside a Horovod launch, the World is a single process and every collective
 is the identity.
 """
+import contextlib
 import dataclasses
 import os
+import re
 from typing import Any, Optional
 
 import numpy as np
@@ -86,11 +88,71 @@ class World:
         return rows[self.rank * per_rank:(self.rank + 1) * per_rank]
 
 
-def init() -> World:
+def collective_failed(error: BaseException) -> bool:
+    """Whether `error` is a Horovod collective that failed because another rank is gone:
+    it died (Gloo: "Connection reset by peer", at once) or hung past Gloo's timeout
+    (HOROVOD_GLOO_TIMEOUT_SECONDS, 30 s by default: "Application timeout caused pair
+    closure"), or Horovod shut down after such a failure."""
+    try:
+        from horovod.common.exceptions import HorovodInternalError
+        if isinstance(error, HorovodInternalError):
+            return True
+    except ImportError:
+        return False
+    import tensorflow as tf
+    text = getattr(error, "message", str(error))
+    return isinstance(error, tf.errors.OpError) and ("Horovod" in text or "gloo" in text)
+
+
+def failure_reason(error: BaseException) -> str:
+    """The line of a collective's error that says what happened, without its source location."""
+    lines = [line.strip() for line in getattr(error, "message", str(error)).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("[[", "Detected at", "File "))]
+    line = re.sub(r"\{\{[^}]*\}\}\s*", "", lines[-1]) if lines else type(error).__name__  # {{function_node ...}}
+    line = re.sub(r"^\[[^\]]*\.(cc|h):\d+\]\s*", "", line)                             # [gloo/.../pair.cc:589]
+    return line.split(". ")[0].rstrip(".")
+
+
+@contextlib.contextmanager
+def stop_if_a_rank_is_lost(world: World, checkpoint_hint: str):
+    """Turns a collective broken by a lost rank into a RankLost error (one line, exit 75)
+    instead of a traceback on every survivor. Nothing is saved then: saving needs every
+    rank's share of the state, so the last checkpoint stays as it was."""
+    try:
+        yield
+    except Exception as error:
+        if world.size < 2 or not collective_failed(error):
+            raise
+        from distrnn.errors import RankLost
+        raise RankLost(f"rank {world.rank} lost contact with the other ranks ({failure_reason(error)}): another "
+                       f"rank died, hung or lost its network; {checkpoint_hint}") from None
+
+
+def rank_gpus(local_rank: int, local_size: int, num_gpus: int, per_rank: int = 0) -> list:
+    """Indices of the node's GPUs that a rank owns. per_rank 0: one, by local rank (ranks
+    share GPUs round-robin when they outnumber them); per_rank K: rank r owns GPUs
+    r*K ... r*K+K-1, across which it places its model (model parallel inside the rank)."""
+    from distrnn.errors import UsageError
+    if per_rank == 0:
+        return [local_rank % num_gpus] if num_gpus else []
+    if num_gpus == 0:
+        raise UsageError(f"--gpus_per_rank {per_rank}: this machine has no GPU; on CPUs, --virtual_devices N "
+                         f"gives each rank N logical devices instead")
+    if local_size * per_rank > num_gpus:
+        raise UsageError(f"--gpus_per_rank {per_rank} with {local_size} rank(s) on this node needs "
+                         f"{local_size * per_rank} GPUs, but it has {num_gpus}; lower --gpus_per_rank or start at "
+                         f"most {num_gpus // per_rank} rank(s) per node")
+    return list(range(local_rank * per_rank, (local_rank + 1) * per_rank))
+
+
+def init(gpus_per_rank: int = 0) -> World:
     """The World this process belongs to. Under a Horovod launcher: Horovod initialised,
-    this process pinned to its GPU (by local rank, memory growth on) and its share of the
-    host's cores; otherwise a single process. Must run before TensorFlow starts its devices."""
+    this process pinned to its GPU(s) (by local rank, memory growth on; see rank_gpus) and
+    its share of the host's cores; otherwise a single process, which owns the first
+    `gpus_per_rank` GPUs when that is given. Must run before TensorFlow starts its devices."""
     if not launched_by_horovod():
+        if gpus_per_rank:
+            _pin_gpus(0, 1, gpus_per_rank)
         return World()
     try:
         import horovod.tensorflow as hvd
@@ -100,13 +162,22 @@ def init() -> World:
                          "bash launch/setup.sh, or start the job as one process") from None
     import tensorflow as tf
     hvd.init()  # Horovod:
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
-        tf.config.experimental.set_memory_growth(gpu, True)
-    if gpus:  # Horovod: one GPU per process, chosen by local rank
-        tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
+    _pin_gpus(hvd.local_rank(), hvd.local_size(), gpus_per_rank)
     # N processes on one host share its cores instead of each starting a pool as large as the host.
     threads = max(1, (os.cpu_count() or 1) // hvd.local_size())
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
     return World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), hvd)
+
+
+def _pin_gpus(local_rank: int, local_size: int, per_rank: int) -> None:
+    """Makes this process see only its GPUs (as /gpu:0, /gpu:1, ...), with memory growth on."""
+    import tensorflow as tf
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
+    if gpus:
+        tf.config.set_visible_devices([gpus[i] for i in rank_gpus(local_rank, local_size, len(gpus), per_rank)],
+                                      "GPU")
+    elif per_rank:
+        rank_gpus(local_rank, local_size, 0, per_rank)  # raises: no GPU to own

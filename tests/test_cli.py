@@ -31,6 +31,8 @@ def checkpoint_files(save_path):
     (["--hidden_sise", "10"], ["unrecognized arguments: --hidden_sise", "did you mean --hidden_size?"]),
     (["--config", "huge"], ["unknown --config 'huge'"]),
     (["--max_steps", "-1"], ["--max_steps must be >= 0"]),
+    (["--gpus_per_rank", "1"], ["--gpus_per_rank 1: this machine has no GPU; on CPUs, --virtual_devices N gives "
+                                "each rank N logical devices instead"]),
 ])
 def test_bad_flags(args, fragments, corpus, tmp_path):
     assert_usage_error(run_ptb(*TINY, "--data_path", corpus, "--save_path", tmp_path / "s", *args), *fragments)

@@ -5,12 +5,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from conftest import ROOT, run_ptb
+from distrnn import cli, distributed
+from distrnn.errors import UsageError
 
 HOROVODRUN = shutil.which("horovodrun", path=os.path.dirname(sys.executable)) or shutil.which("horovodrun")
 
@@ -40,8 +43,9 @@ def weights(save_path):
     return {n: reader.get_tensor(n) for n in names}
 
 
-@pytest.mark.parametrize("split", [["--batch_size", "2"], ["--global_batch_size", "4", "--sparse_as_dense"]],
-                         ids=["batch_per_rank", "global_batch_dense_embedding"])
+@pytest.mark.parametrize("split", [["--batch_size", "2"], ["--global_batch_size", "4", "--sparse_as_dense"],
+                                   ["--batch_size", "2", "--virtual_devices", "2", "--placement", "pipeline"]],
+                         ids=["batch_per_rank", "global_batch_dense_embedding", "layers_on_2_devices_per_rank"])
 def test_two_ranks_equal_one_process_with_twice_the_batch(corpus, tmp_path, split):
     common = ["--config", "test", "--hidden_size", "8", "--num_layers", "2", "--num_steps", "5",
               "--max_max_epoch", "3", "--max_epoch", "1", "--keep_prob", "1.0", "--max_grad_norm", "5",
@@ -67,6 +71,24 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(corpus, tmp_path, spli
         np.testing.assert_allclose(w2[name], w1[name], rtol=1e-4, atol=1e-6, err_msg=name)
     # Only rank 0 prints progress and writes files.
     assert proc.stdout.count("done:") == 1
+
+
+def test_every_step_two_ranks_match_one_process_and_each_other(corpus, tmp_path):
+    """Step by step: the loss of 2 ranks x 2 rows equals that of 1 process x 4 rows, and after every
+    step both ranks hold bit-identical weights."""
+    script = os.path.join(ROOT, "tests", "replica_steps.py")
+    horovodrun(2, command=[sys.executable, script, corpus, str(tmp_path / "two.json"), "4", "12"])
+    subprocess.run([sys.executable, script, corpus, str(tmp_path / "one.json"), "4", "12"], cwd=ROOT, env=ENV,
+                   check=True, capture_output=True)
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert (two["world_size"], one["world_size"]) == (2, 1)
+    assert len(two["steps"]) == len(one["steps"]) == 12
+    for step, (a, b) in enumerate(zip(two["steps"], one["steps"])):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), step  # float32 sums in another order
+        assert a["max_replica_difference"] == 0.0, step                # allreduced: the same bits everywhere
+        assert b["max_replica_difference"] == 0.0
+    for name, values in one["weights"].items():
+        np.testing.assert_allclose(two["weights"][name], values, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 def test_resume_under_two_ranks_continues_exactly(corpus, tmp_path):
@@ -131,3 +153,87 @@ def test_sigterm_to_horovodrun_checkpoints_and_resumes(corpus, tmp_path):
     assert a["steps"] == b["steps"] == 1200
     for key in ("train_perplexity", "valid_perplexity", "test_perplexity"):
         assert b[key] == pytest.approx(a[key], rel=1e-6), key
+
+
+def test_each_rank_owns_its_gpus():
+    assert distributed.rank_gpus(0, 2, 4, per_rank=2) == [0, 1]
+    assert distributed.rank_gpus(1, 2, 4, per_rank=2) == [2, 3]
+    assert distributed.rank_gpus(2, 3, 2) == [0]  # one each by default, shared when ranks outnumber GPUs
+    assert distributed.rank_gpus(0, 1, 0) == []
+    with pytest.raises(UsageError, match=r"^--gpus_per_rank 2 with 2 rank\(s\) on this node needs 4 GPUs, but it "
+                                         r"has 3; lower --gpus_per_rank or start at most 1 rank\(s\) per node$"):
+        distributed.rank_gpus(0, 2, 3, per_rank=2)
+
+
+def test_a_broken_collective_becomes_one_line_with_exit_75(capsys):
+    pytest.importorskip("horovod.tensorflow", reason="Horovod is not installed (bash launch/setup.sh installs it)")
+    gloo = tf.errors.UnknownError(None, None, "Graph execution error:\n\nDetected at node HorovodAllgather_0:\n"
+                                  "[/tmp/b/third_party/gloo/gloo/transport/tcp/pair.cc:589] Read error "
+                                  "[127.0.0.1]:6529: Connection reset by peer\n\t [[{{node HorovodAllgather_0}}]]")
+
+    def train():
+        with distributed.stop_if_a_rank_is_lost(distributed.World(rank=1, size=2), "resume later"):
+            raise gloo
+
+    assert cli.run_main("distrnn.ptb", train) == 75
+    assert capsys.readouterr().err == (
+        "distrnn.ptb: error: rank 1 lost contact with the other ranks (Read error [127.0.0.1]:6529: Connection "
+        "reset by peer): another rank died, hung or lost its network; resume later\n")
+    # Other errors, and any error of a single process, pass through as they are.
+    for world, error in ((distributed.World(rank=1, size=2), ValueError("x")), (distributed.World(), gloo)):
+        with pytest.raises(type(error)):
+            with distributed.stop_if_a_rank_is_lost(world, ""):
+                raise error
+
+
+def rank_pid(launcher_pid, rank):
+    """The pid of the process horovodrun started as `rank` (from its environment)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != launcher_pid:
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if f"HOROVOD_RANK={rank}".encode() in env and b"distrnn.ptb" in cmdline:
+                return int(entry)
+    return None
+
+
+def test_a_dead_rank_stops_the_others_clearly_and_the_checkpoint_resumes(corpus, tmp_path):
+    """kill -9 one rank mid-run: the other stops within seconds with one line and exit 75, the
+    checkpoints are left as they were, and --resume continues from the last one."""
+    common = ["--config", "test", "--hidden_size", "8", "--num_steps", "3", "--batch_size", "2",
+              "--max_max_epoch", "1000", "--data_path", corpus, "--checkpoint_every", "200",
+              "--save_path", tmp_path / "run"]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    proc = subprocess.Popen(horovodrun_command(2, *common), cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (checkpoints / "checkpoint").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        victim = rank_pid(proc.pid, 1)
+        assert victim, "rank 1 not found"
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        output, _ = proc.communicate(timeout=120)
+        stopped_after = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert stopped_after < 60, stopped_after
+    rank0 = [line[len("[0]<stderr>:"):] for line in output.splitlines() if line.startswith("[0]<stderr>:")]
+    errors = [line for line in rank0 if line.startswith("distrnn.ptb: error:")]
+    assert len(errors) == 1 and errors[0].startswith("distrnn.ptb: error: rank 0 lost contact with the other ranks"), \
+        output[-3000:]
+    assert f"the checkpoints in {tmp_path / 'run'} are intact: start the whole job again with --resume" in errors[0]
+    assert not [line for line in rank0 if line.startswith("Traceback")]
+    last = int((checkpoints / "checkpoint").read_text().split('"')[1].split("-")[-1])
+    assert last > 0
+
+    proc = horovodrun(2, *common, "--resume", "--max_steps", last + 10, "--metrics_json", tmp_path / "m.json")
+    assert f"ckpt-{last}" in proc.stdout
+    assert json.loads((tmp_path / "m.json").read_text())["steps"] == last + 10

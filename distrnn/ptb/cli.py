@@ -39,6 +39,9 @@ def build_parser():
                          help="sequential: one layer after another; pipeline: a wavefront so all devices work at "
                               "once (default sequential)")
     ranks = parser.add_argument_group("several processes (under horovodrun)")
+    ranks.add_argument("--gpus_per_rank", type=int, default=0,
+                       help="GPUs each rank owns (rank r: local GPUs r*K ... r*K+K-1), its layers placed across them; "
+                            "default one GPU per rank")
     ranks.add_argument("--global_batch_size", type=int, default=0,
                        help="rows of one step over all ranks, split evenly (default: batch_size x ranks)")
     ranks.add_argument("--sparse_as_dense", action="store_true",
@@ -67,7 +70,7 @@ def run(argv) -> int:
         list_configs()
         return 0
     for flag in ("max_epochs", "max_steps", "checkpoint_every", "num_gpus", "virtual_devices", "global_batch_size",
-                 "lr_warmup_steps"):
+                 "lr_warmup_steps", "gpus_per_rank"):
         value = getattr(args, flag)
         if value < 0 or (flag == "checkpoint_every" and value == 0):
             raise cli.UsageError(f"--{flag} must be {'positive' if flag == 'checkpoint_every' else '>= 0'}, got {value}")
@@ -79,7 +82,7 @@ def run(argv) -> int:
                          max_epochs=args.max_epochs, max_steps=args.max_steps, metrics_json=args.metrics_json,
                          seed=args.seed, checkpoint_every=args.checkpoint_every, config_name=args.config,
                          devices=args.devices, num_gpus=args.num_gpus, virtual_devices=args.virtual_devices,
-                         strategy=args.strategy, placement=args.placement,
+                         strategy=args.strategy, placement=args.placement, gpus_per_rank=args.gpus_per_rank,
                          global_batch_size=args.global_batch_size, sparse_as_dense=args.sparse_as_dense,
                          lr_scaling=args.lr_scaling, lr_warmup_steps=args.lr_warmup_steps)
     metrics = train_and_evaluate(config, options)

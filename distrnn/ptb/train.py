@@ -41,6 +41,7 @@ class RunOptions:
     virtual_devices: int = 0             # split the CPU into N logical devices and use them
     strategy: str = "round_robin"        # placement strategy: round_robin or balanced
     placement: str = "sequential"        # sequential or pipeline (wavefront across the layers' devices)
+    gpus_per_rank: int = 0               # rank r owns local GPUs r*K ... r*K+K-1 and places its layers on them
     global_batch_size: int = 0           # rows of one step over all ranks (0: batch_size x ranks)
     sparse_as_dense: bool = False        # Horovod: allreduce the embedding gradient densified, not allgathered
     lr_scaling: str = "none"             # none, linear or sqrt in global batch / the config's batch_size
@@ -261,13 +262,24 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
     Returns early with metrics["interrupted"] set to the signal's exit code when
     SIGINT/SIGTERM arrives (after saving a checkpoint).
     """
-    world = world or distributed.init()
+    world = world or distributed.init(options.gpus_per_rank)
+    # Logical devices must be configured before anything runs on TensorFlow's devices (a
+    # collective does). With --gpus_per_rank K and no other device flag, the layers go
+    # across the rank's K GPUs.
+    num_gpus = options.num_gpus or (options.gpus_per_rank if not (options.devices or options.virtual_devices) else 0)
+    devices = placement.resolve_devices(options.devices, num_gpus, options.virtual_devices)
+    # The default path has the start time in it: every rank takes rank 0's.
+    save_path = world.broadcast_object(options.save_path or default_save_path(options.config_name))
+    with distributed.stop_if_a_rank_is_lost(
+            world, f"the checkpoints in {save_path} are intact: start the whole job again with --resume"):
+        return _train_and_evaluate(config, options, world, save_path, devices)
+
+
+def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devices) -> dict:
     reference_batch = config.batch_size  # what the config's learning rate was tuned for
     config = per_rank_config(config, options.global_batch_size, world)
     config.validate()
     check_same_run(world, config, options)
-    # Logical devices must be configured before anything else touches TensorFlow's devices.
-    devices = placement.resolve_devices(options.devices, options.num_gpus, options.virtual_devices)
     t_start = time.time()
     training.check_metrics_path(options.metrics_json if world.is_chief else None)
     data_path = reader.resolve_data_path(options.data_path)
@@ -279,7 +291,6 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
     if steps_per_epoch < 1:
         raise UsageError(f"the train split has {len(data.train)} words, too few for {batch_text} (it needs more "
                          f"than {global_batch * (T + 1)}); lower --batch_size or --num_steps")
-    save_path = options.save_path or default_save_path(options.config_name)
 
     plan = make_model_plan(config, data.vocab_size, devices, options.strategy)
     trainer = Trainer(config, data.vocab_size, options.seed, on_gpu=bool(tf.config.list_logical_devices("GPU")),
