@@ -4,6 +4,7 @@ import pytest
 import tensorflow as tf
 
 from distrnn.rnn import BasicRNNCell, GRUCell, LSTMCell, resolve_mode, supported, unroll, unroll_autodiff
+from distrnn.rnn.fused import _cudnn_lstm_params
 from distrnn.rnn.lstm_sequence import lstm_stack
 from distrnn.rnn.unroll import lstm_layer
 
@@ -184,6 +185,29 @@ def test_sequence_length_semantics(kind, mode):
         _, ref = numpy_unroll(kind, cell, xs[:n, row:row + 1], tuple(s[row:row + 1] for s in state0))
         for a, b in zip(state, ref):
             np.testing.assert_allclose(a.numpy()[row:row + 1], b, rtol=1e-5, atol=1e-6)
+
+
+def test_cudnn_weights_compute_the_same_lstm_by_cudnns_formulas():
+    """No GPU here to run cuDNN, so its inputs are checked instead: distrnn's weights converted to
+    cuDNN's canonical list (gates i, f, c, o; input matrices W and recurrent matrices R, each
+    (units, inputs); two biases) put through the formulas cuDNN documents give our LSTM's outputs."""
+    cell = make_cell("lstm")
+    weights, biases = (list(map(np.asarray, part)) for part in _cudnn_lstm_params(cell))
+    assert [w.shape for w in weights] == [(5, 3)] * 4 + [(5, 5)] * 4 and [b.shape for b in biases] == [(5,)] * 8
+    w, r = weights[:4], weights[4:]
+    b = [biases[g] + biases[4 + g] for g in range(4)]
+    xs = np.stack([X0, X1])
+    c, h = initial_state(cell, 4)
+    outputs = []
+    for x in xs:
+        gate = [x @ w[g].T + h @ r[g].T + b[g] for g in range(4)]   # i, f, c, o
+        i, f, o = sigmoid(gate[0]), sigmoid(gate[1]), sigmoid(gate[3])
+        c = f * c + i * np.tanh(gate[2])
+        h = o * np.tanh(c)
+        outputs.append(h)
+    ref_out, (ref_c, ref_h) = numpy_unroll("lstm", cell, xs, initial_state(cell, 4))
+    np.testing.assert_allclose(np.stack(outputs), ref_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c, ref_c, rtol=1e-5, atol=1e-6)
 
 
 def test_state_carries_across_calls():
