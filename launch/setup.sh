@@ -88,7 +88,8 @@ else
 fi
 
 # --- distrnn ------------------------------------------------------------------
-if [[ -z "$(installed distrnn)" ]] || ! "$py" -c 'import pytest, pytest_timeout' 2>/dev/null; then
+# Reinstalled when a dependency is missing (one added to pyproject.toml since the last setup).
+if [[ -z "$(installed distrnn)" ]] || ! "$py" -c 'import pytest, pytest_timeout, psutil, pynvml, matplotlib' 2>/dev/null; then
     log "installing distrnn (editable) with dev tools"
     pip install -q -e "$root[dev]"
 else

@@ -1,0 +1,246 @@
+"""`python -m distrnn.devices` (also `distrnn-devices`): what a job would see, without holding GPU memory.
+
+    python -m distrnn.devices [--json] [--watch SECONDS [--count N]] [--no-tensorflow]
+    python -m distrnn.devices --device-lib [--json]
+
+Lists the host (CPU model, cores, memory), every GPU (index, name, compute
+capability, memory total/used/free) with the processes that hold its memory
+(pid, user, command, MiB, as nvidia-smi shows them), and TensorFlow's physical
+and logical devices.
+
+Why it is built this way: the classic `device_lib.list_local_devices()`
+creates a CUDA context and reserves most of every GPU's memory in the calling
+process, so a job started next to it fails with CUDA_ERROR_OUT_OF_MEMORY.
+Here GPUs are read through NVML (nvidia-ml-py), which creates no CUDA context,
+and TensorFlow is asked in a short-lived child process with memory growth on,
+so nothing stays held once the listing is printed (`--watch` asks TensorFlow
+once, at the start).
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Optional
+
+import psutil
+
+from distrnn import cli
+
+MIB = 1024 * 1024
+
+
+def host_info() -> dict:
+    memory = psutil.virtual_memory()
+    return {"hostname": platform.node(), "cpu": _cpu_model(), "logical_cores": psutil.cpu_count(),
+            "physical_cores": psutil.cpu_count(logical=False), "memory_total_mib": memory.total // MIB,
+            "memory_available_mib": memory.available // MIB}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def gpu_info(nvml=None) -> dict:
+    """{"available": bool, "reason": why not, "driver": version, "gpus": [...]} through NVML.
+    `nvml` is the pynvml module (nvidia-ml-py), or a stand-in with the same functions."""
+    if nvml is None:
+        try:
+            import pynvml as nvml
+        except ImportError:
+            return {"available": False, "reason": "nvidia-ml-py is not installed (pip install nvidia-ml-py)",
+                    "gpus": []}
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError as e:  # no driver, no GPU: the normal case on a CPU machine
+        return {"available": False, "reason": f"NVML: {_text(e)}", "gpus": []}
+    try:
+        gpus = [_one_gpu(nvml, i) for i in range(nvml.nvmlDeviceGetCount())]
+        return {"available": True, "driver": _text(nvml.nvmlSystemGetDriverVersion()), "gpus": gpus}
+    finally:
+        nvml.nvmlShutdown()
+
+
+def _one_gpu(nvml, index: int) -> dict:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+    major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+    processes = {}
+    for query in (nvml.nvmlDeviceGetComputeRunningProcesses, nvml.nvmlDeviceGetGraphicsRunningProcesses):
+        for p in query(handle):
+            processes[p.pid] = _process(p.pid, p.usedGpuMemory)
+    return {"index": index, "name": _text(nvml.nvmlDeviceGetName(handle)), "compute_capability": f"{major}.{minor}",
+            "memory_total_mib": memory.total // MIB, "memory_used_mib": memory.used // MIB,
+            "memory_free_mib": memory.free // MIB, "processes": sorted(processes.values(), key=lambda p: p["pid"])}
+
+
+def _process(pid: int, used_bytes: Optional[int]) -> dict:
+    """A process holding GPU memory; user and command are '?' when it is not visible from
+    here (another container or user namespace), as nvidia-smi shows them."""
+    try:
+        proc = psutil.Process(pid)
+        user, command = proc.username(), " ".join(proc.cmdline()) or proc.name()
+    except (psutil.Error, OSError):
+        user, command = "?", "?"
+    return {"pid": pid, "user": user, "command": command,
+            "used_mib": None if used_bytes is None else used_bytes // MIB}
+
+
+# Run in a child process: the context it creates (and any memory) goes away with it.
+_TF_PROBE = """
+import json, os
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import tensorflow as tf
+physical = tf.config.list_physical_devices()
+for gpu in tf.config.list_physical_devices("GPU"):
+    tf.config.experimental.set_memory_growth(gpu, True)
+logical = tf.config.list_logical_devices()
+print(json.dumps({"version": tf.__version__, "built_with_cuda": tf.test.is_built_with_cuda(),
+                  "physical": [[d.name, d.device_type] for d in physical],
+                  "logical": [[d.name, d.device_type] for d in logical]}))
+"""
+
+
+def tensorflow_devices(timeout: float = 120) -> dict:
+    """TensorFlow's physical and logical devices, asked in a child process with memory growth on."""
+    try:
+        out = subprocess.run([sys.executable, "-c", _TF_PROBE], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"available": False, "reason": f"TensorFlow did not answer within {timeout:.0f} s"}
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"available": False, "reason": f"TensorFlow could not be asked: {last}"}
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]), available=True)
+
+
+# device_lib.list_local_devices() as the classic material calls it, but with memory growth on, in a child.
+_DEVICE_LIB_PROBE = """
+import os
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import tensorflow as tf
+for gpu in tf.config.list_physical_devices("GPU"):
+    tf.config.experimental.set_memory_growth(gpu, True)
+from tensorflow.python.client import device_lib
+for d in device_lib.list_local_devices():
+    print(d)
+"""
+
+
+def device_lib_listing(nvml=None, timeout: float = 120) -> dict:
+    """device_lib.list_local_devices() run in a child process, with each GPU's used memory
+    (NVML) before it starts and after it exits: equal when nothing stays held."""
+    before = gpu_info(nvml)
+    out = subprocess.run([sys.executable, "-c", _DEVICE_LIB_PROBE], capture_output=True, text=True, timeout=timeout)
+    after = gpu_info(nvml)
+    used = lambda info: {g["index"]: g["memory_used_mib"] for g in info["gpus"]}  # noqa: E731
+    return {"listing": out.stdout if out.returncode == 0 else None,
+            "error": None if out.returncode == 0 else (out.stderr.strip().splitlines() or ["no output"])[-1],
+            "gpu_memory_used_mib_before": used(before), "gpu_memory_used_mib_after": used(after),
+            "nvml": before["available"]}
+
+
+def format_device_lib(r: dict) -> str:
+    lines = [r["listing"].rstrip() if r["listing"] is not None else f"device_lib failed: {r['error']}"]
+    if not r["nvml"]:
+        lines.append("GPU memory before/after: not measured (no GPU visible through NVML)")
+    for index, before in r["gpu_memory_used_mib_before"].items():
+        after = r["gpu_memory_used_mib_after"].get(index)
+        lines.append(f"GPU {index} memory used: {before:,} MiB before, {after:,} MiB after the listing "
+                     f"({'nothing held' if after == before else f'{after - before:+,} MiB'})")
+    return "\n".join(lines)
+
+
+def report(tensorflow: Optional[dict], nvml=None) -> dict:
+    return {"host": host_info(), "nvml": gpu_info(nvml), "tensorflow": tensorflow}
+
+
+def format_report(r: dict) -> str:
+    h = r["host"]
+    lines = [f"host {h['hostname']}: {h['cpu']}, {h['physical_cores']} cores ({h['logical_cores']} logical), "
+             f"memory {h['memory_available_mib']:,} MiB available of {h['memory_total_mib']:,} MiB"]
+    n = r["nvml"]
+    if not n["available"]:
+        lines.append(f"GPUs: none visible ({n['reason']})")
+    else:
+        lines.append(f"GPUs: {len(n['gpus'])} (driver {n['driver']})")
+        for g in n["gpus"]:
+            lines.append(f"  [{g['index']}] {g['name']} (compute {g['compute_capability']}): "
+                         f"{g['memory_used_mib']:,} / {g['memory_total_mib']:,} MiB used, "
+                         f"{g['memory_free_mib']:,} MiB free")
+            for p in g["processes"]:
+                used = "?" if p["used_mib"] is None else f"{p['used_mib']:,}"
+                lines.append(f"      pid {p['pid']:>7}  {p['user']:<10} {used:>8} MiB  {p['command'][:80]}")
+    t = r["tensorflow"]
+    if t is None:
+        pass
+    elif not t["available"]:
+        lines.append(f"TensorFlow: {t['reason']}")
+    else:
+        lines.append(f"TensorFlow {t['version']} ({'CUDA' if t['built_with_cuda'] else 'no CUDA'} build), asked with "
+                     f"memory growth on in a child process that has exited:")
+        lines.append("  physical: " + ", ".join(name for name, _ in t["physical"]))
+        lines.append("  logical:  " + ", ".join(name for name, _ in t["logical"]))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(prog="distrnn.devices", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print one JSON object (one per refresh with --watch)")
+    parser.add_argument("--watch", type=float, default=0, metavar="SECONDS",
+                        help="refresh every SECONDS, in place like `watch nvidia-smi` (Ctrl-C stops)")
+    parser.add_argument("--count", type=int, default=0, help="with --watch: stop after N refreshes")
+    parser.add_argument("--device-lib", action="store_true",
+                        help="print device_lib.list_local_devices() (run in a child process with memory growth on) "
+                             "and each GPU's used memory before and after it")
+    parser.add_argument("--no-tensorflow", dest="tensorflow", action="store_false",
+                        help="do not ask TensorFlow (it takes a few seconds to start)")
+    return parser
+
+
+def run(argv) -> int:
+    args = build_parser().parse_args(argv)
+    if args.watch < 0 or args.count < 0:
+        raise cli.UsageError("--watch and --count must be >= 0")
+    if args.count and not args.watch:
+        raise cli.UsageError("--count needs --watch SECONDS")
+    if args.device_lib:
+        r = device_lib_listing()
+        print(json.dumps(r) if args.json else format_device_lib(r))
+        return 0 if r["listing"] is not None else 1
+    tensorflow = tensorflow_devices() if args.tensorflow else None
+    shown = 0
+    try:
+        while True:
+            r = report(tensorflow)
+            text = json.dumps(r) if args.json else format_report(r)
+            if args.watch and not args.json and sys.stdout.isatty():
+                text = "\033[H\033[J" + time.strftime("%H:%M:%S  ") + f"every {args.watch:g} s\n" + text
+            print(text, flush=True)
+            shown += 1
+            if not args.watch or (args.count and shown >= args.count):
+                return 0
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
+def main(argv=None) -> int:
+    return cli.run_main("distrnn.devices", lambda: run(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""`python -m distrnn.devices`: the host, GPUs through NVML (a stand-in here), TensorFlow's devices."""
+import json
+import os
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from conftest import ROOT
+from distrnn import devices
+
+FAKES = os.path.join(os.path.dirname(__file__), "fakes")
+
+
+def run_devices(*args, **env):
+    """The real command, with tests/fakes/pynvml.py standing in for nvidia-ml-py."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([FAKES, ROOT]), FAKE_NVML_PID=str(os.getpid()), **env)
+    return subprocess.run([sys.executable, "-m", "distrnn.devices", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_gpus_and_the_processes_holding_their_memory(tmp_path):
+    log = tmp_path / "nvml.log"
+    proc = run_devices("--json", "--no-tensorflow", FAKE_NVML_LOG=str(log))
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["tensorflow"] is None
+    nvml = r["nvml"]
+    assert nvml["available"] and nvml["driver"] == "535.104.05"
+    a100, h100 = nvml["gpus"]
+    assert (a100["index"], a100["name"], a100["compute_capability"]) == (0, "NVIDIA A100-SXM4-40GB", "8.0")
+    assert (a100["memory_total_mib"], a100["memory_used_mib"], a100["memory_free_mib"]) == (40960, 31232, 9728)
+    me = psutil.Process()
+    assert a100["processes"] == [
+        {"pid": os.getpid(), "user": me.username(), "command": " ".join(me.cmdline()), "used_mib": 29696},
+        {"pid": 4194303, "user": "?", "command": "?", "used_mib": None}]  # not visible from here
+    assert (h100["compute_capability"], h100["memory_free_mib"], h100["processes"]) == ("9.0", 81920, [])
+    assert log.read_text().split() == ["init", "shutdown"]  # NVML released after reading
+    host = r["host"]
+    assert (host["logical_cores"], host["physical_cores"]) == (psutil.cpu_count(), psutil.cpu_count(logical=False))
+
+
+def test_text_report_lines():
+    proc = run_devices("--no-tensorflow")
+    lines = proc.stdout.splitlines()
+    assert lines[1] == "GPUs: 2 (driver 535.104.05)"
+    assert lines[2] == "  [0] NVIDIA A100-SXM4-40GB (compute 8.0): 31,232 / 40,960 MiB used, 9,728 MiB free"
+    assert lines[3].split()[:4] == ["pid", str(os.getpid()), psutil.Process().username(), "29,696"]
+    assert lines[4].split() == ["pid", "4194303", "?", "?", "MiB", "?"]
+    assert lines[5] == "  [1] NVIDIA H100 80GB HBM3 (compute 9.0): 0 / 81,920 MiB used, 81,920 MiB free"
+
+
+def test_without_a_driver_and_with_tensorflow():
+    proc = run_devices("--json", FAKE_NVML_FAIL="1")
+    r = json.loads(proc.stdout)
+    assert r["nvml"] == {"available": False, "reason": "NVML: Driver Not Loaded", "gpus": []}
+    tf = r["tensorflow"]
+    assert tf["available"] and "/physical_device:CPU:0" in [name for name, _ in tf["physical"]]
+    assert "/device:CPU:0" in [name for name, _ in tf["logical"]]
+
+
+def test_watch_refreshes_and_bad_flags():
+    proc = run_devices("--json", "--no-tensorflow", "--watch", "0.1", "--count", "3")
+    assert proc.returncode == 0 and [json.loads(line)["nvml"]["available"] for line in proc.stdout.splitlines()] == \
+        [True] * 3
+    for args, message in ((["--count", "2"], "--count needs --watch SECONDS"),
+                          (["--watch", "-1"], "--watch and --count must be >= 0")):
+        proc = run_devices(*args)
+        assert proc.returncode == 2 and proc.stderr == f"distrnn.devices: error: {message}\n"
+
+
+def test_device_lib_runs_in_a_child_and_shows_memory_before_and_after(tmp_path):
+    log = tmp_path / "nvml.log"
+    proc = run_devices("--device-lib", FAKE_NVML_LOG=str(log))
+    assert proc.returncode == 0, proc.stderr
+    assert 'name: "/device:CPU:0"' in proc.stdout  # device_lib's own listing
+    assert proc.stdout.splitlines()[-2:] == [
+        "GPU 0 memory used: 31,232 MiB before, 31,232 MiB after the listing (nothing held)",
+        "GPU 1 memory used: 0 MiB before, 0 MiB after the listing (nothing held)"]
+    assert log.read_text().split() == ["init", "shutdown"] * 2
+    # Memory that stays held shows up as the difference.
+    r = json.loads(run_devices("--device-lib", "--json", FAKE_NVML_LEAK_MIB="700").stdout)
+    assert (r["gpu_memory_used_mib_before"], r["gpu_memory_used_mib_after"]) == ({"0": 31232, "1": 0},
+                                                                                  {"0": 31232, "1": 700})
+    proc = run_devices("--device-lib", FAKE_NVML_LEAK_MIB="700")
+    assert proc.stdout.splitlines()[-1] == "GPU 1 memory used: 0 MiB before, 700 MiB after the listing (+700 MiB)"
+
+
+def test_missing_nvidia_ml_py_is_reported(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails as if not installed
+    assert devices.gpu_info() == {"available": False, "gpus": [],
+                                  "reason": "nvidia-ml-py is not installed (pip install nvidia-ml-py)"}
