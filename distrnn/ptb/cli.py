@@ -50,6 +50,12 @@ def build_parser():
                        help="scale the learning rate with global batch / batch_size (default none: see README)")
     ranks.add_argument("--lr_warmup_steps", type=int, default=0,
                        help="reach the scaled learning rate linearly over N steps")
+    mem = parser.add_argument_group("memory")
+    mem.add_argument("--mem_warn", type=float, default=0.90,
+                     help="warn once when a GPU's or the host's memory in use reaches this fraction (default 0.90)")
+    mem.add_argument("--mem_stop", type=float, default=0.97,
+                     help="save a checkpoint and exit with code 76 when it reaches this fraction (default 0.97)")
+    mem.add_argument("--mem_interval", type=float, default=5.0, help="seconds between memory samples (default 5)")
     names = cli.add_config_flags(parser, PTBConfig, cli.field_comments(PTBConfig))
     return parser, names
 
@@ -74,6 +80,11 @@ def run(argv) -> int:
         value = getattr(args, flag)
         if value < 0 or (flag == "checkpoint_every" and value == 0):
             raise cli.UsageError(f"--{flag} must be {'positive' if flag == 'checkpoint_every' else '>= 0'}, got {value}")
+    if not 0 < args.mem_warn <= args.mem_stop <= 1:
+        raise cli.UsageError(f"memory thresholds must satisfy 0 < --mem_warn <= --mem_stop <= 1, got --mem_warn "
+                             f"{args.mem_warn:g} --mem_stop {args.mem_stop:g}")
+    if args.mem_interval <= 0:
+        raise cli.UsageError(f"--mem_interval must be positive, got {args.mem_interval:g}")
     from distrnn.ptb.configs import PRESETS
     config = override(PRESETS.get(args.config), cli.config_overrides(args, names))
     # TensorFlow is imported only once the flags are known to be good.
@@ -84,7 +95,8 @@ def run(argv) -> int:
                          devices=args.devices, num_gpus=args.num_gpus, virtual_devices=args.virtual_devices,
                          strategy=args.strategy, placement=args.placement, gpus_per_rank=args.gpus_per_rank,
                          global_batch_size=args.global_batch_size, sparse_as_dense=args.sparse_as_dense,
-                         lr_scaling=args.lr_scaling, lr_warmup_steps=args.lr_warmup_steps)
+                         lr_scaling=args.lr_scaling, lr_warmup_steps=args.lr_warmup_steps,
+                         mem_warn=args.mem_warn, mem_stop=args.mem_stop, mem_interval=args.mem_interval)
     metrics = train_and_evaluate(config, options)
     return metrics["interrupted"] or 0
 

@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from distrnn import distributed, placement, training
+from distrnn import distributed, memory, placement, training
 from distrnn.errors import UsageError
 from distrnn.ptb import reader
 from distrnn.ptb.model import PTBModel
@@ -46,6 +46,9 @@ class RunOptions:
     sparse_as_dense: bool = False        # Horovod: allreduce the embedding gradient densified, not allgathered
     lr_scaling: str = "none"             # none, linear or sqrt in global batch / the config's batch_size
     lr_warmup_steps: int = 0             # ramp from the unscaled to the scaled learning rate over N steps
+    mem_warn: float = 0.90               # warn once when device or host memory in use reaches this fraction
+    mem_stop: float = 0.97               # checkpoint and exit (code 76) when it reaches this fraction
+    mem_interval: float = 5.0            # seconds between memory samples
     config_name: str = "custom"
 
 
@@ -230,13 +233,14 @@ def make_model_plan(config, vocab_size: int, devices, strategy: str):
 
 
 def progress_line(pos: Position, max_epochs: int, steps_per_epoch: int, total_steps: int, lr: float,
-                  speed: training.Speed) -> str:
+                  speed: training.Speed, memory_summary: str = "") -> str:
     line = (f"epoch {pos.epoch + 1}/{max_epochs} step {pos.step_in_epoch}/{steps_per_epoch} "
             f"({100 * pos.step_in_epoch / steps_per_epoch:.0f}%) | train ppl {pos.train_perplexity:8.2f} | lr {lr:.4g}")
     if not speed.seconds:
         return f"{line} | words/sec after {speed.warmup} steps"
     eta = (total_steps - pos.global_step) * speed.seconds_per_step
-    return f"{line} | {speed.rate:7.0f} words/sec | eta {training.format_duration(eta)}"
+    line = f"{line} | {speed.rate:7.0f} words/sec | eta {training.format_duration(eta)}"
+    return f"{line} | {memory_summary}" if memory_summary else line
 
 
 def default_save_path(config_name: str) -> str:
@@ -347,14 +351,23 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
             checkpoints.save(pos.global_step)
 
     def stop_requested():
-        # Every rank must stop at the same step, or the others wait forever in the next collective.
-        local = stop.signum is not None
-        return bool(world.allreduce_sum([local])[0]) if world.size > 1 else local
+        """The exit code to stop with, or None. Every rank must stop at the same step, or the others wait
+        forever in the next collective; running out of memory on any rank stops them all."""
+        flags = [stop.signum is not None, monitor.stop_reason is not None]
+        if world.size > 1:
+            flags = [bool(f) for f in world.allreduce_sum(flags)]
+        return memory.EXIT_MEMORY if flags[1] else (stop.exit_code if flags[0] else None)
+
+    def say(message):  # on any rank: a rank's own memory warning matters wherever it happens
+        log(message if world.size == 1 else f"rank {world.rank}: {message}")
 
     def done():
         return pos.epoch >= max_epochs or (options.max_steps and pos.global_step >= options.max_steps)
 
-    with training.StopSignal() as stop:
+    owned = (None if world.size == 1 and not options.gpus_per_rank else
+             lambda n: distributed.rank_gpus(world.local_rank, world.local_size, n, options.gpus_per_rank))
+    monitor = memory.MemoryMonitor(options.mem_warn, options.mem_stop, options.mem_interval, owned_gpus=owned)
+    with training.StopSignal() as stop, monitor.start():
         while not done() and not interrupted:
             state = trainer.carried_state() if pos.step_in_epoch else trainer.model.zero_state(B)
             lr = None
@@ -372,12 +385,14 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
                 pos.step_in_epoch = i + 1
                 pos.global_step += 1
                 valid_ppl = None
+                warning = monitor.take_warning()
+                if warning:
+                    say(f"warning: {warning}")
                 if world.is_chief and (pos.step_in_epoch % progress_every == 0 or pos.step_in_epoch == steps_per_epoch):
-                    log(progress_line(pos, max_epochs, steps_per_epoch, total_steps, lr, speed))
+                    log(progress_line(pos, max_epochs, steps_per_epoch, total_steps, lr, speed, monitor.summary()))
                     tensorboard.scalars(pos.global_step, loss=loss / T, perplexity=pos.train_perplexity,
-                                        learning_rate=lr, words_per_sec=speed.rate)
-                if stop_requested():
-                    interrupted = stop.exit_code
+                                        learning_rate=lr, words_per_sec=speed.rate, **monitor.scalars())
+                interrupted = stop_requested()
                 if pos.step_in_epoch == steps_per_epoch:
                     break  # the epoch's checkpoint follows validation
                 if interrupted or done() or pos.global_step % options.checkpoint_every == 0:
@@ -395,12 +410,14 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
                 tensorboard.scalars(pos.global_step, valid_perplexity=valid_ppl)
             pos.epoch, pos.step_in_epoch, pos.epoch_cost, pos.epoch_iters = pos.epoch + 1, 0, 0.0, 0
             save(trainer.model.zero_state(B))
-            if stop_requested():
-                interrupted = stop.exit_code
+            interrupted = stop_requested()
 
-    metrics = {"interrupted": interrupted, "save_path": save_path}
+    metrics = {"interrupted": interrupted, "save_path": save_path, "memory": monitor.metrics()}
     if interrupted:
-        if world.is_chief:
+        if interrupted == memory.EXIT_MEMORY:
+            say(f"stopped: memory ran short ({monitor.stop_reason or 'on another rank'}); checkpoint saved in "
+                f"{checkpoints.directory}. {memory.ADVICE} Then continue with --resume --save_path {save_path}")
+        elif world.is_chief:
             log(f"stopped by signal: checkpoint saved in {checkpoints.directory}; continue with --resume "
                 f"--save_path {save_path}")
         tensorboard.close()
