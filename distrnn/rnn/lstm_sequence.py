@@ -204,23 +204,23 @@ def lstm_stack(inputs, states, layers, dropout=None, mask=None, static: bool = F
 
     @tf.custom_gradient
     def run(*args):
-        inputs, p, drops, mask = unflatten(args)
+        inputs, params, drops, mask = unflatten(args)
         num_steps, batch = tf.shape(inputs)[0], tf.shape(inputs)[1]
-        with _layer_scope(0, num_layers, p[0]["device"]):  # the first layer's input matmul, once for all steps
+        with _layer_scope(0, num_layers, params[0]["device"]):  # the first layer's input matmul, once for all steps
             flat_x = tf.reshape(inputs, [num_steps * batch, -1])
-            x = tf.reshape(tf.nn.bias_add(tf.matmul(flat_x, p[0]["w_x"]), p[0]["bias_fb"]),
-                           [num_steps, batch, 4 * p[0]["units"]])
+            x = tf.reshape(tf.nn.bias_add(tf.matmul(flat_x, params[0]["w_x"]), params[0]["bias_fb"]),
+                           [num_steps, batch, 4 * params[0]["units"]])
 
         def forward(slices, carry):
             x_t, drop_t, m = slices[0], slices[1:1 + num_layers] if has_drop else None, slices[-1] if has_mask else None
             carry, records = list(carry), []
-            for l, q in enumerate(p):
-                with _layer_scope(l, num_layers, q["device"]):
+            for l, lp in enumerate(params):
+                with _layer_scope(l, num_layers, lp["device"]):
                     c, h = carry[2 * l:2 * l + 2]
                     if l:
-                        x_t = tf.nn.bias_add(tf.matmul(x_t, q["w_x"]), q["bias_fb"])
-                    z = x_t + tf.matmul(h, q["w_h"])
-                    c, h, out, a, j = _forward_step(z, m, c, h, q["peep"], q["units"])
+                        x_t = tf.nn.bias_add(tf.matmul(x_t, lp["w_x"]), lp["bias_fb"])
+                    z = x_t + tf.matmul(h, lp["w_h"])
+                    c, h, out, a, j = _forward_step(z, m, c, h, lp["peep"], lp["units"])
                     carry[2 * l:2 * l + 2] = c, h
                     x_t = out * drop_t[l] if has_drop else out
                     kept = dict(out=out, a=a, c=c, j=j, y=x_t)
@@ -228,7 +228,7 @@ def lstm_stack(inputs, states, layers, dropout=None, mask=None, static: bool = F
             return carry, records
 
         sequences = [x] + (list(drops) if has_drop else []) + ([mask] if has_mask else [])
-        carry = [s for q in p for s in (q["c0"], q["h0"])]
+        carry = [s for lp in params for s in (lp["c0"], lp["h0"])]
         final, records = _scan(forward, sequences, carry, sum(map(len, names)), static)
         saved = []
         for l in range(num_layers):  # per layer, its records by name: (T, B, ...) each
@@ -242,9 +242,9 @@ def lstm_stack(inputs, states, layers, dropout=None, mask=None, static: bool = F
 
         def backward_pass(d_outputs, d_final):
             factors = []
-            for l, (q, s) in enumerate(zip(p, saved)):
-                with _layer_scope(l, num_layers, q["device"]):
-                    factors.append(_backward_factors(s["a"], s.get("j"), s["c"], q["c0"], q["peep"], q["units"]))
+            for l, (lp, s) in enumerate(zip(params, saved)):
+                with _layer_scope(l, num_layers, lp["device"]):
+                    factors.append(_backward_factors(s["a"], s.get("j"), s["c"], lp["c0"], lp["peep"], lp["units"]))
 
             def backward(slices, carry):
                 d_y, drop_t = slices[0], slices[1:1 + num_layers] if has_drop else None
@@ -252,37 +252,37 @@ def lstm_stack(inputs, states, layers, dropout=None, mask=None, static: bool = F
                 per_layer = slices[-3 * num_layers:]
                 carry, records = list(carry), [None] * num_layers
                 for l in reversed(range(num_layers)):
-                    q = p[l]
-                    with _layer_scope(l, num_layers, q["device"]):
+                    lp = params[l]
+                    with _layer_scope(l, num_layers, lp["device"]):
                         d_out = d_y * drop_t[l] if has_drop else d_y
                         pd_t, q_t, fc_t = per_layer[3 * l:3 * l + 3]
                         dz, carry[2 * l], carry[2 * l + 1] = _backward_step(
-                            d_out, q_t, pd_t, fc_t, m, carry[2 * l], carry[2 * l + 1], q["w_h"])
+                            d_out, q_t, pd_t, fc_t, m, carry[2 * l], carry[2 * l + 1], lp["w_h"])
                         records[l] = dz
                         if l:  # the gradient of this step's input, for the layer below
-                            d_y = tf.matmul(dz, q["w_x"], transpose_b=True)
+                            d_y = tf.matmul(dz, lp["w_x"], transpose_b=True)
                 return carry, records
 
             sequences = ([d_outputs] + (list(drops) if has_drop else []) + ([mask] if has_mask else [])
-                         + [t for pd, q_, fc, _ in factors for t in (pd, q_, fc)])
+                         + [t for pd, q, fc, _ in factors for t in (pd, q, fc)])
             d_initial, d_z = _scan(backward, sequences, list(d_final), num_layers, static, reverse=True)
             grads = []
-            for l, (q, s) in enumerate(zip(p, saved)):
-                with _layer_scope(l, num_layers, q["device"]):
-                    units = q["units"]
+            for l, (lp, s) in enumerate(zip(params, saved)):
+                with _layer_scope(l, num_layers, lp["device"]):
+                    units = lp["units"]
                     flat_dz = tf.reshape(d_z[l], [-1, 4 * units])
                     # h entering each step: h0, then the carried h (== output where the mask is 1).
-                    h_carried = s["out"] if not has_mask else _carried_h(s["out"], mask, q["h0"])
-                    h_prev = tf.reshape(tf.concat([q["h0"][None], h_carried[:-1]], 0), [-1, units])
+                    h_carried = s["out"] if not has_mask else _carried_h(s["out"], mask, lp["h0"])
+                    h_prev = tf.reshape(tf.concat([lp["h0"][None], h_carried[:-1]], 0), [-1, units])
                     below = flat_x if l == 0 else tf.reshape(saved[l - 1]["y" if has_drop else "out"],
-                                                               [-1, p[l - 1]["units"]])
+                                                               [-1, params[l - 1]["units"]])
                     if l == 0:
-                        d_inputs = tf.reshape(tf.matmul(flat_dz, q["w_x"], transpose_b=True), tf.shape(inputs))
+                        d_inputs = tf.reshape(tf.matmul(flat_dz, lp["w_x"], transpose_b=True), tf.shape(inputs))
                     # The kernel's input and recurrent rows, each one matmul for all steps.
                     d_kernel = tf.concat([tf.matmul(below, flat_dz, transpose_a=True),
                                           tf.matmul(h_prev, flat_dz, transpose_a=True)], 0)
                     grads += [d_initial[2 * l], d_initial[2 * l + 1], d_kernel, tf.reduce_sum(flat_dz, 0)]
-                    if q["peep"] is not None:
+                    if lp["peep"] is not None:
                         d_zi, _, d_zf, d_zo = tf.split(d_z[l], 4, axis=2)
                         c_prev = factors[l][3]
                         grads.append(tf.stack([tf.reduce_sum(d_zi * c_prev, [0, 1]),
