@@ -114,16 +114,23 @@ print(json.dumps({"version": tf.__version__, "built_with_cuda": tf.test.is_built
 """
 
 
+def _in_child(code: str, timeout: float):
+    """Runs Python `code` in a child process: (its stdout, None), or (None, why it failed)."""
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"TensorFlow did not answer within {timeout:.0f} s"
+    if out.returncode != 0:
+        return None, (out.stderr.strip().splitlines() or ["no output"])[-1]
+    return out.stdout, None
+
+
 def tensorflow_devices(timeout: float = 120) -> dict:
     """TensorFlow's physical and logical devices, asked in a child process with memory growth on."""
-    try:
-        out = subprocess.run([sys.executable, "-c", _TF_PROBE], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"available": False, "reason": f"TensorFlow did not answer within {timeout:.0f} s"}
-    if out.returncode != 0:
-        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"available": False, "reason": f"TensorFlow could not be asked: {last}"}
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]), available=True)
+    stdout, error = _in_child(_TF_PROBE, timeout)
+    if error:
+        return {"available": False, "reason": f"TensorFlow could not be asked: {error}"}
+    return dict(json.loads(stdout.strip().splitlines()[-1]), available=True)
 
 
 # device_lib.list_local_devices() as the classic material calls it, but with memory growth on, in a child.
@@ -143,11 +150,10 @@ def device_lib_listing(nvml=None, timeout: float = 120) -> dict:
     """device_lib.list_local_devices() run in a child process, with each GPU's used memory
     (NVML) before it starts and after it exits: equal when nothing stays held."""
     before = gpu_info(nvml)
-    out = subprocess.run([sys.executable, "-c", _DEVICE_LIB_PROBE], capture_output=True, text=True, timeout=timeout)
+    listing, error = _in_child(_DEVICE_LIB_PROBE, timeout)
     after = gpu_info(nvml)
     used = lambda info: {g["index"]: g["memory_used_mib"] for g in info["gpus"]}  # noqa: E731
-    return {"listing": out.stdout if out.returncode == 0 else None,
-            "error": None if out.returncode == 0 else (out.stderr.strip().splitlines() or ["no output"])[-1],
+    return {"listing": listing, "error": error,
             "gpu_memory_used_mib_before": used(before), "gpu_memory_used_mib_after": used(after),
             "nvml": before["available"]}
 

@@ -40,10 +40,18 @@ class World:
     local_rank: int = 0
     local_size: int = 1
     hvd: Any = dataclasses.field(default=None, repr=False, compare=False)  # horovod.tensorflow, when launched
+    gpus_per_rank: int = 0  # as passed to init: GPUs each process owns (0: one per rank, or all when alone)
 
     @property
     def is_chief(self) -> bool:
         return self.rank == 0
+
+    def owned_gpus(self, num_gpus: int) -> Optional[list]:
+        """Indices of the node's GPUs this process uses, in the order TensorFlow numbers them
+        (what `init` pinned); None when it was left to see all of them."""
+        if self.hvd is None and not self.gpus_per_rank:
+            return None
+        return rank_gpus(self.local_rank, self.local_size, num_gpus, self.gpus_per_rank)
 
     # --- collectives: identities in a single process ---------------------------
     def allreduce_sum(self, values) -> np.ndarray:
@@ -151,9 +159,10 @@ def init(gpus_per_rank: int = 0) -> World:
     its share of the host's cores; otherwise a single process, which owns the first
     `gpus_per_rank` GPUs when that is given. Must run before TensorFlow starts its devices."""
     if not launched_by_horovod():
+        world = World(gpus_per_rank=gpus_per_rank)
         if gpus_per_rank:
-            _pin_gpus(0, 1, gpus_per_rank)
-        return World()
+            _pin_gpus(world)
+        return world
     try:
         import horovod.tensorflow as hvd
     except ImportError:
@@ -162,22 +171,21 @@ def init(gpus_per_rank: int = 0) -> World:
                          "bash launch/setup.sh, or start the job as one process") from None
     import tensorflow as tf
     hvd.init()  # Horovod:
-    _pin_gpus(hvd.local_rank(), hvd.local_size(), gpus_per_rank)
+    world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), hvd, gpus_per_rank)
+    _pin_gpus(world)
     # N processes on one host share its cores instead of each starting a pool as large as the host.
     threads = max(1, (os.cpu_count() or 1) // hvd.local_size())
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
-    return World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), hvd)
+    return world
 
 
-def _pin_gpus(local_rank: int, local_size: int, per_rank: int) -> None:
+def _pin_gpus(world: World) -> None:
     """Makes this process see only its GPUs (as /gpu:0, /gpu:1, ...), with memory growth on."""
     import tensorflow as tf
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
+    owned = world.owned_gpus(len(gpus))  # raises when --gpus_per_rank asks for GPUs that are not there
     if gpus:
-        tf.config.set_visible_devices([gpus[i] for i in rank_gpus(local_rank, local_size, len(gpus), per_rank)],
-                                      "GPU")
-    elif per_rank:
-        rank_gpus(local_rank, local_size, 0, per_rank)  # raises: no GPU to own
+        tf.config.set_visible_devices([gpus[i] for i in owned], "GPU")

@@ -9,6 +9,7 @@ Every `interval` seconds a thread reads:
 The used fraction of a device (or the host) counts every process on it, since any of them can make
 the next allocation fail.
 """
+import sys
 import threading
 from typing import Callable, Dict, List, Optional
 
@@ -169,7 +170,6 @@ def _load_nvml():
 def _tensorflow_gpu_memory() -> dict:
     """{gpu index: {"tensorflow_current_mib", "tensorflow_peak_mib"}} from TensorFlow's allocator, for the
     GPUs TensorFlow has started (none on a CPU machine)."""
-    import sys
     tf = sys.modules.get("tensorflow")
     if tf is None:
         return {}

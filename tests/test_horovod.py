@@ -160,6 +160,9 @@ def test_each_rank_owns_its_gpus():
     assert distributed.rank_gpus(1, 2, 4, per_rank=2) == [2, 3]
     assert distributed.rank_gpus(2, 3, 2) == [0]  # one each by default, shared when ranks outnumber GPUs
     assert distributed.rank_gpus(0, 1, 0) == []
+    # What init pinned, as the memory monitor asks it: a lone process sees every GPU unless given K.
+    assert distributed.World().owned_gpus(4) is None
+    assert distributed.World(gpus_per_rank=2).owned_gpus(4) == [0, 1]
     with pytest.raises(UsageError, match=r"^--gpus_per_rank 2 with 2 rank\(s\) on this node needs 4 GPUs, but it "
                                          r"has 3; lower --gpus_per_rank or start at most 1 rank\(s\) per node$"):
         distributed.rank_gpus(0, 2, 3, per_rank=2)

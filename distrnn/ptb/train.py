@@ -364,9 +364,8 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
     def done():
         return pos.epoch >= max_epochs or (options.max_steps and pos.global_step >= options.max_steps)
 
-    owned = (None if world.size == 1 and not options.gpus_per_rank else
-             lambda n: distributed.rank_gpus(world.local_rank, world.local_size, n, options.gpus_per_rank))
-    monitor = memory.MemoryMonitor(options.mem_warn, options.mem_stop, options.mem_interval, owned_gpus=owned)
+    monitor = memory.MemoryMonitor(options.mem_warn, options.mem_stop, options.mem_interval,
+                                   owned_gpus=world.owned_gpus)
     with training.StopSignal() as stop, monitor.start():
         while not done() and not interrupted:
             state = trainer.carried_state() if pos.step_in_epoch else trainer.model.zero_state(B)
