@@ -85,21 +85,15 @@ def main():
             loss = tf.reduce_sum(model.token_losses(features, y))
         return tape.gradient(loss, [features] + softmax_vars)
 
-    grads = [tf.Variable(tf.zeros_like(v)) for v in model.trainable_variables]
-    with tf.GradientTape() as tape:
+    with tf.GradientTape() as tape:  # one step's real gradients (the embedding's as IndexedSlices)
         out, _ = model(x, state, training=True)
         loss = tf.reduce_sum(model.token_losses(out, y))
     real = tape.gradient(loss, model.trainable_variables)
-    sparse = [g for g in real if isinstance(g, tf.IndexedSlices)]
-    for g, r in zip(grads, real):
-        if not isinstance(r, tf.IndexedSlices):
-            g.assign(r)
 
     @tf.function
     def update():
-        current = [sum_duplicate_rows(r) if isinstance(r, tf.IndexedSlices) else g
-                   for g, r in zip(grads, real)]
-        trainer.optimizer.apply(current, model.trainable_variables, clip_norm=config.max_grad_norm)
+        grads = [sum_duplicate_rows(g) for g in real]  # as train_step: merge repeated rows, then clip + SGD
+        trainer.optimizer.apply(grads, model.trainable_variables, clip_norm=config.max_grad_norm)
         return trainer.optimizer.iterations
 
     def step():
@@ -116,7 +110,6 @@ def main():
     parts = {"recurrence": median_ms(recurrence, args.repeats), "softmax": median_ms(softmax, args.repeats),
              "update": median_ms(update, args.repeats), "step": median_ms(step, args.repeats)}
     parts["loop"] = median_ms(loop, args.repeats, calls=1) / windows
-    del sparse
     rest = parts["step"] - parts["recurrence"] - parts["softmax"] - parts["update"]
     print(f"PTB {args.config} step (batch {B} x {T} steps, vocab {V}, rnn_mode {trainer.rnn_mode}), ms per step:")
     for name in ("recurrence", "softmax", "update"):

@@ -18,7 +18,6 @@ once, at the start).
 """
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -135,7 +134,6 @@ def tensorflow_devices(timeout: float = 120) -> dict:
 
 # device_lib.list_local_devices() as the classic material calls it, but with memory growth on, in a child.
 _DEVICE_LIB_PROBE = """
-import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import tensorflow as tf
 for gpu in tf.config.list_physical_devices("GPU"):
