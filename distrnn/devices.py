@@ -134,6 +134,7 @@ def tensorflow_devices(timeout: float = 120) -> dict:
 
 # device_lib.list_local_devices() as the classic material calls it, but with memory growth on, in a child.
 _DEVICE_LIB_PROBE = """
+import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import tensorflow as tf
 for gpu in tf.config.list_physical_devices("GPU"):
