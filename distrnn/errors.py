@@ -8,6 +8,9 @@ it without a traceback and exit with the error's code (see distrnn.cli):
         network, so this one cannot go on; the checkpoints saved so far are
         intact and the job can be restarted with --resume (75 is EX_TEMPFAIL:
         a retry can succeed, which schedulers and wrappers can key on)
+    76  OutOfMemory: memory ran short (a training step failed to allocate, or
+        the memory monitor reached --mem_stop); a checkpoint was saved where
+        one process runs, and the message says what to change
 """
 
 
@@ -27,3 +30,9 @@ class RankLost(DistrnnError):
     """A collective operation failed because another rank is gone."""
 
     exit_code = 75
+
+
+class OutOfMemory(DistrnnError):
+    """Memory ran short and no leaner memory mode is left to try (or --on_oom stop)."""
+
+    exit_code = 76

@@ -112,17 +112,78 @@ def make_plan(num_layers: int, devices: Sequence[str], strategy: str = "round_ro
     return Plan(placed[0], tuple(placed[1:-1]), placed[-1], strategy, costs)
 
 
+# Peak bytes per unit, step and batch row that an LSTM layer holds in the backward pass, in
+# float32 words, when every activation is kept: the records of the forward pass (output, the
+# four gates, cell, tanh(j): 7), the factors built from them for all steps at once (pd 4, q,
+# f, c_prev: 7), the gate gradients (4) and the temporaries of building them (about 10).
+# Measured: bench/bptt_memory.py (2 x 256 units, batch 32, 2000 steps, keep): (4160 - 654)
+# MiB / (2000 * 32 * 256 * 2 * 4 B) = 28.0 words.
+LSTM_KEEP_WORDS = 28
+SWAP_SEGMENT = 16  # steps per swapped segment: distrnn.rnn.Memory's default
+
+
+@dataclasses.dataclass(frozen=True)
+class PartMemory:
+    """Estimated bytes of one part of a model on its device during a training step."""
+    name: str
+    parameters: int
+    gradients: int     # with optimizer slots
+    activations: int   # the peak of what the backward pass needs, and its working space
+    host: int = 0      # what --swap_memory keeps in host memory instead
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.activations
+
+
+def lm_memory(vocab_size: int, hidden_size: int, num_layers: int, batch_size: int, num_steps: int,
+              cell_gates: int = 4, dropout: bool = False, recompute: int = 0, swap: bool = False,
+              optimizer_slots: int = 0, dtype_bytes: int = 4) -> List[PartMemory]:
+    """Bytes of each part of a stacked-RNN language model (embedding, layers, softmax) in one
+    training step: weights, their gradients (and optimizer slots), and activations.
+
+    LSTM layers (cell_gates 4) follow lstm_stack's memory modes: keep (LSTM_KEEP_WORDS per
+    unit, step and row), recompute K (one state in K, plus two K-step segments being
+    recomputed and used), swap (two SWAP_SEGMENT-step segments on the device, the records
+    on the host). Other cells are differentiated by TensorFlow: their gates and state per step.
+    """
+    h, v, g = hidden_size, vocab_size, cell_gates
+    tokens = batch_size * num_steps
+    grads = 1 + optimizer_slots
+    parts = [PartMemory("embedding", v * h * dtype_bytes,
+                        # the gradient is sparse: one row per token, plus the rows summed per word
+                        2 * tokens * h * dtype_bytes + v * h * optimizer_slots * dtype_bytes,
+                        tokens * h * (1 + dropout) * dtype_bytes)]
+    for l in range(num_layers):
+        weights = (2 * h * g * h + g * h) * dtype_bytes
+        dropout_words = 2 * dropout  # its mask and the masked output
+        host = 0
+        if g != 4:
+            words_per_step = (g + 2 + dropout_words) * num_steps
+        elif recompute:
+            segment = min(recompute, num_steps)
+            words_per_step = (2 * -(-num_steps // recompute) + 2 * LSTM_KEEP_WORDS * segment
+                              + (2 + dropout_words) * num_steps)  # the output, its gradient and dropout
+        elif swap:
+            segment = min(SWAP_SEGMENT, num_steps)
+            words_per_step = 2 * LSTM_KEEP_WORDS * segment + (2 + dropout_words) * num_steps
+            host = (7 + dropout) * tokens * h * dtype_bytes
+        else:
+            words_per_step = (LSTM_KEEP_WORDS + dropout_words) * num_steps
+        parts.append(PartMemory(f"layer {l}", weights, weights * grads, batch_size * h * words_per_step * dtype_bytes,
+                                host))
+    softmax = (h * v + v) * dtype_bytes
+    # The logits' softmax, kept for the backward pass, and the gradient built from it: T*B x V each.
+    parts.append(PartMemory("softmax", softmax, softmax * grads, 2 * tokens * v * dtype_bytes))
+    return parts
+
+
 def lm_costs(vocab_size: int, hidden_size: int, num_layers: int, batch_size: int, num_steps: int,
              cell_gates: int = 4, optimizer_slots: int = 0, dtype_bytes: int = 4) -> List[float]:
-    """Bytes of each part of a stacked-RNN language model: parameters (with gradients and
-    optimizer slots) and the activations one batch keeps for the backward pass."""
-    tokens = batch_size * num_steps
-    h, v, g = hidden_size, vocab_size, cell_gates
-    weight_copies = 2 + optimizer_slots  # value, gradient, slots
-    embedding = (v * h * weight_copies + tokens * h) * dtype_bytes
-    layer = ((2 * h * g * h + g * h) * weight_copies + tokens * (g + 2) * h) * dtype_bytes
-    softmax = ((h * v + v) * weight_copies + 2 * tokens * v) * dtype_bytes  # logits and their gradient
-    return [embedding] + [layer] * num_layers + [softmax]
+    """Bytes of each part of a stacked-RNN language model (see lm_memory), what the balanced
+    strategy evens out."""
+    return [p.total for p in lm_memory(vocab_size, hidden_size, num_layers, batch_size, num_steps, cell_gates,
+                                       optimizer_slots=optimizer_slots, dtype_bytes=dtype_bytes)]
 
 
 # --- devices -----------------------------------------------------------------

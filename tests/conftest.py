@@ -52,9 +52,10 @@ def ptb_mini():
     return path
 
 
-def run_ptb(*args, timeout=600, check=None):
-    """Runs `python -m distrnn.ptb ARGS` as a user would; returns the CompletedProcess."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+def run_ptb(*args, timeout=600, check=None, env=None):
+    """Runs `python -m distrnn.ptb ARGS` as a user would (with `env` added to the environment);
+    returns the CompletedProcess."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.run([sys.executable, "-m", "distrnn.ptb", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check is not None:

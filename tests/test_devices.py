@@ -90,3 +90,41 @@ def test_missing_nvidia_ml_py_is_reported(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails as if not installed
     assert devices.gpu_info() == {"available": False, "gpus": [],
                                   "reason": "nvidia-ml-py is not installed (pip install nvidia-ml-py)"}
+
+
+def test_plan_places_the_parts_and_estimates_each_device():
+    # PTB small, full vocabulary, over the stand-in's two GPUs (40,960 and 81,920 MiB).
+    proc = run_devices("--plan", "--config", "small", "--num_gpus", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    parts = {p["name"]: p for p in r["parts"]}
+    assert [p["device"] for p in r["parts"]] == ["/device:GPU:0", "/device:GPU:0", "/device:GPU:1", "/device:GPU:1"]
+    # Exact bytes: weights (2*200*800 + 800) * 4; their gradient; 28 words per unit, step and row kept.
+    assert parts["layer 0"]["parameters"] == parts["layer 0"]["gradients"] == 1_283_200
+    assert parts["layer 0"]["activations"] == 20 * 20 * 200 * 28 * 4
+    assert parts["softmax"]["activations"] == 2 * 400 * 10000 * 4       # probabilities and their gradient
+    assert parts["embedding"]["gradients"] == 2 * 400 * 200 * 4         # sparse: rows per token, summed per word
+    gpu0, gpu1 = r["devices"]
+    expected0 = (parts["embedding"]["total"] + parts["layer 0"]["total"]) / 2**20 + devices.GPU_RUNTIME_MIB
+    assert gpu0["need_mib"] == round(expected0, 1) and gpu0["capacity_mib"] == 40960 and gpu0["fits"]
+    assert gpu1["capacity_mib"] == 81920 and gpu1["fits"]
+    # recompute keeps less, and swap keeps the layers' records on the host
+    assert r["alternatives_mib"]["--recompute 4"] < gpu1["need_mib"]
+    swap = json.loads(run_devices("--plan", "--config", "small", "--num_gpus", "2", "--swap_memory",
+                                  "--json").stdout)
+    assert swap["host_mib"] == round(2 * 7 * 400 * 200 * 4 / 2**20, 1)
+
+
+def test_plan_warns_where_it_will_not_fit():
+    proc = run_devices("--plan", "--config", "large", "--num_gpus", "4", "--gpus_per_rank", "2", "--batch_size",
+                       "64", "--gpu_memory_gib", "1", FAKE_NVML_FAIL="1")  # no NVML: capacity from the flag
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == ("plan: PTB large (2 x 1500 lstm units, batch 64 x 35 steps, vocabulary 10,000), memory "
+                        "mode keep, 2 device(s), each of 2 ranks, round_robin")
+    assert any(line.startswith("  /device:GPU:1") and line.endswith("of 1,024 MiB: WILL NOT FIT") for line in lines)
+    warning = next(line for line in lines if line.startswith("warning:"))
+    assert "--recompute 6: " in warning and "--swap_memory: " in warning
+    bad = run_devices("--plan", "--config", "large", "--num_gpus", "3", "--gpus_per_rank", "2")
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "distrnn.devices: error: --gpus_per_rank 2 needs --num_gpus N, a multiple of it")

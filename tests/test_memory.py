@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import run_ptb
+from conftest import run_ptb, write_corpus
 from distrnn import memory
 
 TINY = ["--config", "test", "--num_steps", "5", "--batch_size", "4"]
@@ -28,7 +28,7 @@ def test_gpu_readings_thresholds_and_peaks(fake_nvml):
     assert gpu0 == {"index": 0, "used_mib": 31232, "total_mib": 40960, "used_fraction": 0.7625, "process_mib": 29696}
     assert gpu1["used_fraction"] == 0.0 and gpu1["process_mib"] is None
     assert monitor.take_warning().startswith("GPU 0 memory at 76.2% (--mem_warn 0.7); the run stops with a "
-                                             "checkpoint at --mem_stop 0.9. To need less: lower --batch_size")
+                                             "checkpoint at --mem_stop 0.9. To need less: --recompute K")
     assert monitor.take_warning() is None and monitor.stop_reason is None  # warned once
     assert monitor.peaks["gpu0_used_mib"] == 31232 and monitor.peaks["gpu0_process_mib"] == 29696
     assert monitor.summary().startswith("mem host ") and monitor.summary().endswith("% gpu0 76% gpu1 0%")
@@ -61,6 +61,79 @@ def test_host_threshold_stops_the_run_with_a_checkpoint_and_resume_continues(cor
     assert m["memory"]["peaks"]["host_process_rss_mib"] > 100 and m["memory"]["stopped"] is None
     assert m["memory"]["mem_warn"] == 0.0005 and m["memory"]["mem_stop"] == 0.97
     assert " | mem host " in done.stdout
+
+
+# A step of 2 x 128 units over 1,000 steps needs about 600 MB of activations when every one is kept, under 100 MB
+# with recompute: TensorFlow's CPU allocator capped at 300 MB (TF_MKL_ALLOC_MAX_BYTES, its pool limit, as a GPU's
+# memory is) runs out of memory for real in the first, not in the second.
+LONG = ["--config", "test", "--num_layers", "2", "--hidden_size", "128", "--num_steps", "1000", "--keep_prob", "0.5",
+        "--max_steps", "3"]
+CAPPED = {"TF_MKL_ALLOC_MAX_BYTES": str(300 * 10**6)}
+
+
+@pytest.fixture(scope="module")
+def long_corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("long") / "data", train_words=65000)
+
+
+@pytest.fixture(scope="module")
+def recompute_from_the_start(long_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    run_ptb(*LONG, "--data_path", long_corpus, "--save_path", out / "run", "--recompute", "32",
+            "--metrics_json", out / "m.json", check=0)
+    return json.loads((out / "m.json").read_text())
+
+
+def same_perplexities(a, b):
+    for key in ("train_perplexity", "valid_perplexity", "test_perplexity"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+def test_out_of_memory_step_retried_with_recompute(long_corpus, recompute_from_the_start, tmp_path):
+    proc = run_ptb(*LONG, "--data_path", long_corpus, "--save_path", tmp_path / "run", "--on_oom", "retry",
+                   "--metrics_json", tmp_path / "m.json", env=CAPPED, check=0)
+    retried = [line for line in proc.stdout.splitlines() if "ran out of memory" in line]
+    assert len(retried) == 1, proc.stdout
+    assert retried[0].startswith("step 1 ran out of memory (OOM when allocating tensor with shape[")
+    assert retried[0].endswith(
+        "in memory mode keep (all activations on the device); running it again in memory mode recompute "
+        "(one state in 32 kept)"), retried
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["memory"]["changes"] == [{"step": 1, "from": "keep (all activations on the device)",
+                                       "to": "recompute (one state in 32 kept)"}]
+    assert m["memory"]["mode"] == "recompute (one state in 32 kept)" and m["steps"] == 3
+    # The failed step changed nothing (weights, dropout generator): the run is the one that recomputed throughout.
+    same_perplexities(m, recompute_from_the_start)
+
+
+def test_out_of_memory_stops_with_a_checkpoint_and_advice(long_corpus, recompute_from_the_start, tmp_path):
+    save = tmp_path / "run"
+    proc = run_ptb(*LONG, "--data_path", long_corpus, "--save_path", save, env=CAPPED)
+    assert proc.returncode == 76, proc.stderr
+    stopped = [line for line in proc.stdout.splitlines() if line.startswith("stopped:")]
+    assert len(stopped) == 1 and stopped[0].startswith("stopped: step 1 ran out of memory (OOM when allocating")
+    for advice in ("--recompute K", "--swap_memory", "--batch_size", "--num_gpus N", "--global_batch_size",
+                   f"checkpoint saved in {save / 'checkpoints'}", f"--resume --save_path {save}"):
+        assert advice in stopped[0], advice
+    assert (save / "checkpoints" / "checkpoint").exists()
+    done = run_ptb(*LONG, "--data_path", long_corpus, "--save_path", save, "--resume", "--recompute", "32",
+                   "--metrics_json", tmp_path / "m.json", check=0)
+    assert "resumed from" in done.stdout and "epoch 1, step 0" in done.stdout
+    same_perplexities(json.loads((tmp_path / "m.json").read_text()), recompute_from_the_start)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--recompute", "4", "--swap_memory"], "--recompute and --swap_memory are alternatives"),
+    (["--recompute", "-1"], "--recompute must be >= 0, got -1"),
+    (["--recompute", "4", "--cell", "gru"], "memory mode recompute (one state in 4 kept) needs LSTM cells and "
+                                            "rnn_mode auto, static or dynamic (got the gru cell, rnn_mode auto)"),
+    (["--swap_memory", "--rnn_mode", "block"], "needs LSTM cells and rnn_mode auto, static or dynamic (got the "
+                                               "lstm cell, rnn_mode block)"),
+])
+def test_bad_memory_modes(corpus, tmp_path, args, message):
+    proc = run_ptb(*TINY, "--data_path", corpus, "--save_path", tmp_path / "s", *args)
+    assert proc.returncode == 2 and proc.stderr.startswith("distrnn.ptb: error: ") and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("args, message", [

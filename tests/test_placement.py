@@ -12,6 +12,7 @@ from distrnn.config import override
 from distrnn.errors import UsageError
 from distrnn.ptb.configs import PRESETS
 from distrnn.ptb.train import Trainer
+from distrnn.rnn.lstm_sequence import KEEP, Layer, Memory, lstm_stack
 
 CPU = [f"/device:CPU:{i}" for i in range(4)]
 COMPUTE_OPS = {"MatMul", "BatchMatMulV2", "Mul", "AddV2", "Sub", "Sigmoid", "Tanh", "SigmoidGrad", "TanhGrad",
@@ -136,3 +137,40 @@ def test_cli_placement_and_bad_devices(corpus, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip() == ("distrnn.ptb: error: device(s) /device:GPU:0 do not exist; this machine has "
                                   "/device:CPU:0 (pass --virtual_devices N to split the CPU into N devices)")
+
+
+@pytest.mark.parametrize("mode", ["swap", "keep"])
+def test_swap_keeps_the_saved_activations_on_the_host_device(mode):
+    # CPU:1 stands in for the accelerator that runs both layers, CPU:0 for the host.
+    memory = Memory(swap=True, host=CPU[0], segment=2) if mode == "swap" else KEEP
+    rng = np.random.default_rng(0)
+    layers = [Layer(tf.constant(rng.uniform(-0.1, 0.1, (8, 16)), tf.float32), tf.zeros([16]), 1.0, device=CPU[1])
+              for _ in range(2)]
+    states = [(tf.zeros([3, 4]), tf.zeros([3, 4]))] * 2
+
+    @tf.function
+    def grads(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out, _ = lstm_stack(x, states, layers, static=False, memory=memory)
+            loss = tf.reduce_sum(out * out)
+        return tape.gradient(loss, x)
+
+    x = tf.constant(rng.normal(size=(5, 3, 4)), tf.float32)
+    ops = all_ops(grads.get_concrete_function(x).graph)
+    on_host = [op for op in ops if op.device == CPU[0]]
+    if mode == "keep":
+        assert on_host == []  # everything the backward pass needs stays on the layers' device
+        return
+    # Per layer four records (out, a, c, j) go into host TensorLists in the forward pass, segment by
+    # segment, and are read back on the host in the backward pass; the layers' ops consume them there.
+    writes = [op for op in on_host if op.type == "TensorListSetItem"]
+    reads = [op for op in on_host if op.type == "TensorListGetItem"]
+    assert len(writes) == len(reads) == 8 and all("gradient" in op.name for op in reads)
+    assert not any("gradient" in op.name for op in writes)
+    assert {op.type for op in on_host} <= {"TensorListSetItem", "TensorListGetItem", "TensorListReserve", "Const",
+                                           "Placeholder"}  # the lists entering the loops
+    for op in reads:  # each goes back to the accelerator to be used
+        users = [user for user in op.outputs[0].consumers()]
+        assert users and all(user.device == CPU[1] for user in users), [(u.name, u.device) for u in users]
+    assert np.isfinite(grads(x).numpy()).all()

@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from distrnn.rnn import BasicRNNCell, GRUCell, LSTMCell, resolve_mode, supported, unroll, unroll_autodiff
 from distrnn.rnn.fused import _cudnn_lstm_params
-from distrnn.rnn.lstm_sequence import lstm_stack
+from distrnn.rnn.lstm_sequence import KEEP, Memory, lstm_stack
 from distrnn.rnn.unroll import lstm_layer
 
 # The two-step example of the material distrnn grows from: input size 3, 5 units, batch 4.
@@ -122,11 +122,18 @@ def test_outputs_states_and_gradients_match_autodiff(kind, mode, with_lengths):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("static", [True, False])
+MEMORY_CASES = [(True, KEEP), (False, KEEP),
+                # 7 steps: segments of 3, 3 and 1; of 1 each; one segment longer than the sequence
+                (False, Memory(recompute=3)), (False, Memory(recompute=1)), (False, Memory(recompute=10)),
+                (False, Memory(swap=True, segment=2)), (True, Memory(swap=True, segment=4))]
+
+
+@pytest.mark.parametrize("static, memory", MEMORY_CASES, ids=lambda v: str(v).replace(" ", ""))
 @pytest.mark.parametrize("peepholes", [False, True])
 @pytest.mark.parametrize("with_lengths", [False, True])
-def test_interleaved_lstm_stack_matches_layer_by_layer_autodiff(static, peepholes, with_lengths):
-    # Three layers of different widths (4 -> 6 -> 5 -> 3 units), dropout masks between them.
+def test_interleaved_lstm_stack_matches_layer_by_layer_autodiff(static, memory, peepholes, with_lengths):
+    # Three layers of different widths (4 -> 6 -> 5 -> 3 units), dropout masks between them; every
+    # memory mode gives the same outputs, states and gradients as keeping everything.
     sizes = [4, 6, 5, 3]
     cells = []
     for l in range(3):
@@ -164,7 +171,7 @@ def test_interleaved_lstm_stack_matches_layer_by_layer_autodiff(static, peephole
     def interleaved(x, states):
         layers = [lstm_layer(cell) for cell in cells]
         mask = None if lengths is None else tf.transpose(tf.sequence_mask(lengths, 7, tf.float32))[:, :, None]
-        return lstm_stack(x, states, layers, dropout=masks, mask=mask, static=static)
+        return lstm_stack(x, states, layers, dropout=masks, mask=mask, static=static, memory=memory)
 
     ours, reference = run(interleaved), run(layer_by_layer)
     assert len(ours) == len(reference) == 1 + 6 + 1 + 6 + len(variables)
@@ -239,3 +246,17 @@ def test_config_lists_match_the_library():
     from distrnn.ptb import configs
     from distrnn.rnn import CELLS, UNROLL_MODES
     assert set(configs.RNN_MODES) == set(UNROLL_MODES) and set(configs.CELLS) == set(CELLS)
+
+
+def test_memory_modes_resolve_and_grow_leaner():
+    # After keep: recompute with segments of about sqrt(num_steps), then swap, then nothing left.
+    assert KEEP.leaner(35) == Memory(recompute=6) and KEEP.leaner(1) == Memory(recompute=1)
+    assert Memory(recompute=6).leaner(35) == Memory(swap=True) and Memory(swap=True).leaner(35) is None
+    for mode in ("auto", "static", "dynamic"):
+        assert resolve_mode("lstm", True, mode, True, 35, Memory(recompute=6)) == (
+            "dynamic", "a memory mode runs segment by segment in while loops")
+    for kind, mode in (("gru", "auto"), ("rnn", "dynamic"), ("lstm", "block"), ("lstm", "cudnn")):
+        with pytest.raises(ValueError, match=f"needs LSTM cells and rnn_mode auto, static or dynamic .got the {kind} "
+                                             f"cell, rnn_mode {mode}."):
+            resolve_mode(kind, False, mode, False, 35, Memory(swap=True))
+    assert resolve_mode("lstm", False, "auto", False, 35, KEEP)[0] == "static"

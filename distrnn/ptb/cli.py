@@ -56,6 +56,15 @@ def build_parser():
     mem.add_argument("--mem_stop", type=float, default=0.97,
                      help="save a checkpoint and exit with code 76 when it reaches this fraction (default 0.97)")
     mem.add_argument("--mem_interval", type=float, default=5.0, help="seconds between memory samples (default 5)")
+    mem.add_argument("--recompute", type=int, default=0, metavar="K",
+                     help="backprop through time keeps every K-th LSTM state and recomputes the rest (K near "
+                          "sqrt(num_steps): least memory; about one more forward pass of time)")
+    mem.add_argument("--swap_memory", action="store_true",
+                     help="backprop through time keeps the LSTM activations in host memory, fetched back segment by "
+                          "segment (GPU memory of about two segments)")
+    mem.add_argument("--on_oom", default="stop", choices=("stop", "retry"),
+                     help="a step that runs out of memory: stop (checkpoint, exit 76; default) or retry it with "
+                          "--recompute, then --swap_memory, and go on (one process only)")
     names = cli.add_config_flags(parser, PTBConfig, cli.field_comments(PTBConfig))
     return parser, names
 
@@ -76,7 +85,7 @@ def run(argv) -> int:
         list_configs()
         return 0
     for flag in ("max_epochs", "max_steps", "checkpoint_every", "num_gpus", "virtual_devices", "global_batch_size",
-                 "lr_warmup_steps", "gpus_per_rank"):
+                 "lr_warmup_steps", "gpus_per_rank", "recompute"):
         value = getattr(args, flag)
         if value < 0 or (flag == "checkpoint_every" and value == 0):
             raise cli.UsageError(f"--{flag} must be {'positive' if flag == 'checkpoint_every' else '>= 0'}, got {value}")
@@ -85,6 +94,9 @@ def run(argv) -> int:
                              f"{args.mem_warn:g} --mem_stop {args.mem_stop:g}")
     if args.mem_interval <= 0:
         raise cli.UsageError(f"--mem_interval must be positive, got {args.mem_interval:g}")
+    if args.recompute and args.swap_memory:
+        raise cli.UsageError("--recompute and --swap_memory are alternatives: recompute keeps less, swap keeps all "
+                             "of it on the host; pass one of them")
     from distrnn.ptb.configs import PRESETS
     config = override(PRESETS.get(args.config), cli.config_overrides(args, names))
     # TensorFlow is imported only once the flags are known to be good.
@@ -96,7 +108,8 @@ def run(argv) -> int:
                          strategy=args.strategy, placement=args.placement, gpus_per_rank=args.gpus_per_rank,
                          global_batch_size=args.global_batch_size, sparse_as_dense=args.sparse_as_dense,
                          lr_scaling=args.lr_scaling, lr_warmup_steps=args.lr_warmup_steps,
-                         mem_warn=args.mem_warn, mem_stop=args.mem_stop, mem_interval=args.mem_interval)
+                         mem_warn=args.mem_warn, mem_stop=args.mem_stop, mem_interval=args.mem_interval,
+                         recompute=args.recompute, swap_memory=args.swap_memory, on_oom=args.on_oom)
     metrics = train_and_evaluate(config, options)
     return metrics["interrupted"] or 0
 

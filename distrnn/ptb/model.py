@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from distrnn.ops import softmax_cross_entropy
 from distrnn.placement import on_device, single_device
-from distrnn.rnn import CELLS, LSTMCell
+from distrnn.rnn import CELLS, KEEP, LSTMCell, Memory
 from distrnn.rnn.stack import pipeline_stack, sequential_stack
 
 
@@ -24,12 +24,13 @@ def make_cell(config, initializer, name):
 
 class PTBModel(tf.Module):
     """rnn_mode: the concrete unrolling mode (see distrnn.rnn.resolve_mode for `auto`);
-    placement: `sequential` or `pipeline` (see distrnn.rnn.stack)."""
+    placement: `sequential` or `pipeline` (see distrnn.rnn.stack); memory: what the LSTM
+    stack's backward pass keeps (see distrnn.rnn.Memory), read when a step is traced."""
 
     def __init__(self, config, vocab_size: int, seed: int = 0, rnn_mode: str = None, plan=None,
-                 placement: str = "sequential", name: str = "ptb_lm"):
+                 placement: str = "sequential", memory: Memory = KEEP, name: str = "ptb_lm"):
         super().__init__(name=name)
-        self.config, self.vocab_size = config, vocab_size
+        self.config, self.vocab_size, self.memory = config, vocab_size, memory
         self.rnn_mode = rnn_mode or config.rnn_mode
         self.plan = plan or single_device(config.num_layers)
         self.placement = placement
@@ -79,9 +80,9 @@ class PTBModel(tf.Module):
                     masks.append(self._dropout_mask(tf.shape(h)))
         if self.placement == "pipeline":
             h, new_state = pipeline_stack(self.cells, self.plan.layers, h, state, static=self.rnn_mode == "static",
-                                          masks=masks)
+                                          masks=masks, memory=self.memory)
         else:
-            h, new_state = sequential_stack(self.cells, self.plan.layers, h, state, self.rnn_mode, masks)
+            h, new_state = sequential_stack(self.cells, self.plan.layers, h, state, self.rnn_mode, masks, self.memory)
         return tf.reshape(h, [-1, self.config.hidden_size]), new_state
 
     def token_losses(self, features, y, weights=None):

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from typing import Optional
 
@@ -15,10 +16,10 @@ import numpy as np
 import tensorflow as tf
 
 from distrnn import distributed, memory, placement, training
-from distrnn.errors import UsageError
+from distrnn.errors import OutOfMemory, UsageError
 from distrnn.ptb import reader
 from distrnn.ptb.model import PTBModel
-from distrnn.rnn import CELLS, resolve_mode
+from distrnn.rnn import CELLS, KEEP, Memory, resolve_mode
 from distrnn.training import log
 
 # Fields that fix variable shapes or the meaning of a saved data position: a
@@ -49,6 +50,13 @@ class RunOptions:
     mem_warn: float = 0.90               # warn once when device or host memory in use reaches this fraction
     mem_stop: float = 0.97               # checkpoint and exit (code 76) when it reaches this fraction
     mem_interval: float = 5.0            # seconds between memory samples
+    recompute: int = 0                   # K > 0: backprop through time keeps every K-th LSTM state, recomputes the rest
+    swap_memory: bool = False            # backprop through time keeps the LSTM activations in host memory
+    on_oom: str = "stop"                 # a step out of memory: stop (checkpoint, exit 76) or retry it leaner
+
+    @property
+    def memory(self) -> Memory:
+        return Memory(recompute=self.recompute, swap=self.swap_memory)
     config_name: str = "custom"
 
 
@@ -88,18 +96,24 @@ class Trainer(tf.Module):
     """The model, its optimizer and everything a checkpoint must hold to resume exactly."""
 
     def __init__(self, config, vocab_size: int, seed: int, on_gpu: bool = False, plan=None,
-                 placement: str = "sequential", world=None, sparse_as_dense: bool = False):
+                 placement: str = "sequential", world=None, sparse_as_dense: bool = False, memory: Memory = KEEP):
         super().__init__(name="trainer")
         self.config = config
         self.world = world or distributed.World()
         self.sparse_as_dense = sparse_as_dense
-        self.rnn_mode, self.rnn_mode_reason = resolve_mode(config.cell, config.use_peepholes, config.rnn_mode,
-                                                           on_gpu, config.num_steps)
+        self.on_gpu = on_gpu
+        try:
+            self.rnn_mode, self.rnn_mode_reason = resolve_mode(config.cell, config.use_peepholes, config.rnn_mode,
+                                                               on_gpu, config.num_steps, memory)
+        except ValueError as error:
+            raise UsageError(f"{error}; drop --recompute/--swap_memory or change --cell/--rnn_mode") from None
         if placement == "pipeline" and self.rnn_mode not in ("static", "dynamic"):
             # The wavefront interleaves the layers' time steps, which a whole-sequence kernel cannot.
             self.rnn_mode_reason = f"{self.rnn_mode} runs whole sequences; the pipeline needs a step loop"
             self.rnn_mode = "dynamic"
-        self.model = PTBModel(config, vocab_size, seed=seed, rnn_mode=self.rnn_mode, plan=plan, placement=placement)
+        self.model = PTBModel(config, vocab_size, seed=seed, rnn_mode=self.rnn_mode, plan=plan, placement=placement,
+                              memory=memory)
+        self.train_step = tf.function(self._train_step)
         self.optimizer = training.SGD(config.learning_rate)
         # The Position as JSON, and the carried LSTM state of the whole global batch (every
         # rank's rows): resuming mid-epoch continues from the state the last window left.
@@ -135,9 +149,21 @@ class Trainer(tf.Module):
                                        [self.model.dropout_rng.state] + self._carried)
         self._position.assign(self.world.broadcast_object(self._position.numpy()))
 
-    @tf.function
-    def train_step(self, x, y, state):
-        """One window: x, y (B, T). Returns the loss (sum over time of the batch mean) and new state."""
+    @property
+    def memory(self) -> Memory:
+        return self.model.memory
+
+    def set_memory(self, memory: Memory) -> None:
+        """Switches what the LSTM stack's backward pass keeps (a memory mode runs the dynamic
+        loop); the next train_step is traced anew. The weights are untouched."""
+        self.rnn_mode, self.rnn_mode_reason = resolve_mode(self.config.cell, self.config.use_peepholes, "auto",
+                                                           self.on_gpu, self.config.num_steps, memory)
+        self.model.rnn_mode, self.model.memory = self.rnn_mode, memory
+        self.train_step = tf.function(self._train_step)
+
+    def _train_step(self, x, y, state):
+        """One window: x, y (B, T). Returns the loss (sum over time of the batch mean) and new state.
+        Run as the tf.function `train_step`."""
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             features, state = self.model(x, state, training=True)
@@ -153,6 +179,15 @@ class Trainer(tf.Module):
         """Sum of token losses where weights is 1 (padding has weight 0), and new state."""
         features, state = self.model(x, state, training=False)
         return tf.reduce_sum(self.model.token_losses(features, y, weights)), state
+
+
+def oom_reason(error) -> str:
+    """From TensorFlow's out-of-memory message, the line that says which tensor could not be
+    allocated, on which device (without the job/replica/task prefix)."""
+    found = re.search(r"OOM when allocating[^\n]*", error.message or "")
+    if not found:
+        return "ResourceExhaustedError"
+    return re.sub(r"/job:[^/]*/replica:\d+/task:\d+/", "", found.group(0)).strip()
 
 
 def rank_share(batches: reader.EvalBatches, world) -> reader.EvalBatches:
@@ -284,6 +319,9 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
     config = per_rank_config(config, options.global_batch_size, world)
     config.validate()
     check_same_run(world, config, options)
+    if options.on_oom == "retry" and world.size > 1:
+        raise UsageError("--on_oom retry needs a single process (the other ranks would wait in the failed step's "
+                         "allreduce); under horovodrun pass --recompute K or --swap_memory from the start")
     t_start = time.time()
     training.check_metrics_path(options.metrics_json if world.is_chief else None)
     data_path = reader.resolve_data_path(options.data_path)
@@ -298,7 +336,8 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
 
     plan = make_model_plan(config, data.vocab_size, devices, options.strategy)
     trainer = Trainer(config, data.vocab_size, options.seed, on_gpu=bool(tf.config.list_logical_devices("GPU")),
-                      plan=plan, placement=options.placement, world=world, sparse_as_dense=options.sparse_as_dense)
+                      plan=plan, placement=options.placement, world=world, sparse_as_dense=options.sparse_as_dense,
+                      memory=options.memory)
     checkpoints = training.Checkpoints(trainer.checkpoint(), save_path)
 
     def chief_setup():
@@ -323,7 +362,8 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
             f"valid {len(data.valid)} test {len(data.test)}; words mapped to <unk>: "
             f"valid {data.oov['valid']}, test {data.oov['test']}")
         log(f"config {options.config_name}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()))
-        log(f"rnn_mode {trainer.rnn_mode} ({trainer.rnn_mode_reason})")
+        log(f"rnn_mode {trainer.rnn_mode} ({trainer.rnn_mode_reason}); memory mode {trainer.memory.describe()}"
+            + (", leaner on running out of memory (--on_oom retry)" if options.on_oom == "retry" else ""))
         if devices:
             for line in plan.describe():
                 log(line)
@@ -344,6 +384,31 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
     # The last validation figure still describes the weights when the run stopped at an epoch's end.
     valid_ppl = pos.history[-1]["valid_perplexity"] if pos.history and pos.step_in_epoch == 0 else None
     interrupted = None
+    out_of_memory = None  # what ran out, when a step did
+    memory_changes = []   # --on_oom retry: each switch to a leaner memory mode
+
+    def train_step(x, y, state):
+        """trainer.train_step; a step that runs out of memory is run again in the next leaner
+        memory mode with --on_oom retry while there is one, else OutOfMemory is raised. A failed
+        step has changed no weight: every update waits for the clipping factor, which needs
+        every gradient. The dropout generator, which the forward pass advances, is put back."""
+        rng = trainer.model.dropout_rng.state
+        before = tf.identity(rng) if config.keep_prob < 1.0 else None
+        while True:
+            try:
+                return trainer.train_step(x, y, state)
+            except tf.errors.ResourceExhaustedError as error:
+                if before is not None:
+                    rng.assign(before)
+                what = f"step {pos.global_step + 1} ran out of memory ({oom_reason(error)})"
+                leaner = trainer.memory.leaner(T) if options.on_oom == "retry" and config.cell == "lstm" else None
+                if leaner is None:
+                    raise OutOfMemory(what) from None
+                say(f"{what} in memory mode {trainer.memory.describe()}; running it again in memory mode "
+                    f"{leaner.describe()}")
+                memory_changes.append({"step": pos.global_step + 1, "from": trainer.memory.describe(),
+                                       "to": leaner.describe()})
+                trainer.set_memory(leaner)
 
     def save(state):
         trainer.record(pos, state)  # every rank: it gathers the carried state
@@ -376,7 +441,15 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
                                        options.lr_scaling, options.lr_warmup_steps)
                     trainer.optimizer.learning_rate.assign(lr)
                 t0 = time.perf_counter()
-                loss, state = trainer.train_step(x, y, state)
+                try:
+                    loss, state = train_step(x, y, state)
+                except OutOfMemory as error:
+                    if world.size > 1:  # saving is collective, and the other ranks wait in this step's allreduce
+                        raise OutOfMemory(f"rank {world.rank}: {error}; the checkpoints in {save_path} are intact. "
+                                          f"{memory.ADVICE} Then start the job again with --resume") from None
+                    out_of_memory, interrupted = str(error), memory.EXIT_MEMORY
+                    save(state)  # the state before the failed step, which is still to do
+                    break
                 loss = float(loss)
                 speed.add(global_batch * T, time.perf_counter() - t0)
                 pos.epoch_cost += loss
@@ -411,11 +484,13 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
             save(trainer.model.zero_state(B))
             interrupted = stop_requested()
 
-    metrics = {"interrupted": interrupted, "save_path": save_path, "memory": monitor.metrics()}
+    metrics = {"interrupted": interrupted, "save_path": save_path,
+               "memory": dict(monitor.metrics(), mode=trainer.memory.describe(), changes=memory_changes)}
     if interrupted:
         if interrupted == memory.EXIT_MEMORY:
-            say(f"stopped: memory ran short ({monitor.stop_reason or 'on another rank'}); checkpoint saved in "
-                f"{checkpoints.directory}. {memory.ADVICE} Then continue with --resume --save_path {save_path}")
+            reason = out_of_memory or f"memory ran short ({monitor.stop_reason or 'on another rank'})"
+            say(f"stopped: {reason}; checkpoint saved in {checkpoints.directory}. {memory.ADVICE} Then continue "
+                f"with --resume --save_path {save_path}")
         elif world.is_chief:
             log(f"stopped by signal: checkpoint saved in {checkpoints.directory}; continue with --resume "
                 f"--save_path {save_path}")

@@ -49,6 +49,61 @@ class Layer(NamedTuple):
     device: Optional[str] = None
 
 
+class Memory(NamedTuple):
+    """What `lstm_stack` keeps for its backward pass, and where.
+
+    Default (keep): every step's activations, on the layer's device.
+    recompute=K: only the state at the start of each K-step segment; the
+        backward pass computes one segment's activations again from it, the
+        segment it is about to need. Holds T/K states and about two segments
+        of activations instead of T steps' worth; costs about one more forward
+        pass.
+    swap: every activation, copied to `host` as each `segment`-step segment
+        finishes and copied back when the backward pass reaches it; the layer's
+        device holds about two segments of activations at a time.
+
+    Both run the sequence segment by segment in tf.while_loops, whatever the
+    unrolling mode: in one Python-unrolled graph the optimiser may merge the
+    recomputation with the forward pass (common subexpressions), and nothing
+    would stop every segment's copy or recomputation from running at once.
+    The backward loop runs at most two segments at once (parallel_iterations=2):
+    the next one is fetched or recomputed while the current one runs.
+    """
+    recompute: int = 0                  # K > 0: keep every K-th state, recompute the rest
+    swap: bool = False                  # keep the activations in host memory
+    host: str = "/device:CPU:0"         # where swap keeps them
+    segment: int = 16                   # time steps per swapped segment
+
+    @property
+    def segmented(self) -> bool:
+        return self.swap or self.recompute > 0
+
+    @property
+    def steps(self) -> int:
+        """Time steps per segment."""
+        return self.recompute or self.segment
+
+    def leaner(self, num_steps: int) -> Optional["Memory"]:
+        """The next mode to try after running out of memory in this one: keep, then recompute
+        with segments of about sqrt(num_steps) (the fewest states plus segment steps), then
+        swap; None after swap."""
+        if not self.segmented:
+            return Memory(recompute=max(1, round(num_steps ** 0.5)), host=self.host)
+        if self.recompute:
+            return Memory(swap=True, host=self.host)
+        return None
+
+    def describe(self) -> str:
+        if self.recompute:
+            return f"recompute (one state in {self.recompute} kept)"
+        if self.swap:
+            return f"swap (activations on {self.host}, {self.segment} steps at a time on the device)"
+        return "keep (all activations on the device)"
+
+
+KEEP = Memory()
+
+
 def _blocks(units, values):
     """A (4H,) vector with the given value on each of the i, j, f, o blocks."""
     if isinstance(units, int):
@@ -87,14 +142,26 @@ def _scan(step, sequences, carry, num_records: int, static: bool, reverse: bool 
     num_steps = tf.shape(given)[0]
 
     def body(t, carry, arrays):
-        carry, new = step([s[t] if s is not None else None for s in sequences], carry)
-        return t + (-1 if reverse else 1), carry, [a.write(t, r) for a, r in zip(arrays, new)]
+        new_carry, new = step([s[t] if s is not None else None for s in sequences], carry)
+        return t + (-1 if reverse else 1), _with_shapes(new_carry, _shapes(carry)), [a.write(t, r) for a, r in zip(arrays, new)]
 
     arrays = [tf.TensorArray(given.dtype, size=num_steps) for _ in range(num_records)]
     start = num_steps - 1 if reverse else tf.constant(0)
     cond = (lambda t, *_: t >= 0) if reverse else (lambda t, *_: t < num_steps)
     _, carry, arrays = tf.while_loop(cond, body, (start, carry, arrays))
     return carry, [a.stack() for a in arrays]
+
+
+def _with_shapes(tensors, shapes):
+    """`tensors` with these static shapes: a loop's carry keeps its shape, also where it
+    is computed from records whose length is unknown when the graph is built."""
+    for t, shape in zip(tensors, shapes):
+        t.set_shape(shape)
+    return tensors
+
+
+def _shapes(tensors):
+    return [t.shape for t in tensors]
 
 
 def _forward_step(z, m, c_prev, h_prev, peep, units):
@@ -160,62 +227,45 @@ def _backward_step(d_out, q, pd, fc, m, dc_next, dh_next, w_h):
     return dz, dc_prev, dh_prev
 
 
-def _record_names(layer: Layer, dropout: bool):
+def _record_names(peepholes: bool, dropout: bool):
     """What the forward loop keeps of a layer at each step, in order."""
-    return ["out", "a", "c"] + ([] if layer.peepholes is not None else ["j"]) + (["y"] if dropout else [])
+    return ["out", "a", "c"] + ([] if peepholes else ["j"]) + (["y"] if dropout else [])
 
 
-def lstm_stack(inputs, states, layers, dropout=None, mask=None, static: bool = False):
-    """inputs (T, B, I); states: one (c, h) per layer, (B, H) each; layers: one
-    `Layer` per layer, each computed (forward and backward) on its `device` when
-    it names one; dropout: one (T, B, H) multiplier per layer for its output, or
-    None; mask (T, B, 1) float or None (1 while t < sequence_length).
+class _Passes:
+    """The forward and backward passes of a stack over a run of time steps: the whole
+    sequence, or in a memory mode one segment of it. `params`: one dict per layer
+    (see lstm_stack's unflatten); carries are flat lists, c then h for each layer."""
 
-    Returns the last layer's outputs (T, B, H), times its dropout, and one final
-    (c, h) per layer.
-    """
-    num_layers = len(layers)
-    has_drop, has_mask = dropout is not None, mask is not None
-    names = [_record_names(layer, has_drop) for layer in layers]
-    # Differentiable inputs, flat: inputs, then per layer c0, h0, kernel, bias [, peepholes].
-    flat = [inputs]
-    for layer, (c0, h0) in zip(layers, states):
-        flat += [c0, h0, layer.kernel, layer.bias] + ([layer.peepholes] if layer.peepholes is not None else [])
-    constants = list(dropout or []) + ([mask] if has_mask else [])
+    def __init__(self, params, has_drop: bool, has_mask: bool, static: bool):
+        self.params, self.has_drop, self.has_mask, self.static = params, has_drop, has_mask, static
+        self.num_layers = len(params)
+        self.names = [_record_names(lp["peep"] is not None, has_drop) for lp in params]
+        self.output = "y" if has_drop else "out"  # the record a layer passes up (and the stack returns)
 
-    def unflatten(args):
-        args = list(args)
-        inputs, per_layer = args.pop(0), []
-        for l, layer in enumerate(layers):
-            c0, h0, kernel, bias = (args.pop(0) for _ in range(4))
-            peep = args.pop(0) if layer.peepholes is not None else None
-            with _layer_scope(l, num_layers, layer.device):
-                # A Python int where the shape is known, so that slices and constants built from
-                # it are constants (the PTB small step's graph: 1,643 ops with a tensor, 1,335).
-                units = h0.shape[1] if h0.shape[1] is not None else tf.shape(h0)[1]
-                # One Split of the kernel (its gradient is one Concat), and the forget bias
-                # folded into the bias once rather than added at every step.
-                w_x, w_h = tf.split(kernel, [tf.shape(kernel)[0] - units, units], axis=0)
-                bias_fb = bias + _blocks(units, (0, 0, layer.forget_bias, 0))
-            per_layer.append(dict(c0=c0, h0=h0, w_x=w_x, w_h=w_h, bias_fb=bias_fb, peep=peep, units=units,
-                                  device=layer.device))
-        drops = args[:num_layers] if has_drop else None
-        return inputs, per_layer, drops, (args[-1] if has_mask else None)
+    def scope(self, l: int):
+        return _layer_scope(l, self.num_layers, self.params[l]["device"])
 
-    @tf.custom_gradient
-    def run(*args):
-        inputs, params, drops, mask = unflatten(args)
-        num_steps, batch = tf.shape(inputs)[0], tf.shape(inputs)[1]
-        with _layer_scope(0, num_layers, params[0]["device"]):  # the first layer's input matmul, once for all steps
-            flat_x = tf.reshape(inputs, [num_steps * batch, -1])
-            x = tf.reshape(tf.nn.bias_add(tf.matmul(flat_x, params[0]["w_x"]), params[0]["bias_fb"]),
-                           [num_steps, batch, 4 * params[0]["units"]])
+    def _sequences(self, first, drops, mask):
+        return [first] + (list(drops) if self.has_drop else []) + ([mask] if self.has_mask else [])
 
-        def forward(slices, carry):
+    def forward(self, inputs, drops, mask, carry, outputs_only: bool = False):
+        """Runs the steps of `inputs` (n, B, I) from `carry`; drops and mask: the same steps'.
+        Returns the final carry and, per layer, its records (n, B, ...) by name: all of
+        them, or with outputs_only just the last layer's output."""
+        num_layers, has_drop, has_mask = self.num_layers, self.has_drop, self.has_mask
+        names = self.names if not outputs_only else [[] for _ in range(num_layers - 1)] + [[self.output]]
+        first = self.params[0]
+        with self.scope(0):  # the first layer's input matmul, once for all steps
+            n, batch = tf.shape(inputs)[0], tf.shape(inputs)[1]
+            x = tf.reshape(tf.nn.bias_add(tf.matmul(tf.reshape(inputs, [n * batch, -1]), first["w_x"]),
+                                          first["bias_fb"]), [n, batch, 4 * first["units"]])
+
+        def step(slices, carry):
             x_t, drop_t, m = slices[0], slices[1:1 + num_layers] if has_drop else None, slices[-1] if has_mask else None
             carry, records = list(carry), []
-            for l, lp in enumerate(params):
-                with _layer_scope(l, num_layers, lp["device"]):
+            for l, lp in enumerate(self.params):
+                with self.scope(l):
                     c, h = carry[2 * l:2 * l + 2]
                     if l:
                         x_t = tf.nn.bias_add(tf.matmul(x_t, lp["w_x"]), lp["bias_fb"])
@@ -224,71 +274,212 @@ def lstm_stack(inputs, states, layers, dropout=None, mask=None, static: bool = F
                     carry[2 * l:2 * l + 2] = c, h
                     x_t = out * drop_t[l] if has_drop else out
                     kept = dict(out=out, a=a, c=c, j=j, y=x_t)
-                    records += [kept[n] for n in names[l]]
+                    records += [kept[name] for name in names[l]]
             return carry, records
 
-        sequences = [x] + (list(drops) if has_drop else []) + ([mask] if has_mask else [])
-        carry = [s for lp in params for s in (lp["c0"], lp["h0"])]
-        final, records = _scan(forward, sequences, carry, sum(map(len, names)), static)
-        saved = []
-        for l in range(num_layers):  # per layer, its records by name: (T, B, ...) each
-            saved.append(dict(zip(names[l], records[:len(names[l])])))
-            records = records[len(names[l]):]
-        outputs = saved[-1]["y" if has_drop else "out"]
+        final, records = _scan(step, self._sequences(x, drops, mask), list(carry), sum(map(len, names)), self.static)
+        return final, self.by_layer(records, names)
+
+    def by_layer(self, records, names=None):
+        """A flat list of records, in forward's order, as one dict per layer."""
+        saved, records = [], list(records)
+        for layer_names in names or self.names:
+            saved.append(dict(zip(layer_names, records[:len(layer_names)])))
+            records = records[len(layer_names):]
+        return saved
+
+    def backward(self, inputs, d_outputs, drops, mask, saved, start, d_final):
+        """Back through the steps whose records are `saved`, which began from carry `start`,
+        given the gradients of their outputs and of their final carry. Returns the gradient
+        of `start`, per layer the gradients of [kernel, bias(, peepholes)], and the
+        gradient of `inputs`."""
+        num_layers, has_drop, has_mask, params = self.num_layers, self.has_drop, self.has_mask, self.params
+        factors = []
+        for l, (lp, s) in enumerate(zip(params, saved)):
+            with self.scope(l):
+                factors.append(_backward_factors(s["a"], s.get("j"), s["c"], start[2 * l], lp["peep"], lp["units"]))
+
+        def step(slices, carry):
+            d_y, drop_t = slices[0], slices[1:1 + num_layers] if has_drop else None
+            m = slices[1 + (num_layers if has_drop else 0)] if has_mask else None
+            per_layer = slices[-3 * num_layers:]
+            carry, records = list(carry), [None] * num_layers
+            for l in reversed(range(num_layers)):
+                lp = params[l]
+                with self.scope(l):
+                    d_out = d_y * drop_t[l] if has_drop else d_y
+                    pd_t, q_t, fc_t = per_layer[3 * l:3 * l + 3]
+                    dz, carry[2 * l], carry[2 * l + 1] = _backward_step(
+                        d_out, q_t, pd_t, fc_t, m, carry[2 * l], carry[2 * l + 1], lp["w_h"])
+                    records[l] = dz
+                    if l:  # the gradient of this step's input, for the layer below
+                        d_y = tf.matmul(dz, lp["w_x"], transpose_b=True)
+            return carry, records
+
+        sequences = self._sequences(d_outputs, drops, mask) + [t for pd, q, fc, _ in factors for t in (pd, q, fc)]
+        d_start, d_z = _scan(step, sequences, list(d_final), num_layers, self.static, reverse=True)
+        weight_grads = []
+        for l, (lp, s) in enumerate(zip(params, saved)):
+            with self.scope(l):
+                units = lp["units"]
+                flat_dz = tf.reshape(d_z[l], [-1, 4 * units])
+                # h entering each step: the start's, then the carried h (== output where the mask is 1).
+                h0 = start[2 * l + 1]
+                h_carried = s["out"] if not has_mask else _carried_h(s["out"], mask, h0)
+                h_prev = tf.reshape(tf.concat([h0[None], h_carried[:-1]], 0), [-1, units])
+                if l == 0:
+                    below = tf.reshape(inputs, [-1, tf.shape(inputs)[2]])
+                    d_inputs = tf.reshape(tf.matmul(flat_dz, lp["w_x"], transpose_b=True), tf.shape(inputs))
+                else:
+                    below = tf.reshape(saved[l - 1][self.output], [-1, params[l - 1]["units"]])
+                # The kernel's input and recurrent rows, each one matmul for all steps.
+                grads = [tf.concat([tf.matmul(below, flat_dz, transpose_a=True),
+                                    tf.matmul(h_prev, flat_dz, transpose_a=True)], 0),
+                         tf.reduce_sum(flat_dz, 0)]
+                if lp["peep"] is not None:
+                    d_zi, _, d_zf, d_zo = tf.split(d_z[l], 4, axis=2)
+                    c_prev = factors[l][3]
+                    grads.append(tf.stack([tf.reduce_sum(d_zi * c_prev, [0, 1]),
+                                           tf.reduce_sum(d_zf * c_prev, [0, 1]),
+                                           tf.reduce_sum(d_zo * s["c"], [0, 1])]))
+                weight_grads.append(grads)
+        return d_start, weight_grads, d_inputs
+
+
+def _segmented(passes: _Passes, memory: Memory, inputs, drops, mask, start, weights):
+    """The forward pass segment by segment, keeping what `memory` says. Returns the
+    outputs, the final carry, and the backward pass: (d_outputs, d_final) -> the
+    gradients of inputs, of start, and per layer of `weights` (kernel, bias(, peepholes))."""
+    num_steps = tf.shape(inputs)[0]
+    k = memory.steps
+    num_segments = (num_steps + k - 1) // k
+    flat_names = [(l, name) for l, names in enumerate(passes.names) for name in names]
+
+    def cut(s, *sequences):
+        """Segment s of each (T, ...) sequence (or list of them, or None)."""
+        t0 = s * k
+        t1 = tf.minimum(t0 + k, num_steps)
+        sliced = []
+        for q in sequences:
+            sliced.append(None if q is None else [p[t0:t1] for p in q] if isinstance(q, list) else q[t0:t1])
+        return sliced
+
+    def arrays(size, where=None, like=None):
+        """TensorArrays of one element per segment: of `like`'s shapes, or of varying length."""
+        with tf.device(where) if where else contextlib.nullcontext():
+            if like is not None:
+                return [tf.TensorArray(inputs.dtype, size=num_segments, element_shape=t.shape) for t in like]
+            return [tf.TensorArray(inputs.dtype, size=num_segments, infer_shape=False) for _ in range(size)]
+
+    record_shapes = []  # the static shapes of the swapped records, (n, B, ...) with n unknown
+
+    def forward(s, carry, starts, outputs, host):
+        starts = [a.write(s, c) for a, c in zip(starts, carry)]
+        x_s, drops_s, mask_s = cut(s, inputs, drops, mask)
+        carry, saved = passes.forward(x_s, drops_s, mask_s, carry, outputs_only=not memory.swap)
+        outputs = outputs.write(s, saved[-1][passes.output])
+        if memory.swap:
+            with tf.device(memory.host):  # the copy to the host, as soon as the segment is done
+                host = [a.write(s, saved[l][name]) for a, (l, name) in zip(host, flat_names)]
+            record_shapes[:] = [saved[l][name].shape for l, name in flat_names]
+        return s + 1, carry, starts, outputs, host
+
+    _, final, starts, outputs, host = tf.while_loop(
+        lambda s, *_: s < num_segments, forward,
+        (tf.constant(0), list(start), arrays(len(start), like=start), arrays(1)[0],
+         arrays(len(flat_names), memory.host) if memory.swap else []))
+    starts = [a.stack() for a in starts]  # (segments, B, H) each
+
+    def backward(d_outputs, d_final):
+        def body(s, d_carry, sums, d_inputs):
+            x_s, drops_s, mask_s, d_out_s = cut(s, inputs, drops, mask, d_outputs)
+            begin = [a[s] for a in starts]
+            if memory.swap:
+                with tf.device(memory.host):  # read on the host: the first use copies it back
+                    saved = passes.by_layer(_with_shapes([a.read(s) for a in host], record_shapes))
+            else:
+                saved = passes.forward(x_s, drops_s, mask_s, begin)[1]
+            d_carry, grads, d_in = passes.backward(x_s, d_out_s, drops_s, mask_s, saved, begin, d_carry)
+            new_sums = [a + g for a, g in zip(sums, [g for layer in grads for g in layer])]
+            return s - 1, _with_shapes(d_carry, _shapes(d_final)), _with_shapes(new_sums, _shapes(sums)), d_inputs.write(s, d_in)
+
+        zeros = [tf.zeros_like(w) for layer in weights for w in layer]
+        _, d_start, sums, d_inputs = tf.while_loop(
+            lambda s, *_: s >= 0, body, (num_segments - 1, list(d_final), zeros, arrays(1)[0]),
+            parallel_iterations=2)
+        grads = []
+        for layer in weights:
+            grads.append(sums[:len(layer)])
+            sums = sums[len(layer):]
+        d_inputs = d_inputs.concat()
+        d_inputs.set_shape(inputs.shape)
+        return d_inputs, d_start, grads
+
+    outputs = outputs.concat()
+    outputs.set_shape(inputs.shape[:2].concatenate(final[-1].shape[1:]))
+    return outputs, final, backward
+
+
+def lstm_stack(inputs, states, layers, dropout=None, mask=None, static: bool = False, memory: Memory = KEEP):
+    """inputs (T, B, I); states: one (c, h) per layer, (B, H) each; layers: one
+    `Layer` per layer, each computed (forward and backward) on its `device` when
+    it names one; dropout: one (T, B, H) multiplier per layer for its output, or
+    None; mask (T, B, 1) float or None (1 while t < sequence_length); memory:
+    what the backward pass keeps (see Memory; a memory mode runs tf.while_loops
+    whatever `static` says).
+
+    Returns the last layer's outputs (T, B, H), times its dropout, and one final
+    (c, h) per layer.
+    """
+    num_layers = len(layers)
+    has_drop, has_mask = dropout is not None, mask is not None
+    # Differentiable inputs, flat: inputs, then per layer c0, h0, kernel, bias [, peepholes].
+    flat = [inputs]
+    for layer, (c0, h0) in zip(layers, states):
+        flat += [c0, h0, layer.kernel, layer.bias] + ([layer.peepholes] if layer.peepholes is not None else [])
+    constants = list(dropout or []) + ([mask] if has_mask else [])
+
+    def unflatten(args):
+        args = list(args)
+        inputs, per_layer, weights, start = args.pop(0), [], [], []
+        for l, layer in enumerate(layers):
+            c0, h0, kernel, bias = (args.pop(0) for _ in range(4))
+            peep = args.pop(0) if layer.peepholes is not None else None
+            start += [c0, h0]
+            weights.append([kernel, bias] + ([peep] if peep is not None else []))
+            with _layer_scope(l, num_layers, layer.device):
+                # A Python int where the shape is known, so that slices and constants built from
+                # it are constants (the PTB small step's graph: 1,643 ops with a tensor, 1,335).
+                units = h0.shape[1] if h0.shape[1] is not None else tf.shape(h0)[1]
+                # One Split of the kernel (its gradient is one Concat), and the forget bias
+                # folded into the bias once rather than added at every step.
+                w_x, w_h = tf.split(kernel, [tf.shape(kernel)[0] - units, units], axis=0)
+                bias_fb = bias + _blocks(units, (0, 0, layer.forget_bias, 0))
+            per_layer.append(dict(w_x=w_x, w_h=w_h, bias_fb=bias_fb, peep=peep, units=units, device=layer.device))
+        drops = args[:num_layers] if has_drop else None
+        return inputs, start, per_layer, weights, drops, (args[-1] if has_mask else None)
+
+    @tf.custom_gradient
+    def run(*args):
+        inputs, start, params, weights, drops, mask = unflatten(args)
+        passes = _Passes(params, has_drop, has_mask, static and not memory.segmented)
+        if memory.segmented:
+            outputs, final, backward = _segmented(passes, memory, inputs, drops, mask, start, weights)
+        else:
+            final, saved = passes.forward(inputs, drops, mask, start)
+            outputs = saved[-1][passes.output]
+
+            def backward(d_outputs, d_final):
+                d_start, grads, d_inputs = passes.backward(inputs, d_outputs, drops, mask, saved, start, d_final)
+                return d_inputs, d_start, grads
 
         def grad(d_outputs, *d_final):
             with tf.name_scope("gradient"):  # so that graphs and tests can tell the backward pass apart
-                return backward_pass(d_outputs, d_final)
-
-        def backward_pass(d_outputs, d_final):
-            factors = []
-            for l, (lp, s) in enumerate(zip(params, saved)):
-                with _layer_scope(l, num_layers, lp["device"]):
-                    factors.append(_backward_factors(s["a"], s.get("j"), s["c"], lp["c0"], lp["peep"], lp["units"]))
-
-            def backward(slices, carry):
-                d_y, drop_t = slices[0], slices[1:1 + num_layers] if has_drop else None
-                m = slices[1 + (num_layers if has_drop else 0)] if has_mask else None
-                per_layer = slices[-3 * num_layers:]
-                carry, records = list(carry), [None] * num_layers
-                for l in reversed(range(num_layers)):
-                    lp = params[l]
-                    with _layer_scope(l, num_layers, lp["device"]):
-                        d_out = d_y * drop_t[l] if has_drop else d_y
-                        pd_t, q_t, fc_t = per_layer[3 * l:3 * l + 3]
-                        dz, carry[2 * l], carry[2 * l + 1] = _backward_step(
-                            d_out, q_t, pd_t, fc_t, m, carry[2 * l], carry[2 * l + 1], lp["w_h"])
-                        records[l] = dz
-                        if l:  # the gradient of this step's input, for the layer below
-                            d_y = tf.matmul(dz, lp["w_x"], transpose_b=True)
-                return carry, records
-
-            sequences = ([d_outputs] + (list(drops) if has_drop else []) + ([mask] if has_mask else [])
-                         + [t for pd, q, fc, _ in factors for t in (pd, q, fc)])
-            d_initial, d_z = _scan(backward, sequences, list(d_final), num_layers, static, reverse=True)
-            grads = []
-            for l, (lp, s) in enumerate(zip(params, saved)):
-                with _layer_scope(l, num_layers, lp["device"]):
-                    units = lp["units"]
-                    flat_dz = tf.reshape(d_z[l], [-1, 4 * units])
-                    # h entering each step: h0, then the carried h (== output where the mask is 1).
-                    h_carried = s["out"] if not has_mask else _carried_h(s["out"], mask, lp["h0"])
-                    h_prev = tf.reshape(tf.concat([lp["h0"][None], h_carried[:-1]], 0), [-1, units])
-                    below = flat_x if l == 0 else tf.reshape(saved[l - 1]["y" if has_drop else "out"],
-                                                               [-1, params[l - 1]["units"]])
-                    if l == 0:
-                        d_inputs = tf.reshape(tf.matmul(flat_dz, lp["w_x"], transpose_b=True), tf.shape(inputs))
-                    # The kernel's input and recurrent rows, each one matmul for all steps.
-                    d_kernel = tf.concat([tf.matmul(below, flat_dz, transpose_a=True),
-                                          tf.matmul(h_prev, flat_dz, transpose_a=True)], 0)
-                    grads += [d_initial[2 * l], d_initial[2 * l + 1], d_kernel, tf.reduce_sum(flat_dz, 0)]
-                    if lp["peep"] is not None:
-                        d_zi, _, d_zf, d_zo = tf.split(d_z[l], 4, axis=2)
-                        c_prev = factors[l][3]
-                        grads.append(tf.stack([tf.reduce_sum(d_zi * c_prev, [0, 1]),
-                                               tf.reduce_sum(d_zf * c_prev, [0, 1]),
-                                               tf.reduce_sum(d_zo * s["c"], [0, 1])]))
-            return [d_inputs] + grads + [None] * len(constants)
+                d_inputs, d_start, weight_grads = backward(d_outputs, list(d_final))
+            grads = [d_inputs]
+            for l in range(num_layers):
+                grads += d_start[2 * l:2 * l + 2] + list(weight_grads[l])
+            return grads + [None] * len(constants)
 
         return (outputs, *final), grad
 

@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from distrnn.placement import on_device
 from distrnn.rnn.cells import LSTMCell
-from distrnn.rnn.lstm_sequence import lstm_stack
+from distrnn.rnn.lstm_sequence import KEEP, lstm_stack
 from distrnn.rnn.unroll import concrete_mode, lstm_layer, unroll
 
 
@@ -40,21 +40,22 @@ def interleaved_mode(cells, mode: str, num_steps: int):
     return modes.pop() if len(modes) == 1 and modes <= {"static", "dynamic"} else None
 
 
-def interleaved_lstm(cells, devices, inputs, states, static: bool, masks=None):
+def interleaved_lstm(cells, devices, inputs, states, static: bool, masks=None, memory=KEEP):
     layers = [lstm_layer(cell, device) for cell, device in zip(cells, devices)]
-    outputs, new_states = lstm_stack(inputs, [tuple(s) for s in states], layers, dropout=masks, static=static)
+    outputs, new_states = lstm_stack(inputs, [tuple(s) for s in states], layers, dropout=masks, static=static,
+                                     memory=memory)
     return outputs, tuple(new_states)
 
 
-def sequential_stack(cells, devices, inputs, states, mode: str, masks=None):
+def sequential_stack(cells, devices, inputs, states, mode: str, masks=None, memory=KEEP):
     interleaved = interleaved_mode(cells, mode, inputs.shape[0])
     if interleaved and len(set(devices)) == 1:
-        return interleaved_lstm(cells, devices, inputs, states, interleaved == "static", masks)
+        return interleaved_lstm(cells, devices, inputs, states, interleaved == "static", masks, memory)
     new_states = []
     h = inputs
     for l, (cell, device) in enumerate(zip(cells, devices)):
         def compute(h, mask, *state, cell=cell):
-            out, state = unroll(cell, h, state, mode)
+            out, state = unroll(cell, h, state, mode, memory=memory)
             return [out * mask, *state]
 
         with tf.device(device), tf.name_scope(f"layer_{l}"):
@@ -64,10 +65,11 @@ def sequential_stack(cells, devices, inputs, states, mode: str, masks=None):
     return h, tuple(new_states)
 
 
-def pipeline_stack(cells, devices, inputs, states, static: bool, masks=None):
-    """inputs (T, B, I) time-major, states: one tuple per layer. Returns outputs of the last layer, states."""
+def pipeline_stack(cells, devices, inputs, states, static: bool, masks=None, memory=KEEP):
+    """inputs (T, B, I) time-major, states: one tuple per layer. Returns outputs of the last layer, states.
+    memory: what an LSTM stack's backward pass keeps (other cells keep everything)."""
     if interleaved_mode(cells, "static" if static else "dynamic", inputs.shape[0]):
-        return interleaved_lstm(cells, devices, inputs, states, static, masks)
+        return interleaved_lstm(cells, devices, inputs, states, static, masks, memory)
     num_layers = len(cells)
     with tf.device(devices[0]), tf.name_scope("layer_0"):
         # Layer 0 sees all its inputs at once: (T, B, G*H).

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from distrnn.rnn import fused
 from distrnn.rnn.cells import LSTMCell
-from distrnn.rnn.lstm_sequence import Layer, lstm_stack
+from distrnn.rnn.lstm_sequence import KEEP, Layer, Memory, lstm_stack
 
 UNROLL_MODES = ("static", "dynamic", "block", "cudnn", "auto")
 logger = logging.getLogger("distrnn")
@@ -39,11 +39,19 @@ def supported(kind: str, use_peepholes: bool, mode: str) -> bool:
 STATIC_MAX_STEPS = 64  # beyond this a Python-unrolled graph grows slow to build and run
 
 
-def resolve_mode(kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_steps: int = None) -> tuple:
+def resolve_mode(kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_steps: int = None,
+                 memory: Memory = KEEP) -> tuple:
     """(concrete mode, reason why): `auto` becomes the fastest mode for the device and
-    cell; other modes are checked and returned as they are."""
+    cell; other modes are checked and returned as they are. A memory mode (swap or
+    recompute) runs LSTM cells through `lstm_stack`'s segment loops: auto becomes dynamic."""
     if mode not in UNROLL_MODES:
         raise ValueError(f"unknown rnn_mode {mode!r}; use one of {', '.join(UNROLL_MODES)}")
+    if memory.segmented:
+        if kind != "lstm" or mode not in ("static", "dynamic", "auto"):
+            raise ValueError(f"memory mode {memory.describe()} needs LSTM cells and rnn_mode auto, static or dynamic "
+                             f"(got the {kind} cell, rnn_mode {mode}): fused kernels and TensorFlow's autodiff keep "
+                             f"every step's activations themselves")
+        return "dynamic", "a memory mode runs segment by segment in while loops"
     if mode != "auto":
         if not supported(kind, use_peepholes, mode):
             raise ValueError(f"rnn_mode {mode} does not support the {kind} cell"
@@ -66,11 +74,12 @@ def concrete_mode(cell, mode: str, num_steps: int = None) -> str:
     return resolve_mode(cell.kind, cell.use_peepholes, mode, on_gpu, num_steps)[0]
 
 
-def unroll(cell, inputs, state, mode: str = "dynamic", sequence_length=None):
+def unroll(cell, inputs, state, mode: str = "dynamic", sequence_length=None, memory: Memory = KEEP):
     """Runs `cell` over time-major `inputs` (T, B, I) from `state`.
 
     sequence_length (B,) int, optional: outputs past a row's length are 0 and
-    its final state is the state after its last valid step.
+    its final state is the state after its last valid step. memory: what an
+    LSTM's backward pass keeps (see lstm_sequence.Memory).
     Returns (outputs (T, B, H), final state).
     """
     mode = concrete_mode(cell, mode, inputs.shape[0])
@@ -83,7 +92,8 @@ def unroll(cell, inputs, state, mode: str = "dynamic", sequence_length=None):
     mask = None
     if sequence_length is not None:
         mask = tf.transpose(tf.sequence_mask(sequence_length, tf.shape(inputs)[0], dtype=inputs.dtype))[:, :, None]
-    outputs, [state] = lstm_stack(inputs, [tuple(state)], [lstm_layer(cell)], mask=mask, static=(mode == "static"))
+    outputs, [state] = lstm_stack(inputs, [tuple(state)], [lstm_layer(cell)], mask=mask, static=(mode == "static"),
+                                  memory=memory)
     return outputs, state
 
 
