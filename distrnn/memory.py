@@ -155,7 +155,7 @@ class MemoryMonitor:
 
 
 ADVICE = ("To need less: --recompute K keeps one LSTM state in K and recomputes the rest in the backward pass "
-          "(K near sqrt(num_steps); measured: 4.4x lower peak at 1.15x the time over 2000 steps), --swap_memory "
+          "(K near sqrt(num_steps); measured: 4.3x lower peak at 1.02-1.15x the time over 2000 steps), --swap_memory "
           "keeps the activations in host memory (the GPU holds two segments of them), a lower --batch_size or "
           "--num_steps shrinks activation memory in proportion, more devices (--num_gpus N, --devices) split the "
           "layers between them, and more ranks with --global_batch_size split the batch.")

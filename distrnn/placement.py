@@ -144,8 +144,9 @@ def lm_memory(vocab_size: int, hidden_size: int, num_layers: int, batch_size: in
 
     LSTM layers (cell_gates 4) follow lstm_stack's memory modes: keep (LSTM_KEEP_WORDS per
     unit, step and row), recompute K (one state in K, plus two K-step segments being
-    recomputed and used), swap (two SWAP_SEGMENT-step segments on the device, the records
-    on the host). Other cells are differentiated by TensorFlow: their gates and state per step.
+    recomputed and used, and a running sum of the weight gradients), swap (two
+    SWAP_SEGMENT-step segments on the device, the records on the host, the same sums).
+    Other cells are differentiated by TensorFlow: their gates and state per step.
     """
     h, v, g = hidden_size, vocab_size, cell_gates
     tokens = batch_size * num_steps
@@ -170,8 +171,10 @@ def lm_memory(vocab_size: int, hidden_size: int, num_layers: int, batch_size: in
             host = (7 + dropout) * tokens * h * dtype_bytes
         else:
             words_per_step = (LSTM_KEEP_WORDS + dropout_words) * num_steps
-        parts.append(PartMemory(f"layer {l}", weights, weights * grads, batch_size * h * words_per_step * dtype_bytes,
-                                host))
+        # Segment by segment, the weight gradients are running sums beside each segment's own.
+        segmented = int(g == 4 and bool(recompute or swap))
+        parts.append(PartMemory(f"layer {l}", weights, weights * (grads + segmented),
+                                batch_size * h * words_per_step * dtype_bytes, host))
     softmax = (h * v + v) * dtype_bytes
     # The logits' softmax, kept for the backward pass, and the gradient built from it: T*B x V each.
     parts.append(PartMemory("softmax", softmax, softmax * grads, 2 * tokens * v * dtype_bytes))

@@ -113,6 +113,12 @@ def test_plan_places_the_parts_and_estimates_each_device():
     swap = json.loads(run_devices("--plan", "--config", "small", "--num_gpus", "2", "--swap_memory",
                                   "--json").stdout)
     assert swap["host_mib"] == round(2 * 7 * 400 * 200 * 4 / 2**20, 1)
+    recompute = json.loads(run_devices("--plan", "--config", "small", "--num_gpus", "2", "--recompute", "4",
+                                       "--json").stdout)
+    layer = recompute["parts"][1]
+    assert layer["gradients"] == 2 * 1_283_200  # each segment's weight gradient and their running sum
+    # 5 kept states (c, h), two 4-step segments of 28 words, the output and its gradient for all 20 steps
+    assert layer["activations"] == (2 * 5 + 2 * 28 * 4 + 2 * 20) * 20 * 200 * 4
 
 
 def test_plan_warns_where_it_will_not_fit():

@@ -291,8 +291,8 @@ class _Passes:
     def backward(self, inputs, d_outputs, drops, mask, saved, start, d_final):
         """Back through the steps whose records are `saved`, which began from carry `start`,
         given the gradients of their outputs and of their final carry. Returns the gradient
-        of `start`, per layer the gradients of [kernel, bias(, peepholes)], and the
-        gradient of `inputs`."""
+        of `start`, per layer the gradients of [input kernel rows, recurrent kernel rows, bias
+        (, peepholes)], and the gradient of `inputs`."""
         num_layers, has_drop, has_mask, params = self.num_layers, self.has_drop, self.has_mask, self.params
         factors = []
         for l, (lp, s) in enumerate(zip(params, saved)):
@@ -333,8 +333,7 @@ class _Passes:
                 else:
                     below = tf.reshape(saved[l - 1][self.output], [-1, params[l - 1]["units"]])
                 # The kernel's input and recurrent rows, each one matmul for all steps.
-                grads = [tf.concat([tf.matmul(below, flat_dz, transpose_a=True),
-                                    tf.matmul(h_prev, flat_dz, transpose_a=True)], 0),
+                grads = [tf.matmul(below, flat_dz, transpose_a=True), tf.matmul(h_prev, flat_dz, transpose_a=True),
                          tf.reduce_sum(flat_dz, 0)]
                 if lp["peep"] is not None:
                     d_zi, _, d_zf, d_zo = tf.split(d_z[l], 4, axis=2)
@@ -346,10 +345,11 @@ class _Passes:
         return d_start, weight_grads, d_inputs
 
 
-def _segmented(passes: _Passes, memory: Memory, inputs, drops, mask, start, weights):
+def _segmented(passes: _Passes, memory: Memory, inputs, drops, mask, start):
     """The forward pass segment by segment, keeping what `memory` says. Returns the
     outputs, the final carry, and the backward pass: (d_outputs, d_final) -> the
-    gradients of inputs, of start, and per layer of `weights` (kernel, bias(, peepholes))."""
+    gradients of inputs, of start, and per layer as _Passes.backward gives them, summed
+    over the segments."""
     num_steps = tf.shape(inputs)[0]
     k = memory.steps
     num_segments = (num_steps + k - 1) // k
@@ -403,6 +403,10 @@ def _segmented(passes: _Passes, memory: Memory, inputs, drops, mask, start, weig
             new_sums = [a + g for a, g in zip(sums, [g for layer in grads for g in layer])]
             return s - 1, _with_shapes(d_carry, _shapes(d_final)), _with_shapes(new_sums, _shapes(sums)), d_inputs.write(s, d_in)
 
+        # One sum per gradient, the kernel's two parts apart: adding each segment's matmul to its
+        # part needs no concatenated copy of the whole kernel per segment.
+        weights = [[lp["w_x"], lp["w_h"], lp["bias_fb"]] + ([lp["peep"]] if lp["peep"] is not None else [])
+                   for lp in passes.params]
         zeros = [tf.zeros_like(w) for layer in weights for w in layer]
         _, d_start, sums, d_inputs = tf.while_loop(
             lambda s, *_: s >= 0, body, (num_segments - 1, list(d_final), zeros, arrays(1)[0]),
@@ -441,12 +445,11 @@ def lstm_stack(inputs, states, layers, dropout=None, mask=None, static: bool = F
 
     def unflatten(args):
         args = list(args)
-        inputs, per_layer, weights, start = args.pop(0), [], [], []
+        inputs, per_layer, start = args.pop(0), [], []
         for l, layer in enumerate(layers):
             c0, h0, kernel, bias = (args.pop(0) for _ in range(4))
             peep = args.pop(0) if layer.peepholes is not None else None
             start += [c0, h0]
-            weights.append([kernel, bias] + ([peep] if peep is not None else []))
             with _layer_scope(l, num_layers, layer.device):
                 # A Python int where the shape is known, so that slices and constants built from
                 # it are constants (the PTB small step's graph: 1,643 ops with a tensor, 1,335).
@@ -457,14 +460,14 @@ def lstm_stack(inputs, states, layers, dropout=None, mask=None, static: bool = F
                 bias_fb = bias + _blocks(units, (0, 0, layer.forget_bias, 0))
             per_layer.append(dict(w_x=w_x, w_h=w_h, bias_fb=bias_fb, peep=peep, units=units, device=layer.device))
         drops = args[:num_layers] if has_drop else None
-        return inputs, start, per_layer, weights, drops, (args[-1] if has_mask else None)
+        return inputs, start, per_layer, drops, (args[-1] if has_mask else None)
 
     @tf.custom_gradient
     def run(*args):
-        inputs, start, params, weights, drops, mask = unflatten(args)
+        inputs, start, params, drops, mask = unflatten(args)
         passes = _Passes(params, has_drop, has_mask, static and not memory.segmented)
         if memory.segmented:
-            outputs, final, backward = _segmented(passes, memory, inputs, drops, mask, start, weights)
+            outputs, final, backward = _segmented(passes, memory, inputs, drops, mask, start)
         else:
             final, saved = passes.forward(inputs, drops, mask, start)
             outputs = saved[-1][passes.output]
@@ -478,7 +481,8 @@ def lstm_stack(inputs, states, layers, dropout=None, mask=None, static: bool = F
                 d_inputs, d_start, weight_grads = backward(d_outputs, list(d_final))
             grads = [d_inputs]
             for l in range(num_layers):
-                grads += d_start[2 * l:2 * l + 2] + list(weight_grads[l])
+                d_w_x, d_w_h, *rest = weight_grads[l]
+                grads += d_start[2 * l:2 * l + 2] + [tf.concat([d_w_x, d_w_h], 0)] + rest
             return grads + [None] * len(constants)
 
         return (outputs, *final), grad
