@@ -263,7 +263,8 @@ def memory_plan(config_name: str = "small", num_gpus: int = 0, gpus_per_rank: in
             "parts": [dict(dataclasses.asdict(p), device=d, total=p.total) for p, d in zip(parts, where)],
             "devices": [{"device": d, "need_mib": round(need[d], 1), "capacity_mib": capacity.get(d),
                          "fits": None if d not in capacity else need[d] <= capacity[d]} for d in devices],
-            "host_mib": round(sum(p.host for p in parts) / MIB, 1), "gpu_runtime_mib": GPU_RUNTIME_MIB if per_rank else 0,
+            "host_mib": round(sum(p.host for p in parts) / MIB, 1),
+            "gpu_runtime_mib": GPU_RUNTIME_MIB if per_rank else 0,
             "alternatives_mib": {flag: round(mib, 1) for flag, mib in options.items()}}
 
 

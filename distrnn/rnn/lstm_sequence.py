@@ -23,9 +23,10 @@ l-1's step t+1 -- the wavefront GNMT builds by hand -- forward and backward
 
 Both passes run either as tf.while_loop (`static=False`: graph size
 independent of the sequence length) or as a Python loop (`static=True`: every
-step visible to the graph optimiser). The saved activations (gates and cell
-states per step) are what a later memory mode can swap to the host or
-recompute.
+step visible to the graph optimiser). What the backward pass keeps (outputs,
+gates and cell states per step) is set by `Memory`: all of it on the layer's
+device (the default), only every K-th state with each segment recomputed in
+the backward pass, or all of it swapped to the host segment by segment.
 
 Gates are in i, j, f, o order:
     i = sigmoid(z_i + p_i c_prev)   j = tanh(z_j)   f = sigmoid(z_f + forget_bias + p_f c_prev)
@@ -143,7 +144,8 @@ def _scan(step, sequences, carry, num_records: int, static: bool, reverse: bool 
 
     def body(t, carry, arrays):
         new_carry, new = step([s[t] if s is not None else None for s in sequences], carry)
-        return t + (-1 if reverse else 1), _with_shapes(new_carry, _shapes(carry)), [a.write(t, r) for a, r in zip(arrays, new)]
+        arrays = [a.write(t, r) for a, r in zip(arrays, new)]
+        return t + (-1 if reverse else 1), _with_shapes(new_carry, _shapes(carry)), arrays
 
     arrays = [tf.TensorArray(given.dtype, size=num_steps) for _ in range(num_records)]
     start = num_steps - 1 if reverse else tf.constant(0)
@@ -400,8 +402,8 @@ def _segmented(passes: _Passes, memory: Memory, inputs, drops, mask, start):
             else:
                 saved = passes.forward(x_s, drops_s, mask_s, begin)[1]
             d_carry, grads, d_in = passes.backward(x_s, d_out_s, drops_s, mask_s, saved, begin, d_carry)
-            new_sums = [a + g for a, g in zip(sums, [g for layer in grads for g in layer])]
-            return s - 1, _with_shapes(d_carry, _shapes(d_final)), _with_shapes(new_sums, _shapes(sums)), d_inputs.write(s, d_in)
+            new_sums = _with_shapes([a + g for a, g in zip(sums, [g for layer in grads for g in layer])], _shapes(sums))
+            return s - 1, _with_shapes(d_carry, _shapes(d_final)), new_sums, d_inputs.write(s, d_in)
 
         # One sum per gradient, the kernel's two parts apart: adding each segment's matmul to its
         # part needs no concatenated copy of the whole kernel per segment.
