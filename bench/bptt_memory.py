@@ -24,6 +24,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from distrnn.placement import recompute_segment  # noqa: E402  (imports no TensorFlow)
 
 
 def child(args):
@@ -80,7 +83,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed steps per mode (median reported)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    args.recompute = args.recompute or round(args.num_steps ** 0.5)
+    args.recompute = args.recompute or recompute_segment(args.num_steps)
     if args.child:
         return child(args)
     print(f"LSTM {args.layers} x {args.hidden}, batch {args.batch}, {args.num_steps} steps, "

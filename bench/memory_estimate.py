@@ -28,6 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 MIB = 1024 * 1024
 
+from distrnn.placement import recompute_segment  # noqa: E402  (after sys.path points at the checkout)
+
 
 def peak_mib(config, data_path, max_steps, extra=()):
     """The run's peak RSS (MiB) and its metrics."""
@@ -69,7 +71,7 @@ def main():
     for config in args.configs:
         for mode in ("keep", "recompute"):
             steps = {"small": 20, "medium": 35, "large": 35}.get(config, 20)
-            k = max(1, round(steps ** 0.5)) if mode == "recompute" else 0
+            k = recompute_segment(steps) if mode == "recompute" else 0
             measured, metrics = peak_mib(config, args.data_path, args.max_steps,
                                          ["--recompute", str(k)] if k else [])
             estimate, params = estimate_mib(metrics, k)

@@ -254,7 +254,7 @@ def memory_plan(config_name: str = "small", num_gpus: int = 0, gpus_per_rank: in
     need = needs(parts)
     options = {}
     if config.cell == "lstm":  # what the memory modes would need instead, for the advice
-        k = max(1, round(config.num_steps ** 0.5))
+        k = placement.recompute_segment(config.num_steps)
         options = {f"--recompute {k}": max(needs(parts_for(k, False)).values()),
                    "--swap_memory": max(needs(parts_for(0, True)).values())}
     return {"config": config_name, "settings": dataclasses.asdict(config), "vocab_size": vocab_size,

@@ -119,7 +119,12 @@ def make_plan(num_layers: int, devices: Sequence[str], strategy: str = "round_ro
 # Measured: bench/bptt_memory.py (2 x 256 units, batch 32, 2000 steps, keep): (4160 - 654)
 # MiB / (2000 * 32 * 256 * 2 * 4 B) = 28.0 words.
 LSTM_KEEP_WORDS = 28
-SWAP_SEGMENT = 16  # steps per swapped segment: distrnn.rnn.Memory's default
+SWAP_SEGMENT = 16  # steps per swapped segment (distrnn.rnn.Memory's default)
+
+
+def recompute_segment(num_steps: int) -> int:
+    """The K of --recompute K that needs least: about sqrt(num_steps) (T/K states plus K steps)."""
+    return max(1, round(num_steps ** 0.5))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,22 +163,22 @@ def lm_memory(vocab_size: int, hidden_size: int, num_layers: int, batch_size: in
     for l in range(num_layers):
         weights = (2 * h * g * h + g * h) * dtype_bytes
         dropout_words = 2 * dropout  # its mask and the masked output
-        host = 0
+        host, sums = 0, 0  # sums: weight gradients summed over segments, beside each segment's own
         if g != 4:
             words_per_step = (g + 2 + dropout_words) * num_steps
         elif recompute:
             segment = min(recompute, num_steps)
             words_per_step = (2 * -(-num_steps // recompute) + 2 * LSTM_KEEP_WORDS * segment
                               + (2 + dropout_words) * num_steps)  # the output, its gradient and dropout
+            sums = 1
         elif swap:
             segment = min(SWAP_SEGMENT, num_steps)
             words_per_step = 2 * LSTM_KEEP_WORDS * segment + (2 + dropout_words) * num_steps
             host = (7 + dropout) * tokens * h * dtype_bytes
+            sums = 1
         else:
             words_per_step = (LSTM_KEEP_WORDS + dropout_words) * num_steps
-        # Segment by segment, the weight gradients are running sums beside each segment's own.
-        segmented = int(g == 4 and bool(recompute or swap))
-        parts.append(PartMemory(f"layer {l}", weights, weights * (grads + segmented),
+        parts.append(PartMemory(f"layer {l}", weights, weights * (grads + sums),
                                 batch_size * h * words_per_step * dtype_bytes, host))
     softmax = (h * v + v) * dtype_bytes
     # The logits' softmax, kept for the backward pass, and the gradient built from it: T*B x V each.

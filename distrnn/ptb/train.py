@@ -53,11 +53,11 @@ class RunOptions:
     recompute: int = 0                   # K > 0: backprop through time keeps every K-th LSTM state, recomputes the rest
     swap_memory: bool = False            # backprop through time keeps the LSTM activations in host memory
     on_oom: str = "stop"                 # a step out of memory: stop (checkpoint, exit 76) or retry it leaner
+    config_name: str = "custom"
 
     @property
     def memory(self) -> Memory:
         return Memory(recompute=self.recompute, swap=self.swap_memory)
-    config_name: str = "custom"
 
 
 def sum_duplicate_rows(grad):

@@ -40,6 +40,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 import tensorflow as tf
 
+from distrnn.placement import SWAP_SEGMENT, recompute_segment
+
 
 class Layer(NamedTuple):
     """One layer's weights for `lstm_stack`, as LSTMCell stores them."""
@@ -73,7 +75,7 @@ class Memory(NamedTuple):
     recompute: int = 0                  # K > 0: keep every K-th state, recompute the rest
     swap: bool = False                  # keep the activations in host memory
     host: str = "/device:CPU:0"         # where swap keeps them
-    segment: int = 16                   # time steps per swapped segment
+    segment: int = SWAP_SEGMENT         # time steps per swapped segment
 
     @property
     def segmented(self) -> bool:
@@ -89,7 +91,7 @@ class Memory(NamedTuple):
         with segments of about sqrt(num_steps) (the fewest states plus segment steps), then
         swap; None after swap."""
         if not self.segmented:
-            return Memory(recompute=max(1, round(num_steps ** 0.5)), host=self.host)
+            return Memory(recompute=recompute_segment(num_steps), host=self.host)
         if self.recompute:
             return Memory(swap=True, host=self.host)
         return None
