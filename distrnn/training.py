@@ -95,15 +95,19 @@ class Checkpoints:
 
 
 class StopSignal:
-    """Turns the first SIGINT/SIGTERM into a flag the training loop checks between steps,
-    so it can save a checkpoint and exit cleanly; a second signal interrupts at once."""
+    """Turns the first SIGINT, SIGTERM or SIGUSR1 into a flag the training loop checks between
+    steps, so it can save a checkpoint and exit cleanly; a second signal interrupts at once.
+    SIGUSR1 is what Slurm sends ahead of a job's time limit (sbatch --signal=USR1@SECONDS);
+    SIGTERM what it sends on scancel, requeue and preemption."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.signum = None
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -117,11 +121,10 @@ class StopSignal:
             signal.signal(sig, handler)
         return False
 
-    @property
-    def exit_code(self) -> int:
-        # The shell convention: 130 for SIGINT, 143 for SIGTERM (also on ranks that stop
-        # because another rank was signalled).
-        return 128 + (self.signum or signal.SIGTERM)
+    @staticmethod
+    def exit_code(signum: int) -> int:
+        # The shell convention: 130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1.
+        return 128 + signum
 
 
 class SGD(tf.Module):

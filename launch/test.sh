@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
 # Runs the whole test suite, setting up .venv/ first when needed.
 #   bash launch/test.sh [pytest args]
+# The Slurm tests start a real cluster (tests/slurm_cluster.py) and need Debian's slurmctld, slurmd,
+# slurm-client and munge: installed here when missing and this runs as root with apt-get; without
+# them those tests skip and say why.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$root/launch/setup.sh"
+if ! command -v slurmctld >/dev/null && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    echo "[test] installing slurmctld slurmd slurm-client munge for the Slurm tests"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+             slurmctld slurmd slurm-client munge >/dev/null; }; then
+        echo "[test] could not install Slurm; the Slurm tests will skip"
+    fi
+fi
 cd "$root"
 exec .venv/bin/python -m pytest -ra "$@"

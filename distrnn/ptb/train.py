@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import re
 import time
 from typing import Optional
@@ -323,7 +324,7 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
         raise UsageError("--on_oom retry needs a single process (the other ranks would wait in the failed step's "
                          "allreduce); under horovodrun pass --recompute K or --swap_memory from the start")
     t_start = time.time()
-    training.check_metrics_path(options.metrics_json if world.is_chief else None)
+    on_chief(world, lambda: training.check_metrics_path(options.metrics_json))
     data_path = reader.resolve_data_path(options.data_path)
     data = reader.load(data_path)
     B, T = config.batch_size, config.num_steps  # B rows on each rank; B * world.size rows in all
@@ -418,10 +419,10 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
     def stop_requested():
         """The exit code to stop with, or None. Every rank must stop at the same step, or the others wait
         forever in the next collective; running out of memory on any rank stops them all."""
-        flags = [stop.signum is not None, monitor.stop_reason is not None]
-        if world.size > 1:
-            flags = [bool(f) for f in world.allreduce_sum(flags)]
-        return memory.EXIT_MEMORY if flags[1] else (stop.exit_code if flags[0] else None)
+        signum, short = stop.signum or 0, int(monitor.stop_reason is not None)
+        if world.size > 1:  # the largest signal number any rank got: all exit with the same code
+            signum, short = (int(v) for v in world.allgather(np.array([[signum, short]])).max(axis=0))
+        return memory.EXIT_MEMORY if short else (training.StopSignal.exit_code(signum) if signum else None)
 
     def say(message):  # on any rank: a rank's own memory warning matters wherever it happens
         log(message if world.size == 1 else f"rank {world.rank}: {message}")
@@ -484,6 +485,10 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
             save(trainer.model.zero_state(B))
             interrupted = stop_requested()
 
+    if interrupted and world.size > 1:
+        # A barrier: every rank leaves after the chief has written the checkpoint, since a launcher
+        # that sees one rank exit non-zero stops the others (srun --kill-on-bad-exit, horovodrun).
+        world.allreduce_sum([0.0])
     metrics = {"interrupted": interrupted, "save_path": save_path,
                "memory": dict(monitor.metrics(), mode=trainer.memory.describe(), changes=memory_changes)}
     if interrupted:
@@ -514,6 +519,10 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
         "global_batch_size": global_batch,
         "words_per_sec_per_rank": ([float(w) for w in world.allgather(np.array([speed.rate / world.size]))]
                                    if speed.seconds > 0 else None),
+        # What each rank holds at the end, to see every node took part and the replicas agree.
+        "ranks": world.allgather_object({
+            "rank": world.rank, "host": platform.node(), "test_perplexity": test_ppl,
+            "weights_norm": float(tf.linalg.global_norm(trainer.model.trainable_variables))}),
         "config": dataclasses.asdict(config),
         "rnn_mode": trainer.rnn_mode,
         "placement": dict(plan.as_dict(), schedule=options.placement),

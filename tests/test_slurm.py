@@ -1,0 +1,326 @@
+"""Slurm: its node lists and task counts, srun tasks joining through Horovod's Gloo rendezvous, the
+launch/ scripts, and the sbatch scripts run on a real Slurm cluster (tests/slurm_cluster.py): one
+node on 127.0.0.1, and two nodes in two network namespaces."""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import slurm_cluster
+from conftest import ROOT, run_ptb, write_corpus
+from distrnn import distributed, slurm
+from distrnn.errors import UsageError
+
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+
+
+# --- node lists and task counts ------------------------------------------------------------------
+@pytest.mark.parametrize("nodelist, names", [
+    ("gpu[01-03,07],cpu5", ["gpu01", "gpu02", "gpu03", "gpu07", "cpu5"]),
+    ("node1", ["node1"]),
+    ("n[9-11]", ["n9", "n10", "n11"]),
+    ("n[09-11]", ["n09", "n10", "n11"]),
+    ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
+    ("a[1,3],b-[2-3].ib", ["a1", "a3", "b-2.ib", "b-3.ib"]),
+])
+def test_node_lists_expand_as_slurm_writes_them(nodelist, names):
+    assert slurm.expand_nodelist(nodelist) == names
+
+
+@pytest.mark.parametrize("nodelist, problem", [("gpu[3-1]", "bad range '3-1'"), ("gpu[]", "bad range ''"),
+                                               ("gpu[1-2", "unbalanced"), ("gpu]1", "unbalanced"),
+                                               ("gpu[a]", "bad range 'a'"), ("", "expected names")])
+def test_bad_node_lists_are_refused_with_the_problem(nodelist, problem):
+    with pytest.raises(UsageError, match=re.escape(problem)):
+        slurm.expand_nodelist(nodelist)
+
+
+def test_task_counts_expand_their_repeats():
+    assert slurm.expand_tasks_per_node("4(x2),2") == [4, 4, 2]
+    assert slurm.expand_tasks_per_node("1(x3)") == [1, 1, 1]
+    assert slurm.expand_tasks_per_node("8") == [8]
+    for bad in ("4(x)", "0", "x2", "4,,2"):
+        with pytest.raises(UsageError, match="cannot read the Slurm task counts"):
+            slurm.expand_tasks_per_node(bad)
+
+
+def test_horovodrun_host_lists_from_the_allocation():
+    job = {"SLURM_JOB_NODELIST": "gpu[01-03,07],cpu5"}
+    assert slurm.horovod_hosts(dict(job, SLURM_NTASKS_PER_NODE="4")) == "gpu01:4,gpu02:4,gpu03:4,gpu07:4,cpu5:4"
+    assert (slurm.horovod_hosts(dict(job, SLURM_TASKS_PER_NODE="4(x2),2(x2),1", SLURM_NTASKS_PER_NODE="4"))
+            == "gpu01:4,gpu02:4,gpu03:2,gpu07:2,cpu5:1")  # the per-node counts win
+    # Inside a step, the step's own nodes and counts.
+    step = dict(job, SLURM_TASKS_PER_NODE="4(x5)", SLURM_STEP_NODELIST="gpu[01-02]", SLURM_STEP_TASKS_PER_NODE="2,1")
+    assert slurm.horovod_hosts(step) == "gpu01:2,gpu02:1"
+    with pytest.raises(UsageError, match=r"lists 5 node\(s\) but task counts for 2"):
+        slurm.horovod_hosts(dict(job, SLURM_TASKS_PER_NODE="4,4"))
+    with pytest.raises(UsageError, match="SLURM_JOB_NODELIST is not set: run this inside a Slurm allocation"):
+        slurm.horovod_hosts({})
+    with pytest.raises(UsageError, match="--ntasks-per-node"):
+        slurm.horovod_hosts(job)
+
+
+def test_the_helper_command_prints_hosts_and_count_or_one_line_errors():
+    env = dict(ENV, SLURM_JOB_NODELIST="gpu[01-02],cpu5", SLURM_TASKS_PER_NODE="4(x2),2")
+    command = [sys.executable, "-m", "distrnn.slurm"]
+    hosts = subprocess.run([*command, "hosts"], env=env, capture_output=True, text=True)
+    count = subprocess.run([*command, "np"], env=env, capture_output=True, text=True)
+    assert (hosts.returncode, hosts.stdout) == (0, "gpu01:4,gpu02:4,cpu5:2\n")
+    assert (count.returncode, count.stdout) == (0, "10\n")
+    outside = {k: v for k, v in ENV.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run([*command, "hosts"], env=outside, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == ("python -m distrnn.slurm: error: SLURM_JOB_NODELIST is not set: run this inside a "
+                           "Slurm allocation (sbatch, salloc or srun)\n")
+
+
+# --- srun tasks as Horovod processes -------------------------------------------------------------
+def step_env(procid, nodeid, localid, nodes="gpu[01-03]", counts="4(x2),2", **more):
+    return dict(SLURM_STEP_ID="0", SLURM_JOB_ID="1234", SLURM_STEP_NODELIST=nodes, SLURM_STEP_TASKS_PER_NODE=counts,
+                SLURM_STEP_NUM_TASKS=str(sum(slurm.expand_tasks_per_node(counts))), SLURM_PROCID=str(procid),
+                SLURM_NODEID=str(nodeid), SLURM_LOCALID=str(localid), **more)
+
+
+def test_srun_tasks_are_laid_out_as_horovodrun_lays_out_processes():
+    # 4 + 4 + 2 tasks: local rank 1 exists on all three nodes, local rank 3 on the first two.
+    task = slurm.srun_task(step_env(procid=9, nodeid=2, localid=1))
+    assert task == slurm.SrunTask(rank=9, size=10, local_rank=1, local_size=2, cross_rank=2, cross_size=3,
+                                  node="gpu03", slots=(("gpu01", 4), ("gpu02", 4), ("gpu03", 2)))
+    task = slurm.srun_task(step_env(procid=7, nodeid=1, localid=3))
+    assert (task.local_size, task.cross_rank, task.cross_size, task.node) == (4, 1, 2, "gpu02")
+    assert task.hosts == "gpu01:4,gpu02:4,gpu03:2"
+    # Not a task of a step of several: a batch script, a one-task step, a plain shell.
+    assert slurm.srun_task({"SLURM_JOB_ID": "1", "SLURM_PROCID": "0", "SLURM_JOB_NODELIST": "a"}) is None
+    assert slurm.srun_task(step_env(0, 0, 0, nodes="a", counts="1")) is None
+    assert slurm.srun_task({}) is None
+
+
+def test_srun_environment_names_the_rendezvous_and_the_interface_towards_it():
+    env = step_env(procid=5, nodeid=1, localid=1, DISTRNN_RENDEZVOUS_ADDR="127.0.0.1")
+    task = slurm.srun_task(env)
+    assert distributed.srun_environment(task, env) == {
+        "HOROVOD_GLOO_RENDEZVOUS_ADDR": "127.0.0.1", "HOROVOD_GLOO_RENDEZVOUS_PORT": str(20000 + 1234 * 101 % 10000),
+        "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo", "HOROVOD_GLOO_IFACE": "lo",
+        "HOROVOD_HOSTNAME": "gpu02", "HOROVOD_RANK": "5", "HOROVOD_SIZE": "10", "HOROVOD_LOCAL_RANK": "1",
+        "HOROVOD_LOCAL_SIZE": "4", "HOROVOD_CROSS_RANK": "1", "HOROVOD_CROSS_SIZE": "3"}
+    # Ports: the one given, else the step's reserved ports (srun --resv-ports), else from the ids.
+    assert distributed.rendezvous_port(dict(env, SLURM_STEP_RESV_PORTS="12000-12003")) == 12000
+    assert distributed.rendezvous_port(dict(env, DISTRNN_RENDEZVOUS_PORT="4567")) == 4567
+    assert distributed.rendezvous_port(dict(env, SLURM_STEP_ID="1")) == 20000 + (1234 * 101 + 1) % 10000
+    # A one-node step meets on loopback; several nodes at the first node's resolved name.
+    one_node = slurm.srun_task(step_env(1, 0, 1, nodes="gpu01", counts="2"))
+    assert distributed.rendezvous_address(one_node, {}) == "127.0.0.1"
+    here = socket.gethostname()
+    two = slurm.srun_task(step_env(1, 1, 0, nodes=f"{here},other", counts="1(x2)"))
+    assert distributed.rendezvous_address(two, {}) == socket.getaddrinfo(here, None, socket.AF_INET)[0][4][0]
+    unknown = slurm.srun_task(step_env(1, 1, 0, nodes="no-such-node-x[1-2]", counts="1(x2)"))
+    with pytest.raises(UsageError, match="cannot resolve the node name no-such-node-x1 .* set DISTRNN_RENDEZVOUS_ADDR"):
+        distributed.rendezvous_address(unknown, {})
+    misplaced = slurm.srun_task(step_env(0, 1, 0, nodes="a[1-2]", counts="1(x2)"))
+    with pytest.raises(UsageError, match="rank 0 runs on a2, not on the step's first node a1"):
+        distributed.rendezvous_address(misplaced, {})
+
+
+TWO_TASKS = """
+import os, sys, time
+from distrnn import distributed
+world = distributed.init()
+total = world.allreduce_sum([world.rank + 1])
+print(world.rank, world.size, world.local_rank, int(total[0]), os.environ["HOROVOD_GLOO_IFACE"], flush=True)
+"""
+
+
+def test_srun_tasks_join_without_a_launcher_in_any_order():
+    """Two processes with what srun sets (no horovodrun, no ssh): rank 1 starts 3 s before rank 0 serves
+    the rendezvous, and waits for it (Horovod alone gives up after a few quick tries)."""
+    port = slurm_cluster.free_port()
+    env = lambda rank: dict(ENV, **step_env(rank, 0, rank, nodes="localhost", counts="2"),  # noqa: E731
+                            DISTRNN_RENDEZVOUS_PORT=str(port))
+    late = subprocess.Popen([sys.executable, "-c", TWO_TASKS], env=env(1), stdout=subprocess.PIPE, text=True)
+    time.sleep(3)
+    first = subprocess.run([sys.executable, "-c", TWO_TASKS], env=env(0), capture_output=True, text=True, timeout=120)
+    out1, _ = late.communicate(timeout=120)
+    assert first.returncode == 0 and late.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.split() == ["0", "2", "0", "3", "lo"]
+    assert out1.split() == ["1", "2", "1", "3", "lo"]
+
+
+# --- launch/ scripts -------------------------------------------------------------------------
+def test_launch_scripts_refuse_bad_usage_with_one_line():
+    for script, args in (("one_node.sh", []), ("one_node.sh", ["x", "-m", "distrnn.ptb"]),
+                         ("hostfile.sh", ["/no/such/hosts", "-m", "distrnn.ptb"])):
+        proc = subprocess.run(["bash", os.path.join(ROOT, "launch", script), *args], capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"usage: bash launch/{script}"), proc.stderr
+        assert proc.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_hostfile_launch_trains_one_process_per_slot(tmp_path):
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("# this machine\nlocalhost slots=2\n\n")
+    corpus = write_corpus(tmp_path / "data")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "hostfile.sh"), str(hosts), "-m", "distrnn.ptb",
+                           "--config", "test", "--data_path", corpus, "--max_steps", "5", "--save_path",
+                           tmp_path / "run", "--metrics_json", tmp_path / "m.json"],
+                          env=dict(ENV, DISTRNN_PYTHON=sys.executable), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 5
+
+
+# --- a real Slurm ----------------------------------------------------------------------------
+# A tiny large-preset run on CPUs: the header's GPU request cleared on the command line, 2 tasks
+# of 1 core. keep_prob 1 so that a single process can reproduce it exactly.
+CPU_JOB = ["--gres=none", "--gpus-per-node=0", "--cpus-per-task=1"]
+TINY = ["--hidden_size", "16", "--num_steps", "5", "--keep_prob", "1.0", "--checkpoint_every", "100"]
+STEPS = 1500
+
+
+def skip_without_slurm(netns=False):
+    reason = slurm_cluster.missing() or (netns and slurm_cluster.netns_missing())
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    skip_without_slurm()
+    with slurm_cluster.SlurmCluster([socket.gethostname().split(".")[0]]) as c:
+        yield c
+    c.remove()
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    skip_without_slurm(netns=True)
+    with slurm_cluster.SlurmCluster(["n1", "n2"], netns=True) as c:
+        yield c
+    c.remove()
+
+
+@pytest.fixture(scope="module")
+def job_dir(tmp_path_factory):
+    """A submit directory (logs/ for --output=logs/%x-%j.out, runs/ for the save paths) with a corpus,
+    and another for the two-node cluster, whose job ids start at 1 again."""
+    path = tmp_path_factory.mktemp("slurm")
+    for directory in (path, path / "two_nodes"):
+        (directory / "logs").mkdir(parents=True)
+    write_corpus(path / "data", train_words=20000)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(job_dir):
+    """The test perplexity of one process training what the jobs train, uninterrupted."""
+    out = job_dir / "reference.json"
+    run_ptb("--config", "large", "--global_batch_size", "20", *TINY, "--data_path", job_dir / "data",
+            "--max_steps", STEPS, "--save_path", job_dir / "reference", "--metrics_json", out, check=0)
+    return json.loads(out.read_text())
+
+
+def job_env():
+    return {"DISTRNN_ROOT": ROOT, "DISTRNN_PYTHON": sys.executable, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def log_of(job_dir, name, job_id):
+    path = job_dir / "logs" / f"{name}-{job_id}.out"
+    return path.read_text() if path.exists() else ""
+
+
+def wait_for_log(cluster, job_dir, job_id, pattern, count=1, timeout=120):
+    cluster.wait_for(lambda: len(re.findall(pattern, log_of(job_dir, "ptb_large", job_id))) >= count, timeout,
+                     f"{count} x {pattern!r} in job {job_id}'s log:\n{log_of(job_dir, 'ptb_large', job_id)[-2000:]}")
+
+
+def release(cluster, job_id, restarts):
+    """Waits until the job is back in the queue after its restarts-th requeue and lets it start: Slurm
+    holds a requeued job for two minutes (BeginTime) before it may run again."""
+    cluster.wait_for(lambda: cluster.job(job_id).get("Restarts") == str(restarts)
+                     and cluster.job(job_id)["JobState"] == "PENDING", 120, f"job {job_id} requeued")
+    cluster.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
+
+@pytest.mark.slow
+def test_sbatch_ptb_large_stops_before_its_time_limit_requeues_and_resumes(cluster, job_dir, reference):
+    job = cluster.sbatch(*CPU_JOB, "--ntasks-per-node=2", os.path.join(ROOT, "slurm", "ptb_large.sh"),
+                         "--data_path", job_dir / "data", *TINY, "--max_steps", STEPS, env=job_env(), cwd=job_dir)
+    wait_for_log(cluster, job_dir, job, r"step \d+/\d+ \(")
+    # What --signal=USR1@300 does ahead of the time limit: SIGUSR1 to every task of the job's steps.
+    cluster.command("scancel", "--signal=USR1", job)
+    release(cluster, job, restarts=1)
+    wait_for_log(cluster, job_dir, job, r"step \d+/\d+ \(", count=2)
+    # Requeued by the scheduler (scontrol requeue, preemption): SIGTERM to the tasks.
+    cluster.command("scontrol", "requeue", job)
+    release(cluster, job, restarts=2)
+    info = cluster.wait_for_state(job, ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"], 300)
+    log = log_of(job_dir, "ptb_large", job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "2"), log[-3000:]
+
+    assert [int(n) for n in re.findall(r"\[slurm\] job \d+ \(ptb_large\) start (\d+)", log)] == [1, 2, 3]
+    assert "tasks 0-1: Exited with exit code 138" in log
+    assert "[slurm] stopped ahead of the time limit with a checkpoint; requeueing job" in log
+    assert "tasks 0-1: Exited with exit code 143" in log
+    resumed = [int(s) for s in re.findall(r"resumed from \S+/ckpt-(\d+) at epoch", log)]
+    assert len(resumed) == 2 and 0 < resumed[0] < resumed[1] < STEPS, log[-3000:]
+    assert log.count("--resume: no checkpoint") == 1  # only the first start began from scratch
+    save_path = job_dir / "runs" / f"ptb_large-{job}"
+    metrics = json.loads((save_path / "metrics.json").read_text())
+    assert (metrics["world_size"], metrics["global_batch_size"], metrics["steps"]) == (2, 20, STEPS)
+    assert os.path.exists(save_path / "checkpoints" / f"ckpt-{STEPS}.index")
+    # Stopped twice, it ends where one uninterrupted process ends.
+    assert metrics["test_perplexity"] == pytest.approx(reference["test_perplexity"], rel=1e-5)
+    for a, b in zip(metrics["history"], reference["history"]):
+        assert a["valid_perplexity"] == pytest.approx(b["valid_perplexity"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_bad_flag_fails_the_job_with_one_line_in_its_log(cluster, job_dir):
+    job = cluster.sbatch(*CPU_JOB, "--ntasks-per-node=1", os.path.join(ROOT, "slurm", "ptb_small.sh"),
+                         "--data_path", job_dir / "data", "--hidden_sise", "16", env=job_env(), cwd=job_dir)
+    info = cluster.wait_for_state(job, ["COMPLETED", "FAILED", "CANCELLED"], 120)
+    log = log_of(job_dir, "ptb_small", job)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), log
+    errors = [line for line in log.splitlines() if "error" in line and "srun" not in line]
+    assert errors == ["distrnn.ptb: error: unrecognized arguments: --hidden_sise 16 (did you mean --hidden_size?); "
+                      "see --help for the flags"], log
+    assert "Traceback" not in log
+
+
+@pytest.mark.slow
+def test_horovodrun_inside_an_allocation_uses_the_slurm_host_list(cluster, job_dir):
+    script = os.path.join(ROOT, "launch", "slurm_horovodrun.sh")
+    out = job_dir / "horovodrun.json"
+    job = cluster.sbatch(*CPU_JOB, "--ntasks-per-node=2", "--job-name=hvdrun", "--output=logs/%x-%j.out",
+                         "--wrap", f"bash {script} -m distrnn.ptb --config test --data_path {job_dir / 'data'} "
+                                   f"--max_steps 5 --save_path {job_dir / 'hvdrun'} --metrics_json {out}",
+                         env=job_env(), cwd=job_dir)
+    info = cluster.wait_for_state(job, ["COMPLETED", "FAILED", "CANCELLED"], 180)
+    log = log_of(job_dir, "hvdrun", job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert f"[slurm_horovodrun] 2 processes on {cluster.nodes[0]}:2" in log
+    assert json.loads(out.read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_two_nodes_train_together_through_srun(two_node_cluster, job_dir, reference):
+    """Two slurmd, each a node in its own network namespace: 2 nodes x 1 task, through srun and the
+    Gloo rendezvous rank 0 serves on n1 (no ssh, no horovodrun)."""
+    job = two_node_cluster.sbatch(*CPU_JOB, "--nodes=2", "--ntasks-per-node=1",
+                                  os.path.join(ROOT, "slurm", "ptb_large.sh"), "--data_path", job_dir / "data",
+                                  *TINY, "--max_steps", STEPS, env=job_env(), cwd=job_dir / "two_nodes")
+    info = two_node_cluster.wait_for_state(job, ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"], 300)
+    log = log_of(job_dir / "two_nodes", "ptb_large", job)
+    assert (info["JobState"], info["ExitCode"], info["NodeList"]) == ("COMPLETED", "0:0", "n[1-2]"), log[-3000:]
+    assert "2 task(s), n1:1,n2:1" in log
+    metrics = json.loads((job_dir / "two_nodes" / "runs" / f"ptb_large-{job}" / "metrics.json").read_text())
+    ranks = metrics["ranks"]
+    assert [(r["rank"], r["host"]) for r in ranks] == [(0, "n1"), (1, "n2")]
+    assert ranks[0]["test_perplexity"] == ranks[1]["test_perplexity"] == metrics["test_perplexity"]
+    assert ranks[0]["weights_norm"] == ranks[1]["weights_norm"]  # the replicas agree to the bit
+    assert metrics["steps"] == STEPS and len(metrics["words_per_sec_per_rank"]) == 2
+    assert metrics["test_perplexity"] == pytest.approx(reference["test_perplexity"], rel=1e-5)
