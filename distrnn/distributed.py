@@ -23,6 +23,7 @@ from distrnn.errors import UsageError
 LR_SCALINGS = ("none", "linear", "sqrt")
 # Set by horovodrun (Gloo), mpirun (Open MPI) or an MPI launcher (srun --mpi=pmi2 / pmix, Intel MPI's PMI).
 LAUNCH_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+MPI_VARIABLES = LAUNCH_VARIABLES[1:]
 # srun tasks meet at a Gloo rendezvous that rank 0 serves, on DISTRNN_RENDEZVOUS_PORT, else the first of
 # the step's reserved ports (srun --resv-ports), else a port derived from the job and step ids in
 # 20000-29999 (below Linux's ephemeral ports, so no outgoing connection holds it).
@@ -39,6 +40,17 @@ def horovod_version() -> Optional[str]:
 
 def launched_by_horovod() -> bool:
     return any(name in os.environ for name in LAUNCH_VARIABLES)
+
+
+def mpi_joins_ranks() -> bool:
+    """Whether an MPI launcher started this process and Horovod has MPI to meet the others through."""
+    if "HOROVOD_RANK" in os.environ or not any(name in os.environ for name in MPI_VARIABLES):
+        return False
+    try:
+        import horovod.tensorflow as hvd
+    except ImportError:
+        return False
+    return hvd.mpi_built()
 
 
 def srun_environment(task: slurm.SrunTask, env=os.environ) -> dict:
@@ -87,7 +99,8 @@ def rendezvous_port(env=os.environ) -> int:
     if env.get("SLURM_STEP_RESV_PORTS"):
         return int(re.split(r"[-,]", env["SLURM_STEP_RESV_PORTS"])[0])
     job, step = int(env.get("SLURM_JOB_ID", 0)), int(env.get("SLURM_STEP_ID", 0))
-    # 101 is prime to the range's length: jobs a few ids apart never share a port.
+    # 101 is prime to the range's 10,000 ports: the first steps of two jobs share a port only when
+    # their ids differ by a multiple of 10,000.
     return RENDEZVOUS_PORTS[(job * 101 + step) % len(RENDEZVOUS_PORTS)]
 
 
@@ -285,8 +298,8 @@ def init(gpus_per_rank: int = 0) -> World:
     `gpus_per_rank` GPUs when that is given. Must run before TensorFlow starts its devices.
 
     A task of an srun step of several tasks joins the others through Gloo (srun_environment), unless
-    an MPI launcher started it (srun --mpi=pmix), in which case Horovod's MPI finds the others."""
-    task = None if launched_by_horovod() else slurm.srun_task()
+    an MPI launcher started it (srun --mpi=pmix) and Horovod has MPI, which then finds the others."""
+    task = None if "HOROVOD_RANK" in os.environ or mpi_joins_ranks() else slurm.srun_task()
     if task is not None:
         os.environ.update(srun_environment(task))
     if not launched_by_horovod():
@@ -311,6 +324,10 @@ def init(gpus_per_rank: int = 0) -> World:
             # As long as Horovod itself waits for the other ranks at the rendezvous.
             wait_for_rendezvous(os.environ["HOROVOD_GLOO_RENDEZVOUS_ADDR"], port,
                                 float(os.environ.get("HOROVOD_GLOO_TIMEOUT_SECONDS", 30)), task.rank)
+    elif "HOROVOD_RANK" not in os.environ and not hvd.mpi_built():
+        # Horovod would start as a job of one, and every process would train alone.
+        raise UsageError("started by an MPI launcher, but this Horovod was built without MPI: start with "
+                         "horovodrun --gloo, or srun without --mpi")
     if os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"):
         check_own_name_resolves()
     hvd.init()  # Horovod:

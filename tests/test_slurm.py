@@ -135,12 +135,14 @@ print(world.rank, world.size, world.local_rank, int(total[0]), os.environ["HOROV
 """
 
 
-def test_srun_tasks_join_without_a_launcher_in_any_order():
+@pytest.mark.parametrize("mpi", [{}, {"PMIX_RANK": "0"}], ids=["srun", "srun_mpi_pmix"])
+def test_srun_tasks_join_without_a_launcher_in_any_order(mpi):
     """Two processes with what srun sets (no horovodrun, no ssh): rank 1 starts 3 s before rank 0 serves
-    the rendezvous, and waits for it (Horovod alone gives up after a few quick tries)."""
+    the rendezvous, and waits for it (Horovod alone gives up after a few quick tries). With
+    srun --mpi=pmix and a Horovod without MPI (this one), the tasks still meet through Gloo."""
     port = slurm_cluster.free_port()
     env = lambda rank: dict(ENV, **step_env(rank, 0, rank, nodes="localhost", counts="2"),  # noqa: E731
-                            DISTRNN_RENDEZVOUS_PORT=str(port))
+                            DISTRNN_RENDEZVOUS_PORT=str(port), **mpi)
     late = subprocess.Popen([sys.executable, "-c", TWO_TASKS], env=env(1), stdout=subprocess.PIPE, text=True)
     time.sleep(3)
     first = subprocess.run([sys.executable, "-c", TWO_TASKS], env=env(0), capture_output=True, text=True, timeout=120)
@@ -148,6 +150,19 @@ def test_srun_tasks_join_without_a_launcher_in_any_order():
     assert first.returncode == 0 and late.returncode == 0, first.stderr[-2000:]
     assert first.stdout.split() == ["0", "2", "0", "3", "lo"]
     assert out1.split() == ["1", "2", "1", "3", "lo"]
+
+
+def test_an_mpi_launch_without_mpi_in_horovod_is_refused(corpus, tmp_path):
+    """mpirun (or srun --mpi outside a step) with a Horovod without MPI would start N jobs of one."""
+    if not distributed.horovod_version():
+        pytest.skip("Horovod is not installed")
+    import horovod.tensorflow as hvd
+    if hvd.mpi_built():
+        pytest.skip("this Horovod has MPI, so an MPI launch is valid")
+    proc = run_ptb("--config", "test", "--data_path", corpus, "--save_path", tmp_path / "run",
+                   env={"OMPI_COMM_WORLD_RANK": "0"}, check=2)
+    assert proc.stderr == ("distrnn.ptb: error: started by an MPI launcher, but this Horovod was built without MPI: "
+                           "start with horovodrun --gloo, or srun without --mpi\n")
 
 
 # --- launch/ scripts -------------------------------------------------------------------------
