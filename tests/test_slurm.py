@@ -247,9 +247,14 @@ def log_of(job_dir, name, job_id):
     return path.read_text() if path.exists() else ""
 
 
-def wait_for_log(cluster, job_dir, job_id, pattern, count=1, timeout=120):
-    cluster.wait_for(lambda: len(re.findall(pattern, log_of(job_dir, "ptb_large", job_id))) >= count, timeout,
-                     f"{count} x {pattern!r} in job {job_id}'s log:\n{log_of(job_dir, 'ptb_large', job_id)[-2000:]}")
+def wait_for_progress(cluster, job_dir, job_id, start, timeout=120):
+    """Waits for a progress line of the job's start-th start (the log holds every start's lines)."""
+    def progressed():
+        log = log_of(job_dir, "ptb_large", job_id)
+        marker = f"(ptb_large) start {start} on"
+        return marker in log and re.search(r"step \d+/\d+ \(", log.split(marker, 1)[1])
+    cluster.wait_for(progressed, timeout, f"progress in start {start} of job {job_id}:\n"
+                                          f"{log_of(job_dir, 'ptb_large', job_id)[-2000:]}")
 
 
 def release(cluster, job_id, restarts):
@@ -264,11 +269,11 @@ def release(cluster, job_id, restarts):
 def test_sbatch_ptb_large_stops_before_its_time_limit_requeues_and_resumes(cluster, job_dir, reference):
     job = cluster.sbatch(*CPU_JOB, "--ntasks-per-node=2", os.path.join(ROOT, "slurm", "ptb_large.sh"),
                          "--data_path", job_dir / "data", *TINY, "--max_steps", STEPS, env=job_env(), cwd=job_dir)
-    wait_for_log(cluster, job_dir, job, r"step \d+/\d+ \(")
+    wait_for_progress(cluster, job_dir, job, start=1)
     # What --signal=USR1@300 does ahead of the time limit: SIGUSR1 to every task of the job's steps.
     cluster.command("scancel", "--signal=USR1", job)
     release(cluster, job, restarts=1)
-    wait_for_log(cluster, job_dir, job, r"step \d+/\d+ \(", count=2)
+    wait_for_progress(cluster, job_dir, job, start=2)
     # Requeued by the scheduler (scontrol requeue, preemption): SIGTERM to the tasks.
     cluster.command("scontrol", "requeue", job)
     release(cluster, job, restarts=2)
