@@ -12,12 +12,14 @@ import dataclasses
 import os
 import re
 import socket
+import threading
+import time
 from typing import Any, Optional
 
 import numpy as np
 
 from distrnn import slurm
-from distrnn.errors import UsageError
+from distrnn.errors import RankLost, UsageError
 
 # How the learning rate may follow a global batch larger than the config's batch_size.
 LR_SCALINGS = ("none", "linear", "sqrt")
@@ -44,7 +46,7 @@ def launched_by_horovod() -> bool:
 
 def mpi_joins_ranks() -> bool:
     """Whether an MPI launcher started this process and Horovod has MPI to meet the others through."""
-    if "HOROVOD_RANK" in os.environ or not any(name in os.environ for name in MPI_VARIABLES):
+    if not any(name in os.environ for name in MPI_VARIABLES):
         return False
     try:
         import horovod.tensorflow as hvd
@@ -135,7 +137,6 @@ def check_own_name_resolves() -> None:
 def serve_rendezvous(task: slurm.SrunTask, port: int):
     """Rank 0: Horovod's own rendezvous server (what horovodrun runs), for the step's layout, in a
     thread of this process; the other tasks retry until it answers."""
-    import threading
     from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
     from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
     try:
@@ -151,8 +152,6 @@ def serve_rendezvous(task: slurm.SrunTask, port: int):
 def wait_for_rendezvous(address: str, port: int, timeout: float, rank: int) -> None:
     """Waits until rank 0's rendezvous accepts connections: Horovod gives up after a few quick tries
     (measured: it aborts the process when the server is not up yet), and tasks start in any order."""
-    import time
-    from distrnn.errors import RankLost
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -270,7 +269,6 @@ def stop_if_a_rank_is_lost(world: World, checkpoint_hint: str):
     except Exception as error:
         if world.size < 2 or not collective_failed(error):
             raise
-        from distrnn.errors import RankLost
         raise RankLost(f"rank {world.rank} lost contact with the other ranks ({failure_reason(error)}): another "
                        f"rank died, hung or lost its network; {checkpoint_hint}") from None
 
@@ -299,9 +297,11 @@ def init(gpus_per_rank: int = 0) -> World:
 
     A task of an srun step of several tasks joins the others through Gloo (srun_environment), unless
     an MPI launcher started it (srun --mpi=pmix) and Horovod has MPI, which then finds the others."""
-    task = None if "HOROVOD_RANK" in os.environ or mpi_joins_ranks() else slurm.srun_task()
+    by_horovodrun = "HOROVOD_RANK" in os.environ
+    task = None if by_horovodrun or mpi_joins_ranks() else slurm.srun_task()
     if task is not None:
-        os.environ.update(srun_environment(task))
+        srun_env = srun_environment(task)
+        os.environ.update(srun_env)
     if not launched_by_horovod():
         world = World(gpus_per_rank=gpus_per_rank)
         if gpus_per_rank:
@@ -317,14 +317,14 @@ def init(gpus_per_rank: int = 0) -> World:
         if not hvd.gloo_built():
             raise UsageError("started by srun, but this Horovod was built without Gloo: start with srun "
                              "--mpi=pmix (Horovod built with MPI), or rebuild it with bash launch/setup.sh")
-        port = int(os.environ["HOROVOD_GLOO_RENDEZVOUS_PORT"])
+        port = int(srun_env["HOROVOD_GLOO_RENDEZVOUS_PORT"])
         if task.rank == 0:
             serve_rendezvous(task, port)
         else:
             # As long as Horovod itself waits for the other ranks at the rendezvous.
-            wait_for_rendezvous(os.environ["HOROVOD_GLOO_RENDEZVOUS_ADDR"], port,
+            wait_for_rendezvous(srun_env["HOROVOD_GLOO_RENDEZVOUS_ADDR"], port,
                                 float(os.environ.get("HOROVOD_GLOO_TIMEOUT_SECONDS", 30)), task.rank)
-    elif "HOROVOD_RANK" not in os.environ and not hvd.mpi_built():
+    elif not by_horovodrun and not hvd.mpi_built():
         # Horovod would start as a job of one, and every process would train alone.
         raise UsageError("started by an MPI launcher, but this Horovod was built without MPI: start with "
                          "horovodrun --gloo, or srun without --mpi")
