@@ -9,12 +9,18 @@ import difflib
 import sys
 from typing import Callable, Dict, List
 
-from distrnn.config import field_types
+from distrnn.config import field_types, override
 from distrnn.errors import DistrnnError, UsageError
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports bad flags as a UsageError (one line, exit 2) and suggests close names."""
+    """argparse that reports bad flags as a UsageError (one line, exit 2) and suggests close names.
+    Abbreviations are refused: a typo such as --num_layer would silently mean --num_layers, and an
+    abbreviation that is unique today becomes ambiguous when a flag is added."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         if message.startswith("unrecognized arguments:"):
@@ -54,6 +60,104 @@ def field_comments(config_cls) -> Dict[str, str]:
         if m:
             comments[m.group(1)] = m.group(2)
     return {f.name: comments.get(f.name) for f in dataclasses.fields(config_cls)}
+
+
+def add_job_flags(parser: argparse.ArgumentParser, job: str, presets, default_config: str, data_help: str):
+    """The flags every training entry point shares (distrnn.training.JobOptions); returns the groups
+    {"ranks", "memory"} so an entry point can add its own flags to them."""
+    from distrnn import distributed, placement  # not at the top: distributed imports slurm, which imports cli
+    parser.add_argument("--config", default=default_config,
+                        help=f"preset: {', '.join(presets.names())} (default {default_config})")
+    parser.add_argument("--list_configs", action="store_true", help="print the presets and what they cost, and exit")
+    parser.add_argument("--data_path", help=data_help)
+    parser.add_argument("--save_path", help="where checkpoints, TensorBoard logs, plots and config.json go "
+                        f"(default runs/{job}-CONFIG-TIME)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --save_path "
+                        "(starts fresh when there is none)")
+    parser.add_argument("--max_epochs", type=int, default=0, help="stop after N epochs in all (default: the preset's)")
+    parser.add_argument("--max_steps", type=int, default=0, help="stop after N training steps in all")
+    parser.add_argument("--metrics_json", help="write the final figures to this JSON file")
+    parser.add_argument("--seed", type=int, default=1, help="seed for weights, dropout and shuffling (default 1)")
+    parser.add_argument("--checkpoint_every", type=int, default=500,
+                        help="steps between checkpoints; one is also saved after every epoch (default 500)")
+    devices = parser.add_argument_group("devices (model parallelism)")
+    devices.add_argument("--devices", help="comma-separated devices for the model's parts, e.g. /gpu:0,/gpu:1")
+    devices.add_argument("--num_gpus", type=int, default=0, help="use /gpu:0 ... /gpu:N-1")
+    devices.add_argument("--virtual_devices", type=int, default=0,
+                         help="split the CPU into N logical devices and place the model on them")
+    devices.add_argument("--strategy", default="round_robin", choices=placement.STRATEGIES,
+                         help="how parts are mapped to devices (default round_robin)")
+    devices.add_argument("--placement", default="sequential", choices=placement.PLACEMENTS,
+                         help="sequential: one layer after another; pipeline: a wavefront so all devices work at "
+                              "once (default sequential)")
+    ranks = parser.add_argument_group("several processes (under horovodrun or srun)")
+    ranks.add_argument("--gpus_per_rank", type=int, default=0,
+                       help="GPUs each rank owns (rank r: local GPUs r*K ... r*K+K-1), its layers placed across them; "
+                            "default one GPU per rank")
+    ranks.add_argument("--global_batch_size", type=int, default=0,
+                       help="rows of one step over all ranks, split evenly (default: batch_size x ranks)")
+    ranks.add_argument("--lr_scaling", default="none", choices=distributed.LR_SCALINGS,
+                       help="scale the learning rate with global batch / batch_size (default none: see README)")
+    ranks.add_argument("--lr_warmup_steps", type=int, default=0,
+                       help="reach the scaled learning rate linearly over N steps")
+    mem = parser.add_argument_group("memory")
+    mem.add_argument("--mem_warn", type=float, default=0.90,
+                     help="warn once when a GPU's or the host's memory in use reaches this fraction (default 0.90)")
+    mem.add_argument("--mem_stop", type=float, default=0.97,
+                     help="save a checkpoint and exit with code 76 when it reaches this fraction (default 0.97)")
+    mem.add_argument("--mem_interval", type=float, default=5.0, help="seconds between memory samples (default 5)")
+    mem.add_argument("--recompute", type=int, default=0, metavar="K",
+                     help="backprop through time keeps every K-th LSTM state and recomputes the rest (K near "
+                          "sqrt(num_steps): least memory; about one more forward pass of time)")
+    mem.add_argument("--swap_memory", action="store_true",
+                     help="backprop through time keeps the LSTM activations in host memory, fetched back segment by "
+                          "segment (GPU memory of about two segments)")
+    return {"ranks": ranks, "memory": mem}
+
+
+def check_job_flags(args: argparse.Namespace) -> None:
+    """Refuses values of the shared flags that cannot run, before TensorFlow is imported."""
+    for flag in ("max_epochs", "max_steps", "checkpoint_every", "num_gpus", "virtual_devices", "global_batch_size",
+                 "lr_warmup_steps", "gpus_per_rank", "recompute"):
+        value = getattr(args, flag)
+        if value < 0 or (flag == "checkpoint_every" and value == 0):
+            raise UsageError(f"--{flag} must be {'positive' if flag == 'checkpoint_every' else '>= 0'}, got {value}")
+    if not 0 < args.mem_warn <= args.mem_stop <= 1:
+        raise UsageError(f"memory thresholds must satisfy 0 < --mem_warn <= --mem_stop <= 1, got --mem_warn "
+                         f"{args.mem_warn:g} --mem_stop {args.mem_stop:g}")
+    if args.mem_interval <= 0:
+        raise UsageError(f"--mem_interval must be positive, got {args.mem_interval:g}")
+    if args.recompute and args.swap_memory:
+        raise UsageError("--recompute and --swap_memory are alternatives: recompute keeps less, swap keeps all "
+                         "of it on the host; pass one of them")
+
+
+def job_options(args: argparse.Namespace, options_cls):
+    """The run options dataclass filled from the flags of the same names (config_name from --config)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(options_cls) if hasattr(args, f.name)}
+    return options_cls(config_name=args.config, **values)
+
+
+def list_configs(presets, describe: Callable[[str], str]) -> None:
+    """Each preset's name, `describe(name)` (its result and cost) and its fields."""
+    for name in presets.names():
+        fields = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(presets.get(name)).items())
+        print(f"{name:9s} {describe(name)}\n          {fields}")
+
+
+def run_training(argv: List[str], build_parser, presets, describe: Callable[[str], str], train_module: str) -> int:
+    """A training entry point: --list_configs, or the flags checked, the preset overridden and
+    `train_module`'s train_and_evaluate run with its RunOptions; returns the exit code."""
+    parser, names = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_configs:
+        list_configs(presets, describe)
+        return 0
+    check_job_flags(args)
+    config = override(presets.get(args.config), config_overrides(args, names))
+    import importlib
+    train = importlib.import_module(train_module)  # TensorFlow is imported only once the flags are known to be good
+    return train.train_and_evaluate(config, job_options(args, train.RunOptions))["interrupted"] or 0
 
 
 def run_main(prog: str, fn: Callable[[], int]) -> int:

@@ -66,6 +66,24 @@ def check(condition: bool, message: str) -> None:
         raise UsageError(message)
 
 
+# Kept in step with distrnn.rnn.UNROLL_MODES and CELLS (tested); listed here so
+# that parsing flags does not import TensorFlow.
+RNN_MODES = ("static", "dynamic", "block", "cudnn", "auto")
+CELLS = ("lstm", "gru", "rnn")
+
+
+def check_recurrence(cell: str, rnn_mode: str, use_peepholes: bool) -> None:
+    """The cell and unrolling-mode fields every recurrent config has: known, and able to run together."""
+    check(rnn_mode in RNN_MODES, f"rnn_mode must be one of {', '.join(RNN_MODES)}, got {rnn_mode!r}")
+    check(cell in CELLS, f"cell must be one of {', '.join(CELLS)}, got {cell!r}")
+    check(not use_peepholes or cell == "lstm",
+          f"use_peepholes needs cell lstm, got cell {cell!r}; drop --use_peepholes")
+    check(rnn_mode not in ("block", "cudnn") or cell == "lstm",
+          f"rnn_mode {rnn_mode} runs LSTM cells only; use --rnn_mode auto, static or dynamic for {cell}")
+    check(not (rnn_mode == "cudnn" and use_peepholes),
+          "cuDNN has no peephole LSTM; use --rnn_mode block, static or dynamic with --use_peepholes")
+
+
 class Registry:
     """Named presets of one config class."""
 

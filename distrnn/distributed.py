@@ -9,6 +9,9 @@ is the identity.
 """
 import contextlib
 import dataclasses
+import hashlib
+import json
+import math
 import os
 import re
 import socket
@@ -257,6 +260,54 @@ def failure_reason(error: BaseException) -> str:
     line = re.sub(r"\{\{[^}]*\}\}\s*", "", lines[-1]) if lines else type(error).__name__  # {{function_node ...}}
     line = re.sub(r"^\[[^\]]*\.(cc|h):\d+\]\s*", "", line)                             # [gloo/.../pair.cc:589]
     return line.split(". ")[0].rstrip(".")
+
+
+def on_chief(world: World, fn):
+    """Runs fn on rank 0 only and returns its result on every rank; a UsageError there is
+    raised on every rank, so no rank is left waiting for the others."""
+    result, error = None, None
+    if world.is_chief:
+        try:
+            result = fn()
+        except UsageError as e:
+            error = str(e)
+    result, error = world.broadcast_object((result, error))
+    if error:
+        raise UsageError(error)
+    return result
+
+
+def check_same_run(world: World, config, options) -> None:
+    """Every rank must train the same thing: ranks started with other flags would deadlock or
+    diverge silently, so a hash of the config and run options (dataclasses) is compared with rank 0's."""
+    if world.size == 1:
+        return
+    text = json.dumps([dataclasses.asdict(config), dataclasses.asdict(options)], sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    differing = int(world.allreduce_sum([digest != world.broadcast_object(digest)])[0])
+    if differing:
+        raise UsageError(f"{differing} of {world.size} ranks started with a config or flags different from rank 0's; "
+                         "start every rank with the same command line")
+
+
+def per_rank_config(config, global_batch_size: int, world: World):
+    """With --global_batch_size, each rank's batch_size is its share of it."""
+    if not global_batch_size:
+        return config
+    if global_batch_size < world.size or global_batch_size % world.size:
+        raise UsageError(f"--global_batch_size {global_batch_size} cannot be split evenly over {world.size} ranks; "
+                         f"use a multiple of {world.size}")
+    return dataclasses.replace(config, batch_size=global_batch_size // world.size)
+
+
+def lr_factor(batch_ratio: float, scaling: str = "none", step: int = 0, warmup_steps: int = 0) -> float:
+    """What multiplies a config's learning rate for a global batch `batch_ratio` times the one it was
+    tuned for: 1 (none), batch_ratio (linear, Goyal et al. 2017) or its square root (sqrt), ramped up
+    linearly from 1 over the first `warmup_steps` steps."""
+    factor = {"none": 1.0, "linear": batch_ratio, "sqrt": math.sqrt(batch_ratio)}[scaling]
+    if warmup_steps and step < warmup_steps:
+        factor = 1.0 + (factor - 1.0) * step / warmup_steps
+    return factor
 
 
 @contextlib.contextmanager

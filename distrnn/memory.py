@@ -9,6 +9,7 @@ Every `interval` seconds a thread reads:
 The used fraction of a device (or the host) counts every process on it, since any of them can make
 the next allocation fail.
 """
+import re
 import sys
 import threading
 from typing import Callable, Dict, List, Optional
@@ -159,6 +160,15 @@ ADVICE = ("To need less: --recompute K keeps one LSTM state in K and recomputes 
           "keeps the activations in host memory (the GPU holds two segments of them), a lower --batch_size or "
           "--num_steps shrinks activation memory in proportion, more devices (--num_gpus N, --devices) split the "
           "layers between them, and more ranks with --global_batch_size split the batch.")
+
+
+def oom_reason(error) -> str:
+    """From TensorFlow's out-of-memory message, the line that says which tensor could not be
+    allocated, on which device (without the job/replica/task prefix)."""
+    found = re.search(r"OOM when allocating[^\n]*", error.message or "")
+    if not found:
+        return "ResourceExhaustedError"
+    return re.sub(r"/job:[^/]*/replica:\d+/task:\d+/", "", found.group(0)).strip()
 
 
 def _load_nvml():

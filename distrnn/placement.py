@@ -250,6 +250,14 @@ def resolve_devices(devices: Optional[str] = None, num_gpus: int = 0, virtual_de
     return wanted
 
 
+def job_devices(devices: Optional[str], num_gpus: int, virtual_devices: int, gpus_per_rank: int) -> List[str]:
+    """resolve_devices for a job's flags: with --gpus_per_rank K and no other device flag, the
+    layers go across the rank's K GPUs (which distributed.init made /gpu:0 ... /gpu:K-1)."""
+    if not (num_gpus or devices or virtual_devices):
+        num_gpus = gpus_per_rank
+    return resolve_devices(devices, num_gpus, virtual_devices)
+
+
 def on_device(device: str, fn):
     """fn(*tensors) -> list of tensors, run on `device` in the forward AND the backward pass.
 

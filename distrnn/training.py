@@ -3,18 +3,99 @@ signal handling, progress lines, TensorBoard, plots and metrics files.
 
 Only the chief process writes; callers pass `world.is_chief`.
 """
+import dataclasses
 import datetime
 import json
 import math
 import os
 import platform
 import signal
+import time
 from typing import Dict, List, Optional
 
+import numpy as np
 import tensorflow as tf
 
 from distrnn import distributed
-from distrnn.errors import UsageError
+from distrnn.errors import OutOfMemory, UsageError
+from distrnn.rnn import Memory
+
+
+@dataclasses.dataclass
+class JobOptions:
+    """How a training job runs, as opposed to what it trains (the config). Every entry point's
+    RunOptions extends these; the flags of the same names are in distrnn.cli."""
+    data_path: Optional[str] = None      # the data set's directory; None: download to the cache
+    save_path: Optional[str] = None      # checkpoints, TensorBoard, plots; None: runs/<job>-<config>-<time>
+    resume: bool = False                 # continue from the latest checkpoint in save_path
+    max_epochs: int = 0                  # stop after this many epochs in all (0: the config's)
+    max_steps: int = 0                   # stop after this many training steps in all (0: no limit)
+    metrics_json: Optional[str] = None   # write the final figures here
+    seed: int = 1                        # weights, dropout masks, shuffling
+    checkpoint_every: int = 500          # steps between checkpoints (also saved after every epoch)
+    devices: Optional[str] = None        # comma-separated devices for the layers, e.g. /gpu:0,/gpu:1
+    num_gpus: int = 0                    # use /gpu:0 ... /gpu:N-1
+    virtual_devices: int = 0             # split the CPU into N logical devices and use them
+    strategy: str = "round_robin"        # placement strategy: round_robin or balanced
+    placement: str = "sequential"        # sequential or pipeline (wavefront across the layers' devices)
+    gpus_per_rank: int = 0               # rank r owns local GPUs r*K ... r*K+K-1 and places its layers on them
+    global_batch_size: int = 0           # rows of one step over all ranks (0: batch_size x ranks)
+    lr_scaling: str = "none"             # none, linear or sqrt in global batch / the config's batch_size
+    lr_warmup_steps: int = 0             # ramp from the unscaled to the scaled learning rate over N steps
+    mem_warn: float = 0.90               # warn once when device or host memory in use reaches this fraction
+    mem_stop: float = 0.97               # checkpoint and exit (code 76) when it reaches this fraction
+    mem_interval: float = 5.0            # seconds between memory samples
+    recompute: int = 0                   # K > 0: backprop through time keeps every K-th LSTM state, recomputes the rest
+    swap_memory: bool = False            # backprop through time keeps the LSTM activations in host memory
+    config_name: str = "custom"
+
+    @property
+    def memory(self) -> Memory:
+        return Memory(recompute=self.recompute, swap=self.swap_memory)
+
+
+def default_save_path(job: str, config_name: str) -> str:
+    return os.path.join("runs", f"{job}-{config_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def run_job(job: str, options: JobOptions, body, world=None):
+    """What starts every job: joins the World (distributed.init), sets up the devices asked for (before
+    anything runs on TensorFlow's devices, which a collective does), agrees on the save path (a default
+    has the start time in it: every rank takes rank 0's), and returns body(world, save_path, devices),
+    a collective broken by a lost rank turned into RankLost."""
+    from distrnn import placement
+    world = world or distributed.init(options.gpus_per_rank)
+    devices = placement.job_devices(options.devices, options.num_gpus, options.virtual_devices, options.gpus_per_rank)
+    save_path = world.broadcast_object(options.save_path or default_save_path(job, options.config_name))
+    with distributed.stop_if_a_rank_is_lost(
+            world, f"the checkpoints in {save_path} are intact: start the whole job again with --resume"):
+        return body(world, save_path, devices)
+
+
+def report_stop(world, code: int, checkpoints: "Checkpoints", save_path: str, memory_reason: str) -> None:
+    """After every rank agreed to stop with `code` and the chief saved a checkpoint: keeps every rank
+    until then (a launcher that sees one rank exit non-zero stops the others: srun --kill-on-bad-exit,
+    horovodrun) and says why it stopped and how to continue."""
+    from distrnn import memory
+    if world.size > 1:
+        world.allreduce_sum([0.0])  # the barrier
+    where = f"checkpoint saved in {checkpoints.directory}"
+    if code == OutOfMemory.exit_code:
+        message = (f"stopped: {memory_reason}; {where}. {memory.ADVICE} Then continue with --resume "
+                   f"--save_path {save_path}")
+        log(message if world.size == 1 else f"rank {world.rank}: {message}")  # each rank's own reason
+    elif world.is_chief:
+        log(f"stopped by signal: {where}; continue with --resume --save_path {save_path}")
+
+
+def agreed_stop(world, signum: Optional[int], memory_short: bool) -> Optional[int]:
+    """The exit code every rank stops with after this step, or None to go on. A collective: every
+    rank must stop at the same step, or the others wait forever in the next one. Memory running
+    short on any rank (OutOfMemory's code) comes first, else the largest signal any rank got."""
+    signum, short = signum or 0, int(memory_short)
+    if world.size > 1:
+        signum, short = (int(v) for v in world.allgather(np.array([[signum, short]])).max(axis=0))
+    return OutOfMemory.exit_code if short else (StopSignal.exit_code(signum) if signum else None)
 
 
 def log(message: str) -> None:
@@ -47,6 +128,18 @@ def check_metrics_path(path: Optional[str]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
         raise UsageError(f"cannot write --metrics_json {path}: {directory} is not a writable directory")
+
+
+def config_mismatch(save_path: str, current: Dict, keys) -> Optional[str]:
+    """Names the `keys` (fields that fix variable shapes or the meaning of a saved position) whose
+    value in the saved run's config.json differs from `current`, if any."""
+    path = os.path.join(save_path, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    diffs = [f"{k}={saved.get(k)} there, {current[k]} here" for k in keys if k in saved and saved[k] != current[k]]
+    return "; ".join(diffs) or None
 
 
 class Checkpoints:
@@ -159,6 +252,19 @@ class SGD(tf.Module):
                 tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=alpha, delta=grad)
         self.iterations.assign_add(1)
         return norm
+
+
+class Adam(tf.keras.optimizers.Adam):
+    """Keras's Adam with each variable's update computed on that variable's device.
+
+    Keras places the moment slots beside their variables but leaves the arithmetic of the
+    update unplaced, so with layers on several GPUs every layer's update would run on the
+    first GPU and copy its gradient and slots there and back.
+    """
+
+    def update_step(self, gradient, variable):
+        with tf.device(variable.device):
+            return super().update_step(gradient, variable)
 
 
 class Speed:

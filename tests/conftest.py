@@ -21,6 +21,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 
 
+def subprocess_env(**extra):
+    """The environment the tests' subprocesses run with, read when called (tests change it): TensorFlow's
+    start-up chatter hidden, output unbuffered, and `extra`."""
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **extra)
+
+
 def write_corpus(directory, train_words=6000, other_words=1500, vocab=60, seed=0):
     """A small synthetic PTB directory: Zipf-distributed words, lines of 4-14 words."""
     rng = np.random.default_rng(seed)
@@ -53,28 +59,33 @@ def ptb_mini():
 
 
 def run_ptb(*args, timeout=600, check=None, env=None):
-    """Runs `python -m distrnn.ptb ARGS` as a user would (with `env` added to the environment);
-    returns the CompletedProcess."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **(env or {}))
-    proc = subprocess.run([sys.executable, "-m", "distrnn.ptb", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if check is not None:
-        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    return proc
+    """Runs `python -m distrnn.ptb ARGS` as a user would; see run_module."""
+    return run_module("distrnn.ptb", *args, timeout=timeout, check=check, env=env)
 
 
-def start_ptb(*args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "distrnn.ptb", *map(str, args)], cwd=ROOT, env=env,
+def assert_one_line_error(proc, prog, *fragments):
+    """`proc` exited 2 with exactly one line on stderr, `PROG: error: ...` holding every fragment, and no traceback."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def start_module(module, *args):
+    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.fixture
-def ptb_process():
+def background_process():
+    """start(*args) runs `python -m distrnn.ptb ARGS` (start(*args, module=M): another module) in the
+    background, its output merged on proc.stdout; whatever is still running at the end is killed."""
     procs = []
 
-    def start(*args):
-        proc = start_ptb(*args)
+    def start(*args, module="distrnn.ptb"):
+        proc = start_module(module, *args)
         procs.append(proc)
         return proc
 
@@ -83,3 +94,47 @@ def ptb_process():
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An IDX file's bytes: magic (0, 0, 0x08 = uint8, number of dimensions), big-endian sizes, data."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_images(directory, train=600, test=200, rows=12, cols=10, seed=0):
+    """Small learnable IDX data in the MNIST layout: an image of class c is noise with row c+1 bright."""
+    import gzip
+    rng = np.random.default_rng(seed)
+    os.makedirs(directory, exist_ok=True)
+    for prefix, count in (("train", train), ("t10k", test)):
+        labels = rng.integers(0, 10, count)
+        images = rng.integers(0, 60, (count, rows, cols))
+        images[np.arange(count), labels + 1] += 180
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            with open(os.path.join(directory, f"{prefix}-{kind}-ubyte.gz"), "wb") as f:
+                f.write(gzip.compress(idx_bytes(array)))
+    return str(directory)
+
+
+@pytest.fixture
+def images(tmp_path):
+    return write_images(tmp_path / "images")
+
+
+@pytest.fixture
+def fashion_mnist():
+    path = os.path.join(SHARED_DATA, "fashion-mnist")
+    if not os.path.isfile(os.path.join(path, "train-images-idx3-ubyte.gz")):
+        pytest.skip(f"Fashion-MNIST not found at {path} (../shared/data/fashion-mnist beside the checkout)")
+    return path
+
+
+def run_module(module, *args, timeout=600, check=None, env=None):
+    """Runs `python -m MODULE ARGS` as a user would (with `env` added to the environment);
+    returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT,
+                          env=subprocess_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc

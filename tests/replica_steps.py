@@ -14,7 +14,8 @@ from distrnn import distributed
 from distrnn.config import override
 from distrnn.ptb import reader
 from distrnn.ptb.configs import PRESETS
-from distrnn.ptb.train import Trainer, per_rank_config
+from distrnn.distributed import per_rank_config
+from distrnn.ptb.train import Trainer
 
 
 def main(corpus, out, global_batch, steps):

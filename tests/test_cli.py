@@ -5,18 +5,13 @@ import signal
 
 import pytest
 
-from conftest import run_ptb
+from conftest import assert_one_line_error, run_ptb
 
 TINY = ["--config", "test", "--hidden_size", "8", "--batch_size", "4", "--num_steps", "5"]
 
 
 def assert_usage_error(proc, *fragments):
-    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("distrnn.ptb: error: "), proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    assert_one_line_error(proc, "distrnn.ptb", *fragments)
 
 
 def checkpoint_files(save_path):
@@ -82,13 +77,13 @@ def test_checkpoints_are_never_clobbered(corpus, tmp_path):
     assert checkpoint_files(save) == before
 
 
-def test_kill_and_resume_continues_as_uninterrupted(corpus, tmp_path, ptb_process):
+def test_kill_and_resume_continues_as_uninterrupted(corpus, tmp_path, background_process):
     common = ["--config", "test", "--hidden_size", "8", "--batch_size", "2", "--num_steps", "3",
               "--data_path", corpus, "--max_steps", "600", "--checkpoint_every", "100000"]
     straight = tmp_path / "straight.json"
     run_ptb(*common, "--save_path", tmp_path / "a", "--metrics_json", straight, check=0)
 
-    proc = ptb_process(*common, "--save_path", tmp_path / "b", "--metrics_json", tmp_path / "never.json")
+    proc = background_process(*common, "--save_path", tmp_path / "b", "--metrics_json", tmp_path / "never.json")
     for line in proc.stdout:  # wait until it is training, then stop it as a scheduler would
         if "words/sec" in line:
             break
@@ -111,8 +106,8 @@ def test_kill_and_resume_continues_as_uninterrupted(corpus, tmp_path, ptb_proces
 
 def test_list_configs():
     proc = run_ptb("--list_configs", check=0)
-    assert "small   published test ppl 115.91" in proc.stdout
-    assert "large   published test ppl 78.29" in proc.stdout
+    assert "small     published test ppl 115.91" in proc.stdout
+    assert "large     published test ppl 78.29" in proc.stdout
 
 
 @pytest.mark.slow

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, run_ptb
+from conftest import ROOT, run_module, run_ptb, subprocess_env
 from distrnn import cli, distributed
 from distrnn.errors import UsageError
 
 HOROVODRUN = shutil.which("horovodrun", path=os.path.dirname(sys.executable)) or shutil.which("horovodrun")
 
 
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
 
 
 def horovodrun_command(np_, *args, command=None):
@@ -30,7 +29,7 @@ def horovodrun_command(np_, *args, command=None):
 
 
 def horovodrun(np_, *args, timeout=300, check=True, command=None):
-    proc = subprocess.run(horovodrun_command(np_, *args, command=command), cwd=ROOT, env=ENV,
+    proc = subprocess.run(horovodrun_command(np_, *args, command=command), cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -78,8 +77,8 @@ def test_every_step_two_ranks_match_one_process_and_each_other(corpus, tmp_path)
     step both ranks hold bit-identical weights."""
     script = os.path.join(ROOT, "tests", "replica_steps.py")
     horovodrun(2, command=[sys.executable, script, corpus, str(tmp_path / "two.json"), "4", "12"])
-    subprocess.run([sys.executable, script, corpus, str(tmp_path / "one.json"), "4", "12"], cwd=ROOT, env=ENV,
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, script, corpus, str(tmp_path / "one.json"), "4", "12"], cwd=ROOT,
+                   env=subprocess_env(), check=True, capture_output=True)
     two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
     assert (two["world_size"], one["world_size"]) == (2, 1)
     assert len(two["steps"]) == len(one["steps"]) == 12
@@ -131,8 +130,8 @@ def test_sigterm_to_horovodrun_checkpoints_and_resumes(corpus, tmp_path):
               "--max_max_epoch", "20", "--data_path", corpus, "--max_steps", "1200", "--checkpoint_every", "100000"]
     horovodrun(2, *common, "--save_path", tmp_path / "a", "--metrics_json", tmp_path / "a.json")
 
-    proc = subprocess.Popen(horovodrun_command(2, *common, "--save_path", tmp_path / "b"), cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(horovodrun_command(2, *common, "--save_path", tmp_path / "b"), cwd=ROOT,
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in proc.stdout:
             if "words/sec" in line:
@@ -212,7 +211,7 @@ def test_a_dead_rank_stops_the_others_clearly_and_the_checkpoint_resumes(corpus,
               "--max_max_epoch", "1000", "--data_path", corpus, "--checkpoint_every", "200",
               "--save_path", tmp_path / "run"]
     checkpoints = tmp_path / "run" / "checkpoints"
-    proc = subprocess.Popen(horovodrun_command(2, *common), cwd=ROOT, env=ENV,
+    proc = subprocess.Popen(horovodrun_command(2, *common), cwd=ROOT, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180
@@ -240,3 +239,32 @@ def test_a_dead_rank_stops_the_others_clearly_and_the_checkpoint_resumes(corpus,
     proc = horovodrun(2, *common, "--resume", "--max_steps", last + 10, "--metrics_json", tmp_path / "m.json")
     assert f"ckpt-{last}" in proc.stdout
     assert json.loads((tmp_path / "m.json").read_text())["steps"] == last + 10
+
+
+@pytest.mark.parametrize("split", [["--batch_size", "10"],
+                                   ["--global_batch_size", "20", "--virtual_devices", "3", "--placement", "pipeline"]],
+                         ids=["batch_per_rank", "stacked_on_3_devices_per_rank"])
+def test_mnist_two_ranks_equal_one_process_with_twice_the_batch(images, tmp_path, split):
+    """The image classifier under horovodrun: 2 ranks x 10 images compute what 1 process x 20 does
+    (Adam's moments included), whatever each rank's placement."""
+    common = ["--config", "stacked", "--hidden_size", "8", "--validation_size", "100", "--num_epochs", "2",
+              "--data_path", images, "--seed", "3"]
+    mnist = [sys.executable, "-m", "distrnn.mnist"]
+    horovodrun(2, command=[*mnist, *map(str, common), *split, "--save_path", str(tmp_path / "two"),
+                           "--metrics_json", str(tmp_path / "two.json")])
+    run_module("distrnn.mnist", *common, "--batch_size", "20", "--save_path", tmp_path / "one",
+               "--metrics_json", tmp_path / "one.json", check=0)
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert (two["world_size"], one["world_size"]) == (2, 1)
+    assert two["global_batch_size"] == one["global_batch_size"] == 20
+    assert two["steps"] == one["steps"] == 50
+    for a, b in zip(two["history"], one["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["valid_loss"] == pytest.approx(b["valid_loss"], rel=1e-5)
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-5)
+    assert two["confusion_matrix"] == one["confusion_matrix"]
+    assert two["ranks"][0]["weights_norm"] == two["ranks"][1]["weights_norm"]
+    w2, w1 = weights(tmp_path / "two"), weights(tmp_path / "one")
+    assert w2.keys() == w1.keys() and len(w1) == 8  # 3 layers x (kernel, bias), the dense layer's w and b
+    for name in w1:
+        np.testing.assert_allclose(w2[name], w1[name], rtol=1e-4, atol=1e-6, err_msg=name)

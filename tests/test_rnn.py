@@ -240,10 +240,12 @@ def test_auto_picks_a_mode_and_says_why():
     assert resolve_mode("gru", False, "auto", on_gpu=False, num_steps=1000)[0] == "dynamic"
     assert resolve_mode("lstm", True, "auto", on_gpu=True, num_steps=20)[0] == "dynamic"  # no cuDNN peepholes
     assert resolve_mode("lstm", False, "block", on_gpu=False) == ("block", "asked for")
+    with pytest.raises(ValueError, match="rnn_mode cudnn needs a GPU with cuDNN and this process has none"):
+        resolve_mode("lstm", False, "cudnn", on_gpu=False)
 
 
 def test_config_lists_match_the_library():
-    from distrnn.ptb import configs
+    from distrnn import config as configs
     from distrnn.rnn import CELLS, UNROLL_MODES
     assert set(configs.RNN_MODES) == set(UNROLL_MODES) and set(configs.CELLS) == set(CELLS)
 

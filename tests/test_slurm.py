@@ -12,11 +12,10 @@ import time
 import pytest
 
 import slurm_cluster
-from conftest import ROOT, run_ptb, write_corpus
+from conftest import ROOT, run_ptb, subprocess_env, write_corpus, write_images
 from distrnn import distributed, slurm
 from distrnn.errors import UsageError
 
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
 
 
 # --- node lists and task counts ------------------------------------------------------------------
@@ -66,13 +65,13 @@ def test_horovodrun_host_lists_from_the_allocation():
 
 
 def test_the_helper_command_prints_hosts_and_count_or_one_line_errors():
-    env = dict(ENV, SLURM_JOB_NODELIST="gpu[01-02],cpu5", SLURM_TASKS_PER_NODE="4(x2),2")
+    env = subprocess_env(SLURM_JOB_NODELIST="gpu[01-02],cpu5", SLURM_TASKS_PER_NODE="4(x2),2")
     command = [sys.executable, "-m", "distrnn.slurm"]
     hosts = subprocess.run([*command, "hosts"], env=env, capture_output=True, text=True)
     count = subprocess.run([*command, "np"], env=env, capture_output=True, text=True)
     assert (hosts.returncode, hosts.stdout) == (0, "gpu01:4,gpu02:4,cpu5:2\n")
     assert (count.returncode, count.stdout) == (0, "10\n")
-    outside = {k: v for k, v in ENV.items() if not k.startswith("SLURM_")}
+    outside = {k: v for k, v in subprocess_env().items() if not k.startswith("SLURM_")}
     proc = subprocess.run([*command, "hosts"], env=outside, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == ("python -m distrnn.slurm: error: SLURM_JOB_NODELIST is not set: run this inside a "
@@ -141,7 +140,7 @@ def test_srun_tasks_join_without_a_launcher_in_any_order(mpi):
     the rendezvous, and waits for it (Horovod alone gives up after a few quick tries). With
     srun --mpi=pmix and a Horovod without MPI (this one), the tasks still meet through Gloo."""
     port = slurm_cluster.free_port()
-    env = lambda rank: dict(ENV, **step_env(rank, 0, rank, nodes="localhost", counts="2"),  # noqa: E731
+    env = lambda rank: dict(subprocess_env(), **step_env(rank, 0, rank, nodes="localhost", counts="2"),  # noqa: E731
                             DISTRNN_RENDEZVOUS_PORT=str(port), **mpi)
     late = subprocess.Popen([sys.executable, "-c", TWO_TASKS], env=env(1), stdout=subprocess.PIPE, text=True)
     time.sleep(3)
@@ -182,7 +181,7 @@ def test_hostfile_launch_trains_one_process_per_slot(tmp_path):
     proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "hostfile.sh"), str(hosts), "-m", "distrnn.ptb",
                            "--config", "test", "--data_path", corpus, "--max_steps", "5", "--save_path",
                            tmp_path / "run", "--metrics_json", tmp_path / "m.json"],
-                          env=dict(ENV, DISTRNN_PYTHON=sys.executable), capture_output=True, text=True, timeout=300)
+                          env=subprocess_env(DISTRNN_PYTHON=sys.executable), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 5
@@ -344,3 +343,22 @@ def test_two_nodes_train_together_through_srun(two_node_cluster, job_dir, refere
     assert ranks[0]["weights_norm"] == ranks[1]["weights_norm"]  # the replicas agree to the bit
     assert metrics["steps"] == STEPS and len(metrics["words_per_sec_per_rank"]) == 2
     assert metrics["test_perplexity"] == pytest.approx(reference["test_perplexity"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_sbatch_mnist_trains_the_stacked_preset_on_two_ranks(cluster, job_dir):
+    """slurm/mnist.sh on CPUs: 2 tasks, each placing its 3 layers on 3 virtual devices (pipelined)."""
+    images = write_images(job_dir / "images")
+    job = cluster.sbatch(*CPU_JOB, "--ntasks-per-node=2", os.path.join(ROOT, "slurm", "mnist.sh"),
+                         "--data_path", images, "--hidden_size", "8", "--batch_size", "10", "--validation_size", "100",
+                         "--virtual_devices", "3", "--max_steps", "20", env=job_env(), cwd=job_dir)
+    info = cluster.wait_for_state(job, ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"], 180)
+    log = log_of(job_dir, "mnist", job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    metrics = json.loads((job_dir / "runs" / f"mnist-{job}" / "metrics.json").read_text())
+    assert (metrics["world_size"], metrics["global_batch_size"], metrics["steps"]) == (2, 20, 20)
+    assert metrics["config"]["num_layers"] == 3 and metrics["placement"]["schedule"] == "pipeline"
+    assert metrics["placement"]["layers"] == ["/device:CPU:0", "/device:CPU:1", "/device:CPU:2"]
+    ranks = metrics["ranks"]
+    assert ranks[0]["weights_norm"] == ranks[1]["weights_norm"]  # the replicas agree to the bit
+    assert sum(map(sum, metrics["confusion_matrix"])) == 200

@@ -18,12 +18,7 @@ epoch takes (929,589 / words_per_sec) seconds (README lists measured figures).
 """
 import dataclasses
 
-from distrnn.config import Registry, check
-
-# Kept in step with distrnn.rnn.UNROLL_MODES and CELLS (tested); listed here so
-# that parsing flags does not import TensorFlow.
-RNN_MODES = ("static", "dynamic", "block", "cudnn", "auto")
-CELLS = ("lstm", "gru", "rnn")
+from distrnn.config import Registry, check, check_recurrence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,15 +48,7 @@ class PTBConfig:
         check(0.0 < self.keep_prob <= 1.0,
               f"keep_prob must be in (0, 1], got {self.keep_prob}; pass --keep_prob 1.0 for no dropout")
         check(0.0 < self.lr_decay <= 1.0, f"lr_decay must be in (0, 1], got {self.lr_decay}")
-        check(self.rnn_mode in RNN_MODES,
-              f"rnn_mode must be one of {', '.join(RNN_MODES)}, got {self.rnn_mode!r}")
-        check(self.cell in CELLS, f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
-        check(not self.use_peepholes or self.cell == "lstm",
-              f"use_peepholes needs cell lstm, got cell {self.cell!r}; drop --use_peepholes")
-        check(self.rnn_mode not in ("block", "cudnn") or self.cell == "lstm",
-              f"rnn_mode {self.rnn_mode} runs LSTM cells only; use --rnn_mode auto, static or dynamic for {self.cell}")
-        check(not (self.rnn_mode == "cudnn" and self.use_peepholes),
-              "cuDNN has no peephole LSTM; use --rnn_mode block, static or dynamic with --use_peepholes")
+        check_recurrence(self.cell, self.rnn_mode, self.use_peepholes)
 
     def learning_rate_at(self, epoch: int) -> float:
         """The reference schedule: constant for max_epoch epochs, then decayed (epoch is 0-based)."""

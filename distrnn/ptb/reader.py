@@ -12,11 +12,11 @@ import os
 import shutil
 import tarfile
 import tempfile
-import urllib.request
 from typing import Dict, Iterator, Tuple
 
 import numpy as np
 
+from distrnn.download import fetch
 from distrnn.errors import UsageError
 
 SPLITS = ("train", "valid", "test")
@@ -63,12 +63,7 @@ def download(directory: str, url: str = None) -> str:
     url = url or os.environ.get("DISTRNN_PTB_URL") or ARCHIVE_URL
     os.makedirs(directory, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        archive = os.path.join(tmp, "simple-examples.tgz")
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as out:
-                shutil.copyfileobj(response, out)
-        except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
-            raise UsageError(f"could not download PTB from {url} ({e}); {DATA_PATH_HINT}") from None
+        archive = fetch(url, os.path.join(tmp, "simple-examples.tgz"), "PTB", DATA_PATH_HINT)
         try:
             with tarfile.open(archive) as tar:
                 for name in CHECKSUMS:

@@ -4,12 +4,10 @@
 only parses flags and calls it, and the tests call it the same way.
 """
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import platform
-import re
 import time
 from typing import Optional
 
@@ -21,6 +19,7 @@ from distrnn.errors import OutOfMemory, UsageError
 from distrnn.ptb import reader
 from distrnn.ptb.model import PTBModel
 from distrnn.rnn import CELLS, KEEP, Memory, resolve_mode
+from distrnn.rnn.stack import stack_mode
 from distrnn.training import log
 
 # Fields that fix variable shapes or the meaning of a saved data position: a
@@ -29,36 +28,9 @@ SHAPE_FIELDS = ("num_layers", "hidden_size", "batch_size", "num_steps")
 
 
 @dataclasses.dataclass
-class RunOptions:
-    data_path: Optional[str] = None      # directory with ptb.{train,valid,test}.txt; None: download to the cache
-    save_path: Optional[str] = None      # checkpoints, TensorBoard, plot; None: runs/ptb-<config>-<time>
-    resume: bool = False                 # continue from the latest checkpoint in save_path
-    max_epochs: int = 0                  # stop after this many epochs in all (0: config's max_max_epoch)
-    max_steps: int = 0                   # stop after this many training steps in all (0: no limit)
-    metrics_json: Optional[str] = None   # write the final figures here
-    seed: int = 1                        # weights and dropout masks
-    checkpoint_every: int = 500          # steps between checkpoints (also saved after every epoch)
-    devices: Optional[str] = None        # comma-separated devices for the layers, e.g. /gpu:0,/gpu:1
-    num_gpus: int = 0                    # use /gpu:0 ... /gpu:N-1
-    virtual_devices: int = 0             # split the CPU into N logical devices and use them
-    strategy: str = "round_robin"        # placement strategy: round_robin or balanced
-    placement: str = "sequential"        # sequential or pipeline (wavefront across the layers' devices)
-    gpus_per_rank: int = 0               # rank r owns local GPUs r*K ... r*K+K-1 and places its layers on them
-    global_batch_size: int = 0           # rows of one step over all ranks (0: batch_size x ranks)
+class RunOptions(training.JobOptions):
     sparse_as_dense: bool = False        # Horovod: allreduce the embedding gradient densified, not allgathered
-    lr_scaling: str = "none"             # none, linear or sqrt in global batch / the config's batch_size
-    lr_warmup_steps: int = 0             # ramp from the unscaled to the scaled learning rate over N steps
-    mem_warn: float = 0.90               # warn once when device or host memory in use reaches this fraction
-    mem_stop: float = 0.97               # checkpoint and exit (code 76) when it reaches this fraction
-    mem_interval: float = 5.0            # seconds between memory samples
-    recompute: int = 0                   # K > 0: backprop through time keeps every K-th LSTM state, recomputes the rest
-    swap_memory: bool = False            # backprop through time keeps the LSTM activations in host memory
     on_oom: str = "stop"                 # a step out of memory: stop (checkpoint, exit 76) or retry it leaner
-    config_name: str = "custom"
-
-    @property
-    def memory(self) -> Memory:
-        return Memory(recompute=self.recompute, swap=self.swap_memory)
 
 
 def sum_duplicate_rows(grad):
@@ -104,14 +76,10 @@ class Trainer(tf.Module):
         self.sparse_as_dense = sparse_as_dense
         self.on_gpu = on_gpu
         try:
-            self.rnn_mode, self.rnn_mode_reason = resolve_mode(config.cell, config.use_peepholes, config.rnn_mode,
-                                                               on_gpu, config.num_steps, memory)
+            self.rnn_mode, self.rnn_mode_reason = stack_mode(config.cell, config.use_peepholes, config.rnn_mode,
+                                                             on_gpu, config.num_steps, placement, memory)
         except ValueError as error:
-            raise UsageError(f"{error}; drop --recompute/--swap_memory or change --cell/--rnn_mode") from None
-        if placement == "pipeline" and self.rnn_mode not in ("static", "dynamic"):
-            # The wavefront interleaves the layers' time steps, which a whole-sequence kernel cannot.
-            self.rnn_mode_reason = f"{self.rnn_mode} runs whole sequences; the pipeline needs a step loop"
-            self.rnn_mode = "dynamic"
+            raise UsageError(str(error)) from None
         self.model = PTBModel(config, vocab_size, seed=seed, rnn_mode=self.rnn_mode, plan=plan, placement=placement,
                               memory=memory)
         self.train_step = tf.function(self._train_step)
@@ -182,15 +150,6 @@ class Trainer(tf.Module):
         return tf.reduce_sum(self.model.token_losses(features, y, weights)), state
 
 
-def oom_reason(error) -> str:
-    """From TensorFlow's out-of-memory message, the line that says which tensor could not be
-    allocated, on which device (without the job/replica/task prefix)."""
-    found = re.search(r"OOM when allocating[^\n]*", error.message or "")
-    if not found:
-        return "ResourceExhaustedError"
-    return re.sub(r"/job:[^/]*/replica:\d+/task:\d+/", "", found.group(0)).strip()
-
-
 def rank_share(batches: reader.EvalBatches, world) -> reader.EvalBatches:
     """This rank's rows of a split laid out for the global batch."""
     return reader.EvalBatches(world.stripe(batches.inputs), world.stripe(batches.targets),
@@ -212,51 +171,8 @@ def evaluate(trainer: Trainer, batches: reader.EvalBatches, world) -> float:
 
 def learning_rate(config, epoch: int, step: int, batch_ratio: float, scaling: str = "none",
                   warmup_steps: int = 0) -> float:
-    """The reference schedule, times a factor for a larger global batch: 1 (none), batch_ratio
-    (linear, Goyal et al. 2017) or its square root (see distributed.LR_SCALINGS); the factor
-    ramps up from 1 over the first `warmup_steps` steps."""
-    factor = {"none": 1.0, "linear": batch_ratio, "sqrt": math.sqrt(batch_ratio)}[scaling]
-    if warmup_steps and step < warmup_steps:
-        factor = 1.0 + (factor - 1.0) * step / warmup_steps
-    return config.learning_rate_at(epoch) * factor
-
-
-def per_rank_config(config, global_batch_size: int, world):
-    """With --global_batch_size, each rank's batch_size is its share of it."""
-    if not global_batch_size:
-        return config
-    if global_batch_size < world.size or global_batch_size % world.size:
-        raise UsageError(f"--global_batch_size {global_batch_size} cannot be split evenly over {world.size} ranks; "
-                         f"use a multiple of {world.size}")
-    return dataclasses.replace(config, batch_size=global_batch_size // world.size)
-
-
-def check_same_run(world, config, options) -> None:
-    """Every rank must train the same thing: ranks started with other flags would deadlock or
-    diverge silently, so a hash of the config and run options is compared with rank 0's."""
-    if world.size == 1:
-        return
-    text = json.dumps([dataclasses.asdict(config), dataclasses.asdict(options)], sort_keys=True)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    differing = int(world.allreduce_sum([digest != world.broadcast_object(digest)])[0])
-    if differing:
-        raise UsageError(f"{differing} of {world.size} ranks started with a config or flags different from rank 0's; "
-                         "start every rank with the same command line")
-
-
-def on_chief(world, fn):
-    """Runs fn on rank 0 only and returns its result on every rank; a UsageError there is
-    raised on every rank, so no rank is left waiting for the others."""
-    result, error = None, None
-    if world.is_chief:
-        try:
-            result = fn()
-        except UsageError as e:
-            error = str(e)
-    result, error = world.broadcast_object((result, error))
-    if error:
-        raise UsageError(error)
-    return result
+    """The reference schedule, times distributed.lr_factor for a larger global batch."""
+    return config.learning_rate_at(epoch) * distributed.lr_factor(batch_ratio, scaling, step, warmup_steps)
 
 
 def make_model_plan(config, vocab_size: int, devices, strategy: str):
@@ -279,52 +195,28 @@ def progress_line(pos: Position, max_epochs: int, steps_per_epoch: int, total_st
     return f"{line} | {memory_summary}" if memory_summary else line
 
 
-def default_save_path(config_name: str) -> str:
-    return os.path.join("runs", f"ptb-{config_name}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
-def config_mismatch(save_path: str, config, vocab_size: int) -> Optional[str]:
-    """Names the shape-defining fields where the saved run's config differs, if any."""
-    path = os.path.join(save_path, "config.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        saved = json.load(f)
-    current = dict(dataclasses.asdict(config), vocab_size=vocab_size)
-    diffs = [f"{k}={saved.get(k)} there, {current[k]} here" for k in SHAPE_FIELDS + ("vocab_size",)
-             if k in saved and saved[k] != current[k]]
-    return "; ".join(diffs) or None
-
-
 def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
     """Trains, validates every epoch, tests at the end; returns the metrics dict.
 
     Returns early with metrics["interrupted"] set to the signal's exit code when
     SIGINT/SIGTERM arrives (after saving a checkpoint).
     """
-    world = world or distributed.init(options.gpus_per_rank)
-    # Logical devices must be configured before anything runs on TensorFlow's devices (a
-    # collective does). With --gpus_per_rank K and no other device flag, the layers go
-    # across the rank's K GPUs.
-    num_gpus = options.num_gpus or (options.gpus_per_rank if not (options.devices or options.virtual_devices) else 0)
-    devices = placement.resolve_devices(options.devices, num_gpus, options.virtual_devices)
-    # The default path has the start time in it: every rank takes rank 0's.
-    save_path = world.broadcast_object(options.save_path or default_save_path(options.config_name))
-    with distributed.stop_if_a_rank_is_lost(
-            world, f"the checkpoints in {save_path} are intact: start the whole job again with --resume"):
-        return _train_and_evaluate(config, options, world, save_path, devices)
+    return training.run_job("ptb", options, lambda world, save_path, devices: _train_and_evaluate(
+        config, options, world, save_path, devices), world)
 
 
 def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devices) -> dict:
     reference_batch = config.batch_size  # what the config's learning rate was tuned for
-    config = per_rank_config(config, options.global_batch_size, world)
+    config = distributed.per_rank_config(config, options.global_batch_size, world)
     config.validate()
-    check_same_run(world, config, options)
+    distributed.check_same_run(world, config, options)
     if options.on_oom == "retry" and world.size > 1:
         raise UsageError("--on_oom retry needs a single process (the other ranks would wait in the failed step's "
                          "allreduce); under horovodrun pass --recompute K or --swap_memory from the start")
     t_start = time.time()
-    on_chief(world, lambda: training.check_metrics_path(options.metrics_json))
+    distributed.on_chief(world, lambda: training.check_metrics_path(options.metrics_json))
+    # Rank 0 downloads first, so that the ranks of a node do not write the same cache at once.
+    distributed.on_chief(world, lambda: reader.resolve_data_path(options.data_path))
     data_path = reader.resolve_data_path(options.data_path)
     data = reader.load(data_path)
     B, T = config.batch_size, config.num_steps  # B rows on each rank; B * world.size rows in all
@@ -341,16 +233,17 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
                       memory=options.memory)
     checkpoints = training.Checkpoints(trainer.checkpoint(), save_path)
 
+    saved_config = dict(dataclasses.asdict(config), vocab_size=data.vocab_size, name=options.config_name)
+
     def chief_setup():
         training.prepare_save_path(save_path)
-        resumed = checkpoints.restore_or_start(
-            options.resume, lambda: config_mismatch(save_path, config, data.vocab_size))
-        training.write_json(os.path.join(save_path, "config.json"),
-                            dict(dataclasses.asdict(config), vocab_size=data.vocab_size, name=options.config_name))
+        resumed = checkpoints.restore_or_start(options.resume, lambda: training.config_mismatch(
+            save_path, saved_config, SHAPE_FIELDS + ("vocab_size",)))
+        training.write_json(os.path.join(save_path, "config.json"), saved_config)
         return resumed
 
     # Rank 0 alone touches save_path and restores; its outcome (or its error) reaches every rank.
-    resumed = on_chief(world, chief_setup)
+    resumed = distributed.on_chief(world, chief_setup)
     trainer.share_from_chief()
 
     max_epochs = min(options.max_epochs or config.max_max_epoch, config.max_max_epoch)
@@ -401,7 +294,7 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
             except tf.errors.ResourceExhaustedError as error:
                 if before is not None:
                     rng.assign(before)
-                what = f"step {pos.global_step + 1} ran out of memory ({oom_reason(error)})"
+                what = f"step {pos.global_step + 1} ran out of memory ({memory.oom_reason(error)})"
                 leaner = trainer.memory.leaner(T) if options.on_oom == "retry" and config.cell == "lstm" else None
                 if leaner is None:
                     raise OutOfMemory(what) from None
@@ -417,12 +310,7 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
             checkpoints.save(pos.global_step)
 
     def stop_requested():
-        """The exit code to stop with, or None. Every rank must stop at the same step, or the others wait
-        forever in the next collective; running out of memory on any rank stops them all."""
-        signum, short = stop.signum or 0, int(monitor.stop_reason is not None)
-        if world.size > 1:  # the largest signal number any rank got: all exit with the same code
-            signum, short = (int(v) for v in world.allgather(np.array([[signum, short]])).max(axis=0))
-        return memory.EXIT_MEMORY if short else (training.StopSignal.exit_code(signum) if signum else None)
+        return training.agreed_stop(world, stop.signum, monitor.stop_reason is not None)
 
     def say(message):  # on any rank: a rank's own memory warning matters wherever it happens
         log(message if world.size == 1 else f"rank {world.rank}: {message}")
@@ -485,20 +373,11 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
             save(trainer.model.zero_state(B))
             interrupted = stop_requested()
 
-    if interrupted and world.size > 1:
-        # A barrier: every rank leaves after the chief has written the checkpoint, since a launcher
-        # that sees one rank exit non-zero stops the others (srun --kill-on-bad-exit, horovodrun).
-        world.allreduce_sum([0.0])
     metrics = {"interrupted": interrupted, "save_path": save_path,
                "memory": dict(monitor.metrics(), mode=trainer.memory.describe(), changes=memory_changes)}
     if interrupted:
-        if interrupted == memory.EXIT_MEMORY:
-            reason = out_of_memory or f"memory ran short ({monitor.stop_reason or 'on another rank'})"
-            say(f"stopped: {reason}; checkpoint saved in {checkpoints.directory}. {memory.ADVICE} Then continue "
-                f"with --resume --save_path {save_path}")
-        elif world.is_chief:
-            log(f"stopped by signal: checkpoint saved in {checkpoints.directory}; continue with --resume "
-                f"--save_path {save_path}")
+        training.report_stop(world, interrupted, checkpoints, save_path,
+                             out_of_memory or f"memory ran short ({monitor.stop_reason or 'on another rank'})")
         tensorboard.close()
         return metrics
     if valid_ppl is None:

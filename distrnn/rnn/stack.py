@@ -29,7 +29,18 @@ import tensorflow as tf
 from distrnn.placement import on_device
 from distrnn.rnn.cells import LSTMCell
 from distrnn.rnn.lstm_sequence import KEEP, lstm_stack
-from distrnn.rnn.unroll import concrete_mode, lstm_layer, unroll
+from distrnn.rnn.unroll import concrete_mode, lstm_layer, resolve_mode, unroll
+
+
+def stack_mode(cell: str, use_peepholes: bool, rnn_mode: str, on_gpu: bool, num_steps: int, placement: str,
+               memory=KEEP) -> tuple:
+    """(the mode a stack of `cell` layers runs in, why): resolve_mode's choice, except that the
+    pipeline interleaves the layers' time steps, which a whole-sequence kernel cannot: it turns
+    block or cudnn into dynamic and says so. Raises ValueError for a combination that cannot run."""
+    mode, reason = resolve_mode(cell, use_peepholes, rnn_mode, on_gpu, num_steps, memory)
+    if placement == "pipeline" and mode not in ("static", "dynamic"):
+        return "dynamic", f"{mode} runs whole sequences; the pipeline needs a step loop"
+    return mode, reason
 
 
 def interleaved_mode(cells, mode: str, num_steps: int):

@@ -50,12 +50,17 @@ def resolve_mode(kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_st
         if kind != "lstm" or mode not in ("static", "dynamic", "auto"):
             raise ValueError(f"memory mode {memory.describe()} needs LSTM cells and rnn_mode auto, static or dynamic "
                              f"(got the {kind} cell, rnn_mode {mode}): fused kernels and TensorFlow's autodiff keep "
-                             f"every step's activations themselves")
+                             f"every step's activations themselves; drop --recompute/--swap_memory or change "
+                             f"--cell/--rnn_mode")
         return "dynamic", "a memory mode runs segment by segment in while loops"
     if mode != "auto":
         if not supported(kind, use_peepholes, mode):
             raise ValueError(f"rnn_mode {mode} does not support the {kind} cell"
                              f"{' with peepholes' if use_peepholes else ''}; use static or dynamic")
+        if mode == "cudnn" and not (on_gpu and fused.cudnn_available()):
+            # TensorFlow would fail inside the first step, with a traceback about a missing gradient.
+            raise ValueError("rnn_mode cudnn needs a GPU with cuDNN and this process has none; use --rnn_mode auto, "
+                             "which runs cuDNN wherever it can")
         return mode, "asked for"
     if on_gpu and supported(kind, use_peepholes, "cudnn") and fused.cudnn_available():
         return "cudnn", "GPU with cuDNN and an LSTM without peepholes"

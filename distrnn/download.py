@@ -1,0 +1,31 @@
+"""Fetching published data files: one place that turns a failed download into a one-line error.
+
+Every data set keeps its own URLs and checksums; nothing unverified reaches a cache directory
+(callers download into a temporary directory, verify, then move the files in).
+"""
+import hashlib
+import os
+import shutil
+import urllib.request
+
+from distrnn.errors import UsageError
+
+
+def fetch(url: str, path: str, what: str, hint: str) -> str:
+    """Downloads `url` to `path`; on failure a UsageError naming `what` and ending with `hint`."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as out:
+            shutil.copyfileobj(response, out)
+    except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
+        raise UsageError(f"could not download {what} from {url} ({e}); {hint}") from None
+    return path
+
+
+def hexdigest(data: bytes, algorithm: str) -> str:
+    """md5, sha1 or sha256 of `data`."""
+    return hashlib.new(algorithm, data).hexdigest()
+
+
+def base_url(environment_variable: str, default: str) -> str:
+    """A mirror named in the environment, or the published place."""
+    return (os.environ.get(environment_variable) or default).rstrip("/")

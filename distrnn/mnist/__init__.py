@@ -1,0 +1,1 @@
+"""The row-by-row image classifier: `python -m distrnn.mnist`."""

@@ -1,0 +1,5 @@
+import sys
+
+from distrnn.mnist.cli import main
+
+sys.exit(main())

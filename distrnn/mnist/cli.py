@@ -1,0 +1,41 @@
+"""`python -m distrnn.mnist`: flags in, `train.train_and_evaluate` out.
+
+    python -m distrnn.mnist --config lstm --data_path DIR [--cell gru --num_layers 2 ...]
+"""
+import os
+import sys
+
+from distrnn import cli
+
+DATASETS = ("mnist", "fashion_mnist")  # distrnn.mnist.idx.DATASETS (tested), without importing NumPy
+
+
+def build_parser():
+    from distrnn.mnist.configs import MNISTConfig, PRESETS
+    parser = cli.ArgumentParser(
+        prog="python -m distrnn.mnist",
+        description="Classify MNIST or Fashion-MNIST images with a recurrent network that reads one row per time step.")
+    cli.add_job_flags(
+        parser, "mnist", PRESETS, "lstm",
+        "directory with train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+        "t10k-labels-idx1-ubyte.gz, read as it is; default: ~/.cache/distrnn/DATASET, downloaded and checksummed "
+        "when missing")
+    parser.add_argument("--dataset", default="mnist", choices=DATASETS,
+                        help="what to download without --data_path (default mnist: the digits)")
+    names = cli.add_config_flags(parser, MNISTConfig, cli.field_comments(MNISTConfig))
+    return parser, names
+
+
+def describe(name: str) -> str:
+    from distrnn.mnist.configs import MEASURED
+    return MEASURED[name]
+
+
+def run(argv) -> int:
+    from distrnn.mnist.configs import PRESETS
+    return cli.run_training(argv, build_parser, PRESETS, describe, "distrnn.mnist.train")
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # hide TensorFlow's C++ start-up chatter
+    return cli.run_main("distrnn.mnist", lambda: run(sys.argv[1:] if argv is None else argv))
