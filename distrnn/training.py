@@ -58,10 +58,12 @@ def default_save_path(job: str, config_name: str) -> str:
     return os.path.join("runs", f"{job}-{config_name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def run_job(job: str, options: JobOptions, body, world=None):
+def run_job(job: str, config, options: JobOptions, body, world=None):
     """What starts every job: joins the World (distributed.init), sets up the devices asked for (before
     anything runs on TensorFlow's devices, which a collective does), agrees on the save path (a default
-    has the start time in it: every rank takes rank 0's), and returns body(world, save_path, devices),
+    has the start time in it: every rank takes rank 0's), gives each rank its share of
+    --global_batch_size, checks that every rank runs the same config and options and that
+    --metrics_json can be written, and returns body(config for this rank, world, save_path, devices),
     a collective broken by a lost rank turned into RankLost."""
     from distrnn import placement
     world = world or distributed.init(options.gpus_per_rank)
@@ -69,23 +71,67 @@ def run_job(job: str, options: JobOptions, body, world=None):
     save_path = world.broadcast_object(options.save_path or default_save_path(job, options.config_name))
     with distributed.stop_if_a_rank_is_lost(
             world, f"the checkpoints in {save_path} are intact: start the whole job again with --resume"):
-        return body(world, save_path, devices)
+        config = distributed.per_rank_config(config, options.global_batch_size, world)
+        config.validate()
+        distributed.check_same_run(world, config, options)
+        distributed.on_chief(world, lambda: check_metrics_path(options.metrics_json))
+        return body(config, world, save_path, devices)
 
 
-def report_stop(world, code: int, checkpoints: "Checkpoints", save_path: str, memory_reason: str) -> None:
-    """After every rank agreed to stop with `code` and the chief saved a checkpoint: keeps every rank
-    until then (a launcher that sees one rank exit non-zero stops the others: srun --kill-on-bad-exit,
-    horovodrun) and says why it stopped and how to continue."""
-    from distrnn import memory
-    if world.size > 1:
-        world.allreduce_sum([0.0])  # the barrier
-    where = f"checkpoint saved in {checkpoints.directory}"
-    if code == OutOfMemory.exit_code:
-        message = (f"stopped: {memory_reason}; {where}. {memory.ADVICE} Then continue with --resume "
-                   f"--save_path {save_path}")
-        log(message if world.size == 1 else f"rank {world.rank}: {message}")  # each rank's own reason
-    elif world.is_chief:
-        log(f"stopped by signal: {where}; continue with --resume --save_path {save_path}")
+class Watch:
+    """What a training loop watches besides its steps: signals (StopSignal) and memory (a
+    MemoryMonitor from the job's --mem_* flags), with every decision to stop agreed by all ranks.
+
+        with Watch(world, options) as watch:
+            ... a step ...
+            watch.warn()                   # a memory warning, once, on the rank it concerns
+            code = watch.stop_code()       # a collective: None to go on
+        if code:
+            ... save ...
+            watch.report_stop(code, ...)
+    """
+
+    def __init__(self, world, options: JobOptions):
+        from distrnn import memory
+        self.world = world
+        self.signals = StopSignal()
+        self.monitor = memory.MemoryMonitor(options.mem_warn, options.mem_stop, options.mem_interval,
+                                            owned_gpus=world.owned_gpus)
+
+    def __enter__(self) -> "Watch":
+        self.signals.__enter__()
+        self.monitor.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.monitor.close()
+        return self.signals.__exit__(*exc)
+
+    def say(self, message: str) -> None:
+        """Logs on any rank (prefixed with the rank under Horovod): memory matters wherever it runs short."""
+        log(message if self.world.size == 1 else f"rank {self.world.rank}: {message}")
+
+    def warn(self) -> None:
+        warning = self.monitor.take_warning()
+        if warning:
+            self.say(f"warning: {warning}")
+
+    def stop_code(self) -> Optional[int]:
+        return agreed_stop(self.world, self.signals.signum, self.monitor.stop_reason is not None)
+
+    def report_stop(self, code: int, checkpoints: "Checkpoints", save_path: str, out_of_memory: str = None) -> None:
+        """After every rank agreed to stop with `code` and the chief saved a checkpoint: keeps every rank
+        until then (a launcher that sees one rank exit non-zero stops the others: srun --kill-on-bad-exit,
+        horovodrun) and says why it stopped and how to continue. out_of_memory: what a failed step said."""
+        from distrnn import memory
+        if self.world.size > 1:
+            self.world.allreduce_sum([0.0])  # the barrier
+        where = f"checkpoint saved in {checkpoints.directory}"
+        if code == OutOfMemory.exit_code:
+            reason = out_of_memory or f"memory ran short ({self.monitor.stop_reason or 'on another rank'})"
+            self.say(f"stopped: {reason}; {where}. {memory.ADVICE} Then continue with --resume --save_path {save_path}")
+        elif self.world.is_chief:
+            log(f"stopped by signal: {where}; continue with --resume --save_path {save_path}")
 
 
 def agreed_stop(world, signum: Optional[int], memory_short: bool) -> Optional[int]:
@@ -289,6 +335,19 @@ class Speed:
     @property
     def rate(self) -> float:
         return self.units / self.seconds if self.seconds > 0 else float("nan")
+
+
+def progress_line(pos, max_epochs: int, steps_per_epoch: int, total_steps: int, figures: str, lr: float,
+                  speed: Speed, unit: str, memory_summary: str = "") -> str:
+    """`epoch E/N step S/M (P%) | FIGURES | lr | RATE UNIT/sec | eta | memory` for a Position-like `pos`
+    (epoch, step_in_epoch, global_step)."""
+    line = (f"epoch {pos.epoch + 1}/{max_epochs} step {pos.step_in_epoch}/{steps_per_epoch} "
+            f"({100 * pos.step_in_epoch / steps_per_epoch:.0f}%) | {figures} | lr {lr:.4g}")
+    if not speed.seconds:
+        return f"{line} | {unit}/sec after {speed.warmup} steps"
+    eta = (total_steps - pos.global_step) * speed.seconds_per_step
+    line = f"{line} | {speed.rate:7.0f} {unit}/sec | eta {format_duration(eta)}"
+    return f"{line} | {memory_summary}" if memory_summary else line
 
 
 def format_duration(seconds: float) -> str:

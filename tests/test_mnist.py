@@ -338,3 +338,22 @@ def test_lstm_preset_on_fashion_mnist(fashion_mnist, tmp_path):
     # 80 Adam steps take the model far above chance (10%).
     assert m["test_accuracy"] > 0.6
     assert "Fashion-MNIST" in proc.stdout and "test accuracy" in proc.stdout
+
+
+def test_out_of_memory_stops_with_a_checkpoint_and_recompute_finishes_the_run(tmp_path):
+    """Images of 1,000 rows: 2 x 128 LSTM units keep about 900 MB of activations for a batch of 32, more than
+    TensorFlow's CPU allocator capped at 300 MB (as a GPU's memory is) gives; with --recompute 32 they fit."""
+    from test_memory import CAPPED
+    tall = write_images(tmp_path / "tall", train=200, test=20, rows=1000, cols=10)
+    common = ["--config", "test", "--num_layers", "2", "--hidden_size", "128", "--batch_size", "32",
+              "--validation_size", "20", "--max_steps", "2", "--data_path", tall, "--save_path", tmp_path / "run"]
+    proc = run_mnist(*common, env=CAPPED)
+    assert proc.returncode == 76, proc.stdout[-2000:] + proc.stderr[-2000:]
+    stopped = [line for line in proc.stdout.splitlines() if line.startswith("stopped:")]
+    assert len(stopped) == 1 and stopped[0].startswith("stopped: step 1 ran out of memory (OOM when allocating")
+    assert "--recompute K" in stopped[0] and f"--resume --save_path {tmp_path / 'run'}" in stopped[0]
+    assert (tmp_path / "run" / "checkpoints" / "ckpt-0.index").exists()
+    done = run_mnist(*common, "--resume", "--recompute", "32", "--metrics_json", tmp_path / "m.json", env=CAPPED,
+                     check=0)
+    assert "resumed from" in done.stdout and "memory mode recompute (one state in 32 kept)" in done.stdout
+    assert json.loads((tmp_path / "m.json").read_text())["steps"] == 2

@@ -181,7 +181,8 @@ def test_hostfile_launch_trains_one_process_per_slot(tmp_path):
     proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "hostfile.sh"), str(hosts), "-m", "distrnn.ptb",
                            "--config", "test", "--data_path", corpus, "--max_steps", "5", "--save_path",
                            tmp_path / "run", "--metrics_json", tmp_path / "m.json"],
-                          env=subprocess_env(DISTRNN_PYTHON=sys.executable), capture_output=True, text=True, timeout=300)
+                          env=subprocess_env(DISTRNN_PYTHON=sys.executable), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 5
@@ -258,9 +259,15 @@ def wait_for_progress(cluster, job_dir, job_id, start, timeout=120):
 
 def release(cluster, job_id, restarts):
     """Waits until the job is back in the queue after its restarts-th requeue and lets it start: Slurm
-    holds a requeued job for two minutes (BeginTime) before it may run again."""
+    holds a requeued job for two minutes (BeginTime) before it may run again, because slurmd revokes the
+    credential of the run it killed: a new run whose credential is made in the same second as that
+    revocation counts as revoked too and is killed at once ("Killing non-startable batch JobId=1: Job
+    credential revoked"; twice in a row here when the release came within the second). So: once the node
+    is idle, two seconds more."""
     cluster.wait_for(lambda: cluster.job(job_id).get("Restarts") == str(restarts)
                      and cluster.job(job_id)["JobState"] == "PENDING", 120, f"job {job_id} requeued")
+    cluster.wait_for(lambda: cluster.idle_nodes() == len(cluster.nodes), 60, "the node to finish the previous run")
+    time.sleep(2)
     cluster.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
 

@@ -208,35 +208,19 @@ def make_model_plan(config, image_shape, batch_size: int, devices, strategy: str
     return placement.make_plan(config.num_layers, devices, strategy, costs)
 
 
-def progress_line(pos: Position, max_epochs: int, steps_per_epoch: int, total_steps: int, lr: float,
-                  speed: training.Speed, memory_summary: str = "") -> str:
-    line = (f"epoch {pos.epoch + 1}/{max_epochs} step {pos.step_in_epoch}/{steps_per_epoch} "
-            f"({100 * pos.step_in_epoch / steps_per_epoch:.0f}%) | train loss {pos.train_loss:.4f} "
-            f"accuracy {100 * pos.train_accuracy:.2f}% | lr {lr:.4g}")
-    if not speed.seconds:
-        return f"{line} | images/sec after {speed.warmup} steps"
-    eta = (total_steps - pos.global_step) * speed.seconds_per_step
-    line = f"{line} | {speed.rate:7.0f} images/sec | eta {training.format_duration(eta)}"
-    return f"{line} | {memory_summary}" if memory_summary else line
-
-
 def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
     """Trains, validates every epoch, tests at the end; returns the metrics dict.
 
     Returns early with metrics["interrupted"] set to the exit code (a signal's, or 76 when memory
     ran short) after saving a checkpoint.
     """
-    return training.run_job("mnist", options, lambda world, save_path, devices: _train_and_evaluate(
-        config, options, world, save_path, devices), world)
-
-
-def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devices) -> dict:
     reference_batch = config.batch_size  # what the config's learning rate was chosen for
-    config = distributed.per_rank_config(config, options.global_batch_size, world)
-    config.validate()
-    distributed.check_same_run(world, config, options)
+    return training.run_job("mnist", config, options, lambda config, world, save_path, devices: _train_and_evaluate(
+        config, reference_batch, options, world, save_path, devices), world)
+
+
+def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world, save_path: str, devices) -> dict:
     t_start = time.time()
-    distributed.on_chief(world, lambda: training.check_metrics_path(options.metrics_json))
     # Rank 0 downloads first, so that the ranks of a node do not write the same cache at once.
     distributed.on_chief(world, lambda: idx.resolve_data_path(options.data_path, options.dataset))
     data_path = idx.resolve_data_path(options.data_path, options.dataset)
@@ -306,15 +290,11 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
         if world.is_chief:
             checkpoints.save(pos.global_step)
 
-    def say(message):  # on any rank: a rank's own memory warning matters wherever it happens
-        log(message if world.size == 1 else f"rank {world.rank}: {message}")
-
     def done():
         return pos.epoch >= max_epochs or (options.max_steps and pos.global_step >= options.max_steps)
 
-    monitor = memory.MemoryMonitor(options.mem_warn, options.mem_stop, options.mem_interval,
-                                   owned_gpus=world.owned_gpus)
-    with training.StopSignal() as stop, monitor.start():
+    watch = training.Watch(world, options)
+    with watch:
         while not done() and not interrupted:
             order = epoch_order(options.seed, pos.epoch, len(train.labels))
             lr = None
@@ -340,14 +320,14 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
                 pos.epoch_loss += float(loss)
                 pos.epoch_correct += float(accuracy)
                 pos.step_in_epoch, pos.global_step = i + 1, pos.global_step + 1
-                warning = monitor.take_warning()
-                if warning:
-                    say(f"warning: {warning}")
+                watch.warn()
                 if world.is_chief and (pos.step_in_epoch % progress_every == 0 or pos.step_in_epoch == steps_per_epoch):
-                    log(progress_line(pos, max_epochs, steps_per_epoch, total_steps, lr, speed, monitor.summary()))
+                    figures = f"train loss {pos.train_loss:.4f} accuracy {100 * pos.train_accuracy:.2f}%"
+                    log(training.progress_line(pos, max_epochs, steps_per_epoch, total_steps, figures, lr, speed,
+                                               "images", watch.monitor.summary()))
                     tensorboard.scalars(pos.global_step, loss=pos.train_loss, accuracy=pos.train_accuracy,
-                                        learning_rate=lr, images_per_sec=speed.rate, **monitor.scalars())
-                interrupted = training.agreed_stop(world, stop.signum, monitor.stop_reason is not None)
+                                        learning_rate=lr, images_per_sec=speed.rate, **watch.monitor.scalars())
+                interrupted = watch.stop_code()
                 if pos.step_in_epoch == steps_per_epoch:
                     break  # the epoch's checkpoint follows validation
                 if interrupted or done() or pos.global_step % options.checkpoint_every == 0:
@@ -369,12 +349,11 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
                     tensorboard.scalars(pos.global_step, valid_loss=checked.loss, valid_accuracy=checked.accuracy)
             pos.epoch, pos.step_in_epoch, pos.epoch_loss, pos.epoch_correct = pos.epoch + 1, 0, 0.0, 0.0
             save()
-            interrupted = training.agreed_stop(world, stop.signum, monitor.stop_reason is not None)
+            interrupted = watch.stop_code()
 
-    metrics = {"interrupted": interrupted, "save_path": save_path, "memory": monitor.metrics()}
+    metrics = {"interrupted": interrupted, "save_path": save_path, "memory": watch.monitor.metrics()}
     if interrupted:
-        training.report_stop(world, interrupted, checkpoints, save_path,
-                             out_of_memory or f"memory ran short ({monitor.stop_reason or 'on another rank'})")
+        watch.report_stop(interrupted, checkpoints, save_path, out_of_memory)
         tensorboard.close()
         return metrics
 

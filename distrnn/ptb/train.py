@@ -184,37 +184,22 @@ def make_model_plan(config, vocab_size: int, devices, strategy: str):
     return placement.make_plan(config.num_layers, devices, strategy, costs)
 
 
-def progress_line(pos: Position, max_epochs: int, steps_per_epoch: int, total_steps: int, lr: float,
-                  speed: training.Speed, memory_summary: str = "") -> str:
-    line = (f"epoch {pos.epoch + 1}/{max_epochs} step {pos.step_in_epoch}/{steps_per_epoch} "
-            f"({100 * pos.step_in_epoch / steps_per_epoch:.0f}%) | train ppl {pos.train_perplexity:8.2f} | lr {lr:.4g}")
-    if not speed.seconds:
-        return f"{line} | words/sec after {speed.warmup} steps"
-    eta = (total_steps - pos.global_step) * speed.seconds_per_step
-    line = f"{line} | {speed.rate:7.0f} words/sec | eta {training.format_duration(eta)}"
-    return f"{line} | {memory_summary}" if memory_summary else line
-
-
 def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
     """Trains, validates every epoch, tests at the end; returns the metrics dict.
 
     Returns early with metrics["interrupted"] set to the signal's exit code when
     SIGINT/SIGTERM arrives (after saving a checkpoint).
     """
-    return training.run_job("ptb", options, lambda world, save_path, devices: _train_and_evaluate(
-        config, options, world, save_path, devices), world)
-
-
-def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devices) -> dict:
     reference_batch = config.batch_size  # what the config's learning rate was tuned for
-    config = distributed.per_rank_config(config, options.global_batch_size, world)
-    config.validate()
-    distributed.check_same_run(world, config, options)
+    return training.run_job("ptb", config, options, lambda config, world, save_path, devices: _train_and_evaluate(
+        config, reference_batch, options, world, save_path, devices), world)
+
+
+def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world, save_path: str, devices) -> dict:
     if options.on_oom == "retry" and world.size > 1:
         raise UsageError("--on_oom retry needs a single process (the other ranks would wait in the failed step's "
                          "allreduce); under horovodrun pass --recompute K or --swap_memory from the start")
     t_start = time.time()
-    distributed.on_chief(world, lambda: training.check_metrics_path(options.metrics_json))
     # Rank 0 downloads first, so that the ranks of a node do not write the same cache at once.
     distributed.on_chief(world, lambda: reader.resolve_data_path(options.data_path))
     data_path = reader.resolve_data_path(options.data_path)
@@ -298,8 +283,8 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
                 leaner = trainer.memory.leaner(T) if options.on_oom == "retry" and config.cell == "lstm" else None
                 if leaner is None:
                     raise OutOfMemory(what) from None
-                say(f"{what} in memory mode {trainer.memory.describe()}; running it again in memory mode "
-                    f"{leaner.describe()}")
+                watch.say(f"{what} in memory mode {trainer.memory.describe()}; running it again in memory mode "
+                          f"{leaner.describe()}")
                 memory_changes.append({"step": pos.global_step + 1, "from": trainer.memory.describe(),
                                        "to": leaner.describe()})
                 trainer.set_memory(leaner)
@@ -309,18 +294,11 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
         if world.is_chief:
             checkpoints.save(pos.global_step)
 
-    def stop_requested():
-        return training.agreed_stop(world, stop.signum, monitor.stop_reason is not None)
-
-    def say(message):  # on any rank: a rank's own memory warning matters wherever it happens
-        log(message if world.size == 1 else f"rank {world.rank}: {message}")
-
     def done():
         return pos.epoch >= max_epochs or (options.max_steps and pos.global_step >= options.max_steps)
 
-    monitor = memory.MemoryMonitor(options.mem_warn, options.mem_stop, options.mem_interval,
-                                   owned_gpus=world.owned_gpus)
-    with training.StopSignal() as stop, monitor.start():
+    watch = training.Watch(world, options)
+    with watch:
         while not done() and not interrupted:
             state = trainer.carried_state() if pos.step_in_epoch else trainer.model.zero_state(B)
             lr = None
@@ -346,14 +324,14 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
                 pos.step_in_epoch = i + 1
                 pos.global_step += 1
                 valid_ppl = None
-                warning = monitor.take_warning()
-                if warning:
-                    say(f"warning: {warning}")
+                watch.warn()
                 if world.is_chief and (pos.step_in_epoch % progress_every == 0 or pos.step_in_epoch == steps_per_epoch):
-                    log(progress_line(pos, max_epochs, steps_per_epoch, total_steps, lr, speed, monitor.summary()))
+                    figures = f"train ppl {pos.train_perplexity:8.2f}"
+                    log(training.progress_line(pos, max_epochs, steps_per_epoch, total_steps, figures, lr, speed,
+                                               "words", watch.monitor.summary()))
                     tensorboard.scalars(pos.global_step, loss=loss / T, perplexity=pos.train_perplexity,
-                                        learning_rate=lr, words_per_sec=speed.rate, **monitor.scalars())
-                interrupted = stop_requested()
+                                        learning_rate=lr, words_per_sec=speed.rate, **watch.monitor.scalars())
+                interrupted = watch.stop_code()
                 if pos.step_in_epoch == steps_per_epoch:
                     break  # the epoch's checkpoint follows validation
                 if interrupted or done() or pos.global_step % options.checkpoint_every == 0:
@@ -371,13 +349,12 @@ def _train_and_evaluate(config, options: RunOptions, world, save_path: str, devi
                 tensorboard.scalars(pos.global_step, valid_perplexity=valid_ppl)
             pos.epoch, pos.step_in_epoch, pos.epoch_cost, pos.epoch_iters = pos.epoch + 1, 0, 0.0, 0
             save(trainer.model.zero_state(B))
-            interrupted = stop_requested()
+            interrupted = watch.stop_code()
 
     metrics = {"interrupted": interrupted, "save_path": save_path,
-               "memory": dict(monitor.metrics(), mode=trainer.memory.describe(), changes=memory_changes)}
+               "memory": dict(watch.monitor.metrics(), mode=trainer.memory.describe(), changes=memory_changes)}
     if interrupted:
-        training.report_stop(world, interrupted, checkpoints, save_path,
-                             out_of_memory or f"memory ran short ({monitor.stop_reason or 'on another rank'})")
+        watch.report_stop(interrupted, checkpoints, save_path, out_of_memory)
         tensorboard.close()
         return metrics
     if valid_ppl is None:
