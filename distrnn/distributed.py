@@ -277,6 +277,14 @@ def on_chief(world: World, fn):
     return result
 
 
+def chief_first(world: World, fn):
+    """fn() on rank 0, then, once it has succeeded there, on every other rank; each rank gets its own
+    result and a UsageError on rank 0 is raised on every rank. For work such as filling a download cache,
+    which the ranks of a node must not do at once and every node must have done."""
+    result = on_chief(world, fn)
+    return result if world.is_chief else fn()
+
+
 def check_same_run(world: World, config, options) -> None:
     """Every rank must train the same thing: ranks started with other flags would deadlock or
     diverge silently, so a hash of the config and run options (dataclasses) is compared with rank 0's."""

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from distrnn import distributed
+from distrnn import distributed, memory, placement
 from distrnn.errors import OutOfMemory, UsageError
 from distrnn.rnn import Memory
 
@@ -65,7 +65,6 @@ def run_job(job: str, config, options: JobOptions, body, world=None):
     --global_batch_size, checks that every rank runs the same config and options and that
     --metrics_json can be written, and returns body(config for this rank, world, save_path, devices),
     a collective broken by a lost rank turned into RankLost."""
-    from distrnn import placement
     world = world or distributed.init(options.gpus_per_rank)
     devices = placement.job_devices(options.devices, options.num_gpus, options.virtual_devices, options.gpus_per_rank)
     save_path = world.broadcast_object(options.save_path or default_save_path(job, options.config_name))
@@ -92,7 +91,6 @@ class Watch:
     """
 
     def __init__(self, world, options: JobOptions):
-        from distrnn import memory
         self.world = world
         self.signals = StopSignal()
         self.monitor = memory.MemoryMonitor(options.mem_warn, options.mem_stop, options.mem_interval,
@@ -123,7 +121,6 @@ class Watch:
         """After every rank agreed to stop with `code` and the chief saved a checkpoint: keeps every rank
         until then (a launcher that sees one rank exit non-zero stops the others: srun --kill-on-bad-exit,
         horovodrun) and says why it stopped and how to continue. out_of_memory: what a failed step said."""
-        from distrnn import memory
         if self.world.size > 1:
             self.world.allreduce_sum([0.0])  # the barrier
         where = f"checkpoint saved in {checkpoints.directory}"
@@ -298,19 +295,6 @@ class SGD(tf.Module):
                 tf.raw_ops.ResourceApplyGradientDescent(var=variable.handle, alpha=alpha, delta=grad)
         self.iterations.assign_add(1)
         return norm
-
-
-class Adam(tf.keras.optimizers.Adam):
-    """Keras's Adam with each variable's update computed on that variable's device.
-
-    Keras places the moment slots beside their variables but leaves the arithmetic of the
-    update unplaced, so with layers on several GPUs every layer's update would run on the
-    first GPU and copy its gradient and slots there and back.
-    """
-
-    def update_step(self, gradient, variable):
-        with tf.device(variable.device):
-            return super().update_step(gradient, variable)
 
 
 class Speed:

@@ -361,8 +361,8 @@ def test_out_of_memory_stops_with_a_checkpoint_and_recompute_finishes_the_run(tm
 
 def test_adam_updates_each_variable_on_its_device():
     """Keras places Adam's moments beside their variable but not the arithmetic of the update;
-    training.Adam places that too, so a layer on /gpu:2 is not updated on /gpu:0."""
-    from distrnn.training import Adam
+    distrnn.adam.Adam places that too, so a layer on /gpu:2 is not updated on /gpu:0."""
+    from distrnn.adam import Adam
     with tf.device("/device:CPU:2"):
         variable = tf.Variable(tf.ones([4, 4]))
     optimizer = Adam(0.001)

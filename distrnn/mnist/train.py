@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from distrnn import distributed, memory, placement, training
+from distrnn.adam import Adam
 from distrnn.errors import OutOfMemory, UsageError
 from distrnn.mnist import idx, plots
 from distrnn.mnist.model import RowClassifier, part_memory
@@ -46,7 +47,7 @@ class Position:
     step_in_epoch: int = 0     # next batch of that epoch
     global_step: int = 0       # training steps done in all
     epoch_loss: float = 0.0    # sum of the steps' mean losses this epoch
-    epoch_correct: float = 0.0  # sum of the steps' accuracies this epoch
+    epoch_accuracy: float = 0.0  # sum of the steps' accuracies this epoch
     history: list = dataclasses.field(default_factory=list)  # per finished epoch: losses and accuracies
 
     @property
@@ -55,7 +56,7 @@ class Position:
 
     @property
     def train_accuracy(self) -> Optional[float]:
-        return self.epoch_correct / self.step_in_epoch if self.step_in_epoch else None
+        return self.epoch_accuracy / self.step_in_epoch if self.step_in_epoch else None
 
 
 class Trainer(tf.Module):
@@ -72,7 +73,7 @@ class Trainer(tf.Module):
             raise UsageError(str(error)) from None
         self.model = RowClassifier(config, image_shape, seed=seed, rnn_mode=self.rnn_mode, plan=plan,
                                    placement=placement, memory=memory)
-        self.optimizer = training.Adam(config.learning_rate)
+        self.optimizer = Adam(config.learning_rate)
         self.optimizer.build(self.model.trainable_variables)  # the moments exist before a restore fills them
         self._position = tf.Variable(json.dumps(dataclasses.asdict(Position())), dtype=tf.string, trainable=False)
         images = tf.TensorSpec([None, *image_shape], tf.float32)
@@ -221,9 +222,7 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
 
 def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world, save_path: str, devices) -> dict:
     t_start = time.time()
-    # Rank 0 downloads first, so that the ranks of a node do not write the same cache at once.
-    distributed.on_chief(world, lambda: idx.resolve_data_path(options.data_path, options.dataset))
-    data_path = idx.resolve_data_path(options.data_path, options.dataset)
+    data_path = distributed.chief_first(world, lambda: idx.resolve_data_path(options.data_path, options.dataset))
     data = idx.load(data_path)
     train, valid = hold_out(data.train, config.validation_size)
     pixels = Pixels.of(train.images)
@@ -318,7 +317,7 @@ def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world
                     break
                 speed.add(global_batch, time.perf_counter() - t0)
                 pos.epoch_loss += float(loss)
-                pos.epoch_correct += float(accuracy)
+                pos.epoch_accuracy += float(accuracy)
                 pos.step_in_epoch, pos.global_step = i + 1, pos.global_step + 1
                 watch.warn()
                 if world.is_chief and (pos.step_in_epoch % progress_every == 0 or pos.step_in_epoch == steps_per_epoch):
@@ -347,7 +346,7 @@ def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world
                                                             f"{100 * checked.accuracy:.2f}%" if checked else ""))
                 if checked:
                     tensorboard.scalars(pos.global_step, valid_loss=checked.loss, valid_accuracy=checked.accuracy)
-            pos.epoch, pos.step_in_epoch, pos.epoch_loss, pos.epoch_correct = pos.epoch + 1, 0, 0.0, 0.0
+            pos.epoch, pos.step_in_epoch, pos.epoch_loss, pos.epoch_accuracy = pos.epoch + 1, 0, 0.0, 0.0
             save()
             interrupted = watch.stop_code()
 

@@ -7,7 +7,6 @@ Words of valid/test missing from it become `<unk>` and are counted.
 """
 import collections
 import dataclasses
-import hashlib
 import os
 import shutil
 import tarfile
@@ -16,7 +15,7 @@ from typing import Dict, Iterator, Tuple
 
 import numpy as np
 
-from distrnn.download import fetch
+from distrnn.download import fetch, hexdigest
 from distrnn.errors import UsageError
 
 SPLITS = ("train", "valid", "test")
@@ -41,8 +40,8 @@ def digest(path: str, kind: str) -> str:
     with open(path, "rb") as f:
         data = f.read()
     if kind == "sha256":
-        return hashlib.sha256(data).hexdigest()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        return hexdigest(data, "sha256")
+    return hexdigest(b"blob %d\0" % len(data) + data, "sha1")
 
 
 def verify(directory: str) -> None:

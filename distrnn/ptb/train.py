@@ -200,9 +200,7 @@ def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world
         raise UsageError("--on_oom retry needs a single process (the other ranks would wait in the failed step's "
                          "allreduce); under horovodrun pass --recompute K or --swap_memory from the start")
     t_start = time.time()
-    # Rank 0 downloads first, so that the ranks of a node do not write the same cache at once.
-    distributed.on_chief(world, lambda: reader.resolve_data_path(options.data_path))
-    data_path = reader.resolve_data_path(options.data_path)
+    data_path = distributed.chief_first(world, lambda: reader.resolve_data_path(options.data_path))
     data = reader.load(data_path)
     B, T = config.batch_size, config.num_steps  # B rows on each rank; B * world.size rows in all
     global_batch = B * world.size
