@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+import machine
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -69,7 +71,7 @@ def run_mode(mode, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode] + [
         f"--{k}={v}" for k, v in vars(args).items() if k != "child"]
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True,
-                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT))
+                         env=machine.child_env(PYTHONPATH=ROOT))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -85,7 +87,8 @@ def main():
     args = p.parse_args()
     args.recompute = args.recompute or recompute_segment(args.num_steps)
     if args.child:
-        return child(args)
+        return child(args)  # with the oneDNN setting the parent chose (inherited)
+    host = machine.start()
     print(f"LSTM {args.layers} x {args.hidden}, batch {args.batch}, {args.num_steps} steps, "
           f"recompute K = {args.recompute}", flush=True)
     results = {}
@@ -107,7 +110,7 @@ def main():
         print(f"{mode}: peak memory {s['peak_ratio']:.2f}x lower than keep ({s['activation_ratio']:.2f}x above the "
               f"baseline), time {s['time_ratio']:.2f}x keep's, same gradient norm: {s['same_gradient_norm']}")
     print(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "child"},
-                      "results": results, "summary": summary, "cpus": os.cpu_count()}))
+                      "results": results, "summary": summary, "machine": host}))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ import subprocess
 import sys
 import tempfile
 
+import machine
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def run(data_path, config, steps, processes, extra=()):
@@ -28,7 +29,7 @@ def run(data_path, config, steps, processes, extra=()):
         if processes > 1:
             horovodrun = shutil.which("horovodrun", path=os.path.dirname(sys.executable))
             cmd = [horovodrun, "--gloo", "-np", str(processes), "-H", f"localhost:{processes}"] + cmd
-        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=ENV)
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=machine.child_env())
         with open(metrics) as f:
             return json.load(f)["words_per_sec"]
 
@@ -40,7 +41,7 @@ def main():
     p.add_argument("--small_steps", type=int, default=60)
     p.add_argument("--large_steps", type=int, default=12)
     args = p.parse_args()
-    out = {"cpus": os.cpu_count(), "processes": args.np}
+    out = {"machine": machine.start(), "processes": args.np}
     one = run(args.data_path, "small", args.small_steps, 1)
     many = run(args.data_path, "small", args.small_steps, args.np)
     out["small_1_process"], out[f"small_{args.np}_processes"] = round(one, 1), round(many, 1)

@@ -15,8 +15,9 @@ import subprocess
 import sys
 import tempfile
 
+import machine
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def run(data_path, epochs, global_batch, extra):
@@ -25,7 +26,7 @@ def run(data_path, epochs, global_batch, extra):
         subprocess.run([sys.executable, "-m", "distrnn.ptb", "--config", "small", "--data_path", data_path,
                         "--global_batch_size", str(global_batch), "--max_epochs", str(epochs),
                         "--save_path", os.path.join(tmp, "run"), "--metrics_json", metrics, *extra],
-                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=ENV)
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=machine.child_env())
         with open(metrics) as f:
             m = json.load(f)
     return [round(h["valid_perplexity"], 2) for h in m["history"]], m["words_per_sec"]
@@ -38,6 +39,7 @@ def main():
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--warmup_steps", type=int, default=100)
     args = p.parse_args()
+    host = machine.start()
     results = {"reference": {"global_batch": 20, "valid": run(args.data_path, args.epochs, 20, [])[0]}}
     print(f"global batch 20 (reference): valid ppl per epoch {results['reference']['valid']}", flush=True)
     for g in args.global_batch:
@@ -48,7 +50,7 @@ def main():
             results[f"{g}/{name}"] = {"global_batch": g, "scaling": name, "valid": valid, "words_per_sec": wps}
             print(f"global batch {g}, lr_scaling {name:18s}: valid ppl per epoch {valid}, best {min(valid)}",
                   flush=True)
-    print(json.dumps(results))
+    print(json.dumps(dict(results, machine=host)))
 
 
 if __name__ == "__main__":

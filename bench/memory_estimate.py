@@ -24,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 
+import machine
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 MIB = 1024 * 1024
@@ -38,7 +40,7 @@ def peak_mib(config, data_path, max_steps, extra=()):
         proc = subprocess.Popen([sys.executable, "-m", "distrnn.ptb", "--config", config, "--data_path", data_path,
                                  "--max_steps", str(max_steps), "--save_path", os.path.join(tmp, "run"),
                                  "--metrics_json", metrics, *extra], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+                                env=machine.child_env())
         _, status, usage = os.wait4(proc.pid, 0)
         if status != 0:
             raise SystemExit(f"memory_estimate: the {config} run failed (status {status})")
@@ -62,6 +64,7 @@ def main():
     p.add_argument("--configs", nargs="+", default=["small", "medium", "large"])
     p.add_argument("--max_steps", type=int, default=6)
     args = p.parse_args()
+    host = machine.start()
     test_peak, test_metrics = peak_mib("test", args.data_path, args.max_steps)
     test_estimate, test_params = estimate_mib(test_metrics)
     runtime = test_peak - test_estimate - test_params
@@ -85,7 +88,7 @@ def main():
     worst = max(abs(r["error"]) for r in rows)
     print(f"largest error: {100 * worst:.1f}%")
     print(json.dumps({"runtime_mib": round(runtime), "max_steps": args.max_steps, "rows": rows,
-                      "largest_error": worst}))
+                      "largest_error": worst, "machine": host}))
 
 
 if __name__ == "__main__":

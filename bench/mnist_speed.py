@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 
+import machine
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {
     "basic_rnn": ["--config", "basic_rnn"],
@@ -32,7 +34,7 @@ def images_per_sec(data_path, args, max_steps):
         subprocess.run([sys.executable, "-m", "distrnn.mnist", *args, "--data_path", data_path,
                         "--max_steps", str(max_steps), "--save_path", os.path.join(tmp, "run"),
                         "--metrics_json", metrics], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+                       env=machine.child_env())
         with open(metrics) as f:
             return json.load(f)["examples_per_sec"]
 
@@ -43,6 +45,7 @@ def main():
     p.add_argument("--max_steps", type=int, default=150)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
+    host = machine.start()
     rates = {name: [] for name in SETTINGS}
     for _ in range(args.repeats):
         for name, flags in SETTINGS.items():
@@ -54,7 +57,7 @@ def main():
     one = medians["stacked, 1 device"]
     for schedule in ("sequential", "pipeline"):
         print(f"stacked on 3 devices, {schedule}, over 1 device: {medians[f'stacked, 3 devices {schedule}'] / one:.3f}")
-    print(json.dumps({"max_steps": args.max_steps, "repeats": args.repeats, "cpus": os.cpu_count(),
+    print(json.dumps({"max_steps": args.max_steps, "repeats": args.repeats, "machine": host,
                       "images_per_sec": medians, "runs": rates}))
 
 

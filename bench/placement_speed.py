@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 
+import machine
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -24,7 +26,7 @@ def words_per_sec(data_path, n, schedule, max_steps, rnn_mode):
                         "--virtual_devices", str(n), "--placement", schedule, "--rnn_mode", rnn_mode,
                         "--data_path", data_path, "--max_steps", str(max_steps), "--save_path",
                         os.path.join(tmp, "run"), "--metrics_json", metrics], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+                       stdout=subprocess.DEVNULL, env=machine.child_env())
         with open(metrics) as f:
             return json.load(f)["words_per_sec"]
 
@@ -36,6 +38,7 @@ def main():
     p.add_argument("--max_steps", type=int, default=60)
     p.add_argument("--rnn_mode", default="dynamic", help="static or dynamic (the pipeline runs a step loop)")
     args = p.parse_args()
+    host = machine.start()
     results = []
     for n in args.devices:
         seq = words_per_sec(args.data_path, n, "sequential", args.max_steps, args.rnn_mode)
@@ -44,7 +47,7 @@ def main():
                         "pipeline_words_per_sec": round(pipe, 1), "pipeline_over_sequential": round(pipe / seq, 3)})
         print(f"{n} virtual devices, {n} layers: sequential {seq:.0f} words/sec, pipeline {pipe:.0f} words/sec, "
               f"ratio {pipe / seq:.3f}", flush=True)
-    print(json.dumps({"rnn_mode": args.rnn_mode, "max_steps": args.max_steps, "cpus": os.cpu_count(),
+    print(json.dumps({"rnn_mode": args.rnn_mode, "max_steps": args.max_steps, "machine": host,
                       "results": results}))
 
 

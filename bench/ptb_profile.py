@@ -28,6 +28,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import machine  # noqa: E402
+
+MACHINE = machine.start()  # before TensorFlow loads, which fixes the oneDNN setting then
 import tensorflow as tf  # noqa: E402
 
 from distrnn.ptb import configs, reader  # noqa: E402
@@ -118,7 +121,7 @@ def main():
     print(f"  {'step':12s} {parts['step']:6.2f}")
     print(f"  {'loop':12s} {parts['loop']:6.2f}  (input pipeline and per-step overhead: "
           f"{parts['loop'] - parts['step']:.2f})")
-    print(json.dumps({k: round(v, 3) for k, v in parts.items()}))
+    print(json.dumps(dict({k: round(v, 3) for k, v in parts.items()}, machine=MACHINE)))
 
 
 if __name__ == "__main__":

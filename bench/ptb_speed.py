@@ -18,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 
+import machine
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BASELINE = os.path.join(ROOT, "..", "shared", "bench", "keras_ptb_baseline.py")
@@ -28,7 +30,7 @@ def run_distrnn(data_path, epochs, extra):
         metrics = os.path.join(tmp, "m.json")
         subprocess.run([sys.executable, "-m", "distrnn.ptb", "--config", "small", "--data_path", data_path,
                         "--max_epochs", str(epochs), "--save_path", os.path.join(tmp, "run"),
-                        "--metrics_json", metrics, *extra], cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=ENV)
+                        "--metrics_json", metrics, *extra], cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=machine.child_env())
         with open(metrics) as f:
             m = json.load(f)
     return m["words_per_sec"], m["train_perplexity"]
@@ -36,12 +38,11 @@ def run_distrnn(data_path, epochs, extra):
 
 def run_baseline(data_path, epochs):
     out = subprocess.run([sys.executable, BASELINE, data_path, "--epochs", str(epochs)], check=True,
-                         capture_output=True, text=True, env=ENV).stdout
+                         capture_output=True, text=True, env=machine.child_env()).stdout
     m = json.loads(out.strip().splitlines()[-1])
     return m["words_per_sec"], m["train_perplexity"]
 
 
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def main():
@@ -53,6 +54,7 @@ def main():
                    help="rnn_modes to measure (cudnn only where a GPU is visible)")
     p.add_argument("--extra", default="", help="more flags for distrnn.ptb, e.g. '--hidden_size 300'")
     args = p.parse_args()
+    host = machine.start()
     if not os.path.exists(BASELINE):
         sys.exit(f"ptb_speed: baseline not found at {BASELINE}")
     modes = [m for m in args.modes if m != "cudnn" or has_gpu()]
@@ -67,7 +69,7 @@ def main():
     keras_wps = statistics.median(w for w, _ in theirs)
     result = {"keras_words_per_sec": round(keras_wps, 1), "keras_train_perplexity": round(theirs[0][1], 2),
               "modes": {}, "epochs": args.epochs, "repeats": args.repeats,
-              "data_path": os.path.abspath(args.data_path), "cpus": os.cpu_count()}
+              "data_path": os.path.abspath(args.data_path), "machine": host}
     for mode in modes:
         wps = statistics.median(w for w, _ in runs[mode])
         ppl = runs[mode][0][1]
@@ -82,7 +84,7 @@ def main():
 
 def has_gpu():
     out = subprocess.run([sys.executable, "-c", "import tensorflow as tf; print(len(tf.config.list_physical_devices('GPU')))"],
-                         capture_output=True, text=True, env=ENV).stdout.strip()
+                         capture_output=True, text=True, env=machine.child_env()).stdout.strip()
     return out not in ("", "0")
 
 

@@ -6,21 +6,27 @@ Every entry point parses flags, then calls a library function inside
 import argparse
 import dataclasses
 import difflib
+import shlex
 import sys
 from typing import Callable, Dict, List
 
+from distrnn import cpu
 from distrnn.config import field_types, override
 from distrnn.errors import DistrnnError, UsageError
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports bad flags as a UsageError (one line, exit 2) and suggests close names.
-    Abbreviations are refused: a typo such as --num_layer would silently mean --num_layers, and an
-    abbreviation that is unique today becomes ambiguous when a flag is added."""
+    """argparse that reports bad flags as a UsageError (one line, exit 2) and suggests close names,
+    and reads flags from files (`@FILE`, see read_flag_files). Abbreviations are refused: a typo such
+    as --num_layer would silently mean --num_layers, and an abbreviation that is unique today becomes
+    ambiguous when a flag is added."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super().parse_known_args(read_flag_files(sys.argv[1:] if args is None else list(args)), namespace)
 
     def error(self, message):
         if message.startswith("unrecognized arguments:"):
@@ -33,6 +39,37 @@ class ArgumentParser(argparse.ArgumentParser):
                     break
             message += "; see --help for the flags"
         raise UsageError(message)
+
+
+def read_flag_files(args: List[str], depth: int = 0) -> List[str]:
+    """`@FILE` replaced by the flags in FILE: shell words, any number a line, `#` to the end of a
+    line a comment, `@OTHER` inside read in turn (argparse's fromfile_prefix_chars reads one whole
+    line as one argument and lets a file that is not text end in a traceback). Read at every start,
+    so editing the file changes what a requeued Slurm job runs next."""
+    expanded = []
+    for arg in args:
+        if not arg.startswith("@") or arg == "@":
+            expanded.append(arg)
+            continue
+        path = arg[1:]
+        if depth >= 8:
+            raise UsageError(f"flag file {path} is nested 8 files deep: does a flag file name itself?")
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError as e:
+            raise UsageError(f"cannot read flag file {path} ({e.strerror}): give @FILE, a readable text file of "
+                             "flags") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"flag file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                             f"{e.start}): write the flags as plain text") from None
+        for number, line in enumerate(lines, 1):
+            try:
+                words = shlex.split(line, comments=True)
+            except ValueError as e:
+                raise UsageError(f"flag file {path}, line {number}: {e} (quote values with '...')") from None
+            expanded.extend(read_flag_files(words, depth + 1))
+    return expanded
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls, help_by_field: Dict[str, str] = None) -> List[str]:
@@ -155,6 +192,7 @@ def run_training(argv: List[str], build_parser, presets, describe: Callable[[str
         return 0
     check_job_flags(args)
     config = override(presets.get(args.config), config_overrides(args, names))
+    cpu.choose_onednn()  # before TensorFlow loads: it decides once, at load
     import importlib
     train = importlib.import_module(train_module)  # TensorFlow is imported only once the flags are known to be good
     return train.train_and_evaluate(config, job_options(args, train.RunOptions))["interrupted"] or 0

@@ -28,27 +28,19 @@ from typing import Optional
 
 import psutil
 
-from distrnn import cli
+from distrnn import cli, cpu
 
 MIB = 1024 * 1024
 
 
 def host_info() -> dict:
     memory = psutil.virtual_memory()
-    return {"hostname": platform.node(), "cpu": _cpu_model(), "logical_cores": psutil.cpu_count(),
+    processor, onednn = cpu.processor(), cpu.onednn()
+    return {"hostname": platform.node(), "cpu": processor.model, "cpu_family_model": processor.family_model,
+            "vector_extensions": list(processor.vector_extensions), "onednn": onednn.enabled,
+            "onednn_why": onednn.why, "logical_cores": psutil.cpu_count(),
             "physical_cores": psutil.cpu_count(logical=False), "memory_total_mib": memory.total // MIB,
             "memory_available_mib": memory.available // MIB}
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _text(value) -> str:
@@ -109,7 +101,12 @@ physical = tf.config.list_physical_devices()
 for gpu in tf.config.list_physical_devices("GPU"):
     tf.config.experimental.set_memory_growth(gpu, True)
 logical = tf.config.list_logical_devices()
-print(json.dumps({"version": tf.__version__, "built_with_cuda": tf.test.is_built_with_cuda(),
+try:  # the answer TensorFlow itself gives (private: absent from some builds)
+    from tensorflow.python.util import _pywrap_util_port
+    onednn = bool(_pywrap_util_port.IsMklEnabled())
+except (ImportError, AttributeError):
+    onednn = None
+print(json.dumps({"version": tf.__version__, "built_with_cuda": tf.test.is_built_with_cuda(), "onednn": onednn,
                   "physical": [[d.name, d.device_type] for d in physical],
                   "logical": [[d.name, d.device_type] for d in logical]}))
 """
@@ -177,7 +174,9 @@ def report(tensorflow: Optional[dict], nvml=None) -> dict:
 def format_report(r: dict) -> str:
     h = r["host"]
     lines = [f"host {h['hostname']}: {h['cpu']}, {h['physical_cores']} cores ({h['logical_cores']} logical), "
-             f"memory {h['memory_available_mib']:,} MiB available of {h['memory_total_mib']:,} MiB"]
+             f"memory {h['memory_available_mib']:,} MiB available of {h['memory_total_mib']:,} MiB",
+             f"  CPU {h['cpu_family_model'] or '?'}: {' '.join(h['vector_extensions']) or 'no AVX'}; TensorFlow's "
+             f"CPU kernels: oneDNN {'on' if h['onednn'] else 'off'} ({h['onednn_why']})"]
     n = r["nvml"]
     if not n["available"]:
         lines.append(f"GPUs: none visible ({n['reason']})")
@@ -196,8 +195,9 @@ def format_report(r: dict) -> str:
     elif not t["available"]:
         lines.append(f"TensorFlow: {t['reason']}")
     else:
-        lines.append(f"TensorFlow {t['version']} ({'CUDA' if t['built_with_cuda'] else 'no CUDA'} build), asked with "
-                     f"memory growth on in a child process that has exited:")
+        onednn = {True: ", oneDNN on", False: ", oneDNN off"}.get(t.get("onednn"), "")
+        lines.append(f"TensorFlow {t['version']} ({'CUDA' if t['built_with_cuda'] else 'no CUDA'} build{onednn}), "
+                     f"asked with memory growth on in a child process that has exited:")
         lines.append("  physical: " + ", ".join(name for name, _ in t["physical"]))
         lines.append("  logical:  " + ", ".join(name for name, _ in t["logical"]))
     return "\n".join(lines)
@@ -367,7 +367,10 @@ def run(argv) -> int:
 
 
 def main(argv=None) -> int:
-    return cli.run_main("distrnn.devices", lambda: run(sys.argv[1:] if argv is None else argv))
+    def devices():
+        cpu.choose_onednn()  # what a job started here would run, and what the TensorFlow child inherits
+        return run(sys.argv[1:] if argv is None else argv)
+    return cli.run_main("distrnn.devices", devices)
 
 
 if __name__ == "__main__":

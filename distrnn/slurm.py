@@ -2,6 +2,7 @@
 
     python -m distrnn.slurm hosts    # gpu01:4,gpu02:4,gpu03:2  (horovodrun -H)
     python -m distrnn.slurm np       # 10                       (horovodrun -np)
+    python -m distrnn.slurm header "$0" --time_limit LIMIT   # in a batch script: what differs from its header
 
 Slurm writes node lists compressed (`gpu[01-03,07],cpu5`) and task counts
 run-length encoded (`4(x2),2`: four tasks on each of two nodes, then two).
@@ -17,7 +18,7 @@ import dataclasses
 import os
 import re
 import sys
-from typing import List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
 from distrnn import cli
 from distrnn.errors import UsageError
@@ -144,14 +145,94 @@ def srun_task(env: Mapping[str, str] = os.environ) -> Optional[SrunTask]:
                     cross_size=len(with_local_rank), node=slots[node_id][0], slots=tuple(slots))
 
 
+# The #SBATCH requests that a script's stated hardware, time and expected figures rest on, and the
+# variable in which sbatch tells the batch script what it got (the time limit is asked of squeue).
+HEADER_REQUESTS = (("nodes", "SLURM_JOB_NUM_NODES"), ("ntasks-per-node", "SLURM_NTASKS_PER_NODE"),
+                   ("cpus-per-task", "SLURM_CPUS_PER_TASK"), ("gpus-per-node", "SLURM_GPUS_PER_NODE"),
+                   ("time", None))
+
+
+def sbatch_header(text: str) -> Dict[str, str]:
+    """The long options of a batch script's #SBATCH lines, read as sbatch reads them: up to the
+    first line that is neither blank nor a comment; `--name=value` or `--name value`."""
+    options = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            break
+        words = line[len("#SBATCH"):].split() if line.startswith("#SBATCH") else []
+        if words and words[0].startswith("--"):
+            name, _, value = words[0][2:].partition("=")
+            options[name] = value or (words[1] if len(words) > 1 else "")
+    return options
+
+
+def time_seconds(limit: str) -> Optional[int]:
+    """A Slurm time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds; None for UNLIMITED
+    or what is not one."""
+    days, _, rest = limit.strip().rpartition("-")
+    try:
+        parts = [int(p) for p in rest.split(":")]
+        day_seconds = int(days) * 86400 if days else 0
+    except ValueError:
+        return None
+    if days:  # after a day count, the first field is hours
+        parts += [0] * (3 - len(parts))
+        return day_seconds + parts[0] * 3600 + parts[1] * 60 + parts[2] if len(parts) == 3 else None
+    scales = {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}.get(len(parts))
+    return sum(p * s for p, s in zip(parts, scales)) if scales else None
+
+
+def header_differences(header: Mapping[str, str], env: Mapping[str, str] = os.environ,
+                       time_limit: Optional[str] = None) -> List[str]:
+    """`--NAME GOT (header: ASKED)` for each of HEADER_REQUESTS the job got otherwise than its
+    #SBATCH header asked (overridden on the sbatch command line); what is unknown is left out."""
+    differences = []
+    for name, variable in HEADER_REQUESTS:
+        asked, got = header.get(name), time_limit if variable is None else env.get(variable)
+        if not asked or not got:
+            continue
+        if name == "time":
+            same = time_seconds(asked) == time_seconds(got)
+        else:  # a GPU count may carry a type: --gpus-per-node=a100:4
+            same = asked.rpartition(":")[2] == got.rpartition(":")[2]
+        if not same:
+            differences.append(f"--{name} {got} (header: {asked})")
+    return differences
+
+
+def header_report(script: str, env: Mapping[str, str] = os.environ, time_limit: Optional[str] = None) -> str:
+    """The line a batch script logs when its allocation is not what its header asked for, or ''."""
+    try:
+        with open(script, encoding="utf-8", errors="replace") as f:
+            header = sbatch_header(f.read())
+    except OSError as e:
+        raise UsageError(f"cannot read the batch script {script} ({e.strerror})") from None
+    differences = header_differences(header, env, time_limit)
+    if not differences:
+        return ""
+    return ("[slurm] this allocation is not what the script's #SBATCH header asks for: " + ", ".join(differences)
+            + "; the hardware, time and figures its header comment states assume the header")
+
+
 def main(argv=None) -> int:
     parser = cli.ArgumentParser(prog="python -m distrnn.slurm", description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["hosts", "np"],
-                        help="hosts: the allocation as horovodrun's -H list; np: the number of tasks")
-    args = parser.parse_args(argv)
+    commands = parser.add_subparsers(dest="what", required=True, metavar="{hosts,np,header}")
+    commands.add_parser("hosts", help="the allocation as horovodrun's -H list")
+    commands.add_parser("np", help="the number of tasks")
+    header = commands.add_parser("header", help="inside a batch job: one line naming what the allocation got "
+                                                "otherwise than SCRIPT's #SBATCH header asked (nothing if alike)")
+    header.add_argument("script", help="the batch script ($0 inside it)")
+    header.add_argument("--time_limit", help="the job's time limit (squeue -h -j $SLURM_JOB_ID -o %%l)")
 
     def show():
-        print(horovod_hosts() if args.what == "hosts" else sum(count for _, count in node_slots()))
+        args = parser.parse_args(argv)
+        if args.what == "header":
+            report = header_report(args.script, time_limit=args.time_limit)
+            if report:
+                print(report)
+        else:
+            print(horovod_hosts() if args.what == "hosts" else sum(count for _, count in node_slots()))
     return cli.run_main(parser.prog, show)
 
 

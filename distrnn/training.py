@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from distrnn import distributed, memory, placement
+from distrnn import cpu, distributed, memory, placement
 from distrnn.errors import OutOfMemory, UsageError
 from distrnn.rnn import Memory
 
@@ -66,6 +66,8 @@ def run_job(job: str, config, options: JobOptions, body, world=None):
     --metrics_json can be written, and returns body(config for this rank, world, save_path, devices),
     a collective broken by a lost rank turned into RankLost."""
     world = world or distributed.init(options.gpus_per_rank)
+    if world.is_chief:
+        log(f"machine: {cpu.describe_machine()}")
     devices = placement.job_devices(options.devices, options.num_gpus, options.virtual_devices, options.gpus_per_rank)
     save_path = world.broadcast_object(options.save_path or default_save_path(job, options.config_name))
     with distributed.stop_if_a_rank_is_lost(

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite, setting up .venv/ first when needed.
 #   bash launch/test.sh [pytest args]
+#   bash launch/test.sh --quick [pytest args]   # a developer's inner loop: leaves out the tests marked slow
+#                                              # (end-to-end runs, Horovod, Slurm); CI runs everything
 # The Slurm tests start a real cluster (tests/slurm_cluster.py) and need Debian's slurmctld, slurmd,
 # slurm-client and munge: installed here when missing and this runs as root with apt-get; without
 # them those tests skip and say why.
@@ -14,5 +16,10 @@ if ! command -v slurmctld >/dev/null && [[ $(id -u) == 0 ]] && command -v apt-ge
         echo "[test] could not install Slurm; the Slurm tests will skip"
     fi
 fi
+quick=()
+if [[ "${1:-}" == "--quick" ]]; then
+    shift
+    quick=(-m "not slow")
+fi
 cd "$root"
-exec .venv/bin/python -m pytest -ra "$@"
+exec .venv/bin/python -m pytest -ra "${quick[@]}" "$@"

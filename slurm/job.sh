@@ -3,7 +3,8 @@
 #   SAVE_PATH  the job's own directory for checkpoints, TensorBoard and metrics:
 #              ${DISTRNN_SAVE_ROOT:-runs}/JOBNAME-JOBID (relative to the submit directory); a
 #              requeued or preempted job keeps its id, so it resumes from there
-# and defines requeue_if_signalled RC, for after the srun line: a job stopped by the signal Slurm
+# logs what the allocation got otherwise than the script's #SBATCH header asked (`distrnn.slurm
+# header`), and defines requeue_if_signalled RC, for after the srun line: a job stopped by the signal Slurm
 # sends ahead of its time limit (--signal=USR1@...; every task saved a checkpoint and exited 138)
 # is put back in the queue, to continue from that checkpoint.
 set -uo pipefail
@@ -15,6 +16,8 @@ export PYTHONUNBUFFERED=1  # progress lines reach the log as they happen
 
 echo "[slurm] job ${SLURM_JOB_ID} (${SLURM_JOB_NAME}) start $((${SLURM_RESTART_COUNT:-0} + 1)) on ${SLURM_JOB_NODELIST}:" \
      "${SLURM_NTASKS:-1} task(s), $("$PYTHON" -m distrnn.slurm hosts 2>/dev/null || echo '?'); save path ${SAVE_PATH}"
+# Requests overridden on the sbatch command line (a CPU cluster, another node size): said once a start.
+"$PYTHON" -m distrnn.slurm header "$0" --time_limit "$(squeue -h -j "$SLURM_JOB_ID" -o %l 2>/dev/null)" 2>/dev/null
 
 requeue_if_signalled() {
     local rc=$1

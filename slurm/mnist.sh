@@ -5,7 +5,7 @@
 #   sbatch slurm/mnist.sh --data_path /data/fashion-mnist      # from the distrnn checkout
 #   sbatch slurm/mnist.sh --config lstm --dataset fashion_mnist # another preset; another data set
 #   sbatch --ntasks-per-node=2 --gpus-per-node=6 slurm/mnist.sh --gpus_per_rank 3   # 2 ranks x 3 GPUs
-#   sbatch --gres=none --gpus-per-node=0 slurm/mnist.sh --virtual_devices 3          # no GPUs: CPUs
+#   sbatch --gres=none --gpus-per-node=0 --cpus-per-task=2 slurm/mnist.sh --virtual_devices 3  # no GPUs, 2 cores
 #
 # Without --data_path it reads ~/.cache/distrnn/mnist, downloading it first; compute nodes without
 # internet need the four IDX files there or --data_path. Hardware: 3 GPUs (a few hundred MB each),

@@ -4,10 +4,13 @@
 #
 #   sbatch slurm/ptb_large.sh [distrnn.ptb flags]             # from the distrnn checkout
 #   sbatch slurm/ptb_large.sh --max_steps 20 --data_path /data/ptb
-#   sbatch --gres=none --gpus-per-node=0 slurm/ptb_large.sh   # a cluster without GPUs: runs on CPUs
+#   # no GPUs, 2-core nodes: clear the GPU request, fit tasks x cores to the node, allow the CPU time
+#   sbatch --gres=none --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1 --time=7-0 slurm/ptb_large.sh
 #
 # Hardware: one node with 4 GPUs of 16 GB or more (the model needs 1.3 GB a GPU at batch 20:
-# python -m distrnn.devices --plan --config large --num_gpus 4), 8 cores per GPU.
+# python -m distrnn.devices --plan --config large --num_gpus 4), 8 cores per GPU. A request the
+# node cannot meet (8 cores a task on a 2-core node) leaves the job pending for good
+# (Reason=PartitionConfig); requests overridden on the command line are named in the job's log.
 # Expected: test perplexity about 78 after 55 epochs (TensorFlow's tutorial: valid 82.62, test
 # 78.29; the paper: 82.2 / 78.4): the global batch stays at the paper's 20 rows
 # (--global_batch_size 20, 5 rows a GPU), so the 4 tasks train exactly what one process does.

@@ -3,7 +3,8 @@
 # dropout, 13 epochs, 4.6M parameters), on one GPU.
 #
 #   sbatch slurm/ptb_small.sh [distrnn.ptb flags]             # from the distrnn checkout
-#   sbatch --gres=none --gpus-per-node=0 slurm/ptb_small.sh   # a cluster without GPUs: runs on CPUs
+#   # no GPUs, 2-core nodes: clear the GPU request, fit the cores to the node, allow the CPU time
+#   sbatch --gres=none --gpus-per-node=0 --cpus-per-task=2 --time=3:00:00 slurm/ptb_small.sh
 #
 # Hardware: one GPU (the model needs well under 1 GB), 4 cores. Expected: test perplexity about
 # 116 after 13 epochs (TensorFlow's tutorial reports valid 121.39, test 115.91). Time: no GPU was

@@ -1,4 +1,5 @@
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,10 @@ VIRTUAL_DEVICES = 4
 
 
 def pytest_configure(config):
+    # The tests' own TensorFlow runs the kernels a distrnn job runs (distrnn turns oneDNN on where
+    # TF_ENABLE_ONEDNN_OPTS is unset), so in-process results compare with the command line's.
+    from distrnn import cpu
+    cpu.choose_onednn()
     import tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * VIRTUAL_DEVICES)
@@ -25,6 +30,18 @@ def subprocess_env(**extra):
     """The environment the tests' subprocesses run with, read when called (tests change it): TensorFlow's
     start-up chatter hidden, output unbuffered, and `extra`."""
     return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **extra)
+
+
+# Memory capped for real, as a GPU's is: TensorFlow's CPU allocator limited to 300 MB. TF_MKL_ALLOC_MAX_BYTES
+# is the pool limit of oneDNN's allocator (MklCPUAllocator), which TensorFlow uses only with its oneDNN
+# kernels on, so that is set too: TensorFlow's default for it depends on the processor (off on AVX2-only
+# ones, where the cap alone capped nothing). TensorFlow's other cap, TF_CPU_ALLOCATOR_USE_BFC with
+# TF_CPU_BFC_MEM_LIMIT_IN_MB, works with either kernels, but its allocator waits 10 s for memory to be freed
+# before each failed allocation: six such waits in a failed step, 54 s to the stop against 15 s (measured).
+# One inter-op thread: with two, TensorFlow itself crashed (SIGSEGV, no Python error) in 3 of 14 capped
+# runs, when an op ran out of memory beside another; with one, 20 of 20 raised ResourceExhaustedError.
+ONEDNN = {"TF_ENABLE_ONEDNN_OPTS": "1"}
+CAPPED = dict(ONEDNN, TF_MKL_ALLOC_MAX_BYTES=str(300 * 10**6), TF_NUM_INTEROP_THREADS="1")
 
 
 def write_corpus(directory, train_words=6000, other_words=1500, vocab=60, seed=0):
@@ -61,6 +78,12 @@ def ptb_mini():
 def run_ptb(*args, timeout=600, check=None, env=None):
     """Runs `python -m distrnn.ptb ARGS` as a user would; see run_module."""
     return run_module("distrnn.ptb", *args, timeout=timeout, check=check, env=env)
+
+
+def checkpoint_step(save_path) -> int:
+    """The step of the latest checkpoint in save_path/checkpoints (its state file names it)."""
+    with open(os.path.join(save_path, "checkpoints", "checkpoint"), encoding="utf-8") as f:
+        return int(re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', f.read(), re.M).group(1))
 
 
 def assert_one_line_error(proc, prog, *fragments):

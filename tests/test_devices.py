@@ -7,7 +7,7 @@ import sys
 import psutil
 
 from conftest import ROOT
-from distrnn import devices
+from distrnn import cpu, devices
 
 FAKES = os.path.join(os.path.dirname(__file__), "fakes")
 
@@ -15,6 +15,7 @@ FAKES = os.path.join(os.path.dirname(__file__), "fakes")
 def run_devices(*args, **env):
     """The real command, with tests/fakes/pynvml.py standing in for nvidia-ml-py."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([FAKES, ROOT]), FAKE_NVML_PID=str(os.getpid()), **env)
+    env = {k: v for k, v in env.items() if v is not None}  # None: unset
     return subprocess.run([sys.executable, "-m", "distrnn.devices", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=180)
 
@@ -41,21 +42,30 @@ def test_gpus_and_the_processes_holding_their_memory(tmp_path):
 
 
 def test_text_report_lines():
-    proc = run_devices("--no-tensorflow")
+    proc = run_devices("--no-tensorflow", TF_ENABLE_ONEDNN_OPTS="1")
     lines = proc.stdout.splitlines()
-    assert lines[1] == "GPUs: 2 (driver 535.104.05)"
-    assert lines[2] == "  [0] NVIDIA A100-SXM4-40GB (compute 8.0): 31,232 / 40,960 MiB used, 9,728 MiB free"
-    assert lines[3].split()[:4] == ["pid", str(os.getpid()), psutil.Process().username(), "29,696"]
-    assert lines[4].split() == ["pid", "4194303", "?", "?", "MiB", "?"]
-    assert lines[5] == "  [1] NVIDIA H100 80GB HBM3 (compute 9.0): 0 / 81,920 MiB used, 81,920 MiB free"
+    processor = cpu.processor()
+    assert lines[1] == (f"  CPU {processor.family_model or '?'}: {' '.join(processor.vector_extensions) or 'no AVX'}; "
+                        f"TensorFlow's CPU kernels: oneDNN on (TF_ENABLE_ONEDNN_OPTS=1 in the environment)")
+    assert lines[2] == "GPUs: 2 (driver 535.104.05)"
+    assert lines[3] == "  [0] NVIDIA A100-SXM4-40GB (compute 8.0): 31,232 / 40,960 MiB used, 9,728 MiB free"
+    assert lines[4].split()[:4] == ["pid", str(os.getpid()), psutil.Process().username(), "29,696"]
+    assert lines[5].split() == ["pid", "4194303", "?", "?", "MiB", "?"]
+    assert lines[6] == "  [1] NVIDIA H100 80GB HBM3 (compute 9.0): 0 / 81,920 MiB used, 81,920 MiB free"
+    off = run_devices("--no-tensorflow", TF_ENABLE_ONEDNN_OPTS="0").stdout.splitlines()[1]
+    assert off.endswith("oneDNN off (TF_ENABLE_ONEDNN_OPTS=0 in the environment)")
+    unset = run_devices("--no-tensorflow", TF_ENABLE_ONEDNN_OPTS=None).stdout.splitlines()[1]
+    assert unset.endswith(f"oneDNN on ({cpu.choose_onednn({}, processor).why})")
 
 
 def test_without_a_driver_and_with_tensorflow():
-    proc = run_devices("--json", FAKE_NVML_FAIL="1")
+    proc = run_devices("--json", FAKE_NVML_FAIL="1", TF_ENABLE_ONEDNN_OPTS=None)
     r = json.loads(proc.stdout)
     assert r["nvml"] == {"available": False, "reason": "NVML: Driver Not Loaded", "gpus": []}
     tf = r["tensorflow"]
     assert tf["available"] and "/physical_device:CPU:0" in [name for name, _ in tf["physical"]]
+    # Unset, distrnn turns oneDNN on whatever the processor, and TensorFlow's own answer agrees.
+    assert tf["onednn"] is True and r["host"]["onednn"] is True
     assert "/device:CPU:0" in [name for name, _ in tf["logical"]]
 
 

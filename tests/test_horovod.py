@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, run_module, run_ptb, subprocess_env
+from conftest import ROOT, checkpoint_step, run_module, subprocess_env, write_corpus, write_images
 from distrnn import cli, distributed
 from distrnn.errors import UsageError
 
@@ -42,18 +42,36 @@ def weights(save_path):
     return {n: reader.get_tensor(n) for n in names}
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """A corpus and images for the module, and the single-process runs that several tests compare with
+    (made once, on first use)."""
+    root = tmp_path_factory.mktemp("horovod")
+    return {"corpus": write_corpus(root / "corpus"), "images": write_images(root / "images"), "root": root}
+
+
+def one_process(shared, name, module, *args):
+    """The metrics and save path of `python -m MODULE ARGS` run once for the whole module."""
+    out = shared["root"] / name
+    if not (out / "m.json").exists():
+        run_module(module, *args, "--save_path", out / "run", "--metrics_json", out / "m.json", check=0)
+    return json.loads((out / "m.json").read_text()), out / "run"
+
+
+PTB_SPLIT = ["--config", "test", "--hidden_size", "8", "--num_layers", "2", "--num_steps", "5", "--max_max_epoch", "3",
+             "--max_epoch", "1", "--keep_prob", "1.0", "--max_grad_norm", "5", "--seed", "3"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("split", [["--batch_size", "2"], ["--global_batch_size", "4", "--sparse_as_dense"],
                                    ["--batch_size", "2", "--virtual_devices", "2", "--placement", "pipeline"]],
                          ids=["batch_per_rank", "global_batch_dense_embedding", "layers_on_2_devices_per_rank"])
-def test_two_ranks_equal_one_process_with_twice_the_batch(corpus, tmp_path, split):
-    common = ["--config", "test", "--hidden_size", "8", "--num_layers", "2", "--num_steps", "5",
-              "--max_max_epoch", "3", "--max_epoch", "1", "--keep_prob", "1.0", "--max_grad_norm", "5",
-              "--data_path", corpus, "--seed", "3"]
+def test_two_ranks_equal_one_process_with_twice_the_batch(shared, tmp_path, split):
+    common = [*PTB_SPLIT, "--data_path", shared["corpus"]]
     proc = horovodrun(2, *common, *split, "--save_path", tmp_path / "two",
                       "--metrics_json", tmp_path / "two.json")
-    run_ptb(*common, "--batch_size", "4", "--save_path", tmp_path / "one", "--metrics_json", tmp_path / "one.json",
-            check=0)
-    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    one, one_path = one_process(shared, "ptb_batch_4", "distrnn.ptb", *common, "--batch_size", "4")
+    two = json.loads((tmp_path / "two.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["global_batch_size"] == one["global_batch_size"] == 4
     assert two["steps"] == one["steps"] > 0
@@ -64,7 +82,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(corpus, tmp_path, spli
         assert a["train_perplexity"] == pytest.approx(b["train_perplexity"], rel=1e-5)
         assert a["valid_perplexity"] == pytest.approx(b["valid_perplexity"], rel=1e-5)
     assert two["test_perplexity"] == pytest.approx(one["test_perplexity"], rel=1e-5)
-    w2, w1 = weights(tmp_path / "two"), weights(tmp_path / "one")
+    w2, w1 = weights(tmp_path / "two"), weights(one_path)
     assert w2.keys() == w1.keys() and len(w1) >= 4
     for name in w1:
         np.testing.assert_allclose(w2[name], w1[name], rtol=1e-4, atol=1e-6, err_msg=name)
@@ -72,6 +90,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(corpus, tmp_path, spli
     assert proc.stdout.count("done:") == 1
 
 
+@pytest.mark.slow
 def test_every_step_two_ranks_match_one_process_and_each_other(corpus, tmp_path):
     """Step by step: the loss of 2 ranks x 2 rows equals that of 1 process x 4 rows, and after every
     step both ranks hold bit-identical weights."""
@@ -90,21 +109,7 @@ def test_every_step_two_ranks_match_one_process_and_each_other(corpus, tmp_path)
         np.testing.assert_allclose(two["weights"][name], values, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-def test_resume_under_two_ranks_continues_exactly(corpus, tmp_path):
-    """Rank 0 restores; weights, optimizer, position and every rank's carried LSTM state reach all ranks."""
-    common = ["--config", "test", "--hidden_size", "8", "--num_steps", "5", "--batch_size", "2", "--keep_prob", "0.8",
-              "--max_grad_norm", "5", "--data_path", corpus, "--checkpoint_every", "1000"]
-    horovodrun(2, *common, "--max_steps", "14", "--save_path", tmp_path / "a", "--metrics_json", tmp_path / "a.json")
-    horovodrun(2, *common, "--max_steps", "6", "--save_path", tmp_path / "b")
-    proc = horovodrun(2, *common, "--max_steps", "14", "--save_path", tmp_path / "b", "--resume",
-                      "--metrics_json", tmp_path / "b.json")
-    assert "resumed from" in proc.stdout and "ckpt-6" in proc.stdout
-    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("a", "b"))
-    assert a["steps"] == b["steps"] == 14
-    for key in ("train_perplexity", "valid_perplexity", "test_perplexity"):
-        assert b[key] == pytest.approx(a[key], rel=1e-6), key
-
-
+@pytest.mark.slow
 def test_bad_splits_and_mismatched_ranks_fail_fast(corpus, tmp_path):
     """Clear errors on every rank, and no rank left waiting."""
     base = ["--config", "test", "--data_path", corpus, "--max_steps", "3"]
@@ -123,13 +128,16 @@ def test_bad_splits_and_mismatched_ranks_fail_fast(corpus, tmp_path):
     assert "done:" not in proc.stdout
 
 
-def test_sigterm_to_horovodrun_checkpoints_and_resumes(corpus, tmp_path):
-    """A scheduler's SIGTERM reaches every rank through horovodrun; the ranks agree on the step,
-    rank 0 saves, and --resume continues as the uninterrupted run."""
-    common = ["--config", "test", "--hidden_size", "8", "--num_steps", "3", "--batch_size", "2",
-              "--max_max_epoch", "20", "--data_path", corpus, "--max_steps", "1200", "--checkpoint_every", "100000"]
-    horovodrun(2, *common, "--save_path", tmp_path / "a", "--metrics_json", tmp_path / "a.json")
-
+@pytest.mark.slow
+def test_sigterm_to_horovodrun_checkpoints_and_resumes_exactly(corpus, tmp_path):
+    """A scheduler's SIGTERM reaches every rank through horovodrun; the ranks agree on the step, rank 0
+    saves and restores on --resume; weights, optimizer, dropout generator, position and every rank's
+    carried LSTM state (the signal comes at the first progress line, a tenth into a 500-step epoch) reach
+    all ranks, and the run continues as the uninterrupted one. As in test_cli, the stopped run has no end
+    it could reach before the signal."""
+    common = ["--config", "test", "--hidden_size", "8", "--num_steps", "3", "--batch_size", "2", "--keep_prob", "0.8",
+              "--max_grad_norm", "5", "--max_max_epoch", "1000000", "--data_path", corpus,
+              "--checkpoint_every", "100000"]
     proc = subprocess.Popen(horovodrun_command(2, *common, "--save_path", tmp_path / "b"), cwd=ROOT,
                             env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -143,13 +151,15 @@ def test_sigterm_to_horovodrun_checkpoints_and_resumes(corpus, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert "stopped by signal: checkpoint saved" in output and "Exit code: 143" in output, output[-2000:]
-    stopped_at = int(open(tmp_path / "b" / "checkpoints" / "checkpoint").read().split('"')[1].split("-")[-1])
-    assert 0 < stopped_at < 1200
+    stopped_at = checkpoint_step(tmp_path / "b")
+    assert stopped_at > 0
+    end = ["--max_steps", stopped_at + 100]
 
-    proc = horovodrun(2, *common, "--save_path", tmp_path / "b", "--resume", "--metrics_json", tmp_path / "b.json")
+    proc = horovodrun(2, *common, *end, "--save_path", tmp_path / "b", "--resume", "--metrics_json", tmp_path / "b.json")
     assert f"ckpt-{stopped_at}" in proc.stdout
+    horovodrun(2, *common, *end, "--save_path", tmp_path / "a", "--metrics_json", tmp_path / "a.json")
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("a", "b"))
-    assert a["steps"] == b["steps"] == 1200
+    assert a["steps"] == b["steps"] == stopped_at + 100
     for key in ("train_perplexity", "valid_perplexity", "test_perplexity"):
         assert b[key] == pytest.approx(a[key], rel=1e-6), key
 
@@ -204,6 +214,7 @@ def rank_pid(launcher_pid, rank):
     return None
 
 
+@pytest.mark.slow
 def test_a_dead_rank_stops_the_others_clearly_and_the_checkpoint_resumes(corpus, tmp_path):
     """kill -9 one rank mid-run: the other stops within seconds with one line and exit 75, the
     checkpoints are left as they were, and --resume continues from the last one."""
@@ -233,7 +244,7 @@ def test_a_dead_rank_stops_the_others_clearly_and_the_checkpoint_resumes(corpus,
         output[-3000:]
     assert f"the checkpoints in {tmp_path / 'run'} are intact: start the whole job again with --resume" in errors[0]
     assert not [line for line in rank0 if line.startswith("Traceback")]
-    last = int((checkpoints / "checkpoint").read_text().split('"')[1].split("-")[-1])
+    last = checkpoint_step(tmp_path / "run")
     assert last > 0
 
     proc = horovodrun(2, *common, "--resume", "--max_steps", last + 10, "--metrics_json", tmp_path / "m.json")
@@ -241,20 +252,20 @@ def test_a_dead_rank_stops_the_others_clearly_and_the_checkpoint_resumes(corpus,
     assert json.loads((tmp_path / "m.json").read_text())["steps"] == last + 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", [["--batch_size", "10"],
                                    ["--global_batch_size", "20", "--virtual_devices", "3", "--placement", "pipeline"]],
                          ids=["batch_per_rank", "stacked_on_3_devices_per_rank"])
-def test_mnist_two_ranks_equal_one_process_with_twice_the_batch(images, tmp_path, split):
+def test_mnist_two_ranks_equal_one_process_with_twice_the_batch(shared, tmp_path, split):
     """The image classifier under horovodrun: 2 ranks x 10 images compute what 1 process x 20 does
     (Adam's moments included), whatever each rank's placement."""
     common = ["--config", "stacked", "--hidden_size", "8", "--validation_size", "100", "--num_epochs", "2",
-              "--data_path", images, "--seed", "3"]
+              "--data_path", shared["images"], "--seed", "3"]
     mnist = [sys.executable, "-m", "distrnn.mnist"]
     horovodrun(2, command=[*mnist, *map(str, common), *split, "--save_path", str(tmp_path / "two"),
                            "--metrics_json", str(tmp_path / "two.json")])
-    run_module("distrnn.mnist", *common, "--batch_size", "20", "--save_path", tmp_path / "one",
-               "--metrics_json", tmp_path / "one.json", check=0)
-    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    one, one_path = one_process(shared, "mnist_batch_20", "distrnn.mnist", *common, "--batch_size", "20")
+    two = json.loads((tmp_path / "two.json").read_text())
     assert (two["world_size"], one["world_size"]) == (2, 1)
     assert two["global_batch_size"] == one["global_batch_size"] == 20
     assert two["steps"] == one["steps"] == 50
@@ -264,7 +275,7 @@ def test_mnist_two_ranks_equal_one_process_with_twice_the_batch(images, tmp_path
     assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-5)
     assert two["confusion_matrix"] == one["confusion_matrix"]
     assert two["ranks"][0]["weights_norm"] == two["ranks"][1]["weights_norm"]
-    w2, w1 = weights(tmp_path / "two"), weights(tmp_path / "one")
+    w2, w1 = weights(tmp_path / "two"), weights(one_path)
     assert w2.keys() == w1.keys() and len(w1) == 8  # 3 layers x (kernel, bias), the dense layer's w and b
     for name in w1:
         np.testing.assert_allclose(w2[name], w1[name], rtol=1e-4, atol=1e-6, err_msg=name)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import run_ptb, write_corpus
+from conftest import CAPPED, ONEDNN, run_ptb, write_corpus
 from distrnn import memory
 
 TINY = ["--config", "test", "--num_steps", "5", "--batch_size", "4"]
@@ -42,6 +42,7 @@ def test_gpu_readings_thresholds_and_peaks(fake_nvml):
     assert [g["index"] for g in monitor.sample()["gpus"]] == [1] and monitor.stop_reason is None
 
 
+@pytest.mark.slow
 def test_host_threshold_stops_the_run_with_a_checkpoint_and_resume_continues(corpus, tmp_path):
     save = tmp_path / "run"
     # Any machine running TensorFlow uses more than 0.1% of its memory: the first sample trips both thresholds.
@@ -64,13 +65,9 @@ def test_host_threshold_stops_the_run_with_a_checkpoint_and_resume_continues(cor
 
 
 # A step of 2 x 128 units over 1,000 steps needs about 600 MB of activations when every one is kept, under 100 MB
-# with recompute: TensorFlow's CPU allocator capped at 300 MB (TF_MKL_ALLOC_MAX_BYTES, its pool limit, as a GPU's
-# memory is) runs out of memory for real in the first, not in the second.
+# with recompute: under conftest.CAPPED (300 MB) the first runs out of memory for real, the second does not.
 LONG = ["--config", "test", "--num_layers", "2", "--hidden_size", "128", "--num_steps", "1000", "--keep_prob", "0.5",
         "--max_steps", "3"]
-# One inter-op thread: with two, TensorFlow itself crashed (SIGSEGV, no Python error) in 3 of 14 capped
-# runs, when an op ran out of memory beside another; with one, 20 of 20 raised ResourceExhaustedError.
-CAPPED = {"TF_MKL_ALLOC_MAX_BYTES": str(300 * 10**6), "TF_NUM_INTEROP_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +79,7 @@ def long_corpus(tmp_path_factory):
 def recompute_from_the_start(long_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     run_ptb(*LONG, "--data_path", long_corpus, "--save_path", out / "run", "--recompute", "32",
-            "--metrics_json", out / "m.json", check=0)
+            "--metrics_json", out / "m.json", env=ONEDNN, check=0)  # the kernels of the capped runs
     return json.loads((out / "m.json").read_text())
 
 
@@ -91,6 +88,7 @@ def same_perplexities(a, b):
         assert a[key] == pytest.approx(b[key], rel=1e-5), key
 
 
+@pytest.mark.slow
 def test_out_of_memory_step_retried_with_recompute(long_corpus, recompute_from_the_start, tmp_path):
     proc = run_ptb(*LONG, "--data_path", long_corpus, "--save_path", tmp_path / "run", "--on_oom", "retry",
                    "--metrics_json", tmp_path / "m.json", env=CAPPED, check=0)
@@ -108,6 +106,7 @@ def test_out_of_memory_step_retried_with_recompute(long_corpus, recompute_from_t
     same_perplexities(m, recompute_from_the_start)
 
 
+@pytest.mark.slow
 def test_out_of_memory_stops_with_a_checkpoint_and_advice(long_corpus, recompute_from_the_start, tmp_path):
     save = tmp_path / "run"
     proc = run_ptb(*LONG, "--data_path", long_corpus, "--save_path", save, env=CAPPED)
@@ -119,7 +118,7 @@ def test_out_of_memory_stops_with_a_checkpoint_and_advice(long_corpus, recompute
         assert advice in stopped[0], advice
     assert (save / "checkpoints" / "checkpoint").exists()
     done = run_ptb(*LONG, "--data_path", long_corpus, "--save_path", save, "--resume", "--recompute", "32",
-                   "--metrics_json", tmp_path / "m.json", check=0)
+                   "--metrics_json", tmp_path / "m.json", env=CAPPED, check=0)  # fits under the same cap
     assert "resumed from" in done.stdout and "epoch 1, step 0" in done.stdout
     same_perplexities(json.loads((tmp_path / "m.json").read_text()), recompute_from_the_start)
 

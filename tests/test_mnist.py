@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import assert_one_line_error, idx_bytes, run_module, write_images
+from conftest import CAPPED, assert_one_line_error, checkpoint_step, idx_bytes, run_module, write_images
 from distrnn.config import override
 from distrnn.distributed import World
 from distrnn.errors import UsageError
@@ -299,14 +299,14 @@ def test_list_configs():
     assert "cell=rnn, num_layers=1, hidden_size=150" in out and "num_layers=3, hidden_size=128" in out
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(images, tmp_path, background_process):
-    common = [*TINY, "--batch_size", "4", "--data_path", images, "--max_steps", "800", "--num_epochs", "8",
+    """As test_cli's: the stopped run has no end it could reach before the signal; resumed, it ends
+    where an uninterrupted run of the same length ends."""
+    common = [*TINY, "--batch_size", "4", "--data_path", images, "--num_epochs", "1000000",
               "--checkpoint_every", "100000"]
-    straight = tmp_path / "straight.json"
-    run_mnist(*common, "--save_path", tmp_path / "a", "--metrics_json", straight, check=0)
-
     proc = background_process(*common, "--save_path", tmp_path / "b", "--metrics_json", tmp_path / "never.json",
-                       module="distrnn.mnist")
+                              module="distrnn.mnist")
     for line in proc.stdout:  # wait until it is training, then stop it as a scheduler would
         if "images/sec |" in line:
             break
@@ -314,14 +314,17 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(images, tmp
     output = proc.stdout.read()
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, output
     assert "stopped by signal: checkpoint saved" in output and not (tmp_path / "never.json").exists()
-    stopped_at = int(open(tmp_path / "b" / "checkpoints" / "checkpoint").read().split('"')[1].split("-")[-1])
-    assert 0 < stopped_at < 800
+    stopped_at = checkpoint_step(tmp_path / "b")
+    assert stopped_at > 0
+    end = ["--max_steps", stopped_at + 150]  # past an epoch's end (125 steps)
 
     resumed = tmp_path / "resumed.json"
-    proc = run_mnist(*common, "--save_path", tmp_path / "b", "--resume", "--metrics_json", resumed, check=0)
+    proc = run_mnist(*common, *end, "--save_path", tmp_path / "b", "--resume", "--metrics_json", resumed, check=0)
     assert f"ckpt-{stopped_at}" in proc.stdout
+    straight = tmp_path / "straight.json"
+    run_mnist(*common, *end, "--save_path", tmp_path / "a", "--metrics_json", straight, check=0)
     a, b = json.loads(straight.read_text()), json.loads(resumed.read_text())
-    assert a["steps"] == b["steps"] == 800
+    assert a["steps"] == b["steps"] == stopped_at + 150
     for key in ("test_loss", "test_accuracy", "valid_loss"):
         assert b[key] == pytest.approx(a[key], rel=1e-6), key
 
@@ -340,10 +343,10 @@ def test_lstm_preset_on_fashion_mnist(fashion_mnist, tmp_path):
     assert "Fashion-MNIST" in proc.stdout and "test accuracy" in proc.stdout
 
 
+@pytest.mark.slow
 def test_out_of_memory_stops_with_a_checkpoint_and_recompute_finishes_the_run(tmp_path):
     """Images of 1,000 rows: 2 x 128 LSTM units keep about 900 MB of activations for a batch of 32, more than
     TensorFlow's CPU allocator capped at 300 MB (as a GPU's memory is) gives; with --recompute 32 they fit."""
-    from test_memory import CAPPED
     tall = write_images(tmp_path / "tall", train=200, test=20, rows=1000, cols=10)
     common = ["--config", "test", "--num_layers", "2", "--hidden_size", "128", "--batch_size", "32",
               "--validation_size", "20", "--max_steps", "2", "--data_path", tall, "--save_path", tmp_path / "run"]

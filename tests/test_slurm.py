@@ -12,7 +12,7 @@ import time
 import pytest
 
 import slurm_cluster
-from conftest import ROOT, run_ptb, subprocess_env, write_corpus, write_images
+from conftest import ROOT, checkpoint_step, run_ptb, subprocess_env, write_corpus, write_images
 from distrnn import distributed, slurm
 from distrnn.errors import UsageError
 
@@ -76,6 +76,47 @@ def test_the_helper_command_prints_hosts_and_count_or_one_line_errors():
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == ("python -m distrnn.slurm: error: SLURM_JOB_NODELIST is not set: run this inside a "
                            "Slurm allocation (sbatch, salloc or srun)\n")
+
+
+def test_the_sbatch_header_is_read_as_sbatch_reads_it():
+    script = ("#!/bin/bash\n# a comment\n#SBATCH --nodes=1\n#SBATCH --cpus-per-task 8\n\n#SBATCH --requeue\n"
+              "#SBATCH --gpus-per-node=a100:4\n#SBATCH -t 5\necho go\n#SBATCH --time=9:00\n")
+    assert slurm.sbatch_header(script) == {"nodes": "1", "cpus-per-task": "8", "requeue": "", "gpus-per-node": "a100:4"}
+    with open(os.path.join(ROOT, "slurm", "ptb_large.sh")) as f:
+        header = slurm.sbatch_header(f.read())
+    assert {k: header[k] for k in ("nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "time")} == {
+        "nodes": "1", "ntasks-per-node": "4", "gpus-per-node": "4", "cpus-per-task": "8", "time": "24:00:00"}
+
+
+@pytest.mark.parametrize("limit, seconds", [("30", 1800), ("30:00", 1800), ("1:30", 90), ("24:00:00", 86400),
+                                            ("1-0", 86400), ("1-00:00:00", 86400), ("2-3:04", 183840),
+                                            ("UNLIMITED", None), ("", None), ("1:2:3:4", None)])
+def test_slurm_times(limit, seconds):
+    assert slurm.time_seconds(limit) == seconds
+
+
+def test_an_allocation_unlike_its_header_is_named_request_by_request(tmp_path):
+    header = {"nodes": "1", "ntasks-per-node": "4", "gpus-per-node": "a100:4", "cpus-per-task": "8", "time": "24:00:00"}
+    asked = {"SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "4", "SLURM_GPUS_PER_NODE": "4",
+             "SLURM_CPUS_PER_TASK": "8"}
+    assert slurm.header_differences(header, asked, "1-00:00:00") == []
+    cpu_cluster = dict(asked, SLURM_NTASKS_PER_NODE="2", SLURM_GPUS_PER_NODE="0", SLURM_CPUS_PER_TASK="1")
+    assert slurm.header_differences(header, cpu_cluster, "30:00") == [
+        "--ntasks-per-node 2 (header: 4)", "--cpus-per-task 1 (header: 8)", "--gpus-per-node 0 (header: a100:4)",
+        "--time 30:00 (header: 24:00:00)"]
+    assert slurm.header_differences(header, {}, None) == []  # nothing known, nothing said
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\n#SBATCH --cpus-per-task=8\nsrun true\n")
+    env = subprocess_env(SLURM_CPUS_PER_TASK="2")
+    proc = subprocess.run([sys.executable, "-m", "distrnn.slurm", "header", script], env=env, capture_output=True,
+                          text=True)
+    assert (proc.returncode, proc.stdout) == (0, "[slurm] this allocation is not what the script's #SBATCH header "
+                                                 "asks for: --cpus-per-task 2 (header: 8); the hardware, time and "
+                                                 "figures its header comment states assume the header\n")
+    for args, error in ((["header", tmp_path / "none.sh"], "cannot read the batch script"),
+                        (["bogus"], "invalid choice: 'bogus'")):
+        proc = subprocess.run([sys.executable, "-m", "distrnn.slurm", *args], env=env, capture_output=True, text=True)
+        assert proc.returncode == 2 and error in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 # --- srun tasks as Horovod processes -------------------------------------------------------------
@@ -188,12 +229,12 @@ def test_hostfile_launch_trains_one_process_per_slot(tmp_path):
     assert metrics["world_size"] == 2 and metrics["steps"] == 5
 
 
-# --- a real Slurm ----------------------------------------------------------------------------
+# --- a real Slurm ---------------------------------------------------------------------------
 # A tiny large-preset run on CPUs: the header's GPU request cleared on the command line, 2 tasks
 # of 1 core. keep_prob 1 so that a single process can reproduce it exactly.
 CPU_JOB = ["--gres=none", "--gpus-per-node=0", "--cpus-per-task=1"]
 TINY = ["--hidden_size", "16", "--num_steps", "5", "--keep_prob", "1.0", "--checkpoint_every", "100"]
-STEPS = 1500
+STEPS = 300
 
 
 def skip_without_slurm(netns=False):
@@ -229,13 +270,18 @@ def job_dir(tmp_path_factory):
     return path
 
 
+def reference_run(job_dir, steps, *flags):
+    """The metrics of one process training what the jobs train (the large preset, global batch 20,
+    TINY and `flags`) for `steps` steps, uninterrupted."""
+    out = job_dir / f"reference-{steps}.json"
+    run_ptb("--config", "large", "--global_batch_size", "20", *TINY, *flags, "--data_path", job_dir / "data",
+            "--max_steps", steps, "--save_path", job_dir / f"reference-{steps}", "--metrics_json", out, check=0)
+    return json.loads(out.read_text())
+
+
 @pytest.fixture(scope="module")
 def reference(job_dir):
-    """The test perplexity of one process training what the jobs train, uninterrupted."""
-    out = job_dir / "reference.json"
-    run_ptb("--config", "large", "--global_batch_size", "20", *TINY, "--data_path", job_dir / "data",
-            "--max_steps", STEPS, "--save_path", job_dir / "reference", "--metrics_json", out, check=0)
-    return json.loads(out.read_text())
+    return reference_run(job_dir, STEPS)
 
 
 def job_env():
@@ -247,7 +293,7 @@ def log_of(job_dir, name, job_id):
     return path.read_text() if path.exists() else ""
 
 
-def wait_for_progress(cluster, job_dir, job_id, start, timeout=120):
+def wait_for_progress(cluster, job_dir, job_id, start, timeout=300):
     """Waits for a progress line of the job's start-th start (the log holds every start's lines)."""
     def progressed():
         log = log_of(job_dir, "ptb_large", job_id)
@@ -257,33 +303,49 @@ def wait_for_progress(cluster, job_dir, job_id, start, timeout=120):
                                           f"{log_of(job_dir, 'ptb_large', job_id)[-2000:]}")
 
 
-def release(cluster, job_id, restarts):
-    """Waits until the job is back in the queue after its restarts-th requeue and lets it start: Slurm
-    holds a requeued job for two minutes (BeginTime) before it may run again, because slurmd revokes the
-    credential of the run it killed: a new run whose credential is made in the same second as that
-    revocation counts as revoked too and is killed at once ("Killing non-startable batch JobId=1: Job
-    credential revoked"; twice in a row here when the release came within the second). So: once the node
-    is idle, two seconds more."""
+def wait_until_requeued(cluster, job_id, restarts):
+    """Waits until the job is back in the queue after its restarts-th requeue, its node idle again."""
     cluster.wait_for(lambda: cluster.job(job_id).get("Restarts") == str(restarts)
-                     and cluster.job(job_id)["JobState"] == "PENDING", 120, f"job {job_id} requeued")
-    cluster.wait_for(lambda: cluster.idle_nodes() == len(cluster.nodes), 60, "the node to finish the previous run")
+                     and cluster.job(job_id)["JobState"] == "PENDING", 300, f"job {job_id} requeued")
+    cluster.wait_for(lambda: cluster.idle_nodes() == len(cluster.nodes), 300, "the node to finish the previous run")
+
+
+def release(cluster, job_id):
+    """Lets a requeued job start now. Slurm holds a requeued job for two minutes (BeginTime), or for good
+    after `scontrol requeuehold`, because slurmd revokes the credential of the run it killed: a new run
+    whose credential is made in the same second as that revocation counts as revoked too and is killed at
+    once ("Killing non-startable batch JobId=1: Job credential revoked"; twice in a row here when the
+    release came within the second). So, once wait_until_requeued saw the node idle: two seconds more."""
     time.sleep(2)
+    cluster.command("scontrol", "release", job_id, check=False)  # refused (harmless) where it is not held
     cluster.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
 
 @pytest.mark.slow
-def test_sbatch_ptb_large_stops_before_its_time_limit_requeues_and_resumes(cluster, job_dir, reference):
+def test_sbatch_ptb_large_stops_before_its_time_limit_requeues_and_resumes(cluster, job_dir):
+    """The job cannot finish by itself (a step count of days, --max_max_epoch far beyond it) until the test
+    has stopped it twice: its flag file (@FILE, read at every start) gives the real end only then, so
+    however fast the machine, every signal reaches a job still training."""
+    flags = job_dir / "requeue.flags"
+    flags.write_text("--max_steps 100000000  # until the test sets the end\n")
     job = cluster.sbatch(*CPU_JOB, "--ntasks-per-node=2", os.path.join(ROOT, "slurm", "ptb_large.sh"),
-                         "--data_path", job_dir / "data", *TINY, "--max_steps", STEPS, env=job_env(), cwd=job_dir)
+                         "--data_path", job_dir / "data", *TINY, "--max_max_epoch", "1000000", f"@{flags}",
+                         env=job_env(), cwd=job_dir)
+    save_path = job_dir / "runs" / f"ptb_large-{job}"
     wait_for_progress(cluster, job_dir, job, start=1)
     # What --signal=USR1@300 does ahead of the time limit: SIGUSR1 to every task of the job's steps.
     cluster.command("scancel", "--signal=USR1", job)
-    release(cluster, job, restarts=1)
+    wait_until_requeued(cluster, job, restarts=1)
+    release(cluster, job)
     wait_for_progress(cluster, job_dir, job, start=2)
-    # Requeued by the scheduler (scontrol requeue, preemption): SIGTERM to the tasks.
-    cluster.command("scontrol", "requeue", job)
-    release(cluster, job, restarts=2)
-    info = cluster.wait_for_state(job, ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"], 300)
+    # Requeued by the scheduler (scontrol requeue, preemption): SIGTERM to the tasks; held until released.
+    cluster.command("scontrol", "requeuehold", job)
+    wait_until_requeued(cluster, job, restarts=2)
+    stopped_at = checkpoint_step(save_path)
+    steps = stopped_at + 40
+    flags.write_text(f"--max_steps {steps}\n")
+    release(cluster, job)
+    info = cluster.wait_for_state(job, ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"], 600)
     log = log_of(job_dir, "ptb_large", job)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "2"), log[-3000:]
 
@@ -291,16 +353,18 @@ def test_sbatch_ptb_large_stops_before_its_time_limit_requeues_and_resumes(clust
     assert "tasks 0-1: Exited with exit code 138" in log
     assert "[slurm] stopped ahead of the time limit with a checkpoint; requeueing job" in log
     assert "tasks 0-1: Exited with exit code 143" in log
+    assert log.count("[slurm] this allocation is not what the script's #SBATCH header asks for: --ntasks-per-node 2 "
+                     "(header: 4), --cpus-per-task 1 (header: 8), --gpus-per-node 0 (header: 4);") == 3  # every start
     resumed = [int(s) for s in re.findall(r"resumed from \S+/ckpt-(\d+) at epoch", log)]
-    assert len(resumed) == 2 and 0 < resumed[0] < resumed[1] < STEPS, log[-3000:]
+    assert len(resumed) == 2 and 0 < resumed[0] < resumed[1] == stopped_at, log[-3000:]
     assert log.count("--resume: no checkpoint") == 1  # only the first start began from scratch
-    save_path = job_dir / "runs" / f"ptb_large-{job}"
     metrics = json.loads((save_path / "metrics.json").read_text())
-    assert (metrics["world_size"], metrics["global_batch_size"], metrics["steps"]) == (2, 20, STEPS)
-    assert os.path.exists(save_path / "checkpoints" / f"ckpt-{STEPS}.index")
+    assert (metrics["world_size"], metrics["global_batch_size"], metrics["steps"]) == (2, 20, steps)
+    assert os.path.exists(save_path / "checkpoints" / f"ckpt-{steps}.index")
     # Stopped twice, it ends where one uninterrupted process ends.
+    reference = reference_run(job_dir, steps, "--max_max_epoch", "1000000")
     assert metrics["test_perplexity"] == pytest.approx(reference["test_perplexity"], rel=1e-5)
-    for a, b in zip(metrics["history"], reference["history"]):
+    for a, b in zip(metrics["history"], reference["history"], strict=True):
         assert a["valid_perplexity"] == pytest.approx(b["valid_perplexity"], rel=1e-5)
 
 

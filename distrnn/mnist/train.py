@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from distrnn import distributed, memory, placement, training
+from distrnn import cpu, distributed, memory, placement, training
 from distrnn.adam import Adam
 from distrnn.errors import OutOfMemory, UsageError
 from distrnn.mnist import idx, plots
@@ -390,6 +390,7 @@ def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world
         "history": pos.history,
         "wall_time_sec": round(time.time() - t_start, 2),
         "versions": training.versions(),
+        "machine": cpu.machine(),
     })
     if world.is_chief:
         rate = f"{metrics['examples_per_sec']:.0f}" if metrics["examples_per_sec"] else "n/a"

@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from distrnn import distributed, memory, placement, training
+from distrnn import cpu, distributed, memory, placement, training
 from distrnn.errors import OutOfMemory, UsageError
 from distrnn.ptb import reader
 from distrnn.ptb.model import PTBModel
@@ -387,6 +387,7 @@ def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world
         "history": history,
         "wall_time_sec": round(time.time() - t_start, 2),
         "versions": training.versions(),
+        "machine": cpu.machine(),
     })
     if world.is_chief:
         wps = f"{metrics['words_per_sec']:.0f}" if metrics["words_per_sec"] else "n/a"
