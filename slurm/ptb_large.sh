@@ -15,9 +15,9 @@
 # 78.29; the paper: 82.2 / 78.4): the global batch stays at the paper's 20 rows
 # (--global_batch_size 20, 5 rows a GPU), so the 4 tasks train exactly what one process does.
 # Time: the paper reports a day on one NVIDIA K20 (about 26 minutes an epoch); no GPU was
-# available to measure one here. On 2 CPU cores, 2 tasks train 521 words/sec (ptb-mini's
-# vocabulary of 6,049 words; bash launch/one_node.sh 2 -m distrnn.ptb --config large
-# --global_batch_size 20 --max_steps 40): 30 minutes a 929k-word epoch.
+# available to measure one here. On 2 CPU cores (processor not recorded), 2 tasks trained 521
+# words/sec (ptb-mini's vocabulary of 6,049 words; bash launch/one_node.sh 2 -m distrnn.ptb
+# --config large --global_batch_size 20 --max_steps 40): 30 minutes a 929k-word epoch.
 # For throughput instead of the paper's batch: --global_batch_size 80 (20 rows a GPU) and see
 # README: --lr_scaling.
 #

@@ -8,8 +8,9 @@
 #
 # Hardware: one GPU (the model needs well under 1 GB), 4 cores. Expected: test perplexity about
 # 116 after 13 epochs (TensorFlow's tutorial reports valid 121.39, test 115.91). Time: no GPU was
-# available to measure one; on 2 CPU cores distrnn trains 18,700 words/sec (ptb-mini's vocabulary
-# of 6,049 words; README: Measured), 50 s a 929k-word epoch, 11 minutes in all.
+# available to measure one; on 2 CPU cores distrnn trained 18,700 words/sec (ptb-mini's vocabulary
+# of 6,049 words; README: Measured; the processor was not recorded), 50 s a 929k-word epoch, 11
+# minutes in all.
 #
 # Resumable as slurm/ptb_large.sh: SIGUSR1 five minutes before the time limit saves a checkpoint
 # and requeues the job; a requeued or preempted job continues from runs/ptb_small-JOBID.

@@ -32,16 +32,16 @@ def subprocess_env(**extra):
     return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **extra)
 
 
-# Memory capped for real, as a GPU's is: TensorFlow's CPU allocator limited to 300 MB. TF_MKL_ALLOC_MAX_BYTES
-# is the pool limit of oneDNN's allocator (MklCPUAllocator), which TensorFlow uses only with its oneDNN
-# kernels on, so that is set too: TensorFlow's default for it depends on the processor (off on AVX2-only
-# ones, where the cap alone capped nothing). TensorFlow's other cap, TF_CPU_ALLOCATOR_USE_BFC with
-# TF_CPU_BFC_MEM_LIMIT_IN_MB, works with either kernels, but its allocator waits 10 s for memory to be freed
-# before each failed allocation: six such waits in a failed step, 54 s to the stop against 15 s (measured).
-# One inter-op thread: with two, TensorFlow itself crashed (SIGSEGV, no Python error) in 3 of 14 capped
-# runs, when an op ran out of memory beside another; with one, 20 of 20 raised ResourceExhaustedError.
-ONEDNN = {"TF_ENABLE_ONEDNN_OPTS": "1"}
-CAPPED = dict(ONEDNN, TF_MKL_ALLOC_MAX_BYTES=str(300 * 10**6), TF_NUM_INTEROP_THREADS="1")
+# Memory capped for real, as a GPU's is: TensorFlow's CPU allocator made a BFC allocator (the GPUs' kind)
+# limited to 200 MB, which works with either set of CPU kernels. The kernels are fixed to Eigen's, whatever
+# the processor's default: oneDNN's kernels crash TensorFlow (SIGSEGV, at mkl_util.h:846) when an allocation
+# fails inside them, measured in 1 of 3 runs under oneDNN's own cap (TF_MKL_ALLOC_MAX_BYTES, which moreover
+# caps nothing where TensorFlow leaves oneDNN off) and 2 of 2 under this one at 100 MB; Eigen's raise
+# ResourceExhaustedError.
+# One inter-op thread: each allocation that fails has first waited 10 s for memory (BFC's retry), and
+# fewer ops in flight fail fewer times (1 or 2 failed allocations a step with the sizes the tests use).
+EIGEN = {"TF_ENABLE_ONEDNN_OPTS": "0"}
+CAPPED = dict(EIGEN, TF_CPU_ALLOCATOR_USE_BFC="1", TF_CPU_BFC_MEM_LIMIT_IN_MB="200", TF_NUM_INTEROP_THREADS="1")
 
 
 def write_corpus(directory, train_words=6000, other_words=1500, vocab=60, seed=0):

@@ -47,13 +47,16 @@ def shared(tmp_path_factory):
     """A corpus and images for the module, and the single-process runs that several tests compare with
     (made once, on first use)."""
     root = tmp_path_factory.mktemp("horovod")
-    return {"corpus": write_corpus(root / "corpus"), "images": write_images(root / "images"), "root": root}
+    # 100 steps an epoch of 2 x 2 rows: three epochs (learning-rate decay in two) compare at little cost.
+    return {"corpus": write_corpus(root / "corpus", train_words=2000, other_words=600),
+            "images": write_images(root / "images"), "root": root}
 
 
 def one_process(shared, name, module, *args):
     """The metrics and save path of `python -m MODULE ARGS` run once for the whole module."""
     out = shared["root"] / name
     if not (out / "m.json").exists():
+        out.mkdir(exist_ok=True)
         run_module(module, *args, "--save_path", out / "run", "--metrics_json", out / "m.json", check=0)
     return json.loads((out / "m.json").read_text()), out / "run"
 

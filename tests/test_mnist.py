@@ -345,10 +345,10 @@ def test_lstm_preset_on_fashion_mnist(fashion_mnist, tmp_path):
 
 @pytest.mark.slow
 def test_out_of_memory_stops_with_a_checkpoint_and_recompute_finishes_the_run(tmp_path):
-    """Images of 1,000 rows: 2 x 128 LSTM units keep about 900 MB of activations for a batch of 32, more than
-    TensorFlow's CPU allocator capped at 300 MB (as a GPU's memory is) gives; with --recompute 32 they fit."""
+    """Images of 1,000 rows: 4 x 128 LSTM units keep about 460 MB of activations for a batch of 32, more than
+    TensorFlow's CPU allocator capped at 200 MB (conftest.CAPPED) gives; with --recompute 32 they fit."""
     tall = write_images(tmp_path / "tall", train=200, test=20, rows=1000, cols=10)
-    common = ["--config", "test", "--num_layers", "2", "--hidden_size", "128", "--batch_size", "32",
+    common = ["--config", "test", "--num_layers", "4", "--hidden_size", "128", "--batch_size", "32",
               "--validation_size", "20", "--max_steps", "2", "--data_path", tall, "--save_path", tmp_path / "run"]
     proc = run_mnist(*common, env=CAPPED)
     assert proc.returncode == 76, proc.stdout[-2000:] + proc.stderr[-2000:]
