@@ -44,6 +44,7 @@ class Processor:
         """Whether TensorFlow turns oneDNN on by itself here (when TF_ENABLE_ONEDNN_OPTS is unset)."""
         return any(f in self.flags for f in TENSORFLOW_ONEDNN_FLAGS)
 
+
 def processor(cpuinfo: str = "/proc/cpuinfo") -> Processor:
     """The model name and feature flags of the first processor in `cpuinfo` (platform's names where
     it cannot be read: another OS, a container without /proc)."""
@@ -110,12 +111,14 @@ def onednn(environ: Mapping[str, str] = None, cpu: Processor = None) -> OneDNN:
 
 def machine(environ: Mapping[str, str] = None) -> dict:
     """What a speed figure depends on, for metrics files and bench/: the processor, its vector
-    extensions, oneDNN, cores and versions (read from the installed packages: no TensorFlow import)."""
+    extensions, oneDNN, cores and the installed versions (package metadata: no TensorFlow import; the
+    jobs' metrics also hold `versions`, what they imported)."""
     cpu = processor()
     state = onednn(environ, cpu)
-    return {"processor": cpu.model, "family_model": cpu.family_model, "vector_extensions": list(cpu.vector_extensions), "onednn": state.enabled,
-            "onednn_why": state.why, "cores": os.cpu_count(), "python": platform.python_version(),
-            "tensorflow": _version("tensorflow-cpu", "tensorflow", "tf-nightly"), "horovod": _version("horovod")}
+    return {"processor": cpu.model, "family_model": cpu.family_model, "vector_extensions": list(cpu.vector_extensions),
+            "onednn": state.enabled, "onednn_why": state.why, "cores": os.cpu_count(),
+            "python": platform.python_version(), "tensorflow": _version("tensorflow-cpu", "tensorflow", "tf-nightly"),
+            "horovod": _version("horovod")}
 
 
 def describe_machine(environ: Mapping[str, str] = None) -> str:

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import CAPPED, EIGEN, run_ptb, write_corpus
+from conftest import CAPPED, EIGEN, checkpoint_step, run_ptb, write_corpus
 from distrnn import memory
 
 TINY = ["--config", "test", "--num_steps", "5", "--batch_size", "4"]
@@ -90,9 +90,24 @@ def same_perplexities(a, b):
 
 
 @pytest.mark.slow
-def test_out_of_memory_step_retried_with_recompute(long_corpus, recompute_from_the_start, tmp_path):
-    proc = run_ptb(*LONG, "--data_path", long_corpus, "--save_path", tmp_path / "run", "--on_oom", "retry",
+def test_out_of_memory_stops_with_a_checkpoint_and_advice_and_a_retry_goes_on(long_corpus, recompute_from_the_start,
+                                                                            tmp_path):
+    """Each step that runs out of memory costs the capped allocator's 10-s waits, so one test shows both
+    answers to it: --on_oom stop (checkpoint, advice, exit 76), then on resume --on_oom retry (the same step
+    again, leaner, and on)."""
+    save = tmp_path / "run"
+    proc = run_ptb(*LONG, "--data_path", long_corpus, "--save_path", save, env=CAPPED)
+    assert proc.returncode == 76, proc.stderr
+    stopped = [line for line in proc.stdout.splitlines() if line.startswith("stopped:")]
+    assert len(stopped) == 1 and stopped[0].startswith("stopped: step 1 ran out of memory (OOM when allocating")
+    for advice in ("--recompute K", "--swap_memory", "--batch_size", "--num_gpus N", "--global_batch_size",
+                   f"checkpoint saved in {save / 'checkpoints'}", f"--resume --save_path {save}"):
+        assert advice in stopped[0], advice
+    assert checkpoint_step(save) == 0
+
+    proc = run_ptb(*LONG, "--data_path", long_corpus, "--save_path", save, "--resume", "--on_oom", "retry",
                    "--metrics_json", tmp_path / "m.json", env=CAPPED, check=0)
+    assert "resumed from" in proc.stdout and "epoch 1, step 0" in proc.stdout
     retried = [line for line in proc.stdout.splitlines() if "ran out of memory" in line]
     assert len(retried) == 1, proc.stdout
     assert retried[0].startswith("step 1 ran out of memory (OOM when allocating tensor with shape[")
@@ -103,25 +118,8 @@ def test_out_of_memory_step_retried_with_recompute(long_corpus, recompute_from_t
     assert m["memory"]["changes"] == [{"step": 1, "from": "keep (all activations on the device)",
                                        "to": "recompute (one state in 32 kept)"}]
     assert m["memory"]["mode"] == "recompute (one state in 32 kept)" and m["steps"] == 3
-    # The failed step changed nothing (weights, dropout generator): the run is the one that recomputed throughout.
+    # The failed steps changed nothing (weights, dropout generator): the run is the one that recomputed throughout.
     same_perplexities(m, recompute_from_the_start)
-
-
-@pytest.mark.slow
-def test_out_of_memory_stops_with_a_checkpoint_and_advice(long_corpus, recompute_from_the_start, tmp_path):
-    save = tmp_path / "run"
-    proc = run_ptb(*LONG, "--data_path", long_corpus, "--save_path", save, env=CAPPED)
-    assert proc.returncode == 76, proc.stderr
-    stopped = [line for line in proc.stdout.splitlines() if line.startswith("stopped:")]
-    assert len(stopped) == 1 and stopped[0].startswith("stopped: step 1 ran out of memory (OOM when allocating")
-    for advice in ("--recompute K", "--swap_memory", "--batch_size", "--num_gpus N", "--global_batch_size",
-                   f"checkpoint saved in {save / 'checkpoints'}", f"--resume --save_path {save}"):
-        assert advice in stopped[0], advice
-    assert (save / "checkpoints" / "checkpoint").exists()
-    done = run_ptb(*LONG, "--data_path", long_corpus, "--save_path", save, "--resume", "--recompute", "32",
-                   "--metrics_json", tmp_path / "m.json", env=CAPPED, check=0)  # fits under the same cap
-    assert "resumed from" in done.stdout and "epoch 1, step 0" in done.stdout
-    same_perplexities(json.loads((tmp_path / "m.json").read_text()), recompute_from_the_start)
 
 
 @pytest.mark.parametrize("args, message", [
