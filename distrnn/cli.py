@@ -6,6 +6,8 @@ Every entry point parses flags, then calls a library function inside
 import argparse
 import dataclasses
 import difflib
+import math
+import os
 import shlex
 import sys
 from typing import Callable, Dict, List
@@ -72,6 +74,34 @@ def read_flag_files(args: List[str], depth: int = 0) -> List[str]:
     return expanded
 
 
+def number(kind=float, minimum=None, positive: bool = False, maximum=None):
+    """An argparse type for a finite int or float in range: nan, inf, a negative count or a fraction
+    above 1 stops at parsing, in one line, before anything runs (float('nan') compares false with
+    everything, so a later `value <= 0` check would let it through)."""
+    def parse(text: str):
+        try:
+            value = int(text, 10) if kind is int else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if positive and value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text!r}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {text!r}")
+        return value
+    return parse
+
+
+COUNT = number(int, minimum=0)             # 0 meaning none, or not set
+POSITIVE_INT = number(int, positive=True)
+FRACTION = number(float, positive=True, maximum=1)  # of memory in use: (0, 1]
+SECONDS = number(float, positive=True)
+
+
 def add_config_flags(parser: argparse.ArgumentParser, config_cls, help_by_field: Dict[str, str] = None) -> List[str]:
     """Adds --FIELD for every field of `config_cls`; values stay strings for config.override."""
     group = parser.add_argument_group("config overrides (any field of the preset)")
@@ -111,16 +141,18 @@ def add_job_flags(parser: argparse.ArgumentParser, job: str, presets, default_co
                         f"(default runs/{job}-CONFIG-TIME)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --save_path "
                         "(starts fresh when there is none)")
-    parser.add_argument("--max_epochs", type=int, default=0, help="stop after N epochs in all (default: the preset's)")
-    parser.add_argument("--max_steps", type=int, default=0, help="stop after N training steps in all")
+    parser.add_argument("--max_epochs", type=COUNT, default=0,
+                        help="stop after N epochs in all (default: the preset's)")
+    parser.add_argument("--max_steps", type=COUNT, default=0, help="stop after N training steps in all")
     parser.add_argument("--metrics_json", help="write the final figures to this JSON file")
-    parser.add_argument("--seed", type=int, default=1, help="seed for weights, dropout and shuffling (default 1)")
-    parser.add_argument("--checkpoint_every", type=int, default=500,
+    parser.add_argument("--seed", type=number(int, minimum=0, maximum=2**31 - 1), default=1,
+                        help="seed for weights, dropout and shuffling (default 1)")
+    parser.add_argument("--checkpoint_every", type=POSITIVE_INT, default=500,
                         help="steps between checkpoints; one is also saved after every epoch (default 500)")
     devices = parser.add_argument_group("devices (model parallelism)")
     devices.add_argument("--devices", help="comma-separated devices for the model's parts, e.g. /gpu:0,/gpu:1")
-    devices.add_argument("--num_gpus", type=int, default=0, help="use /gpu:0 ... /gpu:N-1")
-    devices.add_argument("--virtual_devices", type=int, default=0,
+    devices.add_argument("--num_gpus", type=COUNT, default=0, help="use /gpu:0 ... /gpu:N-1")
+    devices.add_argument("--virtual_devices", type=COUNT, default=0,
                          help="split the CPU into N logical devices and place the model on them")
     devices.add_argument("--strategy", default="round_robin", choices=placement.STRATEGIES,
                          help="how parts are mapped to devices (default round_robin)")
@@ -128,22 +160,23 @@ def add_job_flags(parser: argparse.ArgumentParser, job: str, presets, default_co
                          help="sequential: one layer after another; pipeline: a wavefront so all devices work at "
                               "once (default sequential)")
     ranks = parser.add_argument_group("several processes (under horovodrun or srun)")
-    ranks.add_argument("--gpus_per_rank", type=int, default=0,
+    ranks.add_argument("--gpus_per_rank", type=COUNT, default=0,
                        help="GPUs each rank owns (rank r: local GPUs r*K ... r*K+K-1), its layers placed across them; "
                             "default one GPU per rank")
-    ranks.add_argument("--global_batch_size", type=int, default=0,
+    ranks.add_argument("--global_batch_size", type=COUNT, default=0,
                        help="rows of one step over all ranks, split evenly (default: batch_size x ranks)")
     ranks.add_argument("--lr_scaling", default="none", choices=distributed.LR_SCALINGS,
                        help="scale the learning rate with global batch / batch_size (default none: see README)")
-    ranks.add_argument("--lr_warmup_steps", type=int, default=0,
+    ranks.add_argument("--lr_warmup_steps", type=COUNT, default=0,
                        help="reach the scaled learning rate linearly over N steps")
     mem = parser.add_argument_group("memory")
-    mem.add_argument("--mem_warn", type=float, default=0.90,
+    mem.add_argument("--mem_warn", type=FRACTION, default=0.90,
                      help="warn once when a GPU's or the host's memory in use reaches this fraction (default 0.90)")
-    mem.add_argument("--mem_stop", type=float, default=0.97,
+    mem.add_argument("--mem_stop", type=FRACTION, default=0.97,
                      help="save a checkpoint and exit with code 76 when it reaches this fraction (default 0.97)")
-    mem.add_argument("--mem_interval", type=float, default=5.0, help="seconds between memory samples (default 5)")
-    mem.add_argument("--recompute", type=int, default=0, metavar="K",
+    mem.add_argument("--mem_interval", type=SECONDS, default=5.0,
+                     help="seconds between memory samples (default 5)")
+    mem.add_argument("--recompute", type=COUNT, default=0, metavar="K",
                      help="backprop through time keeps every K-th LSTM state and recomputes the rest (K near "
                           "sqrt(num_steps): least memory; about one more forward pass of time)")
     mem.add_argument("--swap_memory", action="store_true",
@@ -153,17 +186,11 @@ def add_job_flags(parser: argparse.ArgumentParser, job: str, presets, default_co
 
 
 def check_job_flags(args: argparse.Namespace) -> None:
-    """Refuses values of the shared flags that cannot run, before TensorFlow is imported."""
-    for flag in ("max_epochs", "max_steps", "checkpoint_every", "num_gpus", "virtual_devices", "global_batch_size",
-                 "lr_warmup_steps", "gpus_per_rank", "recompute"):
-        value = getattr(args, flag)
-        if value < 0 or (flag == "checkpoint_every" and value == 0):
-            raise UsageError(f"--{flag} must be {'positive' if flag == 'checkpoint_every' else '>= 0'}, got {value}")
-    if not 0 < args.mem_warn <= args.mem_stop <= 1:
-        raise UsageError(f"memory thresholds must satisfy 0 < --mem_warn <= --mem_stop <= 1, got --mem_warn "
-                         f"{args.mem_warn:g} --mem_stop {args.mem_stop:g}")
-    if args.mem_interval <= 0:
-        raise UsageError(f"--mem_interval must be positive, got {args.mem_interval:g}")
+    """Refuses combinations of the shared flags that cannot run, before TensorFlow is imported."""
+    # Each flag alone is checked where it is parsed (cli.number); here, what they mean together.
+    if args.mem_warn > args.mem_stop:
+        raise UsageError(f"--mem_warn {args.mem_warn:g} is above --mem_stop {args.mem_stop:g}: the warning must "
+                         "come first; lower --mem_warn")
     if args.recompute and args.swap_memory:
         raise UsageError("--recompute and --swap_memory are alternatives: recompute keeps less, swap keeps all "
                          "of it on the host; pass one of them")
@@ -199,9 +226,18 @@ def run_training(argv: List[str], build_parser, presets, describe: Callable[[str
 
 
 def run_main(prog: str, fn: Callable[[], int]) -> int:
-    """Runs fn; a DistrnnError becomes `prog: error: message` and its exit code (2 for a UsageError)."""
+    """Runs fn, the one boundary of every entry point: a DistrnnError becomes `prog: error: message` and
+    its exit code (2 for a UsageError), Ctrl-C before a job is running (TensorFlow loading, a download)
+    one line and 130, and a closed output pipe (`| head`) a quiet exit. Anything else is a bug and keeps
+    its traceback."""
     try:
         return fn() or 0
     except DistrnnError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: {e.label}: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: stopped: interrupted (Ctrl-C) before a run began; nothing was saved", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else flushing stdout at exit fails again
+        return 141  # 128 + SIGPIPE, as a shell reports a command whose reader went away

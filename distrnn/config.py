@@ -5,10 +5,14 @@ command-line overrides go through `override`, which rejects unknown fields,
 wrong types and values a field's own check refuses.
 """
 import dataclasses
+import math
 import typing
 from typing import Any, Callable, Dict, Mapping
 
 from distrnn.errors import UsageError
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # the weights are float32: a larger init_scale is inf in them
 
 
 def parse_value(name: str, kind: type, text: str) -> Any:
@@ -52,6 +56,9 @@ def override(config, overrides: Mapping[str, Any]):
             value = float(value)
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise UsageError(f"config field {name!r} takes {kind.__name__}, got {value!r}")
+        if kind is float and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise UsageError(f"--{name} must be a finite number within float32's range (|x| <= 3.4e38), got "
+                             f"{value!r}")
         changes[name] = value
     new = dataclasses.replace(config, **changes)
     validate = getattr(new, "validate", None)

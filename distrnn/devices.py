@@ -305,9 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(prog="distrnn.devices", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object (one per refresh with --watch)")
-    parser.add_argument("--watch", type=float, default=0, metavar="SECONDS",
+    parser.add_argument("--watch", type=cli.number(float, minimum=0), default=0, metavar="SECONDS",
                         help="refresh every SECONDS, in place like `watch nvidia-smi` (Ctrl-C stops)")
-    parser.add_argument("--count", type=int, default=0, help="with --watch: stop after N refreshes")
+    parser.add_argument("--count", type=cli.COUNT, default=0, help="with --watch: stop after N refreshes")
     parser.add_argument("--device-lib", action="store_true",
                         help="print device_lib.list_local_devices() (run in a child process with memory growth on) "
                              "and each GPU's used memory before and after it")
@@ -317,29 +317,25 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--plan", action="store_true", help="print the placement plan and the estimated memory per "
                                                           "device (no TensorFlow involved)")
     plan.add_argument("--config", default="small", help="PTB preset (default small)")
-    plan.add_argument("--num_gpus", type=int, default=0, help="GPUs of the job (default 0: the host's memory)")
-    plan.add_argument("--gpus_per_rank", type=int, default=0, help="GPUs each rank places its layers across")
+    plan.add_argument("--num_gpus", type=cli.COUNT, default=0, help="GPUs of the job (default 0: the host's memory)")
+    plan.add_argument("--gpus_per_rank", type=cli.COUNT, default=0, help="GPUs each rank places its layers across")
     plan.add_argument("--strategy", default="round_robin", help="placement strategy (round_robin or balanced)")
-    plan.add_argument("--recompute", type=int, default=0, metavar="K", help="the --recompute K of the job")
+    plan.add_argument("--recompute", type=cli.COUNT, default=0, metavar="K", help="the --recompute K of the job")
     plan.add_argument("--swap_memory", action="store_true", help="the job runs with --swap_memory")
-    plan.add_argument("--vocab_size", type=int, default=10000, help="vocabulary (default 10000, the full PTB's)")
-    plan.add_argument("--batch_size", type=int, default=0, help="override the preset's batch_size")
-    plan.add_argument("--num_steps", type=int, default=0, help="override the preset's num_steps")
-    plan.add_argument("--gpu_memory_gib", type=float, default=0,
+    plan.add_argument("--vocab_size", type=cli.POSITIVE_INT, default=10000,
+                      help="vocabulary (default 10000, the full PTB's)")
+    plan.add_argument("--batch_size", type=cli.COUNT, default=0, help="override the preset's batch_size")
+    plan.add_argument("--num_steps", type=cli.COUNT, default=0, help="override the preset's num_steps")
+    plan.add_argument("--gpu_memory_gib", type=cli.number(float, positive=True), default=0,
                       help="memory of each GPU, where NVML cannot tell (e.g. planning on another machine)")
     return parser
 
 
 def run(argv) -> int:
     args = build_parser().parse_args(argv)
-    if args.watch < 0 or args.count < 0:
-        raise cli.UsageError("--watch and --count must be >= 0")
     if args.count and not args.watch:
         raise cli.UsageError("--count needs --watch SECONDS")
     if args.plan:
-        for flag in ("num_gpus", "gpus_per_rank", "recompute", "vocab_size", "batch_size", "num_steps"):
-            if getattr(args, flag) < 0 or (flag == "vocab_size" and args.vocab_size == 0):
-                raise cli.UsageError(f"--{flag} must be {'positive' if flag == 'vocab_size' else '>= 0'}")
         overrides = {k: getattr(args, k) for k in ("batch_size", "num_steps") if getattr(args, k)}
         r = memory_plan(args.config, args.num_gpus, args.gpus_per_rank, args.recompute, args.swap_memory,
                         args.vocab_size, args.strategy, args.gpu_memory_gib * 1024 or None, **overrides)

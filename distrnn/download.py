@@ -6,9 +6,12 @@ Every data set keeps its own URLs and checksums; nothing unverified reaches a ca
 import hashlib
 import os
 import shutil
+import urllib.parse
 import urllib.request
 
 from distrnn.errors import UsageError
+
+SCHEMES = ("https", "http", "ftp", "file")  # what urllib.request opens
 
 
 def fetch(url: str, path: str, what: str, hint: str) -> str:
@@ -16,7 +19,7 @@ def fetch(url: str, path: str, what: str, hint: str) -> str:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as out:
             shutil.copyfileobj(response, out)
-    except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
+    except (OSError, ValueError) as e:  # URLError, timeouts and refused connections are all OSErrors
         raise UsageError(f"could not download {what} from {url} ({e}); {hint}") from None
     return path
 
@@ -26,6 +29,12 @@ def hexdigest(data: bytes, algorithm: str) -> str:
     return hashlib.new(algorithm, data).hexdigest()
 
 
-def base_url(environment_variable: str, default: str) -> str:
-    """A mirror named in the environment, or the published place."""
-    return (os.environ.get(environment_variable) or default).rstrip("/")
+def mirror_url(environment_variable: str, default: str) -> str:
+    """A mirror named in the environment (checked to be a URL urllib can fetch), or the published place."""
+    url = os.environ.get(environment_variable, "").strip()
+    if not url:
+        return default
+    if urllib.parse.urlsplit(url).scheme not in SCHEMES:
+        raise UsageError(f"{environment_variable}={url!r} is not a URL: give one starting with "
+                         f"{', '.join(s + '://' for s in SCHEMES)}, or unset it for the published place")
+    return url

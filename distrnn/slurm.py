@@ -24,6 +24,14 @@ from distrnn import cli
 from distrnn.errors import UsageError
 
 
+MAX_NODES = 100_000  # more than any Slurm cluster has: a longer list is junk, not an allocation to expand
+
+
+def _too_many(what: str, text: str, count: int) -> UsageError:
+    return UsageError(f"cannot read the Slurm {what} {text!r}: it names {count:,} nodes, more than the "
+                      f"{MAX_NODES:,} any allocation has")
+
+
 def expand_nodelist(nodelist: str) -> List[str]:
     """`gpu[01-03,07],cpu5` -> gpu01 gpu02 gpu03 gpu07 cpu5. Zero padding follows each range's
     first number (`n[9-11]` -> n9 n10 n11, `n[09-11]` -> n09 n10 n11); several brackets in one
@@ -34,6 +42,8 @@ def expand_nodelist(nodelist: str) -> List[str]:
         # A name is text and an optional bracket, repeated (findall ends with an empty match).
         for text, bracket in re.findall(r"([^\[\]]*)(\[[^\[\]]*\])?", item):
             suffixes = [text + n for n in _expand_ranges(bracket[1:-1], nodelist)] if bracket else [text]
+            if len(names) + len(expanded) * len(suffixes) > MAX_NODES:
+                raise _too_many("node list", nodelist, len(names) + len(expanded) * len(suffixes))
             expanded = [e + s for e in expanded for s in suffixes]
         names.extend(expanded)
     if not names or any(not n or "[" in n or "]" in n for n in names):
@@ -65,6 +75,8 @@ def _expand_ranges(ranges: str, whole: str) -> List[str]:
             raise UsageError(f"cannot read the Slurm node list {whole!r}: bad range {part!r} (expected "
                              f"N or N-M with N <= M)")
         first, last = m.group(1), m.group(2) or m.group(1)
+        if len(out) + int(last) - int(first) + 1 > MAX_NODES:
+            raise _too_many("node list", whole, len(out) + int(last) - int(first) + 1)
         out.extend(str(n).zfill(len(first)) for n in range(int(first), int(last) + 1))
     return out
 
@@ -76,6 +88,8 @@ def expand_tasks_per_node(counts: str) -> List[int]:
         m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
         if not m or int(m.group(1)) < 1:
             raise UsageError(f"cannot read the Slurm task counts {counts!r}: expected counts such as 4(x2),2")
+        if len(out) + int(m.group(2) or 1) > MAX_NODES:
+            raise _too_many("task counts", counts, len(out) + int(m.group(2) or 1))
         out.extend([int(m.group(1))] * int(m.group(2) or 1))
     return out
 

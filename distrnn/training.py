@@ -1,23 +1,25 @@
-"""Pieces every training job shares: checkpoints that never clobber a run,
-signal handling, progress lines, TensorBoard, plots and metrics files.
+"""Pieces every training job shares: start-up (run_job), signal handling, the
+stop for a diverged step, progress lines, TensorBoard, plots and metrics files
+(the save path and its checkpoints are distrnn.checkpoints).
 
 Only the chief process writes; callers pass `world.is_chief`.
 """
 import dataclasses
 import datetime
-import json
 import math
 import os
 import platform
 import signal
+import threading
 import time
 from typing import Dict, List, Optional
 
 import numpy as np
 import tensorflow as tf
 
-from distrnn import cpu, distributed, memory, placement
-from distrnn.errors import OutOfMemory, UsageError
+from distrnn import checkpoints, cpu, distributed, memory, placement
+from distrnn.checkpoints import Checkpoints
+from distrnn.errors import Diverged, Interrupted, OutOfMemory, UsageError
 from distrnn.rnn import Memory
 
 
@@ -62,21 +64,95 @@ def run_job(job: str, config, options: JobOptions, body, world=None):
     """What starts every job: joins the World (distributed.init), sets up the devices asked for (before
     anything runs on TensorFlow's devices, which a collective does), agrees on the save path (a default
     has the start time in it: every rank takes rank 0's), gives each rank its share of
-    --global_batch_size, checks that every rank runs the same config and options and that
-    --metrics_json can be written, and returns body(config for this rank, world, save_path, devices),
-    a collective broken by a lost rank turned into RankLost."""
+    --global_batch_size, checks that every rank runs the same config and options, takes the save path's
+    lock (one run at a time), checks that --metrics_json can be written, and returns
+    body(config for this rank, world, save_path, devices), a collective broken by a lost rank turned
+    into RankLost and a signal outside the training loop's own handling (start-up, evaluation) into
+    Interrupted."""
     world = world or distributed.init(options.gpus_per_rank)
     if world.is_chief:
         log(f"machine: {cpu.describe_machine()}")
     devices = placement.job_devices(options.devices, options.num_gpus, options.virtual_devices, options.gpus_per_rank)
     save_path = world.broadcast_object(options.save_path or default_save_path(job, options.config_name))
+    locks = []
     with distributed.stop_if_a_rank_is_lost(
-            world, f"the checkpoints in {save_path} are intact: start the whole job again with --resume"):
-        config = distributed.per_rank_config(config, options.global_batch_size, world)
-        config.validate()
-        distributed.check_same_run(world, config, options)
-        distributed.on_chief(world, lambda: check_metrics_path(options.metrics_json))
-        return body(config, world, save_path, devices)
+            world, f"the checkpoints in {save_path} are intact: start the whole job again with --resume"), \
+            SignalsInterrupt(save_path):
+        try:
+            config = distributed.per_rank_config(config, options.global_batch_size, world)
+            config.validate()
+            distributed.check_same_run(world, config, options)
+            distributed.on_chief(world, lambda: locks.append(checkpoints.SavePathLock(save_path)))
+            distributed.on_chief(world, lambda: check_metrics_path(options.metrics_json))
+            return body(config, world, save_path, devices)
+        finally:
+            for lock in locks:
+                lock.release()
+
+
+class _Signalled(BaseException):
+    """SIGTERM or SIGUSR1 outside the training loop, raised where the program is (as SIGINT's
+    KeyboardInterrupt is), so it ends in SignalsInterrupt's one line instead of a silent death."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class SignalsInterrupt:
+    """Turns SIGINT, SIGTERM and SIGUSR1 that arrive outside the training loop (which saves and stops on
+    its own: StopSignal) into Interrupted: one line saying what the save path holds, exit 128 + signal."""
+
+    def __init__(self, save_path: str):
+        self.save_path = save_path
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                self._previous[sig] = signal.signal(sig, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise _Signalled(signum)
+
+    def __exit__(self, kind, error, tb):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if kind is KeyboardInterrupt or kind is _Signalled:
+            signum = signal.SIGINT if kind is KeyboardInterrupt else error.signum
+            raise Interrupted(interrupted_message(self.save_path, signum), 128 + signum) from None
+        return False
+
+
+def interrupted_message(save_path: str, signum: int) -> str:
+    directory = os.path.join(save_path, "checkpoints")
+    found = sorted(n for n, names in checkpoints.checkpoint_files(directory).items()
+                   if checkpoints.incomplete_reason(names) is None)
+    name = signal.Signals(signum).name
+    if not found:
+        return f"interrupted by {name} before the first checkpoint: nothing was saved"
+    return (f"interrupted by {name} outside a training step; the checkpoints in {directory} are intact (newest "
+            f"ckpt-{found[-1]}): continue with --resume --save_path {save_path}")
+
+
+def check_finite(step: int, figures: Dict[str, float], checkpoints_: Checkpoints, advice: str) -> None:
+    """Stops a run whose step `step` gave a figure (loss, perplexity, gradient norm) that is inf or nan
+    (Diverged), before anything saves its weights, which that step's update has broken. Every rank sees
+    the same figures (each is averaged over the ranks), so every rank stops at the same step."""
+    bad = [f"{name} is {value}" for name, value in figures.items() if not math.isfinite(value)]
+    if not bad:
+        return
+    what = " and the ".join(bad)
+    if checkpoints_.manager is None:  # not the chief: only it knows which checkpoint is the last
+        rest = f"its weights were not saved; the newest checkpoint in {checkpoints_.directory} is the last good one"
+    elif checkpoints_.latest:
+        rest = f"its weights were not saved; the last good checkpoint is {checkpoints_.latest}"
+    else:
+        rest = "nothing was saved before it"
+    then = "continue with --resume" if checkpoints_.latest or checkpoints_.manager is None else "start again"
+    raise Diverged(f"step {step}: the {what}, so training diverged; {rest}: {advice}, then {then}")
 
 
 class Watch:
@@ -152,84 +228,20 @@ def versions() -> Dict[str, Optional[str]]:
             "horovod": distributed.horovod_version()}
 
 
-def prepare_save_path(save_path: str) -> str:
-    """Creates save_path and proves it writable, or raises UsageError."""
-    try:
-        os.makedirs(save_path, exist_ok=True)
-        probe = os.path.join(save_path, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise UsageError(f"cannot write to --save_path {save_path} ({e.strerror}); "
-                         "pass a directory you can write to") from None
-    return save_path
-
-
 def check_metrics_path(path: Optional[str]) -> None:
-    """Fails at start-up, not after hours of training, when --metrics_json cannot be written."""
+    """Fails at start-up, not after hours of training, when --metrics_json cannot be written (run after
+    the save path exists, so --metrics_json SAVE_PATH/m.json is fine)."""
     if not path:
         return
     directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"--metrics_json {path} is a directory; name a file in it, e.g. "
+                         f"{os.path.join(path, 'metrics.json')}")
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
         raise UsageError(f"cannot write --metrics_json {path}: {directory} is not a writable directory")
-
-
-def config_mismatch(save_path: str, current: Dict, keys) -> Optional[str]:
-    """Names the `keys` (fields that fix variable shapes or the meaning of a saved position) whose
-    value in the saved run's config.json differs from `current`, if any."""
-    path = os.path.join(save_path, "config.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        saved = json.load(f)
-    diffs = [f"{k}={saved.get(k)} there, {current[k]} here" for k in keys if k in saved and saved[k] != current[k]]
-    return "; ".join(diffs) or None
-
-
-class Checkpoints:
-    """tf.train.CheckpointManager with the rules that keep saved work safe.
-
-    A fresh run refuses a save_path that already holds checkpoints (pass
-    --resume to continue it); a restore whose shapes do not match the model
-    fails with a UsageError and leaves the checkpoint untouched.
-    """
-
-    def __init__(self, checkpoint: tf.train.Checkpoint, save_path: str, max_to_keep: int = 3):
-        self.directory = os.path.join(save_path, "checkpoints")
-        self.manager = tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=max_to_keep)
-        self.checkpoint = checkpoint
-
-    @property
-    def latest(self) -> Optional[str]:
-        return self.manager.latest_checkpoint
-
-    def restore_or_start(self, resume: bool, describe_mismatch=None) -> bool:
-        """Restores the latest checkpoint when resuming; returns whether one was restored."""
-        latest = self.latest
-        if latest is None:
-            return False
-        if not resume:
-            raise UsageError(f"--save_path already holds a checkpoint ({latest}); pass --resume to "
-                             "continue it, or choose another --save_path for a new run")
-        if describe_mismatch is not None:
-            problem = describe_mismatch()
-            if problem:
-                raise UsageError(f"checkpoint {latest} is from another config ({problem}); resume with "
-                                 "that config or choose another --save_path")
-        try:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
-        except (ValueError, AssertionError, tf.errors.InvalidArgumentError) as e:
-            first = str(e).strip().splitlines()[0]
-            # The half-restored checkpoint object warns about unrestored values when it
-            # is collected; the one-line error below says all the user needs.
-            tf.get_logger().setLevel("ERROR")
-            raise UsageError(f"checkpoint {latest} does not fit this model ({first}); resume with the "
-                             "config that wrote it or choose another --save_path") from None
-        return True
-
-    def save(self, step: int) -> str:
-        return self.manager.save(checkpoint_number=step)
+    if os.path.lexists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"cannot write --metrics_json {path}: the file is not writable; make it writable or "
+                         "name another file")
 
 
 class StopSignal:
@@ -378,16 +390,19 @@ def plot_curves(path: str, title: str, ylabel: str, curves: Dict[str, List[float
         ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def write_json(path: str, obj) -> None:
-    """Writes atomically, so a reader never sees half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+def save_figure(fig, path: str) -> None:
+    """Saves a matplotlib figure as PNG and closes it; a plot that cannot be written (a full disk) is a
+    warning, not the end of a run whose figures are already in its metrics file."""
+    import matplotlib.pyplot as plt
+    try:
+        fig.savefig(path)
+    except OSError as e:
+        log(f"warning: could not write {path} ({e.strerror or e})")
+    finally:
+        plt.close(fig)

@@ -88,9 +88,15 @@ def checkpoint_step(save_path) -> int:
 
 def assert_one_line_error(proc, prog, *fragments):
     """`proc` exited 2 with exactly one line on stderr, `PROG: error: ...` holding every fragment, and no traceback."""
-    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert_one_line(proc, prog, 2, *fragments)
+
+
+def assert_one_line(proc, prog, code, *fragments, label="error"):
+    """`proc` exited `code` with exactly one line on stderr, `PROG: LABEL: ...` holding every fragment, and no
+    traceback."""
+    assert proc.returncode == code, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: {label}: "), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     for fragment in fragments:
         assert fragment in lines[0], lines[0]

@@ -33,7 +33,7 @@ def main(corpus, out, global_batch, steps):
     for i, x, y in reader.train_windows(rows, config.num_steps):
         if i == steps:
             break
-        loss, state = trainer.train_step(x, y, state)
+        loss, _, state = trainer.train_step(x, y, state)
         mine = np.concatenate([v.numpy().ravel() for v in variables])
         every_rank = world.allgather(mine[None])                     # (ranks, parameters)
         record.append({"loss": float(loss), "max_replica_difference": float(np.abs(every_rank - mine).max())})

@@ -26,7 +26,7 @@ def checkpoint_files(save_path):
     (["--hidden_size", "big"], ["--hidden_size takes int, got 'big'"]),
     (["--hidden_sise", "10"], ["unrecognized arguments: --hidden_sise", "did you mean --hidden_size?"]),
     (["--config", "huge"], ["unknown --config 'huge'"]),
-    (["--max_steps", "-1"], ["--max_steps must be >= 0"]),
+    (["--max_steps", "-1"], ["argument --max_steps: must be >= 0, got '-1'"]),
     (["--gpus_per_rank", "1"], ["--gpus_per_rank 1: this machine has no GPU; on CPUs, --virtual_devices N gives "
                                 "each rank N logical devices instead"]),
 ])
@@ -92,11 +92,11 @@ def test_checkpoints_are_never_clobbered(corpus, tmp_path):
     assert "checkpoint" in before
     # A fresh run into the same save_path would overwrite it: refused.
     assert_usage_error(run_ptb(*TINY, "--data_path", corpus, "--save_path", save, "--max_steps", "3"),
-                       "already holds a checkpoint", "--resume")
+                       "already holds checkpoints", "--resume")
     # Resuming with another shape: refused, with the fields named.
     assert_usage_error(run_ptb(*TINY[:-4], "--hidden_size", "12", "--batch_size", "4", "--data_path", corpus,
                                "--save_path", save, "--resume"),
-                       "is from another config", "hidden_size=8 there, 12 here")
+                       "are from another config", "hidden_size=8 there, 12 here")
     # Even without config.json to compare, the shapes are checked on restore.
     os.remove(save / "config.json")
     assert_usage_error(run_ptb(*TINY[:-4], "--hidden_size", "12", "--batch_size", "4", "--data_path", corpus,

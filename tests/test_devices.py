@@ -74,7 +74,7 @@ def test_watch_refreshes_and_bad_flags():
     assert proc.returncode == 0 and [json.loads(line)["nvml"]["available"] for line in proc.stdout.splitlines()] == \
         [True] * 3
     for args, message in ((["--count", "2"], "--count needs --watch SECONDS"),
-                          (["--watch", "-1"], "--watch and --count must be >= 0")):
+                          (["--watch", "-1"], "argument --watch: must be >= 0, got '-1'")):
         proc = run_devices(*args)
         assert proc.returncode == 2 and proc.stderr == f"distrnn.devices: error: {message}\n"
 

@@ -124,7 +124,7 @@ def test_out_of_memory_stops_with_a_checkpoint_and_advice_and_a_retry_goes_on(lo
 
 @pytest.mark.parametrize("args, message", [
     (["--recompute", "4", "--swap_memory"], "--recompute and --swap_memory are alternatives"),
-    (["--recompute", "-1"], "--recompute must be >= 0, got -1"),
+    (["--recompute", "-1"], "argument --recompute: must be >= 0, got '-1'"),
     (["--recompute", "4", "--cell", "gru"], "memory mode recompute (one state in 4 kept) needs LSTM cells and "
                                             "rnn_mode auto, static or dynamic (got the gru cell, rnn_mode auto)"),
     (["--swap_memory", "--rnn_mode", "block"], "needs LSTM cells and rnn_mode auto, static or dynamic (got the "
@@ -138,8 +138,9 @@ def test_bad_memory_modes(corpus, tmp_path, args, message):
 
 @pytest.mark.parametrize("args, message", [
     (["--mem_warn", "0.99", "--mem_stop", "0.9"],
-     "memory thresholds must satisfy 0 < --mem_warn <= --mem_stop <= 1, got --mem_warn 0.99 --mem_stop 0.9"),
-    (["--mem_interval", "0"], "--mem_interval must be positive, got 0"),
+     "--mem_warn 0.99 is above --mem_stop 0.9: the warning must come first; lower --mem_warn"),
+    (["--mem_interval", "0"], "argument --mem_interval: must be positive, got '0'"),
+    (["--mem_stop", "1.5"], "argument --mem_stop: must be <= 1, got '1.5'"),
 ])
 def test_bad_thresholds(corpus, tmp_path, args, message):
     proc = run_ptb(*TINY, "--data_path", corpus, "--save_path", tmp_path / "s", *args)

@@ -280,7 +280,7 @@ def test_corrupt_data_is_one_line_and_checkpoints_survive(images, tmp_path):
     assert sorted(os.listdir(save / "checkpoints")) == before
     assert_usage_error(run_mnist(*TINY, "--hidden_size", "12", "--data_path", write_images(tmp_path / "ok"),
                                  "--save_path", save, "--resume"),
-                       "is from another config", "hidden_size=8 there, 12 here")
+                       "are from another config", "hidden_size=8 there, 12 here")
 
 
 def test_default_data_offline_and_corrupt(tmp_path):

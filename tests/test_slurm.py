@@ -206,12 +206,21 @@ def test_an_mpi_launch_without_mpi_in_horovod_is_refused(corpus, tmp_path):
 
 
 # --- launch/ scripts -------------------------------------------------------------------------
-def test_launch_scripts_refuse_bad_usage_with_one_line():
-    for script, args in (("one_node.sh", []), ("one_node.sh", ["x", "-m", "distrnn.ptb"]),
-                         ("hostfile.sh", ["/no/such/hosts", "-m", "distrnn.ptb"])):
+def test_launch_scripts_refuse_bad_usage_with_one_line(tmp_path):
+    for script, args in (("one_node.sh", []), ("one_node.sh", ["x", "-m", "distrnn.ptb"]), ("hostfile.sh", ["x"])):
         proc = subprocess.run(["bash", os.path.join(ROOT, "launch", script), *args], capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr.startswith(f"usage: bash launch/{script}"), proc.stderr
         assert proc.stderr.count("\n") == 1
+    (tmp_path / "letters").write_text("gpu01 slots=4\ngpu02 slots=abc\n")
+    (tmp_path / "binary").write_bytes(b"\xff\xfe\x00 slots=1\n")
+    (tmp_path / "empty").write_text("# no node\n\n")
+    for name, fragment in (("nowhere", "cannot read the host file"), ("", "cannot read the host file"),
+                           ("letters", "letters, line 2: gpu02 slots=abc: expected 'NAME slots=N'"),
+                           ("binary", "binary, line 1:"), ("empty", "lists no node")):
+        proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "hostfile.sh"), str(tmp_path / name), "-m",
+                               "distrnn.ptb"], capture_output=True, text=True, errors="replace")
+        assert proc.returncode == 2 and proc.stderr.startswith("hostfile.sh: error: "), proc.stderr
+        assert fragment in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
 
 
 @pytest.mark.slow

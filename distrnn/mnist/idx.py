@@ -15,6 +15,7 @@ refused with one line naming the file and the problem.
 """
 import dataclasses
 import gzip
+import math
 import os
 import struct
 import tempfile
@@ -84,8 +85,11 @@ def read_bytes(path: str) -> Tuple[bytes, bytes]:
     """(the file as stored, its decompressed content)."""
     if not os.path.isfile(path):
         raise UsageError(f"missing data file {path}; {DATA_PATH_HINT}")
-    with open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read data file {path} ({e.strerror}); make it readable or {DATA_PATH_HINT}") from None
     try:
         return raw, gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a truncated stream an EOFError
@@ -108,7 +112,7 @@ def parse(path: str, data: bytes, magic: int) -> np.ndarray:
     shape = struct.unpack(f">{ndim}I", data[4:header])
     if 0 in shape:
         raise bad(f"its header gives the shape {shape}")
-    expected = header + int(np.prod(shape))
+    expected = header + math.prod(shape)  # Python's integers: np.prod would wrap around at 2**63
     if len(data) != expected:
         raise bad(f"{len(data)} bytes where its header ({' x '.join(map(str, shape))}) needs {expected}: "
                   f"{'truncated' if len(data) < expected else 'trailing bytes'}")
@@ -185,7 +189,7 @@ def verify(directory: str, dataset: Dataset) -> None:
 
 def fetch(directory: str, dataset: Dataset) -> str:
     """Downloads the four files of `dataset` into `directory`, verified (from $url_variable when set)."""
-    base = download.base_url(dataset.url_variable, dataset.url)
+    base = download.mirror_url(dataset.url_variable, dataset.url).rstrip("/")
     os.makedirs(directory, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         for name in FILE_NAMES:

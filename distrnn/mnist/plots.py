@@ -3,6 +3,8 @@ from typing import Sequence
 
 import numpy as np
 
+from distrnn.training import save_figure
+
 
 def _pyplot():
     import matplotlib
@@ -30,8 +32,7 @@ def confusion_matrix(path: str, counts: np.ndarray, classes: Sequence[str], titl
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="share of the true class")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def misclassified(path: str, split, wrong: Sequence, classes: Sequence[str], title: str, columns: int = 6) -> None:
@@ -49,5 +50,4 @@ def misclassified(path: str, split, wrong: Sequence, classes: Sequence[str], tit
         axes[0, 0].text(0, 0.5, "no test image misclassified", fontsize=12)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from distrnn import cpu, distributed, memory, placement, training
 from distrnn.adam import Adam
+from distrnn.checkpoints import Checkpoints, write_json
 from distrnn.errors import OutOfMemory, UsageError
 from distrnn.mnist import idx, plots
 from distrnn.mnist.model import RowClassifier, part_memory
@@ -99,15 +100,17 @@ class Trainer(tf.Module):
         self._position.assign(self.world.broadcast_object(self._position.numpy()))
 
     def _train_step(self, images, labels):
-        """One Adam step on this rank's images (B, R, C); returns the global batch's mean loss and accuracy."""
+        """One Adam step on this rank's images (B, R, C); returns the global batch's mean loss and accuracy,
+        and the gradient's global norm."""
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             logits = self.model(images)
             loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
         tape = self.world.wrap_tape(tape)  # averaged over ranks: the global batch's mean
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        grads = tape.gradient(loss, variables)
+        self.optimizer.apply_gradients(zip(grads, variables))
         accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1, output_type=tf.int32), labels), tf.float32))
-        return self.world.average(tf.stack([loss, accuracy]))
+        return tf.concat([self.world.average(tf.stack([loss, accuracy])), [tf.linalg.global_norm(grads)]], 0)
 
     def _eval_step(self, images, labels):
         """(sum of the losses, predicted classes) of images (B, R, C)."""
@@ -239,19 +242,13 @@ def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world
     plan = make_model_plan(config, image_shape, B, devices, options.strategy)
     trainer = Trainer(config, image_shape, options.seed, on_gpu=bool(tf.config.list_logical_devices("GPU")),
                       plan=plan, placement=options.placement, world=world, memory=options.memory)
-    checkpoints = training.Checkpoints(trainer.checkpoint(), save_path)
+    checkpoints = Checkpoints(trainer.checkpoint(), save_path)
     saved_config = dict(dataclasses.asdict(config), global_batch_size=global_batch,
                         image_shape=list(image_shape), name=options.config_name)
 
-    def chief_setup():
-        training.prepare_save_path(save_path)
-        resumed = checkpoints.restore_or_start(options.resume, lambda: training.config_mismatch(
-            save_path, saved_config, SHAPE_FIELDS + ("global_batch_size", "image_shape")))
-        training.write_json(os.path.join(save_path, "config.json"), saved_config)
-        return resumed
-
     # Rank 0 alone touches save_path and restores; its outcome (or its error) reaches every rank.
-    resumed = distributed.on_chief(world, chief_setup)
+    keys = SHAPE_FIELDS + ("global_batch_size", "image_shape")
+    resumed = distributed.on_chief(world, lambda: checkpoints.open_run(options.resume, saved_config, keys))
     trainer.share_from_chief()
 
     max_epochs = options.max_epochs or config.num_epochs
@@ -274,6 +271,8 @@ def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world
             log(f"placement {options.placement}")
         log(f"{batch_text}: {global_batch} images a step, {steps_per_epoch} steps an epoch, {max_epochs} epochs, "
             f"{total_steps} steps in all; save_path {save_path}")
+        for note in checkpoints.notes:
+            log(f"checkpoints: {note}")
         if options.resume:
             log(f"resumed from {checkpoints.latest} at epoch {pos.epoch + 1}, step {pos.step_in_epoch}" if resumed
                 else f"--resume: no checkpoint in {save_path}, starting fresh")
@@ -305,7 +304,7 @@ def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world
                 batch = world.stripe(order[i * global_batch:(i + 1) * global_batch])  # (B,) image indices
                 t0 = time.perf_counter()
                 try:
-                    loss, accuracy = trainer.train_step(pixels(train.images[batch]),
+                    loss, accuracy, norm = trainer.train_step(pixels(train.images[batch]),
                                                         train.labels[batch].astype(np.int32)).numpy()
                 except tf.errors.ResourceExhaustedError as error:
                     what = f"step {pos.global_step + 1} ran out of memory ({memory.oom_reason(error)})"
@@ -315,6 +314,9 @@ def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world
                     out_of_memory, interrupted = what, OutOfMemory.exit_code
                     save()  # a failed step changed no weight: Adam's update comes after every gradient
                     break
+                training.check_finite(pos.global_step + 1, {"loss": float(loss), "gradient norm": float(norm)},
+                                      checkpoints,
+                                      f"lower --learning_rate (now {lr:g})")
                 speed.add(global_batch, time.perf_counter() - t0)
                 pos.epoch_loss += float(loss)
                 pos.epoch_accuracy += float(accuracy)
@@ -397,6 +399,8 @@ def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world
         valid_text = f"valid accuracy {100 * checked.accuracy:.2f}% | " if checked else ""
         log(f"done: {pos.global_step} steps | {valid_text}test accuracy {100 * tested.accuracy:.2f}% "
             f"(loss {tested.loss:.4f}) | {rate} images/sec | {training.format_duration(metrics['wall_time_sec'])}")
+        if options.metrics_json:  # first: the figures matter more than the plots
+            write_json(options.metrics_json, {k: v for k, v in metrics.items() if k != "interrupted"})
         name = data.dataset.title if data.dataset else "IDX"
         plots.confusion_matrix(os.path.join(save_path, "confusion_matrix.png"), tested.confusion, data.classes,
                                f"{name} test, {options.config_name}: accuracy {100 * tested.accuracy:.2f}%")
@@ -408,7 +412,5 @@ def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world
                                               "valid": [h["valid_accuracy"] for h in pos.history]},
                                  log_scale=False)
         tensorboard.scalars(pos.global_step, test_accuracy=tested.accuracy, test_loss=tested.loss)
-        if options.metrics_json:
-            training.write_json(options.metrics_json, {k: v for k, v in metrics.items() if k != "interrupted"})
     tensorboard.close()
     return metrics

@@ -15,7 +15,7 @@ from typing import Dict, Iterator, Tuple
 
 import numpy as np
 
-from distrnn.download import fetch, hexdigest
+from distrnn.download import fetch, hexdigest, mirror_url
 from distrnn.errors import UsageError
 
 SPLITS = ("train", "valid", "test")
@@ -37,8 +37,12 @@ def file_name(split: str) -> str:
 
 
 def digest(path: str, kind: str) -> str:
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read data file {path} ({e.strerror}); delete {os.path.dirname(path)} to download "
+                         f"again, or {DATA_PATH_HINT}") from None
     if kind == "sha256":
         return hexdigest(data, "sha256")
     return hexdigest(b"blob %d\0" % len(data) + data, "sha1")
@@ -59,7 +63,7 @@ def download(directory: str, url: str = None) -> str:
 
     The archive comes from ARCHIVE_URL, or from $DISTRNN_PTB_URL (a mirror) when set.
     """
-    url = url or os.environ.get("DISTRNN_PTB_URL") or ARCHIVE_URL
+    url = url or mirror_url("DISTRNN_PTB_URL", ARCHIVE_URL)
     os.makedirs(directory, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         archive = fetch(url, os.path.join(tmp, "simple-examples.tgz"), "PTB", DATA_PATH_HINT)
@@ -69,8 +73,12 @@ def download(directory: str, url: str = None) -> str:
                     member = tar.getmember(f"./simple-examples/data/{name}")
                     with tar.extractfile(member) as src, open(os.path.join(tmp, name), "wb") as dst:
                         shutil.copyfileobj(src, dst)
-        except (tarfile.TarError, KeyError) as e:
-            raise UsageError(f"{url} is not the simple-examples archive ({e}); {DATA_PATH_HINT}") from None
+        except tarfile.ReadError:
+            raise UsageError(f"{url} is not a tar archive; point DISTRNN_PTB_URL at simple-examples.tgz, or "
+                             f"{DATA_PATH_HINT}") from None
+        except (tarfile.TarError, KeyError, EOFError, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"{url} is not the simple-examples archive ({first}); {DATA_PATH_HINT}") from None
         verify(tmp)
         for name in CHECKSUMS:  # only verified files reach the cache directory
             os.replace(os.path.join(tmp, name), os.path.join(directory, name))
@@ -96,8 +104,14 @@ def read_words(path: str):
     """The words of a file, with `<eos>` at the end of every line."""
     if not os.path.isfile(path):
         raise UsageError(f"missing data file {path}; {DATA_PATH_HINT}")
-    with open(path, encoding="utf-8") as f:
-        words = f.read().replace("\n", f" {EOS} ").split()
+    try:
+        with open(path, encoding="utf-8") as f:
+            words = f.read().replace("\n", f" {EOS} ").split()
+    except OSError as e:
+        raise UsageError(f"cannot read data file {path} ({e.strerror}); make it readable or {DATA_PATH_HINT}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"data file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+                         f"the PTB files are plain text; {DATA_PATH_HINT}") from None
     if all(w == EOS for w in words):  # nothing but blank lines counts as empty
         raise UsageError(f"data file {path} is empty; {DATA_PATH_HINT}")
     return words

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from distrnn import cpu, distributed, memory, placement, training
+from distrnn.checkpoints import Checkpoints, write_json
 from distrnn.errors import OutOfMemory, UsageError
 from distrnn.ptb import reader
 from distrnn.ptb.model import PTBModel
@@ -48,6 +49,11 @@ def sum_duplicate_rows(grad):
     return tf.IndexedSlices(values, ids, grad.dense_shape)
 
 
+def perplexity(mean_loss: float) -> float:
+    """exp(mean loss); inf where that is beyond float64 (a finite loss above 709.78 a word)."""
+    return math.exp(mean_loss) if mean_loss < 709.78 else float("inf")
+
+
 @dataclasses.dataclass
 class Position:
     """Where a run stands; saved with every checkpoint so --resume continues exactly."""
@@ -61,7 +67,7 @@ class Position:
     @property
     def train_perplexity(self) -> Optional[float]:
         if self.epoch_iters:
-            return math.exp(self.epoch_cost / self.epoch_iters)
+            return perplexity(self.epoch_cost / self.epoch_iters)
         return self.history[-1]["train_perplexity"] if self.history else None
 
 
@@ -131,8 +137,8 @@ class Trainer(tf.Module):
         self.train_step = tf.function(self._train_step)
 
     def _train_step(self, x, y, state):
-        """One window: x, y (B, T). Returns the loss (sum over time of the batch mean) and new state.
-        Run as the tf.function `train_step`."""
+        """One window: x, y (B, T). Returns the loss (sum over time of the batch mean), the gradient's
+        global norm before clipping and the new state. Run as the tf.function `train_step`."""
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             features, state = self.model(x, state, training=True)
@@ -140,8 +146,8 @@ class Trainer(tf.Module):
             loss = tf.reduce_sum(self.model.token_losses(features, y)) / tf.cast(tf.shape(x)[0], tf.float32)
         tape = self.world.wrap_tape(tape, self.sparse_as_dense)  # averaged over ranks: the global batch's mean
         grads = [sum_duplicate_rows(g) for g in tape.gradient(loss, variables)]
-        self.optimizer.apply(grads, variables, clip_norm=self.config.max_grad_norm)
-        return self.world.average(loss), state
+        norm = self.optimizer.apply(grads, variables, clip_norm=self.config.max_grad_norm)
+        return self.world.average(loss), norm, state
 
     @tf.function
     def eval_step(self, x, y, weights, state):
@@ -166,7 +172,7 @@ def evaluate(trainer: Trainer, batches: reader.EvalBatches, world) -> float:
         loss, state = trainer.eval_step(x, y, w, state)
         total += float(loss)
     total, count = world.allreduce_sum([total, float(batches.weights.sum())])
-    return float(math.exp(total / count))
+    return perplexity(total / count)
 
 
 def learning_rate(config, epoch: int, step: int, batch_ratio: float, scaling: str = "none",
@@ -214,19 +220,13 @@ def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world
     trainer = Trainer(config, data.vocab_size, options.seed, on_gpu=bool(tf.config.list_logical_devices("GPU")),
                       plan=plan, placement=options.placement, world=world, sparse_as_dense=options.sparse_as_dense,
                       memory=options.memory)
-    checkpoints = training.Checkpoints(trainer.checkpoint(), save_path)
+    checkpoints = Checkpoints(trainer.checkpoint(), save_path)
 
     saved_config = dict(dataclasses.asdict(config), vocab_size=data.vocab_size, name=options.config_name)
 
-    def chief_setup():
-        training.prepare_save_path(save_path)
-        resumed = checkpoints.restore_or_start(options.resume, lambda: training.config_mismatch(
-            save_path, saved_config, SHAPE_FIELDS + ("vocab_size",)))
-        training.write_json(os.path.join(save_path, "config.json"), saved_config)
-        return resumed
-
     # Rank 0 alone touches save_path and restores; its outcome (or its error) reaches every rank.
-    resumed = distributed.on_chief(world, chief_setup)
+    resumed = distributed.on_chief(world, lambda: checkpoints.open_run(options.resume, saved_config,
+                                                                        SHAPE_FIELDS + ("vocab_size",)))
     trainer.share_from_chief()
 
     max_epochs = min(options.max_epochs or config.max_max_epoch, config.max_max_epoch)
@@ -247,6 +247,8 @@ def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world
             log(f"placement {options.placement}")
         log(f"{batch_text}: {global_batch * T} words a step, {steps_per_epoch} steps an epoch, "
             f"{max_epochs} epochs, {total_steps} steps in all; save_path {save_path}")
+        for note in checkpoints.notes:
+            log(f"checkpoints: {note}")
         if options.resume:
             log(f"resumed from {checkpoints.latest} at epoch {pos.epoch + 1}, step {pos.step_in_epoch}" if resumed
                 else f"--resume: no checkpoint in {save_path}, starting fresh")
@@ -307,7 +309,7 @@ def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world
                     trainer.optimizer.learning_rate.assign(lr)
                 t0 = time.perf_counter()
                 try:
-                    loss, state = train_step(x, y, state)
+                    loss, norm, state = train_step(x, y, state)
                 except OutOfMemory as error:
                     if world.size > 1:  # saving is collective, and the other ranks wait in this step's allreduce
                         raise OutOfMemory(f"rank {world.rank}: {error}; the checkpoints in {save_path} are intact. "
@@ -316,6 +318,10 @@ def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world
                     save(state)  # the state before the failed step, which is still to do
                     break
                 loss = float(loss)
+                training.check_finite(pos.global_step + 1, {"loss": loss, "perplexity": perplexity(loss / T),
+                                                            "gradient norm": float(norm)}, checkpoints,
+                                      f"lower --learning_rate (now {lr:g}), --max_grad_norm ({config.max_grad_norm:g}) "
+                                      f"or --init_scale ({config.init_scale:g})")
                 speed.add(global_batch * T, time.perf_counter() - t0)
                 pos.epoch_cost += loss
                 pos.epoch_iters += T
@@ -393,12 +399,12 @@ def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world
         wps = f"{metrics['words_per_sec']:.0f}" if metrics["words_per_sec"] else "n/a"
         log(f"done: {steps} steps | train ppl {last_train_ppl:.2f} | valid ppl {valid_ppl:.2f} | "
             f"test ppl {test_ppl:.2f} | {wps} words/sec | {training.format_duration(metrics['wall_time_sec'])}")
+        if options.metrics_json:  # first: the figures matter more than the plots
+            write_json(options.metrics_json, {k: v for k, v in metrics.items() if k != "interrupted"})
         if history:
             training.plot_curves(os.path.join(save_path, "perplexity.png"), f"PTB {options.config_name}",
                                  "perplexity", {"train": [h["train_perplexity"] for h in history],
                                                 "valid": [h["valid_perplexity"] for h in history]})
         tensorboard.scalars(steps, test_perplexity=test_ppl)
-        if options.metrics_json:
-            training.write_json(options.metrics_json, {k: v for k, v in metrics.items() if k != "interrupted"})
     tensorboard.close()
     return metrics

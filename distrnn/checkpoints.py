@@ -1,0 +1,332 @@
+"""A run's save path: held by one run at a time, its checkpoints found from
+what is on disk, and nothing in it lost to a crash, a full disk or a mistake.
+
+    with SavePathLock(save_path):               # a second run stops here, in one line
+        checkpoints = Checkpoints(tf_checkpoint, save_path)
+        resumed = checkpoints.open_run(resume, config, shape_keys)
+        ...
+        checkpoints.save(step)                   # SaveFailed, partial files removed, on a full disk
+
+Only the chief process calls these (see distrnn.training.run_job).
+"""
+import errno
+import fcntl
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+from distrnn.errors import SaveFailed, UsageError
+
+STATE_FILE = "checkpoint"  # tf.train.CheckpointManager's name for it
+_CHECKPOINT_FILE = re.compile(r"ckpt-(\d+)(?:\.index|\.data-(\d+)-of-(\d+)|_temp.*)$")
+
+
+class SavePathLock:
+    """An exclusive lock on SAVE_PATH/.lock (flock(2)), held until release() or the process's end.
+
+    The kernel drops the lock when its process dies, by kill -9 too, so no stale lock outlives a run
+    and no lock file needs cleaning up (the file stays; only its lock matters). The file names the
+    holder, for the line a second run stops with. On NFS, Linux maps flock onto the server's byte-range
+    locks, so two nodes of a cluster exclude each other as two processes of one machine do."""
+
+    NAME = ".lock"
+
+    def __init__(self, save_path: str):
+        self.path = os.path.join(save_path, self.NAME)
+        self.created = not os.path.lexists(save_path)  # by this run: removed again if it stays empty
+        try:
+            os.makedirs(save_path, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UsageError(f"cannot write to --save_path {save_path} ({e.strerror}); pass a directory you can "
+                             "write to") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = self._holder()
+            os.close(self.fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise UsageError(f"--save_path {save_path} is in use by another run ({holder}); wait for it to "
+                                 "end, or choose another --save_path") from None
+            raise UsageError(f"cannot lock --save_path {save_path} ({e.strerror}): its file system has no file "
+                             "locks; choose a --save_path on a local or NFS disk") from None
+        holder = (f"process {os.getpid()} on {platform.node()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                  + " ".join([os.path.basename(sys.executable)] + sys.argv))
+        try:
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, holder.encode("utf-8", "replace")[:4000] + b"\n")
+        except OSError:
+            pass  # the lock is what counts; a full disk only costs the holder's name
+
+    def _holder(self) -> str:
+        try:
+            with open(self.path, "rb") as f:
+                text = f.read(4000).decode("utf-8", "replace").strip().splitlines()
+        except OSError:
+            text = []
+        return text[0] if text else "a process that has not yet written its name"
+
+    def release(self) -> None:
+        """Drops the lock; a save path this run created and wrote nothing else to (it stopped at bad
+        input) is removed, so a failed start leaves nothing behind."""
+        if self.fd is None:
+            return
+        save_path = os.path.dirname(self.path)
+        try:
+            if self.created and os.listdir(save_path) == [self.NAME]:
+                os.remove(self.path)
+                os.rmdir(save_path)
+        except OSError:
+            pass  # another run's files appeared meanwhile: leave them
+        os.close(self.fd)  # closing the only descriptor drops the lock
+        self.fd = None
+
+    def __enter__(self) -> "SavePathLock":
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def checkpoint_files(directory: str) -> Dict[int, List[str]]:
+    """The names in `directory` that belong to each checkpoint number (ckpt-N.index, its data
+    shards, a ckpt-N_temp left by a save that did not finish)."""
+    found: Dict[int, List[str]] = {}
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return found
+    except OSError as e:
+        raise UsageError(f"cannot read {directory} ({e.strerror}); make it readable") from None
+    for name in names:
+        m = _CHECKPOINT_FILE.match(name)
+        if m:
+            found.setdefault(int(m.group(1)), []).append(name)
+    return found
+
+
+def incomplete_reason(names: List[str]) -> Optional[str]:
+    """Why the files of one checkpoint number are not a whole checkpoint, or None."""
+    if any("_temp" in n for n in names):
+        return "a save that did not finish"
+    if not any(n.endswith(".index") for n in names):
+        return "no .index file"
+    shards = {(int(m.group(1)), int(m.group(2))) for m in (re.search(r"\.data-(\d+)-of-(\d+)$", n) for n in names)
+              if m}
+    totals = {total for _, total in shards}
+    if len(totals) != 1 or len(shards) != totals.pop():
+        return "data files missing"
+    return None
+
+
+class Checkpoints:
+    """tf.train.CheckpointManager with the rules that keep saved work safe.
+
+    What exists is read from the files on disk, not only from the state file: ckpt-N files with a state
+    file that is missing, unreadable or names a checkpoint that is not there are a run that exists. A
+    fresh run refuses such a save path (pass --resume to continue it); --resume restores the newest
+    checkpoint that restores, trying older ones past a corrupt one, and rewrites the state file from
+    what is on disk; a restore whose shapes do not fit the model is refused, every file left as it was.
+    Rotation deletes only checkpoints the state file lists (the run's own), never a file it does not
+    know. A save that fails (a full disk) removes its partial files and keeps every earlier checkpoint.
+    """
+
+    def __init__(self, checkpoint, save_path: str, max_to_keep: int = 3):
+        self.directory = os.path.join(save_path, "checkpoints")
+        self.checkpoint = checkpoint
+        self.max_to_keep = max_to_keep
+        self.manager = None
+        self.notes: List[str] = []  # what restore_or_start found wrong and did about it, for the log
+
+    @property
+    def latest(self) -> Optional[str]:
+        return self.manager.latest_checkpoint if self.manager else None
+
+    def _state(self) -> Tuple[bool, Optional[str], Optional[str]]:
+        """(whether the state file exists, the checkpoint it names as latest, what is wrong with it)."""
+        import tensorflow as tf
+        path = os.path.join(self.directory, STATE_FILE)
+        if not os.path.lexists(path):
+            return False, None, None
+        logger = tf.get_logger()
+        level = logger.level
+        logger.setLevel("ERROR")  # TensorFlow warns twice for a state file it cannot parse
+        try:
+            state = tf.train.get_checkpoint_state(self.directory)
+        except (ValueError, UnicodeDecodeError, tf.errors.OpError):
+            state = None
+        finally:
+            logger.setLevel(level)
+        if state is None:
+            return True, None, f"its state file {path} is unreadable"
+        return True, os.path.basename(state.model_checkpoint_path), None
+
+    def open_run(self, resume: bool, saved_config: Dict, keys) -> bool:
+        """Restores the run in the save path (or refuses it: restore_or_start, the saved config.json's
+        `keys` compared with `saved_config`'s) and writes config.json where it changes; returns whether a
+        checkpoint was restored."""
+        save_path = os.path.dirname(self.directory)
+        resumed = self.restore_or_start(resume, lambda: config_mismatch(save_path, saved_config, keys))
+        # Rewritten only where it would change: a resumed run on a full disk still starts.
+        if not (resumed and read_config(save_path) == json.loads(json.dumps(saved_config))):
+            write_json(os.path.join(save_path, "config.json"), saved_config)
+        return resumed
+
+    def restore_or_start(self, resume: bool, describe_mismatch=None) -> bool:
+        """Restores the newest checkpoint that restores when resuming; returns whether one was."""
+        files = checkpoint_files(self.directory)
+        has_state, named, state_problem = self._state()
+        if not files and not has_state:
+            self._open_manager()
+            return False
+        if not has_state:
+            state_problem = f"its state file {os.path.join(self.directory, STATE_FILE)} is missing"
+        numbers = sorted(files, reverse=True)
+        listing = ", ".join(f"ckpt-{n}" for n in numbers) or "no checkpoint files"
+        if not resume:
+            why = f"; {state_problem}" if state_problem else ""
+            raise UsageError(f"--save_path already holds checkpoints ({self.directory}: {listing}{why}); pass "
+                             "--resume to continue that run, or choose another --save_path for a new run")
+        if describe_mismatch is not None:
+            problem = describe_mismatch()
+            if problem:
+                raise UsageError(f"the checkpoints in {self.directory} are from another config ({problem}); "
+                                 "resume with that config or choose another --save_path")
+        if named and not any(named == f"ckpt-{n}" for n in numbers):
+            state_problem = f"its state file names {named}, which is not there"
+        failures: Dict[int, str] = {}
+        for number in numbers:
+            why = incomplete_reason(files[number])
+            if why is None:
+                why = self._restore(os.path.join(self.directory, f"ckpt-{number}"))
+            if why is None:
+                return self._restored(number, named, state_problem, failures)
+            failures[number] = why
+        raise UsageError(f"no checkpoint in {self.directory} restores: {describe(failures) or listing}"
+                         + (f"; {state_problem}" if state_problem else "") + "; every file was left as it was: "
+                         "restore a backup into it, or start a new run with another --save_path")
+
+    def _restore(self, prefix: str) -> Optional[str]:
+        """Restores `prefix`; returns None, or why it cannot be read. Shapes that do not fit the model
+        raise UsageError: an older checkpoint of the same run would not fit either."""
+        import tensorflow as tf
+        try:
+            self.checkpoint.restore(prefix).assert_existing_objects_matched()
+            return None
+        except (ValueError, AssertionError, tf.errors.InvalidArgumentError) as e:
+            first = str(e).strip().splitlines()[0]
+            # The half-restored checkpoint object warns about unrestored values when it
+            # is collected; the one-line error below says all the user needs.
+            tf.get_logger().setLevel("ERROR")
+            raise UsageError(f"checkpoint {prefix} does not fit this model ({first}); resume with the config that "
+                             "wrote it or choose another --save_path") from None
+        except (tf.errors.OpError, IndexError, OSError) as e:
+            lines = str(e).strip().splitlines()
+            return f"{type(e).__name__}: {lines[0][:160] if lines else 'unreadable'}"
+
+    def _restored(self, number: int, named: Optional[str], state_problem: Optional[str],
+                  failures: Dict[int, str]) -> bool:
+        """After ckpt-`number` restored: says what was skipped, rewrites the state file where it was wrong
+        (naming the restored checkpoint alone: the manager's rotation then deletes none of the files it
+        found on disk, only the ones this run saves), and opens the manager on it."""
+        if failures:
+            self.notes.append(f"skipped {describe(failures)}: restored the next older one, ckpt-{number}")
+        if state_problem or failures or named != f"ckpt-{number}":
+            text = f'model_checkpoint_path: "ckpt-{number}"\nall_model_checkpoint_paths: "ckpt-{number}"\n'
+            write_text(os.path.join(self.directory, STATE_FILE), text)
+            self.notes.append(f"{state_problem or f'its state file named {named}'}: rewrote it from the files on "
+                              f"disk (latest ckpt-{number}; the older ones are kept, never rotated away)")
+        self._open_manager()
+        return True
+
+    def _open_manager(self) -> None:
+        import tensorflow as tf
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=self.max_to_keep)
+
+    def save(self, step: int) -> str:
+        """Saves ckpt-`step`. A save that fails (a full disk, a read-only file system) removes the files it
+        had begun and raises SaveFailed; every earlier checkpoint and the state file stay as they were."""
+        import tensorflow as tf
+        before = set(os.listdir(self.directory)) if os.path.isdir(self.directory) else set()
+        try:
+            return self.manager.save(checkpoint_number=step)
+        except (tf.errors.OpError, OSError) as e:
+            reason = getattr(e, "strerror", None) or op_error_reason(e)
+            for name in set(os.listdir(self.directory)) - before:
+                path = os.path.join(self.directory, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            latest = self.latest or "none yet"
+            raise SaveFailed(f"could not save checkpoint ckpt-{step} in {self.directory} ({reason}); its partial "
+                             f"files were removed and the earlier checkpoints are intact (latest: {latest}): free "
+                             "space there, then continue with --resume") from None
+
+
+def op_error_reason(error) -> str:
+    """What a TensorFlow error says, without the op's name: its last clause ("No space left on device")."""
+    lines = str(error).strip().splitlines()
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", lines[0] if lines else type(error).__name__)
+    return re.sub(r"\s*\[Op:\w+\]$", "", text).rsplit("; ", 1)[-1][:160]
+
+
+def describe(failures: Dict[int, str]) -> str:
+    return "; ".join(f"ckpt-{n} ({why})" for n, why in failures.items())
+
+
+def read_config(save_path: str) -> Optional[Dict]:
+    """The saved run's config.json, None if there is none; one line for a file that cannot be read."""
+    path = os.path.join(save_path, "config.json")
+    if not os.path.lexists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except OSError as e:
+        raise UsageError(f"cannot read {path} ({e.strerror}); make it readable, or delete it to resume "
+                         "without comparing configs (the checkpoint's shapes are still checked)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path} is not JSON ({e}); restore it, or delete it to resume without comparing "
+                         "configs (the checkpoint's shapes are still checked)") from None
+    if not isinstance(saved, dict):
+        raise UsageError(f"{path} holds a {type(saved).__name__}, not a JSON object; restore it, or delete it")
+    return saved
+
+
+def config_mismatch(save_path: str, current: Dict, keys) -> Optional[str]:
+    """Names the `keys` (fields that fix variable shapes or the meaning of a saved position) whose
+    value in the saved run's config.json differs from `current`, if any."""
+    saved = read_config(save_path) or {}
+
+    def shown(value, other):  # quoted where the types differ: "16" there is not 16 here
+        return repr(value) if type(value) is not type(other) else str(value)
+
+    diffs = [f"{k}={shown(saved[k], current[k])} there, {shown(current[k], saved[k])} here"
+             for k in keys if k in saved and saved[k] != current[k]]
+    return "; ".join(diffs) or None
+
+
+def write_json(path: str, obj) -> None:
+    """JSON written as write_text writes."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes atomically, so a reader never sees half a file and a failed write (a full disk) leaves
+    the old file as it was; raises SaveFailed then."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise SaveFailed(f"could not write {path} ({e.strerror}); free space or make it writable (the earlier "
+                         "files are intact)") from None

@@ -1,0 +1,339 @@
+"""What a hostile user and a hostile machine do, through the real command line: each case ends in its
+documented exit code and one line, and every file saved before is byte-identical afterwards."""
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import (ROOT, assert_one_line, assert_one_line_error, idx_bytes, run_module, run_ptb, write_corpus,
+                      write_images)
+
+TINY = ["--config", "test", "--hidden_size", "8", "--batch_size", "4", "--num_steps", "5"]
+
+
+def snapshot(directory):
+    """{relative path: sha256} of every file under `directory` but the lock (its holder's name changes)."""
+    found = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            if name != ".lock":
+                with open(path, "rb") as f:
+                    found[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run of 6 steps with checkpoints at steps 2, 4 and 6, and its data; each test takes a copy."""
+    base = tmp_path_factory.mktemp("trained")
+    corpus = write_corpus(base / "data")
+    run_ptb(*TINY, "--data_path", corpus, "--save_path", base / "run", "--max_steps", "6", "--checkpoint_every", "2",
+            check=0)
+    return base
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    """(a copy of the trained run, the corpus)."""
+    shutil.copytree(trained / "run", tmp_path / "run")
+    return tmp_path / "run", str(trained / "data")
+
+
+def ckpt(save, name):
+    return save / "checkpoints" / name
+
+
+# --- flags: finite and in range, before anything runs -------------------------------------------------
+@pytest.mark.parametrize("args, fragments", [
+    (["--learning_rate", "inf"], ["--learning_rate must be a finite number", "got inf"]),
+    (["--max_grad_norm", "nan"], ["--max_grad_norm must be a finite number", "got nan"]),
+    (["--init_scale", "1e39"], ["--init_scale must be a finite number within float32's range", "1e+39"]),
+    (["--mem_interval", "inf"], ["argument --mem_interval: must be a finite number, got 'inf'"]),
+    (["--mem_interval", "nan"], ["argument --mem_interval: must be a finite number, got 'nan'"]),
+    (["--mem_stop", "nan"], ["argument --mem_stop: must be a finite number"]),
+    (["--mem_warn", "0.99", "--mem_stop", "0.9"], ["--mem_warn 0.99 is above --mem_stop 0.9"]),
+    (["--max_steps", "1.5"], ["argument --max_steps: takes an integer, got '1.5'"]),
+    (["--checkpoint_every", "0"], ["argument --checkpoint_every: must be positive, got '0'"]),
+    (["--seed", "-1"], ["argument --seed: must be >= 0"]),
+    (["--seed", str(2 ** 40)], ["argument --seed: must be <= 2147483647"]),
+])
+def test_flags_refused_before_anything_runs(args, fragments, tmp_path):
+    proc = run_ptb(*TINY, "--data_path", tmp_path / "data", "--save_path", tmp_path / "s", *args)
+    assert_one_line_error(proc, "distrnn.ptb", *fragments)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--watch", "nan"], "argument --watch: must be a finite number, got 'nan'"),
+    (["--watch", "inf"], "argument --watch: must be a finite number, got 'inf'"),
+    (["--watch", "-1"], "argument --watch: must be >= 0"),
+    (["--count", "-2"], "argument --count: must be >= 0"),
+    (["--plan", "--gpu_memory_gib", "-4"], "argument --gpu_memory_gib: must be positive, got '-4'"),
+    (["--plan", "--gpu_memory_gib", "nan"], "argument --gpu_memory_gib: must be a finite number"),
+    (["--plan", "--vocab_size", "0"], "argument --vocab_size: must be positive"),
+])
+def test_devices_flags_refused(args, fragment):
+    assert_one_line_error(run_module("distrnn.devices", "--no-tensorflow", *args), "distrnn.devices", fragment)
+
+
+def test_slurm_junk_is_one_line():
+    assert_one_line_error(run_module("distrnn.slurm", "bogus"), "python -m distrnn.slurm", "invalid choice: 'bogus'")
+    env = {"SLURM_JOB_NODELIST": "x[1-999999999999]", "SLURM_TASKS_PER_NODE": "1", "SLURM_NTASKS": "1"}
+    proc = run_module("distrnn.slurm", "hosts", env=env, timeout=60)
+    assert_one_line_error(proc, "python -m distrnn.slurm", "it names 999,999,999,999 nodes, more than the 100,000")
+    env = {"SLURM_JOB_NODELIST": "x1", "SLURM_TASKS_PER_NODE": "1(x999999999999)", "SLURM_NTASKS": "1"}
+    assert_one_line_error(run_module("distrnn.slurm", "hosts", env=env, timeout=60), "python -m distrnn.slurm",
+                          "task counts")
+
+
+# --- inputs that are not what they should be -----------------------------------------------------------
+@pytest.mark.parametrize("content, fragment", [
+    (b"the cat \xff\xfe sat\n", "is not UTF-8 text (byte 0xff at offset 8)"),
+    ("the cat sat\n".encode("utf-16"), "is not UTF-8 text (byte 0xff at offset 0)"),
+    ("caf\xe9 au lait\n".encode("latin-1"), "is not UTF-8 text (byte 0xe9 at offset 3)"),
+])
+def test_data_that_is_not_text(content, fragment, tmp_path):
+    corpus = write_corpus(tmp_path / "data")
+    with open(os.path.join(corpus, "ptb.valid.txt"), "wb") as f:
+        f.write(content)
+    assert_one_line_error(run_ptb(*TINY, "--data_path", corpus, "--save_path", tmp_path / "s"), "distrnn.ptb",
+                          "ptb.valid.txt", fragment)
+    assert not (tmp_path / "s").exists()  # a save path this run created and wrote nothing to is removed
+
+
+def test_data_file_that_is_a_directory(tmp_path):
+    corpus = write_corpus(tmp_path / "data")
+    os.remove(os.path.join(corpus, "ptb.test.txt"))
+    os.mkdir(os.path.join(corpus, "ptb.test.txt"))
+    assert_one_line_error(run_ptb(*TINY, "--data_path", corpus, "--save_path", tmp_path / "s"), "distrnn.ptb",
+                          "missing data file", "ptb.test.txt")
+
+
+def test_mirror_urls_that_are_not_archives_or_urls(tmp_path):
+    home = {"HOME": str(tmp_path / "home")}  # an empty download cache
+    proc = run_ptb(*TINY, "--save_path", tmp_path / "s", env=dict(home, DISTRNN_PTB_URL="not-a-url"))
+    assert_one_line_error(proc, "distrnn.ptb", "DISTRNN_PTB_URL='not-a-url' is not a URL", "file://")
+    (tmp_path / "junk.tgz").write_bytes(b"this is not an archive\n")
+    proc = run_ptb(*TINY, "--save_path", tmp_path / "s", env=dict(home, DISTRNN_PTB_URL=f"file://{tmp_path}/junk.tgz"))
+    assert_one_line_error(proc, "distrnn.ptb", "junk.tgz is not a tar archive", "DISTRNN_PTB_URL")
+    proc = run_module("distrnn.mnist", "--config", "test", "--save_path", tmp_path / "m",
+                      env=dict(home, DISTRNN_MNIST_URL="ftp//x"))
+    assert_one_line_error(proc, "distrnn.mnist", "DISTRNN_MNIST_URL='ftp//x' is not a URL")
+
+
+def test_idx_header_whose_sizes_overflow(tmp_path):
+    """2**32-1 x 2**32-1 x 2**32-1 images: np.prod wraps around at 2**63; the size check must not."""
+    data = write_images(tmp_path / "images")
+    header = bytes([0, 0, 8, 3]) + (2 ** 32 - 1).to_bytes(4, "big") * 3
+    with gzip.open(os.path.join(data, "t10k-images-idx3-ubyte.gz"), "wb") as f:
+        f.write(header + idx_bytes(np.zeros((1, 2, 2)))[16:])
+    proc = run_module("distrnn.mnist", "--config", "test", "--data_path", data, "--save_path", tmp_path / "m")
+    assert_one_line_error(proc, "distrnn.mnist", "t10k-images-idx3-ubyte.gz is not an IDX file of images",
+                          "truncated")
+
+
+# --- saved runs: found from what is on disk, never lost ------------------------------------------------
+def test_missing_state_file_is_a_run_that_exists(run):
+    """The issue's reproduction: state file deleted, then a fresh run with another size into the same
+    save path. Refused, every file as it was; --resume restores the newest checkpoint and rewrites the
+    state file."""
+    save, corpus = run
+    os.remove(ckpt(save, "checkpoint"))
+    before = snapshot(save)
+    for extra, fragments in (([], ["already holds checkpoints", "ckpt-6, ckpt-4, ckpt-2; its state file", "is missing",
+                                   "pass --resume"]),
+                             (["--resume"], ["are from another config (hidden_size=8 there, 9 here)"])):
+        proc = run_ptb(*TINY, "--hidden_size", "9", "--data_path", corpus, "--save_path", save, *extra)
+        assert_one_line_error(proc, "distrnn.ptb", *fragments)
+        assert snapshot(save) == before
+    proc = run_ptb(*TINY, "--data_path", corpus, "--save_path", save, "--resume", "--max_steps", "8", check=0)
+    assert "is missing: rewrote it from the files on disk (latest ckpt-6" in proc.stdout
+    assert "resumed from" in proc.stdout and "ckpt-6 at epoch 1, step 6" in proc.stdout
+    after = snapshot(save)
+    assert all(after[k] == v for k, v in before.items() if k.startswith("checkpoints/ckpt-"))  # none rotated away
+    assert 'model_checkpoint_path: "ckpt-8"' in ckpt(save, "checkpoint").read_text()
+
+
+@pytest.mark.parametrize("damage", ["missing quote", "binary"])
+def test_unreadable_state_file_refused_for_a_fresh_run(run, damage):
+    save, corpus = run
+    state = ckpt(save, "checkpoint")
+    if damage == "binary":
+        state.write_bytes(b"\xff\xfe\x00\x01 garbage")
+    else:
+        state.write_text(state.read_text().replace('"ckpt-6"', '"ckpt-6', 1))
+    before = snapshot(save)
+    assert_one_line_error(run_ptb(*TINY, "--data_path", corpus, "--save_path", save), "distrnn.ptb",
+                          "already holds checkpoints", "is unreadable", "--resume")
+    assert snapshot(save) == before
+
+
+@pytest.mark.parametrize("damage, skipped", [
+    ("truncated data", "ckpt-6 (IndexError"),
+    ("missing index", "ckpt-6 (no .index file)"),
+    ("state names a checkpoint that is not there", None),
+])
+def test_resume_past_a_corrupt_checkpoint(run, damage, skipped):
+    save, corpus = run
+    data = ckpt(save, "ckpt-6.data-00000-of-00001")
+    if damage == "truncated data":
+        data.write_bytes(data.read_bytes()[:3000])
+    elif damage == "missing index":
+        os.remove(ckpt(save, "ckpt-6.index"))
+    else:
+        state = ckpt(save, "checkpoint")
+        state.write_text(state.read_text().replace('"ckpt-6"', '"ckpt-9"', 1))
+    proc = run_ptb(*TINY, "--data_path", corpus, "--save_path", save, "--resume", "--max_steps", "8", check=0)
+    if skipped:
+        assert f"skipped {skipped}" in proc.stdout and "restored the next older one, ckpt-4" in proc.stdout
+        assert "ckpt-4 at epoch 1, step 4" in proc.stdout
+    else:
+        assert "names ckpt-9, which is not there" in proc.stdout and "ckpt-6 at epoch 1, step 6" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_resume_when_no_checkpoint_restores(run):
+    save, corpus = run
+    for name in os.listdir(save / "checkpoints"):
+        if ".data-" in name:
+            path = ckpt(save, name)
+            path.write_bytes(path.read_bytes()[:100])
+    before = snapshot(save)
+    proc = run_ptb(*TINY, "--data_path", corpus, "--save_path", save, "--resume")
+    assert_one_line_error(proc, "distrnn.ptb", "no checkpoint in", "restores: ckpt-6 (IndexError",
+                          "ckpt-2 (IndexError", "every file was left as it was")
+    assert snapshot(save) == before
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('{"hidden_size": 8', "config.json is not JSON"),
+    (b"\xff\xfe{}", "config.json is not JSON"),
+    ("[1, 2]", "config.json holds a list, not a JSON object"),
+    (None, "hidden_size='8' there, 8 here"),
+])
+def test_saved_config_that_cannot_be_read(run, content, fragment):
+    save, corpus = run
+    path = save / "config.json"
+    if content is None:
+        path.write_text(path.read_text().replace('"hidden_size": 8', '"hidden_size": "8"'))
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    before = snapshot(save)
+    assert_one_line_error(run_ptb(*TINY, "--data_path", corpus, "--save_path", save, "--resume"), "distrnn.ptb",
+                          fragment)
+    assert snapshot(save) == before
+
+
+def test_metrics_json_paths(run, tmp_path):
+    save, corpus = run
+    before = snapshot(save)
+    proc = run_ptb(*TINY, "--data_path", corpus, "--save_path", save, "--resume", "--metrics_json", save)
+    assert_one_line_error(proc, "distrnn.ptb", "is a directory; name a file in it")
+    assert snapshot(save) == before
+    assert "step " not in proc.stdout  # refused at start-up, not after training
+    fresh = tmp_path / "fresh"  # inside the save path the run is about to create
+    run_ptb(*TINY, "--data_path", corpus, "--save_path", fresh, "--max_steps", "2", "--metrics_json",
+            fresh / "m.json", check=0)
+    assert json.loads((fresh / "m.json").read_text())["steps"] == 2
+
+
+# --- one run at a time ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_save_path_belongs_to_one_run(run, background_process):
+    """Two real processes on one save path: the second stops at once naming the first; after a kill -9
+    of the first (no clean-up), the lock is gone with it and a run proceeds."""
+    save, corpus = run
+    first = background_process(*TINY, "--data_path", corpus, "--save_path", save, "--resume", "--max_max_epoch",
+                               "1000000")
+    for line in first.stdout:  # the lock is taken before the log says where the run stands
+        if line.startswith("resumed from"):
+            break
+    for extra in ([], ["--resume"]):
+        proc = run_ptb(*TINY, "--data_path", corpus, "--save_path", save, *extra)
+        assert_one_line_error(proc, "distrnn.ptb", f"--save_path {save} is in use by another run (process "
+                              f"{first.pid} on", "wait for it to end, or choose another --save_path")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    proc = run_ptb(*TINY, "--data_path", corpus, "--save_path", save, "--resume", "--max_steps", "1", check=0)
+    assert "resumed from" in proc.stdout
+
+
+# --- the training itself goes wrong ------------------------------------------------------------------
+def test_diverged_run_stops_without_saving_broken_weights(tmp_path):
+    corpus = write_corpus(tmp_path / "data")
+    save = tmp_path / "run"
+    proc = run_ptb(*TINY, "--data_path", corpus, "--save_path", save, "--learning_rate", "1e30",
+                   "--checkpoint_every", "1")
+    assert_one_line(proc, "distrnn.ptb", 65, "step 2: the perplexity is inf, so training diverged",
+                    f"the last good checkpoint is {save}/checkpoints/ckpt-1", "lower --learning_rate (now 1e+30)",
+                    "continue with --resume")
+    assert sorted(n for n in os.listdir(save / "checkpoints") if n.endswith(".index")) == ["ckpt-1.index"]
+    proc = run_ptb(*TINY, "--data_path", corpus, "--save_path", tmp_path / "r2", "--init_scale", "1e30")
+    assert_one_line(proc, "distrnn.ptb", 65, "step 1:", "nothing was saved before it", "start again")
+
+
+def test_full_disk_while_saving(tmp_path):
+    """A 1 MiB tmpfs: a run saves one checkpoint, the disk is filled, the resumed run's next save fails:
+    one line, exit 74, no partial files, every earlier file as it was."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        corpus = write_corpus(tmp_path / "data")
+        save, args = mount / "run", [*TINY[:-6], "--hidden_size", "40", "--data_path", corpus]
+        run_ptb(*args, "--save_path", save, "--max_steps", "3", check=0)
+        free = shutil.disk_usage(mount).free
+        with open(mount / "filler", "wb") as f:
+            f.write(b"\0" * (free - 20 * 1024))  # 20 KiB left, the checkpoint takes 75
+        before = snapshot(save)
+        proc = run_ptb(*args, "--save_path", save, "--resume", "--max_steps", "6")
+        assert_one_line(proc, "distrnn.ptb", 74, "could not save checkpoint ckpt-6", "(No space left on device)",
+                        "partial files were removed", "latest: ", "ckpt-3")
+        after = snapshot(save)
+        assert {k: v for k, v in after.items() if not k.startswith("tensorboard/")} == \
+               {k: v for k, v in before.items() if not k.startswith("tensorboard/")}
+        assert not any("_temp" in n or n.endswith(".tmp") for n in os.listdir(save / "checkpoints"))
+    finally:
+        subprocess.run(["umount", str(mount)])
+
+
+# --- signals outside the training loop ----------------------------------------------------------------
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_during_start_up(sig, code, tmp_path):
+    """Held in start-up by a download from a FIFO nobody writes to; the signal then ends it in one line."""
+    fifo = tmp_path / "archive.tgz"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distrnn.ptb", *TINY, "--save_path", str(tmp_path / "s")], cwd=ROOT,
+        env=dict(os.environ, HOME=str(tmp_path / "home"), DISTRNN_PTB_URL=f"file://{fifo}", TF_CPP_MIN_LOG_LEVEL="2"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = None
+    try:
+        while writer is None:  # opening the write end without blocking succeeds once the run has the read end
+            try:
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.1)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if writer is not None:
+            os.close(writer)
+        if proc.poll() is None:
+            proc.kill()
+    proc.stdout, proc.stderr = out, err
+    assert_one_line(proc, "distrnn.ptb", code, f"interrupted by {signal.Signals(sig).name} before the first "
+                    "checkpoint: nothing was saved", label="stopped")
