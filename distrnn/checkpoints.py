@@ -250,17 +250,20 @@ class Checkpoints:
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=self.max_to_keep)
 
     def save(self, step: int) -> str:
-        """Saves ckpt-`step`. A save that fails (a full disk, a read-only file system) removes the files it
-        had begun and raises SaveFailed; every earlier checkpoint and the state file stay as they were."""
+        """Saves ckpt-`step`. A save that fails (a full disk, a read-only file system) or is interrupted (a
+        second signal) removes the files it had begun; a failure raises SaveFailed. Every earlier checkpoint
+        and the state file stay as they were."""
         import tensorflow as tf
         before = set(os.listdir(self.directory)) if os.path.isdir(self.directory) else set()
         try:
             return self.manager.save(checkpoint_number=step)
-        except (tf.errors.OpError, OSError) as e:
-            reason = getattr(e, "strerror", None) or op_error_reason(e)
+        except BaseException as e:
             for name in set(os.listdir(self.directory)) - before:
                 path = os.path.join(self.directory, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            if not isinstance(e, (tf.errors.OpError, OSError)):
+                raise
+            reason = getattr(e, "strerror", None) or op_error_reason(e)
             latest = self.latest or "none yet"
             raise SaveFailed(f"could not save checkpoint ckpt-{step} in {self.directory} ({reason}); its partial "
                              f"files were removed and the earlier checkpoints are intact (latest: {latest}): free "

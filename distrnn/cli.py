@@ -6,14 +6,13 @@ Every entry point parses flags, then calls a library function inside
 import argparse
 import dataclasses
 import difflib
-import math
 import os
 import shlex
 import sys
 from typing import Callable, Dict, List
 
 from distrnn import cpu
-from distrnn.config import field_types, override
+from distrnn.config import field_types, override, read_number
 from distrnn.errors import DistrnnError, UsageError
 
 
@@ -80,26 +79,16 @@ def number(kind=float, minimum=None, positive: bool = False, maximum=None):
     everything, so a later `value <= 0` check would let it through)."""
     def parse(text: str):
         try:
-            value = int(text, 10) if kind is int else float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"takes {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-        if positive and value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-        if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text!r}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {text!r}")
-        return value
+            return read_number(text, kind, minimum, positive, maximum)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
     return parse
 
 
 COUNT = number(int, minimum=0)             # 0 meaning none, or not set
 POSITIVE_INT = number(int, positive=True)
 FRACTION = number(float, positive=True, maximum=1)  # of memory in use: (0, 1]
-SECONDS = number(float, positive=True)
+SAMPLE_SECONDS = number(float, minimum=0.1)  # a shorter interval would keep a core busy sampling
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls, help_by_field: Dict[str, str] = None) -> List[str]:
@@ -152,8 +141,9 @@ def add_job_flags(parser: argparse.ArgumentParser, job: str, presets, default_co
     devices = parser.add_argument_group("devices (model parallelism)")
     devices.add_argument("--devices", help="comma-separated devices for the model's parts, e.g. /gpu:0,/gpu:1")
     devices.add_argument("--num_gpus", type=COUNT, default=0, help="use /gpu:0 ... /gpu:N-1")
-    devices.add_argument("--virtual_devices", type=COUNT, default=0,
-                         help="split the CPU into N logical devices and place the model on them")
+    # More logical devices than model parts only cost start-up time (100,000 took 100 s to create).
+    devices.add_argument("--virtual_devices", type=number(int, minimum=0, maximum=64), default=0,
+                         help="split the CPU into N logical devices (at most 64) and place the model on them")
     devices.add_argument("--strategy", default="round_robin", choices=placement.STRATEGIES,
                          help="how parts are mapped to devices (default round_robin)")
     devices.add_argument("--placement", default="sequential", choices=placement.PLACEMENTS,
@@ -174,7 +164,7 @@ def add_job_flags(parser: argparse.ArgumentParser, job: str, presets, default_co
                      help="warn once when a GPU's or the host's memory in use reaches this fraction (default 0.90)")
     mem.add_argument("--mem_stop", type=FRACTION, default=0.97,
                      help="save a checkpoint and exit with code 76 when it reaches this fraction (default 0.97)")
-    mem.add_argument("--mem_interval", type=SECONDS, default=5.0,
+    mem.add_argument("--mem_interval", type=SAMPLE_SECONDS, default=5.0,
                      help="seconds between memory samples (default 5)")
     mem.add_argument("--recompute", type=COUNT, default=0, metavar="K",
                      help="backprop through time keeps every K-th LSTM state and recomputes the rest (K near "

@@ -32,6 +32,36 @@ def parse_value(name: str, kind: type, text: str) -> Any:
         raise UsageError(f"--{name} takes {kind.__name__}, got {text!r}") from None
 
 
+def read_number(text: str, kind=float, minimum=None, positive: bool = False, maximum=None):
+    """`text` as a finite int or float in range; ValueError with the reason otherwise (nan compares
+    false with everything, so a later `value <= 0` check would let it through)."""
+    try:
+        value = int(text, 10) if kind is int else float(text)
+    except ValueError:
+        raise ValueError(f"takes {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {text!r}")
+    if positive and value <= 0:
+        raise ValueError(f"must be positive, got {text!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"must be >= {minimum}, got {text!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"must be <= {maximum}, got {text!r}")
+    return value
+
+
+def env_number(env: Mapping[str, str], name: str, default, kind=int, **limits):
+    """The number in environment variable `name` (read_number's checks), or `default` where it is unset or
+    empty; UsageError naming the variable for junk, instead of a ValueError deep in start-up."""
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return read_number(text, kind, **limits)
+    except ValueError as e:
+        raise UsageError(f"environment variable {name}={text!r}: {str(e).split(', got')[0]}; fix or unset it") from None
+
+
 def field_types(cls) -> Dict[str, type]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}

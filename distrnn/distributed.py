@@ -22,6 +22,7 @@ from typing import Any, Optional
 import numpy as np
 
 from distrnn import slurm
+from distrnn.config import env_number
 from distrnn.errors import RankLost, UsageError
 
 # How the learning rate may follow a global batch larger than the config's batch_size.
@@ -99,11 +100,13 @@ def rendezvous_address(task: slurm.SrunTask, env=os.environ) -> str:
 
 
 def rendezvous_port(env=os.environ) -> int:
-    if env.get("DISTRNN_RENDEZVOUS_PORT"):
-        return int(env["DISTRNN_RENDEZVOUS_PORT"])
-    if env.get("SLURM_STEP_RESV_PORTS"):
-        return int(re.split(r"[-,]", env["SLURM_STEP_RESV_PORTS"])[0])
-    job, step = int(env.get("SLURM_JOB_ID", 0)), int(env.get("SLURM_STEP_ID", 0))
+    port = env_number(env, "DISTRNN_RENDEZVOUS_PORT", None, minimum=1, maximum=65535)
+    if port:
+        return port
+    if env.get("SLURM_STEP_RESV_PORTS"):  # 12000-12001 or 12000,12005
+        return env_number({"SLURM_STEP_RESV_PORTS": re.split(r"[-,]", env["SLURM_STEP_RESV_PORTS"])[0]},
+                          "SLURM_STEP_RESV_PORTS", None, minimum=1, maximum=65535)
+    job, step = env_number(env, "SLURM_JOB_ID", 0, minimum=0), env_number(env, "SLURM_STEP_ID", 0, minimum=0)
     # 101 is prime to the range's 10,000 ports: the first steps of two jobs share a port only when
     # their ids differ by a multiple of 10,000.
     return RENDEZVOUS_PORTS[(job * 101 + step) % len(RENDEZVOUS_PORTS)]
@@ -376,13 +379,14 @@ def init(gpus_per_rank: int = 0) -> World:
         if not hvd.gloo_built():
             raise UsageError("started by srun, but this Horovod was built without Gloo: start with srun "
                              "--mpi=pmix (Horovod built with MPI), or rebuild it with bash launch/setup.sh")
-        port = int(srun_env["HOROVOD_GLOO_RENDEZVOUS_PORT"])
+        port = env_number(srun_env, "HOROVOD_GLOO_RENDEZVOUS_PORT", None, minimum=1, maximum=65535)
         if task.rank == 0:
             serve_rendezvous(task, port)
         else:
             # As long as Horovod itself waits for the other ranks at the rendezvous.
             wait_for_rendezvous(srun_env["HOROVOD_GLOO_RENDEZVOUS_ADDR"], port,
-                                float(os.environ.get("HOROVOD_GLOO_TIMEOUT_SECONDS", 30)), task.rank)
+                                env_number(os.environ, "HOROVOD_GLOO_TIMEOUT_SECONDS", 30.0, float, positive=True),
+                                task.rank)
     elif not by_horovodrun and not hvd.mpi_built():
         # Horovod would start as a job of one, and every process would train alone.
         raise UsageError("started by an MPI launcher, but this Horovod was built without MPI: start with "
@@ -394,7 +398,7 @@ def init(gpus_per_rank: int = 0) -> World:
     _pin_gpus(world)
     # N processes on one host share its cores instead of each starting a pool as large as the host;
     # an srun task has the cores Slurm gave it (--cpus-per-task).
-    threads = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) if task else 0
+    threads = env_number(os.environ, "SLURM_CPUS_PER_TASK", 0, minimum=0) if task else 0
     threads = threads or max(1, (os.cpu_count() or 1) // hvd.local_size())
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))

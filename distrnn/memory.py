@@ -156,7 +156,7 @@ class MemoryMonitor:
 
 
 ADVICE = ("To need less: --recompute K keeps one LSTM state in K and recomputes the rest in the backward pass "
-          "(K near sqrt(num_steps); measured: 4.3x lower peak at 1.02-1.15x the time over 2000 steps), --swap_memory "
+          "(K near sqrt(num_steps); measured: 4.35x lower peak at 1.25x the time over 2,000 steps), --swap_memory "
           "keeps the activations in host memory (the GPU holds two segments of them), a lower --batch_size or "
           "--num_steps shrinks activation memory in proportion, more devices (--num_gpus N, --devices) split the "
           "layers between them, and more ranks with --global_batch_size split the batch.")
@@ -168,7 +168,7 @@ def oom_reason(error) -> str:
     found = re.search(r"OOM when allocating[^\n]*", error.message or "")
     if not found:
         return "ResourceExhaustedError"
-    return re.sub(r"/job:[^/]*/replica:\d+/task:\d+/", "", found.group(0)).strip()
+    return re.sub(r"/job:[^/]*/replica:\d+/task:\d+/|\s*name:\s*$", "", found.group(0)).strip()
 
 
 def _load_nvml():

@@ -21,6 +21,7 @@ import sys
 from typing import Dict, List, Mapping, Optional
 
 from distrnn import cli
+from distrnn.config import env_number
 from distrnn.errors import UsageError
 
 
@@ -147,7 +148,7 @@ class SrunTask:
 def srun_task(env: Mapping[str, str] = os.environ) -> Optional[SrunTask]:
     """This process's place in its srun step, or None outside a step of several tasks (a batch
     script, a one-task step, a plain shell)."""
-    if "SLURM_STEP_ID" not in env or int(env.get("SLURM_STEP_NUM_TASKS", "1")) < 2:
+    if "SLURM_STEP_ID" not in env or env_number(env, "SLURM_STEP_NUM_TASKS", 1, minimum=0) < 2:
         return None
     slots = node_slots(env)
     node_id, local_rank = int(_need(env, "SLURM_NODEID")), int(_need(env, "SLURM_LOCALID"))

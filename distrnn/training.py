@@ -85,6 +85,11 @@ def run_job(job: str, config, options: JobOptions, body, world=None):
             distributed.on_chief(world, lambda: locks.append(checkpoints.SavePathLock(save_path)))
             distributed.on_chief(world, lambda: check_metrics_path(options.metrics_json))
             return body(config, world, save_path, devices)
+        except tf.errors.ResourceExhaustedError as error:  # a training step's own is handled in the loop
+            raise OutOfMemory(f"ran out of memory outside a training step ({memory.oom_reason(error)}): where the "
+                              "model's weights do not fit, lower --hidden_size or --num_layers, or spread the layers "
+                              "over more devices (--num_gpus N); python -m distrnn.devices --plan estimates what "
+                              "each device needs") from None
         finally:
             for lock in locks:
                 lock.release()

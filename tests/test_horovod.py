@@ -129,6 +129,14 @@ def test_bad_splits_and_mismatched_ranks_fail_fast(corpus, tmp_path):
     assert proc.returncode != 0
     assert "1 of 2 ranks started with a config or flags different from rank 0's" in proc.stderr
     assert "done:" not in proc.stdout
+    # A run that diverges stops on every rank at the same step, with nothing of that step saved.
+    proc = horovodrun(2, *base, "--learning_rate", "1e30", "--checkpoint_every", "1", "--save_path", tmp_path / "c",
+                      check=False, timeout=120)
+    # horovodrun ends the other rank when the first exits, so one line or two; each names step 2.
+    diverged = [line for line in proc.stderr.splitlines() if "so training diverged" in line]
+    assert proc.returncode != 0 and diverged and "done:" not in proc.stdout, proc.stderr[-3000:]
+    assert all("step 2: the perplexity is inf" in line for line in diverged), diverged
+    assert sorted(n for n in os.listdir(tmp_path / "c" / "checkpoints") if n.endswith(".index")) == ["ckpt-1.index"]
 
 
 @pytest.mark.slow

@@ -65,6 +65,7 @@ def ckpt(save, name):
     (["--checkpoint_every", "0"], ["argument --checkpoint_every: must be positive, got '0'"]),
     (["--seed", "-1"], ["argument --seed: must be >= 0"]),
     (["--seed", str(2 ** 40)], ["argument --seed: must be <= 2147483647"]),
+    (["--virtual_devices", "100000"], ["argument --virtual_devices: must be <= 64"]),
 ])
 def test_flags_refused_before_anything_runs(args, fragments, tmp_path):
     proc = run_ptb(*TINY, "--data_path", tmp_path / "data", "--save_path", tmp_path / "s", *args)
@@ -115,7 +116,7 @@ def test_data_file_that_is_a_directory(tmp_path):
     os.remove(os.path.join(corpus, "ptb.test.txt"))
     os.mkdir(os.path.join(corpus, "ptb.test.txt"))
     assert_one_line_error(run_ptb(*TINY, "--data_path", corpus, "--save_path", tmp_path / "s"), "distrnn.ptb",
-                          "missing data file", "ptb.test.txt")
+                          "ptb.test.txt is a directory, not a file")
 
 
 def test_mirror_urls_that_are_not_archives_or_urls(tmp_path):
@@ -337,3 +338,90 @@ def test_signal_during_start_up(sig, code, tmp_path):
     proc.stdout, proc.stderr = out, err
     assert_one_line(proc, "distrnn.ptb", code, f"interrupted by {signal.Signals(sig).name} before the first "
                     "checkpoint: nothing was saved", label="stopped")
+
+
+def test_signals_outside_the_training_loop_become_one_line(tmp_path):
+    """SignalsInterrupt (what run_job wraps a job in): Ctrl-C in the final evaluation, or SIGTERM / SIGUSR1
+    delivered for real, become Interrupted with 128 + the signal and what the save path holds."""
+    from distrnn import errors, training
+    save = tmp_path / "run"
+    (save / "checkpoints").mkdir(parents=True)
+    for name in ("ckpt-4.index", "ckpt-4.data-00000-of-00001", "ckpt-7_temp"):
+        (save / "checkpoints" / name).touch()
+    with pytest.raises(errors.Interrupted) as caught:
+        with training.SignalsInterrupt(str(save)):
+            raise KeyboardInterrupt
+    assert caught.value.exit_code == 130 and str(caught.value) == (
+        f"interrupted by SIGINT outside a training step; the checkpoints in {save}/checkpoints are intact (newest "
+        f"ckpt-4): continue with --resume --save_path {save}")
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        with pytest.raises(errors.Interrupted) as caught:
+            with training.SignalsInterrupt(str(tmp_path / "empty")):
+                os.kill(os.getpid(), sig)
+                time.sleep(5)  # the handler raises at the next bytecode
+        assert caught.value.exit_code == 128 + sig
+        assert str(caught.value) == f"interrupted by {sig.name} before the first checkpoint: nothing was saved"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+
+
+def test_run_main_is_the_one_boundary(capsys):
+    from distrnn import cli, errors
+
+    def raise_(error):
+        def fn():
+            raise error
+        return fn
+    assert cli.run_main("prog", raise_(errors.SaveFailed("disk full"))) == 74
+    assert cli.run_main("prog", raise_(KeyboardInterrupt())) == 130
+    assert cli.run_main("prog", raise_(errors.Interrupted("by SIGTERM", 143))) == 143
+    assert capsys.readouterr().err.splitlines() == [
+        "prog: error: disk full", "prog: stopped: interrupted (Ctrl-C) before a run began; nothing was saved",
+        "prog: stopped: by SIGTERM"]
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        cli.run_main("prog", lambda: 1 / 0)
+
+
+def test_junk_in_launcher_environment_variables(tmp_path):
+    from distrnn import distributed, errors
+    proc = run_ptb(*TINY, "--data_path", tmp_path, "--save_path", tmp_path / "s",
+                   env={"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "two"})
+    assert_one_line_error(proc, "distrnn.ptb", "environment variable SLURM_STEP_NUM_TASKS='two': takes an integer")
+    for env, fragment in (({"DISTRNN_RENDEZVOUS_PORT": "99999"}, "DISTRNN_RENDEZVOUS_PORT='99999': must be <= 65535"),
+                          ({"SLURM_STEP_RESV_PORTS": "x-y"}, "SLURM_STEP_RESV_PORTS='x': takes an integer"),
+                          ({"SLURM_JOB_ID": "12.5"}, "SLURM_JOB_ID='12.5': takes an integer")):
+        with pytest.raises(errors.UsageError, match=fragment.replace(".", r"\.")):
+            distributed.rendezvous_port(env)
+
+
+def test_weights_that_do_not_fit_in_memory(tmp_path):
+    """32 TB of LSTM kernel: TensorFlow's allocation fails while the model is built, outside any step."""
+    corpus = write_corpus(tmp_path / "data")
+    proc = run_ptb(*TINY, "--hidden_size", "1000000", "--data_path", corpus, "--save_path", tmp_path / "s")
+    assert_one_line(proc, "distrnn.ptb", 76, "ran out of memory outside a training step (OOM when allocating tensor "
+                    "with shape[2000000,4000000]", "lower --hidden_size")
+
+
+def test_check_finite_names_the_figure_and_the_last_checkpoint(tmp_path):
+    from distrnn import errors, training
+
+    class Saved:  # what check_finite reads of a Checkpoints
+        def __init__(self, latest, manager=True):
+            self.latest, self.manager, self.directory = latest, manager, str(tmp_path / "checkpoints")
+    training.check_finite(3, {"loss": 2.5, "gradient norm": 1e30}, Saved(None), "lower it")
+    with pytest.raises(errors.Diverged) as caught:
+        training.check_finite(7, {"loss": float("nan"), "gradient norm": float("inf")}, Saved("x/ckpt-5"), "lower it")
+    assert caught.value.exit_code == 65 and str(caught.value) == (
+        "step 7: the loss is nan and the gradient norm is inf, so training diverged; its weights were not saved; the "
+        "last good checkpoint is x/ckpt-5: lower it, then continue with --resume")
+    with pytest.raises(errors.Diverged, match="the newest checkpoint in .*checkpoints is the last good one"):
+        training.check_finite(7, {"loss": float("inf")}, Saved(None, manager=None), "lower it")  # not the chief
+
+
+def test_write_json_keeps_the_old_file_when_writing_fails(tmp_path):
+    from distrnn import checkpoints, errors
+    path = tmp_path / "config.json"
+    checkpoints.write_json(str(path), {"a": 1})
+    (tmp_path / "config.json.tmp").mkdir()  # the temporary file cannot be created
+    with pytest.raises(errors.SaveFailed, match="could not write .*config.json"):
+        checkpoints.write_json(str(path), {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1}

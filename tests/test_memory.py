@@ -139,7 +139,7 @@ def test_bad_memory_modes(corpus, tmp_path, args, message):
 @pytest.mark.parametrize("args, message", [
     (["--mem_warn", "0.99", "--mem_stop", "0.9"],
      "--mem_warn 0.99 is above --mem_stop 0.9: the warning must come first; lower --mem_warn"),
-    (["--mem_interval", "0"], "argument --mem_interval: must be positive, got '0'"),
+    (["--mem_interval", "0"], "argument --mem_interval: must be >= 0.1, got '0'"),
     (["--mem_stop", "1.5"], "argument --mem_stop: must be <= 1, got '1.5'"),
 ])
 def test_bad_thresholds(corpus, tmp_path, args, message):

@@ -83,6 +83,8 @@ DATA_PATH_HINT = "pass --data_path DIR, where DIR holds " + ", ".join(FILE_NAMES
 
 def read_bytes(path: str) -> Tuple[bytes, bytes]:
     """(the file as stored, its decompressed content)."""
+    if os.path.isdir(path):
+        raise UsageError(f"data file {path} is a directory, not a file; {DATA_PATH_HINT}")
     if not os.path.isfile(path):
         raise UsageError(f"missing data file {path}; {DATA_PATH_HINT}")
     try:

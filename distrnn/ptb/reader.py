@@ -102,6 +102,8 @@ def resolve_data_path(data_path: str = None) -> str:
 
 def read_words(path: str):
     """The words of a file, with `<eos>` at the end of every line."""
+    if os.path.isdir(path):
+        raise UsageError(f"data file {path} is a directory, not a file; {DATA_PATH_HINT}")
     if not os.path.isfile(path):
         raise UsageError(f"missing data file {path}; {DATA_PATH_HINT}")
     try:
