@@ -12,16 +12,15 @@ ranks of B images compute what one process of N x B images does.
 import dataclasses
 import json
 import os
-import platform
 import time
 from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
-from distrnn import cpu, distributed, memory, placement, training
+from distrnn import distributed, loop, memory, placement, training
 from distrnn.adam import Adam
-from distrnn.checkpoints import Checkpoints, write_json
+from distrnn.checkpoints import Checkpoints
 from distrnn.errors import OutOfMemory, UsageError
 from distrnn.mnist import idx, plots
 from distrnn.mnist.model import RowClassifier, part_memory
@@ -219,198 +218,140 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
     ran short) after saving a checkpoint.
     """
     reference_batch = config.batch_size  # what the config's learning rate was chosen for
-    return training.run_job("mnist", config, options, lambda config, world, save_path, devices: _train_and_evaluate(
+    return training.run_job("mnist", config, options, lambda config, world, save_path, devices: _run(
         config, reference_batch, options, world, save_path, devices), world)
 
 
-def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world, save_path: str, devices) -> dict:
-    t_start = time.time()
-    data_path = distributed.chief_first(world, lambda: idx.resolve_data_path(options.data_path, options.dataset))
-    data = idx.load(data_path)
-    train, valid = hold_out(data.train, config.validation_size)
-    pixels = Pixels.of(train.images)
-    image_shape = data.image_shape
-    B = config.batch_size  # on each rank; B * world.size images a step in all
-    global_batch = B * world.size
-    batch_text = f"batch_size {B}" + (f" on each of {world.size} ranks" if world.size > 1 else "")
-    steps_per_epoch = len(train.labels) // global_batch
-    if steps_per_epoch < 1:
-        raise UsageError(f"{len(train.labels)} training images are too few for {batch_text} ({global_batch} a step); "
-                         "lower --batch_size or --validation_size")
-
-    devices, spread_note = layer_devices(config, devices)
-    plan = make_model_plan(config, image_shape, B, devices, options.strategy)
-    trainer = Trainer(config, image_shape, options.seed, on_gpu=bool(tf.config.list_logical_devices("GPU")),
-                      plan=plan, placement=options.placement, world=world, memory=options.memory)
-    checkpoints = Checkpoints(trainer.checkpoint(), save_path)
-    saved_config = dict(dataclasses.asdict(config), global_batch_size=global_batch,
-                        image_shape=list(image_shape), name=options.config_name)
-
+def _run(config, reference_batch: int, options: RunOptions, world, save_path: str, devices) -> dict:
+    started = time.time()
+    job = MNISTJob(config, reference_batch, options, world, devices)
+    checkpoints = Checkpoints(job.trainer.checkpoint(), save_path)
     # Rank 0 alone touches save_path and restores; its outcome (or its error) reaches every rank.
     keys = SHAPE_FIELDS + ("global_batch_size", "image_shape")
-    resumed = distributed.on_chief(world, lambda: checkpoints.open_run(options.resume, saved_config, keys))
-    trainer.share_from_chief()
-
-    max_epochs = options.max_epochs or config.num_epochs
-    total_steps = max_epochs * steps_per_epoch
-    if options.max_steps:
-        total_steps = min(total_steps, options.max_steps)
-    pos = trainer.position()
-    title = data.dataset.title if data.dataset else "IDX files (not a published MNIST or Fashion-MNIST)"
+    resumed = distributed.on_chief(world, lambda: checkpoints.open_run(options.resume, job.saved_config, keys))
+    job.trainer.share_from_chief()
     if world.is_chief:
-        log(f"data {data_path}: {title}, {'x'.join(map(str, image_shape))} images: train {len(train.labels)}, "
-            f"validation {len(valid.labels)} (held out of train), test {len(data.test.labels)}; inputs standardised "
-            f"with the training pixels' mean {pixels.mean:.4f} and standard deviation {pixels.std:.4f}")
-        log(f"config {options.config_name}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()))
-        log(f"rnn_mode {trainer.rnn_mode} ({trainer.rnn_mode_reason}); memory mode {options.memory.describe()}")
-        if spread_note:
-            log(spread_note)
-        if devices:
-            for line in plan.describe():
-                log(line)
-            log(f"placement {options.placement}")
-        log(f"{batch_text}: {global_batch} images a step, {steps_per_epoch} steps an epoch, {max_epochs} epochs, "
-            f"{total_steps} steps in all; save_path {save_path}")
-        for note in checkpoints.notes:
-            log(f"checkpoints: {note}")
-        if options.resume:
-            log(f"resumed from {checkpoints.latest} at epoch {pos.epoch + 1}, step {pos.step_in_epoch}" if resumed
-                else f"--resume: no checkpoint in {save_path}, starting fresh")
+        data, pixels = job.data, job.pixels
+        title = data.dataset.title if data.dataset else "IDX files (not a published MNIST or Fashion-MNIST)"
+        log(f"data {job.data_path}: {title}, {'x'.join(map(str, data.image_shape))} images: train "
+            f"{len(job.train.labels)}, validation {len(job.valid.labels)} (held out of train), test "
+            f"{len(data.test.labels)}; inputs standardised with the training pixels' mean {pixels.mean:.4f} and "
+            f"standard deviation {pixels.std:.4f}")
+        loop.log_start(job, options, checkpoints, resumed, save_path,
+                       notes=[job.spread_note] if job.spread_note else [])
+    return loop.run(job, world, options, checkpoints, save_path, started)
 
-    tensorboard = training.TensorBoard(save_path, world.is_chief)
-    speed = training.Speed()
-    progress_every = max(1, steps_per_epoch // 10)
-    lr_ratio = global_batch / reference_batch
-    interrupted, out_of_memory = None, None
 
-    def save():
-        trainer.record(pos)
-        if world.is_chief:
-            checkpoints.save(pos.global_step)
+class MNISTJob(loop.Job):
+    """The row-by-row classifier as the training loop sees it: batches of images in an order fixed by
+    (seed, epoch), losses and accuracies."""
 
-    def done():
-        return pos.epoch >= max_epochs or (options.max_steps and pos.global_step >= options.max_steps)
+    name, unit, rate_key = "MNIST", "images", "examples_per_sec"
 
-    watch = training.Watch(world, options)
-    with watch:
-        while not done() and not interrupted:
-            order = epoch_order(options.seed, pos.epoch, len(train.labels))
-            lr = None
-            for i in range(pos.step_in_epoch, steps_per_epoch):
-                if lr is None or pos.global_step <= options.lr_warmup_steps:
-                    lr = config.learning_rate * distributed.lr_factor(lr_ratio, options.lr_scaling, pos.global_step,
-                                                                      options.lr_warmup_steps)
-                    trainer.optimizer.learning_rate.assign(lr)
-                batch = world.stripe(order[i * global_batch:(i + 1) * global_batch])  # (B,) image indices
-                t0 = time.perf_counter()
-                try:
-                    loss, accuracy, norm = trainer.train_step(pixels(train.images[batch]),
-                                                        train.labels[batch].astype(np.int32)).numpy()
-                except tf.errors.ResourceExhaustedError as error:
-                    what = f"step {pos.global_step + 1} ran out of memory ({memory.oom_reason(error)})"
-                    if world.size > 1:  # saving is collective, and the other ranks wait in this step's allreduce
-                        raise OutOfMemory(f"rank {world.rank}: {what}; the checkpoints in {save_path} are intact. "
-                                          f"{memory.ADVICE} Then start the job again with --resume") from None
-                    out_of_memory, interrupted = what, OutOfMemory.exit_code
-                    save()  # a failed step changed no weight: Adam's update comes after every gradient
-                    break
-                training.check_finite(pos.global_step + 1, {"loss": float(loss), "gradient norm": float(norm)},
-                                      checkpoints,
-                                      f"lower --learning_rate (now {lr:g})")
-                speed.add(global_batch, time.perf_counter() - t0)
-                pos.epoch_loss += float(loss)
-                pos.epoch_accuracy += float(accuracy)
-                pos.step_in_epoch, pos.global_step = i + 1, pos.global_step + 1
-                watch.warn()
-                if world.is_chief and (pos.step_in_epoch % progress_every == 0 or pos.step_in_epoch == steps_per_epoch):
-                    figures = f"train loss {pos.train_loss:.4f} accuracy {100 * pos.train_accuracy:.2f}%"
-                    log(training.progress_line(pos, max_epochs, steps_per_epoch, total_steps, figures, lr, speed,
-                                               "images", watch.monitor.summary()))
-                    tensorboard.scalars(pos.global_step, loss=pos.train_loss, accuracy=pos.train_accuracy,
-                                        learning_rate=lr, images_per_sec=speed.rate, **watch.monitor.scalars())
-                interrupted = watch.stop_code()
-                if pos.step_in_epoch == steps_per_epoch:
-                    break  # the epoch's checkpoint follows validation
-                if interrupted or done() or pos.global_step % options.checkpoint_every == 0:
-                    save()
-                if interrupted or done():
-                    break
-            if pos.step_in_epoch < steps_per_epoch:
-                break
-            checked = evaluate(trainer, valid, pixels, world)
-            pos.history.append({"epoch": pos.epoch + 1, "train_loss": pos.train_loss,
-                                "train_accuracy": pos.train_accuracy,
-                                "valid_loss": checked.loss if checked else None,
-                                "valid_accuracy": checked.accuracy if checked else None, "learning_rate": lr})
-            if world.is_chief:
-                log(f"epoch {pos.epoch + 1}/{max_epochs} | train loss {pos.train_loss:.4f} accuracy "
-                    f"{100 * pos.train_accuracy:.2f}%" + (f" | valid loss {checked.loss:.4f} accuracy "
-                                                            f"{100 * checked.accuracy:.2f}%" if checked else ""))
-                if checked:
-                    tensorboard.scalars(pos.global_step, valid_loss=checked.loss, valid_accuracy=checked.accuracy)
-            pos.epoch, pos.step_in_epoch, pos.epoch_loss, pos.epoch_accuracy = pos.epoch + 1, 0, 0.0, 0.0
-            save()
-            interrupted = watch.stop_code()
+    def __init__(self, config, reference_batch: int, options: RunOptions, world, devices):
+        self.config, self.options, self.world = config, options, world
+        self.data_path = distributed.chief_first(world, lambda: idx.resolve_data_path(options.data_path,
+                                                                                         options.dataset))
+        self.data = data = idx.load(self.data_path)
+        self.train, self.valid = hold_out(data.train, config.validation_size)
+        self.pixels = Pixels.of(self.train.images)
+        B = config.batch_size  # on each rank; B * world.size images a step in all
+        self.global_batch = self.units_per_step = B * world.size
+        self.batch_text = f"batch_size {B}" + (f" on each of {world.size} ranks" if world.size > 1 else "")
+        self.steps_per_epoch = len(self.train.labels) // self.global_batch
+        if self.steps_per_epoch < 1:
+            raise UsageError(f"{len(self.train.labels)} training images are too few for {self.batch_text} "
+                             f"({self.global_batch} a step); lower --batch_size or --validation_size")
+        self.lr_ratio = self.global_batch / reference_batch
+        self.devices, self.spread_note = layer_devices(config, devices)
+        self.plan = make_model_plan(config, data.image_shape, B, self.devices, options.strategy)
+        self.trainer = Trainer(config, data.image_shape, options.seed,
+                               on_gpu=bool(tf.config.list_logical_devices("GPU")), plan=self.plan,
+                               placement=options.placement, world=world, memory=options.memory)
+        self.saved_config = dict(dataclasses.asdict(config), global_batch_size=self.global_batch,
+                                 image_shape=list(data.image_shape), name=options.config_name)
+        self.max_epochs = options.max_epochs or config.num_epochs
+        self.total_steps = self.max_epochs * self.steps_per_epoch
+        if options.max_steps:
+            self.total_steps = min(self.total_steps, options.max_steps)
+        self.order = None
 
-    metrics = {"interrupted": interrupted, "save_path": save_path, "memory": watch.monitor.metrics()}
-    if interrupted:
-        watch.report_stop(interrupted, checkpoints, save_path, out_of_memory)
-        tensorboard.close()
-        return metrics
+    def learning_rate(self, pos) -> float:
+        lr = self.config.learning_rate * distributed.lr_factor(self.lr_ratio, self.options.lr_scaling,
+                                                               pos.global_step, self.options.lr_warmup_steps)
+        self.trainer.optimizer.learning_rate.assign(lr)
+        return lr
 
-    checked = evaluate(trainer, valid, pixels, world)
-    tested = evaluate(trainer, data.test, pixels, world)
-    metrics.update({
-        "test_accuracy": tested.accuracy,
-        "test_loss": tested.loss,
-        "per_class_accuracy": tested.per_class_accuracy,
-        "confusion_matrix": tested.confusion.tolist(),
-        "classes": list(data.classes),
-        "misclassified": [{"index": i, "true": int(data.test.labels[i]), "predicted": p}
-                          for i, p in tested.misclassified],
-        "valid_accuracy": checked.accuracy if checked else None,
-        "valid_loss": checked.loss if checked else None,
-        "train_accuracy": pos.train_accuracy if pos.step_in_epoch else
-        (pos.history[-1]["train_accuracy"] if pos.history else None),
-        "examples_per_sec": speed.rate if speed.seconds > 0 else None,
-        "steps": pos.global_step,
-        "epochs": round(pos.global_step / steps_per_epoch, 4),
-        "steps_per_epoch": steps_per_epoch,
-        "world_size": world.size,
-        "global_batch_size": global_batch,
-        # What each rank holds at the end, to see every node took part and the replicas agree.
-        "ranks": world.allgather_object({
-            "rank": world.rank, "host": platform.node(), "test_accuracy": tested.accuracy,
-            "weights_norm": float(tf.linalg.global_norm(trainer.model.trainable_variables))}),
-        "config": dataclasses.asdict(config),
-        "config_name": options.config_name,
-        "dataset": data.dataset.name if data.dataset else None,
-        "images": {"train": len(train.labels), "valid": len(valid.labels), "test": len(data.test.labels)},
-        "pixels": dataclasses.asdict(pixels),
-        "rnn_mode": trainer.rnn_mode,
-        "placement": dict(plan.as_dict(), schedule=options.placement),
-        "history": pos.history,
-        "wall_time_sec": round(time.time() - t_start, 2),
-        "versions": training.versions(),
-        "machine": cpu.machine(),
-    })
-    if world.is_chief:
-        rate = f"{metrics['examples_per_sec']:.0f}" if metrics["examples_per_sec"] else "n/a"
+    def begin_epoch(self, pos) -> None:
+        self.order = epoch_order(self.options.seed, pos.epoch, len(self.train.labels))
+
+    def train_step(self, pos, i: int):
+        batch = self.world.stripe(self.order[i * self.global_batch:(i + 1) * self.global_batch])  # (B,) indices
+        try:
+            loss, accuracy, norm = self.trainer.train_step(self.pixels(self.train.images[batch]),
+                                                           self.train.labels[batch].astype(np.int32)).numpy()
+        except tf.errors.ResourceExhaustedError as error:
+            # A failed step changed no weight: Adam's update comes after every gradient.
+            raise OutOfMemory(f"step {pos.global_step + 1} ran out of memory ({memory.oom_reason(error)})") from None
+        pos.epoch_loss += float(loss)
+        pos.epoch_accuracy += float(accuracy)
+        return {"loss": float(loss), "gradient norm": float(norm)}
+
+    def figures(self, pos):
+        return (f"train loss {pos.train_loss:.4f} accuracy {100 * pos.train_accuracy:.2f}%",
+                {"loss": pos.train_loss, "accuracy": pos.train_accuracy})
+
+    def divergence_advice(self, lr: float) -> str:
+        return f"lower --learning_rate (now {lr:g})"
+
+    def record(self, pos, end_of_epoch: bool) -> None:
+        self.trainer.record(pos)
+
+    def validate(self, pos, lr: float):
+        checked = evaluate(self.trainer, self.valid, self.pixels, self.world)
+        entry = {"epoch": pos.epoch + 1, "train_loss": pos.train_loss, "train_accuracy": pos.train_accuracy,
+                 "valid_loss": checked.loss if checked else None,
+                 "valid_accuracy": checked.accuracy if checked else None, "learning_rate": lr}
+        text = (f"train loss {pos.train_loss:.4f} accuracy {100 * pos.train_accuracy:.2f}%" +
+                (f" | valid loss {checked.loss:.4f} accuracy {100 * checked.accuracy:.2f}%" if checked else ""))
+        return entry, text, {"valid_loss": checked.loss, "valid_accuracy": checked.accuracy} if checked else {}
+
+    def end_epoch(self, pos) -> None:
+        pos.epoch_loss, pos.epoch_accuracy = 0.0, 0.0
+
+    def finish(self, pos, speed):
+        data = self.data
+        checked = evaluate(self.trainer, self.valid, self.pixels, self.world)
+        self.tested = tested = evaluate(self.trainer, data.test, self.pixels, self.world)
+        own = {
+            "test_accuracy": tested.accuracy, "test_loss": tested.loss,
+            "per_class_accuracy": tested.per_class_accuracy, "confusion_matrix": tested.confusion.tolist(),
+            "classes": list(data.classes),
+            "misclassified": [{"index": i, "true": int(data.test.labels[i]), "predicted": p}
+                              for i, p in tested.misclassified],
+            "valid_accuracy": checked.accuracy if checked else None,
+            "valid_loss": checked.loss if checked else None,
+            "train_accuracy": pos.train_accuracy if pos.step_in_epoch else
+            (pos.history[-1]["train_accuracy"] if pos.history else None),
+            "config": dataclasses.asdict(self.config),
+            "dataset": data.dataset.name if data.dataset else None,
+            "images": {"train": len(self.train.labels), "valid": len(self.valid.labels),
+                       "test": len(data.test.labels)},
+            "pixels": dataclasses.asdict(self.pixels),
+        }
         valid_text = f"valid accuracy {100 * checked.accuracy:.2f}% | " if checked else ""
-        log(f"done: {pos.global_step} steps | {valid_text}test accuracy {100 * tested.accuracy:.2f}% "
-            f"(loss {tested.loss:.4f}) | {rate} images/sec | {training.format_duration(metrics['wall_time_sec'])}")
-        if options.metrics_json:  # first: the figures matter more than the plots
-            write_json(options.metrics_json, {k: v for k, v in metrics.items() if k != "interrupted"})
-        name = data.dataset.title if data.dataset else "IDX"
+        text = f"{valid_text}test accuracy {100 * tested.accuracy:.2f}% (loss {tested.loss:.4f})"
+        return (own, text, {"test_accuracy": tested.accuracy, "test_loss": tested.loss},
+                {"test_accuracy": tested.accuracy})
+
+    def plot(self, pos, save_path: str) -> None:
+        data, tested, name = self.data, self.tested, self.options.config_name
+        title = data.dataset.title if data.dataset else "IDX"
         plots.confusion_matrix(os.path.join(save_path, "confusion_matrix.png"), tested.confusion, data.classes,
-                               f"{name} test, {options.config_name}: accuracy {100 * tested.accuracy:.2f}%")
+                               f"{title} test, {name}: accuracy {100 * tested.accuracy:.2f}%")
         plots.misclassified(os.path.join(save_path, "misclassified.png"), data.test, tested.misclassified,
-                            data.classes, f"{name} test images the {options.config_name} model gets wrong")
+                            data.classes, f"{title} test images the {name} model gets wrong")
         if pos.history:
-            training.plot_curves(os.path.join(save_path, "accuracy.png"), f"{name} {options.config_name}",
-                                 "accuracy", {"train": [h["train_accuracy"] for h in pos.history],
-                                              "valid": [h["valid_accuracy"] for h in pos.history]},
-                                 log_scale=False)
-        tensorboard.scalars(pos.global_step, test_accuracy=tested.accuracy, test_loss=tested.loss)
-    tensorboard.close()
-    return metrics
+            training.plot_curves(os.path.join(save_path, "accuracy.png"), f"{title} {name}", "accuracy",
+                                 {"train": [h["train_accuracy"] for h in pos.history],
+                                  "valid": [h["valid_accuracy"] for h in pos.history]}, log_scale=False)

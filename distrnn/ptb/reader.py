@@ -183,10 +183,14 @@ def epoch_size(num_tokens: int, batch_size: int, num_steps: int) -> int:
 
 def train_windows(rows: np.ndarray, num_steps: int, start: int = 0) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
     """Yields (index, x, y) for the windows of `rows` from window `start`; x, y: (batch, num_steps)."""
-    n = (rows.shape[1] - 1) // num_steps
-    for i in range(start, n):
-        lo = i * num_steps
-        yield i, rows[:, lo:lo + num_steps], rows[:, lo + 1:lo + num_steps + 1]
+    for i in range(start, (rows.shape[1] - 1) // num_steps):
+        yield (i, *train_window(rows, num_steps, i))
+
+
+def train_window(rows: np.ndarray, num_steps: int, i: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Window i of `rows`: x, the inputs, and y, the same words one later: (batch, num_steps) each."""
+    lo = i * num_steps
+    return rows[:, lo:lo + num_steps], rows[:, lo + 1:lo + num_steps + 1]
 
 
 @dataclasses.dataclass

@@ -7,15 +7,14 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import time
 from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
-from distrnn import cpu, distributed, memory, placement, training
-from distrnn.checkpoints import Checkpoints, write_json
+from distrnn import distributed, loop, memory, placement, training
+from distrnn.checkpoints import Checkpoints
 from distrnn.errors import OutOfMemory, UsageError
 from distrnn.ptb import reader
 from distrnn.ptb.model import PTBModel
@@ -197,214 +196,157 @@ def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
     SIGINT/SIGTERM arrives (after saving a checkpoint).
     """
     reference_batch = config.batch_size  # what the config's learning rate was tuned for
-    return training.run_job("ptb", config, options, lambda config, world, save_path, devices: _train_and_evaluate(
+    return training.run_job("ptb", config, options, lambda config, world, save_path, devices: _run(
         config, reference_batch, options, world, save_path, devices), world)
 
 
-def _train_and_evaluate(config, reference_batch: int, options: RunOptions, world, save_path: str, devices) -> dict:
+def _run(config, reference_batch: int, options: RunOptions, world, save_path: str, devices) -> dict:
+    started = time.time()
     if options.on_oom == "retry" and world.size > 1:
         raise UsageError("--on_oom retry needs a single process (the other ranks would wait in the failed step's "
                          "allreduce); under horovodrun pass --recompute K or --swap_memory from the start")
-    t_start = time.time()
-    data_path = distributed.chief_first(world, lambda: reader.resolve_data_path(options.data_path))
-    data = reader.load(data_path)
-    B, T = config.batch_size, config.num_steps  # B rows on each rank; B * world.size rows in all
-    global_batch = B * world.size
-    batch_text = f"batch_size x num_steps = {B} x {T}" + (f" on each of {world.size} ranks" if world.size > 1 else "")
-    steps_per_epoch = reader.epoch_size(len(data.train), global_batch, T)
-    if steps_per_epoch < 1:
-        raise UsageError(f"the train split has {len(data.train)} words, too few for {batch_text} (it needs more "
-                         f"than {global_batch * (T + 1)}); lower --batch_size or --num_steps")
-
-    plan = make_model_plan(config, data.vocab_size, devices, options.strategy)
-    trainer = Trainer(config, data.vocab_size, options.seed, on_gpu=bool(tf.config.list_logical_devices("GPU")),
-                      plan=plan, placement=options.placement, world=world, sparse_as_dense=options.sparse_as_dense,
-                      memory=options.memory)
-    checkpoints = Checkpoints(trainer.checkpoint(), save_path)
-
-    saved_config = dict(dataclasses.asdict(config), vocab_size=data.vocab_size, name=options.config_name)
-
+    job = PTBJob(config, reference_batch, options, world, devices)
+    checkpoints = Checkpoints(job.trainer.checkpoint(), save_path)
     # Rank 0 alone touches save_path and restores; its outcome (or its error) reaches every rank.
-    resumed = distributed.on_chief(world, lambda: checkpoints.open_run(options.resume, saved_config,
+    resumed = distributed.on_chief(world, lambda: checkpoints.open_run(options.resume, job.saved_config,
                                                                         SHAPE_FIELDS + ("vocab_size",)))
-    trainer.share_from_chief()
-
-    max_epochs = min(options.max_epochs or config.max_max_epoch, config.max_max_epoch)
-    total_steps = max_epochs * steps_per_epoch
-    if options.max_steps:
-        total_steps = min(total_steps, options.max_steps)
-    pos = trainer.position()
+    job.trainer.share_from_chief()
     if world.is_chief:
-        log(f"data {data_path}: vocabulary {data.vocab_size}, words train {len(data.train)} "
+        data = job.data
+        log(f"data {job.data_path}: vocabulary {data.vocab_size}, words train {len(data.train)} "
             f"valid {len(data.valid)} test {len(data.test)}; words mapped to <unk>: "
             f"valid {data.oov['valid']}, test {data.oov['test']}")
-        log(f"config {options.config_name}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()))
-        log(f"rnn_mode {trainer.rnn_mode} ({trainer.rnn_mode_reason}); memory mode {trainer.memory.describe()}"
-            + (", leaner on running out of memory (--on_oom retry)" if options.on_oom == "retry" else ""))
-        if devices:
-            for line in plan.describe():
-                log(line)
-            log(f"placement {options.placement}")
-        log(f"{batch_text}: {global_batch * T} words a step, {steps_per_epoch} steps an epoch, "
-            f"{max_epochs} epochs, {total_steps} steps in all; save_path {save_path}")
-        for note in checkpoints.notes:
-            log(f"checkpoints: {note}")
-        if options.resume:
-            log(f"resumed from {checkpoints.latest} at epoch {pos.epoch + 1}, step {pos.step_in_epoch}" if resumed
-                else f"--resume: no checkpoint in {save_path}, starting fresh")
+        loop.log_start(job, options, checkpoints, resumed, save_path, memory_note=(
+            ", leaner on running out of memory (--on_oom retry)" if options.on_oom == "retry" else ""))
+    return loop.run(job, world, options, checkpoints, save_path, started)
 
-    eos = data.vocab[reader.EOS]
-    valid_batches = rank_share(reader.eval_batches(data.valid, eos, global_batch, T), world)
-    test_batches = rank_share(reader.eval_batches(data.test, eos, global_batch, T), world)
-    rows = world.stripe(reader.train_rows(data.train, global_batch))  # (B, batch_len): this rank's rows
-    tensorboard = training.TensorBoard(save_path, world.is_chief)
-    speed = training.Speed()
-    progress_every = max(1, steps_per_epoch // 10)
-    # The last validation figure still describes the weights when the run stopped at an epoch's end.
-    valid_ppl = pos.history[-1]["valid_perplexity"] if pos.history and pos.step_in_epoch == 0 else None
-    interrupted = None
-    out_of_memory = None  # what ran out, when a step did
-    memory_changes = []   # --on_oom retry: each switch to a leaner memory mode
 
-    def train_step(x, y, state):
-        """trainer.train_step; a step that runs out of memory is run again in the next leaner
-        memory mode with --on_oom retry while there is one, else OutOfMemory is raised. A failed
-        step has changed no weight: every update waits for the clipping factor, which needs
-        every gradient. The dropout generator, which the forward pass advances, is put back."""
+class PTBJob(loop.Job):
+    """The PTB language model as the training loop sees it: windows of the token stream, the LSTM state
+    carried from one window to the next, perplexities."""
+
+    name, unit, rate_key = "PTB", "words", "words_per_sec"
+
+    def __init__(self, config, reference_batch: int, options: RunOptions, world, devices):
+        self.config, self.options, self.world = config, options, world
+        self.data_path = distributed.chief_first(world, lambda: reader.resolve_data_path(options.data_path))
+        self.data = data = reader.load(self.data_path)
+        B, T = config.batch_size, config.num_steps  # B rows on each rank; B * world.size rows in all
+        self.global_batch = B * world.size
+        self.batch_text = (f"batch_size x num_steps = {B} x {T}" +
+                           (f" on each of {world.size} ranks" if world.size > 1 else ""))
+        self.steps_per_epoch = reader.epoch_size(len(data.train), self.global_batch, T)
+        if self.steps_per_epoch < 1:
+            raise UsageError(f"the train split has {len(data.train)} words, too few for {self.batch_text} (it needs "
+                             f"more than {self.global_batch * (T + 1)}); lower --batch_size or --num_steps")
+        self.units_per_step = self.global_batch * T
+        self.lr_ratio = self.global_batch / reference_batch
+        self.plan = make_model_plan(config, data.vocab_size, devices, options.strategy)
+        self.devices = devices
+        on_gpu = bool(tf.config.list_logical_devices("GPU"))
+        self.trainer = Trainer(config, data.vocab_size, options.seed, on_gpu=on_gpu, plan=self.plan,
+                               placement=options.placement, world=world, sparse_as_dense=options.sparse_as_dense,
+                               memory=options.memory)
+        self.saved_config = dict(dataclasses.asdict(config), vocab_size=data.vocab_size, name=options.config_name)
+        self.max_epochs = min(options.max_epochs or config.max_max_epoch, config.max_max_epoch)
+        self.total_steps = self.max_epochs * self.steps_per_epoch
+        if options.max_steps:
+            self.total_steps = min(self.total_steps, options.max_steps)
+        eos = data.vocab[reader.EOS]
+        self.valid_batches = rank_share(reader.eval_batches(data.valid, eos, self.global_batch, T), world)
+        self.test_batches = rank_share(reader.eval_batches(data.test, eos, self.global_batch, T), world)
+        self.rows = world.stripe(reader.train_rows(data.train, self.global_batch))  # (B, batch_len): this rank's
+        pos = self.trainer.position()
+        # The last validation figure still describes the weights when the run stopped at an epoch's end.
+        self.valid_ppl = pos.history[-1]["valid_perplexity"] if pos.history and pos.step_in_epoch == 0 else None
+        self.memory_changes = []  # --on_oom retry: each switch to a leaner memory mode
+        self.state, self.loss = None, None
+
+    def learning_rate(self, pos) -> float:
+        lr = learning_rate(self.config, pos.epoch, pos.global_step, self.lr_ratio, self.options.lr_scaling,
+                           self.options.lr_warmup_steps)
+        self.trainer.optimizer.learning_rate.assign(lr)
+        return lr
+
+    def begin_epoch(self, pos) -> None:
+        self.state = (self.trainer.carried_state() if pos.step_in_epoch
+                      else self.trainer.model.zero_state(self.config.batch_size))
+
+    def train_step(self, pos, i: int):
+        x, y = reader.train_window(self.rows, self.config.num_steps, i)
+        loss, norm, self.state = self._step(pos, x, y)
+        self.loss = loss = float(loss)
+        pos.epoch_cost += loss
+        pos.epoch_iters += self.config.num_steps
+        self.valid_ppl = None
+        return {"loss": loss, "perplexity": perplexity(loss / self.config.num_steps), "gradient norm": float(norm)}
+
+    def _step(self, pos, x, y):
+        """trainer.train_step; a step that runs out of memory is run again in the next leaner memory
+        mode with --on_oom retry while there is one, else OutOfMemory is raised. A failed step has
+        changed no weight: every update waits for the clipping factor, which needs every gradient.
+        The dropout generator, which the forward pass advances, is put back."""
+        trainer, T = self.trainer, self.config.num_steps
         rng = trainer.model.dropout_rng.state
-        before = tf.identity(rng) if config.keep_prob < 1.0 else None
+        before = tf.identity(rng) if self.config.keep_prob < 1.0 else None
         while True:
             try:
-                return trainer.train_step(x, y, state)
+                return trainer.train_step(x, y, self.state)
             except tf.errors.ResourceExhaustedError as error:
                 if before is not None:
                     rng.assign(before)
                 what = f"step {pos.global_step + 1} ran out of memory ({memory.oom_reason(error)})"
-                leaner = trainer.memory.leaner(T) if options.on_oom == "retry" and config.cell == "lstm" else None
+                leaner = (trainer.memory.leaner(T) if self.options.on_oom == "retry" and self.config.cell == "lstm"
+                          else None)
                 if leaner is None:
                     raise OutOfMemory(what) from None
-                watch.say(f"{what} in memory mode {trainer.memory.describe()}; running it again in memory mode "
-                          f"{leaner.describe()}")
-                memory_changes.append({"step": pos.global_step + 1, "from": trainer.memory.describe(),
-                                       "to": leaner.describe()})
+                message = (f"{what} in memory mode {trainer.memory.describe()}; running it again in memory mode "
+                           f"{leaner.describe()}")
+                log(message if self.world.size == 1 else f"rank {self.world.rank}: {message}")
+                self.memory_changes.append({"step": pos.global_step + 1, "from": trainer.memory.describe(),
+                                            "to": leaner.describe()})
                 trainer.set_memory(leaner)
 
-    def save(state):
-        trainer.record(pos, state)  # every rank: it gathers the carried state
-        if world.is_chief:
-            checkpoints.save(pos.global_step)
+    def figures(self, pos):
+        return (f"train ppl {pos.train_perplexity:8.2f}",
+                {"loss": self.loss / self.config.num_steps, "perplexity": pos.train_perplexity})
 
-    def done():
-        return pos.epoch >= max_epochs or (options.max_steps and pos.global_step >= options.max_steps)
+    def divergence_advice(self, lr: float) -> str:
+        c = self.config
+        return (f"lower --learning_rate (now {lr:g}), --max_grad_norm ({c.max_grad_norm:g}) or --init_scale "
+                f"({c.init_scale:g})")
 
-    watch = training.Watch(world, options)
-    with watch:
-        while not done() and not interrupted:
-            state = trainer.carried_state() if pos.step_in_epoch else trainer.model.zero_state(B)
-            lr = None
-            for i, x, y in reader.train_windows(rows, T, start=pos.step_in_epoch):
-                if lr is None or pos.global_step <= options.lr_warmup_steps:
-                    lr = learning_rate(config, pos.epoch, pos.global_step, global_batch / reference_batch,
-                                       options.lr_scaling, options.lr_warmup_steps)
-                    trainer.optimizer.learning_rate.assign(lr)
-                t0 = time.perf_counter()
-                try:
-                    loss, norm, state = train_step(x, y, state)
-                except OutOfMemory as error:
-                    if world.size > 1:  # saving is collective, and the other ranks wait in this step's allreduce
-                        raise OutOfMemory(f"rank {world.rank}: {error}; the checkpoints in {save_path} are intact. "
-                                          f"{memory.ADVICE} Then start the job again with --resume") from None
-                    out_of_memory, interrupted = str(error), memory.EXIT_MEMORY
-                    save(state)  # the state before the failed step, which is still to do
-                    break
-                loss = float(loss)
-                training.check_finite(pos.global_step + 1, {"loss": loss, "perplexity": perplexity(loss / T),
-                                                            "gradient norm": float(norm)}, checkpoints,
-                                      f"lower --learning_rate (now {lr:g}), --max_grad_norm ({config.max_grad_norm:g}) "
-                                      f"or --init_scale ({config.init_scale:g})")
-                speed.add(global_batch * T, time.perf_counter() - t0)
-                pos.epoch_cost += loss
-                pos.epoch_iters += T
-                pos.step_in_epoch = i + 1
-                pos.global_step += 1
-                valid_ppl = None
-                watch.warn()
-                if world.is_chief and (pos.step_in_epoch % progress_every == 0 or pos.step_in_epoch == steps_per_epoch):
-                    figures = f"train ppl {pos.train_perplexity:8.2f}"
-                    log(training.progress_line(pos, max_epochs, steps_per_epoch, total_steps, figures, lr, speed,
-                                               "words", watch.monitor.summary()))
-                    tensorboard.scalars(pos.global_step, loss=loss / T, perplexity=pos.train_perplexity,
-                                        learning_rate=lr, words_per_sec=speed.rate, **watch.monitor.scalars())
-                interrupted = watch.stop_code()
-                if pos.step_in_epoch == steps_per_epoch:
-                    break  # the epoch's checkpoint follows validation
-                if interrupted or done() or pos.global_step % options.checkpoint_every == 0:
-                    save(state)
-                if interrupted or done():
-                    break
-            if pos.step_in_epoch < steps_per_epoch:
-                break
-            valid_ppl = evaluate(trainer, valid_batches, world)
-            pos.history.append({"epoch": pos.epoch + 1, "train_perplexity": pos.train_perplexity,
-                                "valid_perplexity": valid_ppl, "learning_rate": lr})
-            if world.is_chief:
-                log(f"epoch {pos.epoch + 1}/{max_epochs} | train ppl {pos.train_perplexity:.2f} | "
-                    f"valid ppl {valid_ppl:.2f}")
-                tensorboard.scalars(pos.global_step, valid_perplexity=valid_ppl)
-            pos.epoch, pos.step_in_epoch, pos.epoch_cost, pos.epoch_iters = pos.epoch + 1, 0, 0.0, 0
-            save(trainer.model.zero_state(B))
-            interrupted = watch.stop_code()
+    def record(self, pos, end_of_epoch: bool) -> None:
+        self.trainer.record(pos, self.trainer.model.zero_state(self.config.batch_size) if end_of_epoch else self.state)
 
-    metrics = {"interrupted": interrupted, "save_path": save_path,
-               "memory": dict(watch.monitor.metrics(), mode=trainer.memory.describe(), changes=memory_changes)}
-    if interrupted:
-        watch.report_stop(interrupted, checkpoints, save_path, out_of_memory)
-        tensorboard.close()
-        return metrics
-    if valid_ppl is None:
-        valid_ppl = evaluate(trainer, valid_batches, world)
-    test_ppl = evaluate(trainer, test_batches, world)
-    last_train_ppl = pos.train_perplexity
-    steps = pos.global_step
-    history = pos.history
-    metrics.update({
-        "train_perplexity": last_train_ppl,
-        "valid_perplexity": valid_ppl,
-        "test_perplexity": test_ppl,
-        "words_per_sec": speed.rate if speed.seconds > 0 else None,
-        "steps": steps,
-        "epochs": round(steps / steps_per_epoch, 4),
-        "steps_per_epoch": steps_per_epoch,
-        "world_size": world.size,
-        "global_batch_size": global_batch,
-        "words_per_sec_per_rank": ([float(w) for w in world.allgather(np.array([speed.rate / world.size]))]
-                                   if speed.seconds > 0 else None),
-        # What each rank holds at the end, to see every node took part and the replicas agree.
-        "ranks": world.allgather_object({
-            "rank": world.rank, "host": platform.node(), "test_perplexity": test_ppl,
-            "weights_norm": float(tf.linalg.global_norm(trainer.model.trainable_variables))}),
-        "config": dataclasses.asdict(config),
-        "rnn_mode": trainer.rnn_mode,
-        "placement": dict(plan.as_dict(), schedule=options.placement),
-        "config_name": options.config_name,
-        "vocab_size": data.vocab_size,
-        "words": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test)},
-        "oov": data.oov,
-        "history": history,
-        "wall_time_sec": round(time.time() - t_start, 2),
-        "versions": training.versions(),
-        "machine": cpu.machine(),
-    })
-    if world.is_chief:
-        wps = f"{metrics['words_per_sec']:.0f}" if metrics["words_per_sec"] else "n/a"
-        log(f"done: {steps} steps | train ppl {last_train_ppl:.2f} | valid ppl {valid_ppl:.2f} | "
-            f"test ppl {test_ppl:.2f} | {wps} words/sec | {training.format_duration(metrics['wall_time_sec'])}")
-        if options.metrics_json:  # first: the figures matter more than the plots
-            write_json(options.metrics_json, {k: v for k, v in metrics.items() if k != "interrupted"})
-        if history:
-            training.plot_curves(os.path.join(save_path, "perplexity.png"), f"PTB {options.config_name}",
-                                 "perplexity", {"train": [h["train_perplexity"] for h in history],
-                                                "valid": [h["valid_perplexity"] for h in history]})
-        tensorboard.scalars(steps, test_perplexity=test_ppl)
-    tensorboard.close()
-    return metrics
+    def validate(self, pos, lr: float):
+        self.valid_ppl = evaluate(self.trainer, self.valid_batches, self.world)
+        entry = {"epoch": pos.epoch + 1, "train_perplexity": pos.train_perplexity, "valid_perplexity": self.valid_ppl,
+                 "learning_rate": lr}
+        return (entry, f"train ppl {pos.train_perplexity:.2f} | valid ppl {self.valid_ppl:.2f}",
+                {"valid_perplexity": self.valid_ppl})
+
+    def end_epoch(self, pos) -> None:
+        pos.epoch_cost, pos.epoch_iters = 0.0, 0
+
+    def finish(self, pos, speed):
+        valid_ppl = self.valid_ppl if self.valid_ppl is not None else evaluate(self.trainer, self.valid_batches,
+                                                                               self.world)
+        test_ppl = evaluate(self.trainer, self.test_batches, self.world)
+        train_ppl, data = pos.train_perplexity, self.data
+        per_rank = self.world.allgather(np.array([speed.rate / self.world.size])) if speed.seconds > 0 else None
+        own = {"train_perplexity": train_ppl, "valid_perplexity": valid_ppl, "test_perplexity": test_ppl,
+               "words_per_sec_per_rank": None if per_rank is None else [float(w) for w in per_rank],
+               "config": dataclasses.asdict(self.config), "vocab_size": data.vocab_size,
+               "words": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test)}, "oov": data.oov}
+        text = f"train ppl {train_ppl:.2f} | valid ppl {valid_ppl:.2f} | test ppl {test_ppl:.2f}"
+        return own, text, {"test_perplexity": test_ppl}, {"test_perplexity": test_ppl}
+
+    def plot(self, pos, save_path: str) -> None:
+        if pos.history:
+            training.plot_curves(os.path.join(save_path, "perplexity.png"), f"PTB {self.options.config_name}",
+                                 "perplexity", {"train": [h["train_perplexity"] for h in pos.history],
+                                                "valid": [h["valid_perplexity"] for h in pos.history]})
+
+    def memory_metrics(self, monitor):
+        return dict(monitor, mode=self.trainer.memory.describe(), changes=self.memory_changes)

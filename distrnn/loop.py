@@ -1,0 +1,222 @@
+"""The one training loop every job plugs into.
+
+A job supplies what is its own (see `Job`): its batches and step, its validation and test, its
+figures. The loop owns the rest: epochs and steps, the learning rate's application, checkpoints
+(the cadence, and the one saved on a stop), the stops every rank agrees on (signals, memory,
+divergence), progress lines, TensorBoard, the end-of-run metrics, plots and the metrics file.
+
+    job = PTBJob(...)                       # distrnn/ptb/train.py
+    metrics = loop.run(job, world, options, checkpoints, save_path, start_time)
+"""
+import dataclasses
+import os
+import platform
+import time
+from typing import Dict, Optional, Tuple
+
+import tensorflow as tf
+
+from distrnn import cpu, training
+from distrnn.checkpoints import write_json
+from distrnn.errors import OutOfMemory
+from distrnn.memory import ADVICE
+from distrnn.training import log
+
+
+class Job:
+    """What a job gives the loop. `pos` is the job's Position (a dataclass saved with every checkpoint:
+    epoch, step_in_epoch, global_step, history, and the job's own sums over the epoch)."""
+
+    name: str                # for plot titles: "PTB"
+    unit: str                # what the speed counts: "words", "images"
+    rate_key: str            # the metrics key of the speed: "words_per_sec"
+    steps_per_epoch: int
+    units_per_step: int      # over all ranks
+    max_epochs: int
+    total_steps: int
+    global_batch: int
+    batch_text: str          # "batch_size 128", for the start-up line
+    config: object           # the job's config dataclass
+    devices: list            # the devices the layers were placed on ([]: TensorFlow's choice)
+    trainer: tf.Module       # .model, .rnn_mode, .rnn_mode_reason, .position()
+    plan: object             # the placement plan (describe, as_dict)
+
+    def learning_rate(self, pos) -> float:
+        """The rate for the next step (the loop asks at an epoch's start and during warm-up) and sets it."""
+        raise NotImplementedError
+
+    def begin_epoch(self, pos) -> None:
+        """Before the first step of an epoch, or of a resumed part of one."""
+
+    def train_step(self, pos, i: int) -> Dict[str, float]:
+        """Step i of the epoch; adds to pos's sums; returns the figures that must be finite. OutOfMemory
+        when it cannot run (the loop saves the position before it and stops)."""
+        raise NotImplementedError
+
+    def figures(self, pos) -> Tuple[str, Dict[str, float]]:
+        """The progress line's figures and TensorBoard's scalars for the epoch so far."""
+        raise NotImplementedError
+
+    def divergence_advice(self, lr: float) -> str:
+        raise NotImplementedError
+
+    def record(self, pos, end_of_epoch: bool) -> None:
+        """Copies what resumes the run into the checkpointed variables (a collective)."""
+        raise NotImplementedError
+
+    def validate(self, pos, lr: float) -> Tuple[Dict, str, Dict[str, float]]:
+        """After an epoch: its history entry, the line's figures, TensorBoard's scalars."""
+        raise NotImplementedError
+
+    def end_epoch(self, pos) -> None:
+        """Resets the job's sums for the next epoch."""
+
+    def finish(self, pos, speed: training.Speed) -> Tuple[Dict, str, Dict, Dict]:
+        """The final evaluation: (the job's metrics, the done line's figures, TensorBoard's scalars, the
+        figure each rank reports in metrics["ranks"])."""
+        raise NotImplementedError
+
+    def plot(self, pos, save_path: str) -> None:
+        """The job's plots, after the metrics file."""
+
+    def memory_metrics(self, monitor: Dict) -> Dict:
+        return monitor
+
+
+def log_start(job: Job, options, checkpoints, resumed: bool, save_path: str, memory_note: str = "",
+              notes=()) -> None:
+    """The start-up lines every job logs after its data line (chief only): config, unrolling and memory
+    mode, placement, the schedule, what was found in the save path."""
+    trainer = job.trainer
+    log(f"config {options.config_name}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(job.config).items()))
+    log(f"rnn_mode {trainer.rnn_mode} ({trainer.rnn_mode_reason}); memory mode {options.memory.describe()}"
+        + memory_note)
+    for note in notes:
+        log(note)
+    if job.devices:
+        for line in job.plan.describe():
+            log(line)
+        log(f"placement {options.placement}")
+    log(f"{job.batch_text}: {job.units_per_step} {job.unit} a step, {job.steps_per_epoch} steps an epoch, "
+        f"{job.max_epochs} epochs, {job.total_steps} steps in all; save_path {save_path}")
+    for note in checkpoints.notes:
+        log(f"checkpoints: {note}")
+    if options.resume:
+        pos = trainer.position()
+        log(f"resumed from {checkpoints.latest} at epoch {pos.epoch + 1}, step {pos.step_in_epoch}" if resumed
+            else f"--resume: no checkpoint in {save_path}, starting fresh")
+
+
+def run(job: Job, world, options, checkpoints, save_path: str, started: float) -> dict:
+    """Trains `job` from the position its trainer holds; returns the metrics (with "interrupted": the exit
+    code of a stop, after its checkpoint)."""
+    pos = job.trainer.position()
+    tensorboard = training.TensorBoard(save_path, world.is_chief)
+    speed = training.Speed()
+    watch = training.Watch(world, options)
+    with watch:
+        stop, out_of_memory = _epochs(job, pos, world, options, checkpoints, tensorboard, speed, watch)
+    metrics = {"interrupted": stop, "save_path": save_path, "memory": job.memory_metrics(watch.monitor.metrics())}
+    if stop:
+        watch.report_stop(stop, checkpoints, save_path, out_of_memory)
+    else:
+        _finish(job, pos, world, options, speed, tensorboard, metrics, started)
+    tensorboard.close()
+    return metrics
+
+
+def _epochs(job: Job, pos, world, options, checkpoints, tensorboard, speed, watch) -> Tuple[Optional[int], str]:
+    """Epochs until the end, a stop every rank agreed on, or memory running short; returns (the stop's exit
+    code or None, what ran out of memory or None)."""
+    steps_per_epoch = job.steps_per_epoch
+    progress_every = max(1, steps_per_epoch // 10)
+    stop = None
+
+    def save(end_of_epoch=False):
+        job.record(pos, end_of_epoch)  # every rank: PTB gathers the carried state
+        if world.is_chief:
+            checkpoints.save(pos.global_step)
+
+    def done():
+        return pos.epoch >= job.max_epochs or (options.max_steps and pos.global_step >= options.max_steps)
+
+    while not done() and not stop:
+        job.begin_epoch(pos)
+        lr = None
+        for i in range(pos.step_in_epoch, steps_per_epoch):
+            if lr is None or pos.global_step <= options.lr_warmup_steps:
+                lr = job.learning_rate(pos)
+            t0 = time.perf_counter()
+            try:
+                figures = job.train_step(pos, i)
+            except OutOfMemory as error:
+                if world.size > 1:  # saving is collective, and the other ranks wait in this step's allreduce
+                    raise OutOfMemory(f"rank {world.rank}: {error}; the checkpoints in "
+                                      f"{os.path.dirname(checkpoints.directory)} are intact. {ADVICE} Then start the "
+                                      "job again with --resume") from None
+                save()  # the position before the failed step, which is still to do
+                return OutOfMemory.exit_code, str(error)
+            training.check_finite(pos.global_step + 1, figures, checkpoints, job.divergence_advice(lr))
+            speed.add(job.units_per_step, time.perf_counter() - t0)
+            pos.step_in_epoch, pos.global_step = i + 1, pos.global_step + 1
+            watch.warn()
+            if world.is_chief and (pos.step_in_epoch % progress_every == 0 or pos.step_in_epoch == steps_per_epoch):
+                text, scalars = job.figures(pos)
+                log(training.progress_line(pos, job.max_epochs, steps_per_epoch, job.total_steps, text, lr, speed,
+                                           job.unit, watch.monitor.summary()))
+                tensorboard.scalars(pos.global_step, **scalars, learning_rate=lr, **{f"{job.unit}_per_sec": speed.rate},
+                                    **watch.monitor.scalars())
+            stop = watch.stop_code()
+            if pos.step_in_epoch == steps_per_epoch:
+                break  # the epoch's checkpoint follows validation
+            if stop or done() or pos.global_step % options.checkpoint_every == 0:
+                save()
+            if stop or done():
+                break
+        if pos.step_in_epoch < steps_per_epoch:
+            break
+        entry, text, scalars = job.validate(pos, lr)
+        pos.history.append(entry)
+        if world.is_chief:
+            log(f"epoch {pos.epoch + 1}/{job.max_epochs} | {text}")
+            if scalars:
+                tensorboard.scalars(pos.global_step, **scalars)
+        job.end_epoch(pos)
+        pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
+        save(end_of_epoch=True)
+        stop = watch.stop_code()
+    return stop, None
+
+
+def _finish(job: Job, pos, world, options, speed, tensorboard, metrics: Dict, started: float) -> None:
+    """The final evaluation, the metrics every job reports, the done line, the metrics file and plots."""
+    own, text, scalars, rank_figures = job.finish(pos, speed)
+    rate = speed.rate if speed.seconds > 0 else None
+    metrics.update(own)
+    metrics.update({
+        job.rate_key: rate,
+        "steps": pos.global_step,
+        "epochs": round(pos.global_step / job.steps_per_epoch, 4),
+        "steps_per_epoch": job.steps_per_epoch,
+        "world_size": world.size,
+        "global_batch_size": job.global_batch,
+        # What each rank holds at the end, to see every node took part and the replicas agree.
+        "ranks": world.allgather_object(dict(
+            rank=world.rank, host=platform.node(), **rank_figures,
+            weights_norm=float(tf.linalg.global_norm(job.trainer.model.trainable_variables)))),
+        "config_name": options.config_name,
+        "rnn_mode": job.trainer.rnn_mode,
+        "placement": dict(job.plan.as_dict(), schedule=options.placement),
+        "history": pos.history,
+        "wall_time_sec": round(time.time() - started, 2),
+        "versions": training.versions(),
+        "machine": cpu.machine(),
+    })
+    if world.is_chief:
+        shown = f"{rate:.0f}" if rate else "n/a"
+        log(f"done: {pos.global_step} steps | {text} | {shown} {job.unit}/sec | "
+            f"{training.format_duration(metrics['wall_time_sec'])}")
+        if options.metrics_json:  # first: the figures matter more than the plots
+            write_json(options.metrics_json, {k: v for k, v in metrics.items() if k != "interrupted"})
+        job.plot(pos, metrics["save_path"])
+        tensorboard.scalars(pos.global_step, **scalars)
