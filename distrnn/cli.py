@@ -11,7 +11,7 @@ import shlex
 import sys
 from typing import Callable, Dict, List
 
-from distrnn import cpu
+from distrnn import cpu, names
 from distrnn.config import field_types, override, read_number
 from distrnn.errors import DistrnnError, UsageError
 
@@ -121,7 +121,6 @@ def field_comments(config_cls) -> Dict[str, str]:
 def add_job_flags(parser: argparse.ArgumentParser, job: str, presets, default_config: str, data_help: str):
     """The flags every training entry point shares (distrnn.training.JobOptions); returns the groups
     {"ranks", "memory"} so an entry point can add its own flags to them."""
-    from distrnn import distributed, placement  # not at the top: distributed imports slurm, which imports cli
     parser.add_argument("--config", default=default_config,
                         help=f"preset: {', '.join(presets.names())} (default {default_config})")
     parser.add_argument("--list_configs", action="store_true", help="print the presets and what they cost, and exit")
@@ -144,9 +143,9 @@ def add_job_flags(parser: argparse.ArgumentParser, job: str, presets, default_co
     # More logical devices than model parts only cost start-up time (100,000 took 100 s to create).
     devices.add_argument("--virtual_devices", type=number(int, minimum=0, maximum=64), default=0,
                          help="split the CPU into N logical devices (at most 64) and place the model on them")
-    devices.add_argument("--strategy", default="round_robin", choices=placement.STRATEGIES,
+    devices.add_argument("--strategy", default="round_robin", choices=names.STRATEGIES,
                          help="how parts are mapped to devices (default round_robin)")
-    devices.add_argument("--placement", default="sequential", choices=placement.PLACEMENTS,
+    devices.add_argument("--placement", default="sequential", choices=names.PLACEMENTS,
                          help="sequential: one layer after another; pipeline: a wavefront so all devices work at "
                               "once (default sequential)")
     ranks = parser.add_argument_group("several processes (under horovodrun or srun)")
@@ -155,8 +154,8 @@ def add_job_flags(parser: argparse.ArgumentParser, job: str, presets, default_co
                             "default one GPU per rank")
     ranks.add_argument("--global_batch_size", type=COUNT, default=0,
                        help="rows of one step over all ranks, split evenly (default: batch_size x ranks)")
-    ranks.add_argument("--lr_scaling", default="none", choices=distributed.LR_SCALINGS,
-                       help="scale the learning rate with global batch / batch_size (default none: see README)")
+    ranks.add_argument("--lr_scaling", default="none", choices=names.LR_SCALINGS,
+                       help="scale the learning rate with global batch / batch_size (default none: see docs/horovod.md)")
     ranks.add_argument("--lr_warmup_steps", type=COUNT, default=0,
                        help="reach the scaled learning rate linearly over N steps")
     mem = parser.add_argument_group("memory")

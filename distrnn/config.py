@@ -10,6 +10,7 @@ import typing
 from typing import Any, Callable, Dict, Mapping
 
 from distrnn.errors import UsageError
+from distrnn.names import CELLS, RNN_MODES
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # the weights are float32: a larger init_scale is inf in them
@@ -103,10 +104,6 @@ def check(condition: bool, message: str) -> None:
         raise UsageError(message)
 
 
-# Kept in step with distrnn.rnn.UNROLL_MODES and CELLS (tested); listed here so
-# that parsing flags does not import TensorFlow.
-RNN_MODES = ("static", "dynamic", "block", "cudnn", "auto")
-CELLS = ("lstm", "gru", "rnn")
 
 
 def check_recurrence(cell: str, rnn_mode: str, use_peepholes: bool) -> None:

@@ -7,7 +7,7 @@ IsMklEnabled: on where any of TENSORFLOW_ONEDNN_FLAGS is present, which AVX2-onl
 such as AMD EPYC Zen 3 lack). So the same command ran different kernels, at different speeds and
 with a different allocator, on two machines. distrnn decides it itself instead (`choose_onednn`,
 called by every entry point before TensorFlow loads): on, unless the user set the variable. Why on:
-bench/onednn.py measured it (README: CPU kernels).
+bench/onednn.py measured it (docs/measurements.md: CPU kernels).
 
 Reads /proc/cpuinfo only; imports no TensorFlow.
 """

@@ -28,10 +28,8 @@ from typing import Optional
 
 import psutil
 
-from distrnn import cli, cpu
-
-MIB = 1024 * 1024
-
+from distrnn import cli, cpu, names
+from distrnn.nvml import MIB, gpu_info
 
 def host_info() -> dict:
     memory = psutil.virtual_memory()
@@ -41,55 +39,6 @@ def host_info() -> dict:
             "onednn_why": onednn.why, "logical_cores": psutil.cpu_count(),
             "physical_cores": psutil.cpu_count(logical=False), "memory_total_mib": memory.total // MIB,
             "memory_available_mib": memory.available // MIB}
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def gpu_info(nvml=None) -> dict:
-    """{"available": bool, "reason": why not, "driver": version, "gpus": [...]} through NVML.
-    `nvml` is the pynvml module (nvidia-ml-py), or a stand-in with the same functions."""
-    if nvml is None:
-        try:
-            import pynvml as nvml
-        except ImportError:
-            return {"available": False, "reason": "nvidia-ml-py is not installed (pip install nvidia-ml-py)",
-                    "gpus": []}
-    try:
-        nvml.nvmlInit()
-    except nvml.NVMLError as e:  # no driver, no GPU: the normal case on a CPU machine
-        return {"available": False, "reason": f"NVML: {_text(e)}", "gpus": []}
-    try:
-        gpus = [_one_gpu(nvml, i) for i in range(nvml.nvmlDeviceGetCount())]
-        return {"available": True, "driver": _text(nvml.nvmlSystemGetDriverVersion()), "gpus": gpus}
-    finally:
-        nvml.nvmlShutdown()
-
-
-def _one_gpu(nvml, index: int) -> dict:
-    handle = nvml.nvmlDeviceGetHandleByIndex(index)
-    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-    major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
-    processes = {}
-    for query in (nvml.nvmlDeviceGetComputeRunningProcesses, nvml.nvmlDeviceGetGraphicsRunningProcesses):
-        for p in query(handle):
-            processes[p.pid] = _process(p.pid, p.usedGpuMemory)
-    return {"index": index, "name": _text(nvml.nvmlDeviceGetName(handle)), "compute_capability": f"{major}.{minor}",
-            "memory_total_mib": memory.total // MIB, "memory_used_mib": memory.used // MIB,
-            "memory_free_mib": memory.free // MIB, "processes": sorted(processes.values(), key=lambda p: p["pid"])}
-
-
-def _process(pid: int, used_bytes: Optional[int]) -> dict:
-    """A process holding GPU memory; user and command are '?' when it is not visible from
-    here (another container or user namespace), as nvidia-smi shows them."""
-    try:
-        proc = psutil.Process(pid)
-        user, command = proc.username(), " ".join(proc.cmdline()) or proc.name()
-    except (psutil.Error, OSError):
-        user, command = "?", "?"
-    return {"pid": pid, "user": user, "command": command,
-            "used_mib": None if used_bytes is None else used_bytes // MIB}
 
 
 # Run in a child process: the context it creates (and any memory) goes away with it.
@@ -226,7 +175,7 @@ def memory_plan(config_name: str = "small", num_gpus: int = 0, gpus_per_rank: in
         raise cli.UsageError(f"--gpus_per_rank {gpus_per_rank} needs --num_gpus N, a multiple of it")
     per_rank = gpus_per_rank or num_gpus
     devices = [f"/device:GPU:{i}" for i in range(per_rank)] or ["/device:CPU:0"]
-    gates = {"lstm": 4, "gru": 3, "rnn": 1}[config.cell]
+    gates = names.CELL_GATES[config.cell]
 
     def parts_for(recompute, swap):
         return placement.lm_memory(vocab_size, config.hidden_size, config.num_layers, config.batch_size,
@@ -297,7 +246,7 @@ def format_plan(r: dict) -> str:
         lines.append("warning: the largest device would need less with " + "; ".join(
             f"{flag}: {mib:,.1f} MiB" for flag, mib in r["alternatives_mib"].items()) +
             "; or more devices (--num_gpus), a smaller --batch_size or --num_steps")
-    lines.append("(estimates: bench/memory_estimate.py checks them against measured peaks; README gives the error)")
+    lines.append("(estimates: bench/memory_estimate.py checks them against measured peaks; docs/measurements.md gives the error)")
     return "\n".join(lines)
 
 

@@ -26,7 +26,6 @@ from distrnn.config import env_number
 from distrnn.errors import RankLost, UsageError
 
 # How the learning rate may follow a global batch larger than the config's batch_size.
-LR_SCALINGS = ("none", "linear", "sqrt")
 # Set by horovodrun (Gloo), mpirun (Open MPI) or an MPI launcher (srun --mpi=pmi2 / pmix, Intel MPI's PMI).
 LAUNCH_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 MPI_VARIABLES = LAUNCH_VARIABLES[1:]

@@ -16,11 +16,11 @@ from typing import Dict, Optional, Tuple
 
 import tensorflow as tf
 
-from distrnn import cpu, training
+from distrnn import cpu, outputs, stops, training
 from distrnn.checkpoints import write_json
 from distrnn.errors import OutOfMemory
 from distrnn.memory import ADVICE
-from distrnn.training import log
+from distrnn.outputs import log
 
 
 class Job:
@@ -71,7 +71,7 @@ class Job:
     def end_epoch(self, pos) -> None:
         """Resets the job's sums for the next epoch."""
 
-    def finish(self, pos, speed: training.Speed) -> Tuple[Dict, str, Dict, Dict]:
+    def finish(self, pos, speed: outputs.Speed) -> Tuple[Dict, str, Dict, Dict]:
         """The final evaluation: (the job's metrics, the done line's figures, TensorBoard's scalars, the
         figure each rank reports in metrics["ranks"])."""
         raise NotImplementedError
@@ -111,9 +111,9 @@ def run(job: Job, world, options, checkpoints, save_path: str, started: float) -
     """Trains `job` from the position its trainer holds; returns the metrics (with "interrupted": the exit
     code of a stop, after its checkpoint)."""
     pos = job.trainer.position()
-    tensorboard = training.TensorBoard(save_path, world.is_chief)
-    speed = training.Speed()
-    watch = training.Watch(world, options)
+    tensorboard = outputs.TensorBoard(save_path, world.is_chief)
+    speed = outputs.Speed()
+    watch = stops.Watch(world, options)
     with watch:
         stop, out_of_memory = _epochs(job, pos, world, options, checkpoints, tensorboard, speed, watch)
     metrics = {"interrupted": stop, "save_path": save_path, "memory": job.memory_metrics(watch.monitor.metrics())}
@@ -156,13 +156,13 @@ def _epochs(job: Job, pos, world, options, checkpoints, tensorboard, speed, watc
                                       "job again with --resume") from None
                 save()  # the position before the failed step, which is still to do
                 return OutOfMemory.exit_code, str(error)
-            training.check_finite(pos.global_step + 1, figures, checkpoints, job.divergence_advice(lr))
+            stops.check_finite(pos.global_step + 1, figures, checkpoints, job.divergence_advice(lr))
             speed.add(job.units_per_step, time.perf_counter() - t0)
             pos.step_in_epoch, pos.global_step = i + 1, pos.global_step + 1
             watch.warn()
             if world.is_chief and (pos.step_in_epoch % progress_every == 0 or pos.step_in_epoch == steps_per_epoch):
                 text, scalars = job.figures(pos)
-                log(training.progress_line(pos, job.max_epochs, steps_per_epoch, job.total_steps, text, lr, speed,
+                log(outputs.progress_line(pos, job.max_epochs, steps_per_epoch, job.total_steps, text, lr, speed,
                                            job.unit, watch.monitor.summary()))
                 tensorboard.scalars(pos.global_step, **scalars, learning_rate=lr, **{f"{job.unit}_per_sec": speed.rate},
                                     **watch.monitor.scalars())
@@ -215,7 +215,7 @@ def _finish(job: Job, pos, world, options, speed, tensorboard, metrics: Dict, st
     if world.is_chief:
         shown = f"{rate:.0f}" if rate else "n/a"
         log(f"done: {pos.global_step} steps | {text} | {shown} {job.unit}/sec | "
-            f"{training.format_duration(metrics['wall_time_sec'])}")
+            f"{outputs.format_duration(metrics['wall_time_sec'])}")
         if options.metrics_json:  # first: the figures matter more than the plots
             write_json(options.metrics_json, {k: v for k, v in metrics.items() if k != "interrupted"})
         job.plot(pos, metrics["save_path"])

@@ -16,12 +16,9 @@ from typing import Callable, Dict, List, Optional
 
 import psutil
 
-from distrnn import devices
-from distrnn.errors import OutOfMemory
+from distrnn import nvml as nvml_reader
+from distrnn.nvml import MIB
 
-MIB = 1024 * 1024
-# Exit code of a run stopped because memory ran short (after saving a checkpoint): documented in README.
-EXIT_MEMORY = OutOfMemory.exit_code
 
 
 class MemoryMonitor:
@@ -33,7 +30,7 @@ class MemoryMonitor:
                  owned_gpus: Optional[Callable[[int], Optional[List[int]]]] = None):
         self.warn_at, self.stop_at, self.interval = warn, stop, interval
         self.owned_gpus = owned_gpus or (lambda num_gpus: None)
-        self.nvml = nvml if nvml is not None else _load_nvml()
+        self.nvml = nvml if nvml is not None else nvml_reader.load()
         self.process = psutil.Process()
         self.peaks: Dict[str, float] = {}
         self.latest: Optional[dict] = None
@@ -73,7 +70,7 @@ class MemoryMonitor:
         if self.nvml is None:
             return []
         try:
-            info = devices.gpu_info(self.nvml)
+            info = nvml_reader.gpu_info(self.nvml)
         except Exception:  # a monitor must never take the run down
             return []
         owned = self.owned_gpus(len(info["gpus"]))
@@ -169,16 +166,6 @@ def oom_reason(error) -> str:
     if not found:
         return "ResourceExhaustedError"
     return re.sub(r"/job:[^/]*/replica:\d+/task:\d+/|\s*name:\s*$", "", found.group(0)).strip()
-
-
-def _load_nvml():
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        pynvml.nvmlShutdown()
-        return pynvml
-    except Exception:  # not installed, or no driver: the host path still runs
-        return None
 
 
 def _tensorflow_gpu_memory() -> dict:

@@ -20,9 +20,8 @@ import dataclasses
 from typing import Dict, List, Optional, Sequence
 
 from distrnn.errors import UsageError
+from distrnn.names import STRATEGIES
 
-STRATEGIES = ("round_robin", "balanced")
-PLACEMENTS = ("sequential", "pipeline")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -81,6 +81,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(shared, tmp_path, spli
     assert len(two["words_per_sec_per_rank"]) == 2
     # Every epoch's train and valid perplexity, and the test perplexity at the end (float32 sums
     # in another order: agreement to 1e-5).
+    assert len(two["history"]) == len(one["history"]) > 0  # zip below would drop an epoch one of them lacks
     for a, b in zip(two["history"], one["history"]):
         assert a["train_perplexity"] == pytest.approx(b["train_perplexity"], rel=1e-5)
         assert a["valid_perplexity"] == pytest.approx(b["valid_perplexity"], rel=1e-5)
@@ -107,7 +108,6 @@ def test_every_step_two_ranks_match_one_process_and_each_other(corpus, tmp_path)
     for step, (a, b) in enumerate(zip(two["steps"], one["steps"])):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), step  # float32 sums in another order
         assert a["max_replica_difference"] == 0.0, step                # allreduced: the same bits everywhere
-        assert b["max_replica_difference"] == 0.0
     for name, values in one["weights"].items():
         np.testing.assert_allclose(two["weights"][name], values, rtol=1e-4, atol=1e-6, err_msg=name)
 
@@ -280,6 +280,7 @@ def test_mnist_two_ranks_equal_one_process_with_twice_the_batch(shared, tmp_path
     assert (two["world_size"], one["world_size"]) == (2, 1)
     assert two["global_batch_size"] == one["global_batch_size"] == 20
     assert two["steps"] == one["steps"] == 50
+    assert len(two["history"]) == len(one["history"]) > 0
     for a, b in zip(two["history"], one["history"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["valid_loss"] == pytest.approx(b["valid_loss"], rel=1e-5)

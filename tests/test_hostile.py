@@ -343,20 +343,20 @@ def test_signal_during_start_up(sig, code, tmp_path):
 def test_signals_outside_the_training_loop_become_one_line(tmp_path):
     """SignalsInterrupt (what run_job wraps a job in): Ctrl-C in the final evaluation, or SIGTERM / SIGUSR1
     delivered for real, become Interrupted with 128 + the signal and what the save path holds."""
-    from distrnn import errors, training
+    from distrnn import errors, stops
     save = tmp_path / "run"
     (save / "checkpoints").mkdir(parents=True)
     for name in ("ckpt-4.index", "ckpt-4.data-00000-of-00001", "ckpt-7_temp"):
         (save / "checkpoints" / name).touch()
     with pytest.raises(errors.Interrupted) as caught:
-        with training.SignalsInterrupt(str(save)):
+        with stops.SignalsInterrupt(str(save)):
             raise KeyboardInterrupt
     assert caught.value.exit_code == 130 and str(caught.value) == (
         f"interrupted by SIGINT outside a training step; the checkpoints in {save}/checkpoints are intact (newest "
         f"ckpt-4): continue with --resume --save_path {save}")
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         with pytest.raises(errors.Interrupted) as caught:
-            with training.SignalsInterrupt(str(tmp_path / "empty")):
+            with stops.SignalsInterrupt(str(tmp_path / "empty")):
                 os.kill(os.getpid(), sig)
                 time.sleep(5)  # the handler raises at the next bytecode
         assert caught.value.exit_code == 128 + sig
@@ -402,19 +402,19 @@ def test_weights_that_do_not_fit_in_memory(tmp_path):
 
 
 def test_check_finite_names_the_figure_and_the_last_checkpoint(tmp_path):
-    from distrnn import errors, training
+    from distrnn import errors, stops
 
     class Saved:  # what check_finite reads of a Checkpoints
         def __init__(self, latest, manager=True):
             self.latest, self.manager, self.directory = latest, manager, str(tmp_path / "checkpoints")
-    training.check_finite(3, {"loss": 2.5, "gradient norm": 1e30}, Saved(None), "lower it")
+    stops.check_finite(3, {"loss": 2.5, "gradient norm": 1e30}, Saved(None), "lower it")
     with pytest.raises(errors.Diverged) as caught:
-        training.check_finite(7, {"loss": float("nan"), "gradient norm": float("inf")}, Saved("x/ckpt-5"), "lower it")
+        stops.check_finite(7, {"loss": float("nan"), "gradient norm": float("inf")}, Saved("x/ckpt-5"), "lower it")
     assert caught.value.exit_code == 65 and str(caught.value) == (
         "step 7: the loss is nan and the gradient norm is inf, so training diverged; its weights were not saved; the "
         "last good checkpoint is x/ckpt-5: lower it, then continue with --resume")
     with pytest.raises(errors.Diverged, match="the newest checkpoint in .*checkpoints is the last good one"):
-        training.check_finite(7, {"loss": float("inf")}, Saved(None, manager=None), "lower it")  # not the chief
+        stops.check_finite(7, {"loss": float("inf")}, Saved(None, manager=None), "lower it")  # not the chief
 
 
 def test_write_json_keeps_the_old_file_when_writing_fails(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import CAPPED, EIGEN, checkpoint_step, run_ptb, write_corpus
 from distrnn import memory
+from distrnn.errors import OutOfMemory
 
 TINY = ["--config", "test", "--num_steps", "5", "--batch_size", "4"]
 
@@ -48,7 +49,7 @@ def test_host_threshold_stops_the_run_with_a_checkpoint_and_resume_continues(cor
     # Any machine running TensorFlow uses more than 0.1% of its memory: the first sample trips both thresholds.
     proc = run_ptb(*TINY, "--data_path", corpus, "--save_path", save, "--mem_warn", "0.0005", "--mem_stop", "0.001",
                    "--metrics_json", tmp_path / "m.json")
-    assert proc.returncode == memory.EXIT_MEMORY == 76, proc.stderr
+    assert proc.returncode == OutOfMemory.exit_code == 76, proc.stderr
     stopped = [line for line in proc.stdout.splitlines() if line.startswith("stopped: memory ran short")]
     assert len(stopped) == 1 and "host memory at" in stopped[0] and "(--mem_stop 0.001)" in stopped[0]
     assert f"checkpoint saved in {save / 'checkpoints'}" in stopped[0] and "--resume" in stopped[0]

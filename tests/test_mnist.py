@@ -119,11 +119,6 @@ def test_download_verifies_before_anything_reaches_the_cache(tmp_path, monkeypat
         idx.fetch(str(tmp_path / "other"), idx.DATASETS["mnist"])
 
 
-def test_cli_dataset_names_match_the_library():
-    from distrnn.mnist import cli
-    assert set(cli.DATASETS) == set(idx.DATASETS)
-
-
 # --- the model ------------------------------------------------------------------------------------
 
 def test_inputs_are_standardised_with_the_training_pixels():

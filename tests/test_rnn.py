@@ -251,12 +251,6 @@ def test_auto_picks_a_mode_and_says_why():
         resolve_mode("lstm", False, "cudnn", on_gpu=False)
 
 
-def test_config_lists_match_the_library():
-    from distrnn import config as configs
-    from distrnn.rnn import CELLS, UNROLL_MODES
-    assert set(configs.RNN_MODES) == set(UNROLL_MODES) and set(configs.CELLS) == set(CELLS)
-
-
 def test_memory_modes_resolve_and_grow_leaner():
     # After keep: recompute with segments of about sqrt(num_steps), then swap, then nothing left.
     assert KEEP.leaner(35) == Memory(recompute=6) and KEEP.leaner(1) == Memory(recompute=1)

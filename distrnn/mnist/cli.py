@@ -5,9 +5,8 @@
 import os
 import sys
 
-from distrnn import cli
+from distrnn import cli, names
 
-DATASETS = ("mnist", "fashion_mnist")  # distrnn.mnist.idx.DATASETS (tested), without importing NumPy
 
 
 def build_parser():
@@ -20,10 +19,10 @@ def build_parser():
         "directory with train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
         "t10k-labels-idx1-ubyte.gz, read as it is; default: ~/.cache/distrnn/DATASET, downloaded and checksummed "
         "when missing")
-    parser.add_argument("--dataset", default="mnist", choices=DATASETS,
+    parser.add_argument("--dataset", default="mnist", choices=names.DATASETS,
                         help="what to download without --data_path (default mnist: the digits)")
-    names = cli.add_config_flags(parser, MNISTConfig, cli.field_comments(MNISTConfig))
-    return parser, names
+    fields = cli.add_config_flags(parser, MNISTConfig, cli.field_comments(MNISTConfig))
+    return parser, fields
 
 
 def describe(name: str) -> str:

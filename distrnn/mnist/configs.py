@@ -12,7 +12,7 @@ layer. Adam at 0.001 with the batch sizes of the material it comes from:
 | `test`      | 1 LSTM x 8        | 16    | smoke tests: seconds                                       |
 
 Accuracy and time per preset on this project's reference machine are in the
-README (Measured); `--list_configs` prints them.
+docs/measurements.md; `--list_configs` prints them.
 """
 import dataclasses
 
@@ -47,7 +47,7 @@ PRESETS.register("lstm", MNISTConfig())
 PRESETS.register("stacked", MNISTConfig(num_layers=3, spread_layers=True))
 PRESETS.register("test", MNISTConfig(hidden_size=8, batch_size=16, num_epochs=1, validation_size=32))
 
-# What each preset reaches and costs (see README, Measured, for the commands).
+# What each preset reaches and costs (docs/measurements.md has the commands).
 MEASURED = {
     "basic_rnn": "Fashion-MNIST test accuracy 85.57% after 10 epochs; 1 min 27 s on 2 CPU cores (6,800 images/sec)",
     "lstm": "Fashion-MNIST test accuracy 88.66% after 10 epochs (seeds 2, 3: 89.17%, 88.95%); 2 min 27 s on 2 "

@@ -24,7 +24,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from distrnn import download
+from distrnn import download, names
 from distrnn.errors import UsageError
 
 NUM_CLASSES = 10
@@ -78,6 +78,8 @@ DATASETS = {
          "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
          "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"}),
 }
+if tuple(DATASETS) != names.DATASETS:  # the command line offers names.DATASETS without loading this module
+    raise ImportError("distrnn.names.DATASETS does not list the data sets of distrnn.mnist.idx")
 DATA_PATH_HINT = "pass --data_path DIR, where DIR holds " + ", ".join(FILE_NAMES)
 
 

@@ -3,7 +3,7 @@ from typing import Sequence
 
 import numpy as np
 
-from distrnn.training import save_figure
+from distrnn.outputs import save_figure
 
 
 def _pyplot():

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from distrnn import distributed, loop, memory, placement, training
+from distrnn import distributed, loop, memory, outputs, placement, training
 from distrnn.adam import Adam
 from distrnn.checkpoints import Checkpoints
 from distrnn.errors import OutOfMemory, UsageError
@@ -26,7 +26,7 @@ from distrnn.mnist import idx, plots
 from distrnn.mnist.model import RowClassifier, part_memory
 from distrnn.rnn import KEEP, Memory
 from distrnn.rnn.stack import stack_mode
-from distrnn.training import log
+from distrnn.outputs import log
 
 # Fields that fix variable shapes or the meaning of a saved position (with the global batch and the
 # image size): a checkpoint cannot be resumed under different values.
@@ -352,6 +352,6 @@ class MNISTJob(loop.Job):
         plots.misclassified(os.path.join(save_path, "misclassified.png"), data.test, tested.misclassified,
                             data.classes, f"{title} test images the {name} model gets wrong")
         if pos.history:
-            training.plot_curves(os.path.join(save_path, "accuracy.png"), f"{title} {name}", "accuracy",
+            outputs.plot_curves(os.path.join(save_path, "accuracy.png"), f"{title} {name}", "accuracy",
                                  {"train": [h["train_accuracy"] for h in pos.history],
                                   "valid": [h["valid_accuracy"] for h in pos.history]}, log_scale=False)

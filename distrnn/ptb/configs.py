@@ -13,7 +13,7 @@ the reference implementation:
 Expected cost: the paper trains medium in about half a day and large in about
 a day on one NVIDIA K20 GPU. `small` on full PTB is 2,323 steps an epoch; at
 the words/sec that `bench/ptb_speed.py` measures on the target machine, an
-epoch takes (929,589 / words_per_sec) seconds (README lists measured figures).
+epoch takes (929,589 / words_per_sec) seconds (docs/measurements.md lists measured figures).
 `test` is a two-unit model for smoke tests: seconds on any machine.
 """
 import dataclasses
@@ -68,7 +68,7 @@ PRESETS.register("test", PTBConfig(
 
 # Published test perplexity on full PTB (reference implementation) and cost.
 PUBLISHED = {
-    "small": (115.91, "13 epochs; minutes per epoch on a GPU, see README for CPU figures"),
+    "small": (115.91, "13 epochs; minutes per epoch on a GPU, see docs/measurements.md for CPU figures"),
     "medium": (82.07, "39 epochs; about half a day on one K20 GPU (paper)"),
     "large": (78.29, "55 epochs; about a day on one K20 GPU (paper)"),
     "test": (None, "smoke test; seconds"),

@@ -13,14 +13,14 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from distrnn import distributed, loop, memory, placement, training
+from distrnn import distributed, loop, memory, outputs, placement, sgd, training
 from distrnn.checkpoints import Checkpoints
 from distrnn.errors import OutOfMemory, UsageError
 from distrnn.ptb import reader
 from distrnn.ptb.model import PTBModel
 from distrnn.rnn import CELLS, KEEP, Memory, resolve_mode
 from distrnn.rnn.stack import stack_mode
-from distrnn.training import log
+from distrnn.outputs import log
 
 # Fields that fix variable shapes or the meaning of a saved data position: a
 # checkpoint cannot be resumed under different values.
@@ -88,7 +88,7 @@ class Trainer(tf.Module):
         self.model = PTBModel(config, vocab_size, seed=seed, rnn_mode=self.rnn_mode, plan=plan, placement=placement,
                               memory=memory)
         self.train_step = tf.function(self._train_step)
-        self.optimizer = training.SGD(config.learning_rate)
+        self.optimizer = sgd.SGD(config.learning_rate)
         # The Position as JSON, and the carried LSTM state of the whole global batch (every
         # rank's rows): resuming mid-epoch continues from the state the last window left.
         self._position = tf.Variable(json.dumps(dataclasses.asdict(Position())), dtype=tf.string, trainable=False)
@@ -344,7 +344,7 @@ class PTBJob(loop.Job):
 
     def plot(self, pos, save_path: str) -> None:
         if pos.history:
-            training.plot_curves(os.path.join(save_path, "perplexity.png"), f"PTB {self.options.config_name}",
+            outputs.plot_curves(os.path.join(save_path, "perplexity.png"), f"PTB {self.options.config_name}",
                                  "perplexity", {"train": [h["train_perplexity"] for h in pos.history],
                                                 "valid": [h["valid_perplexity"] for h in pos.history]})
 

@@ -11,6 +11,8 @@ States are tuples: (c, h) for the LSTM, (h,) for the others.
 """
 import tensorflow as tf
 
+from distrnn.names import CELL_GATES
+
 
 class RecurrentCell(tf.Module):
     """Common parts: `gates` blocks of `units` columns in one kernel over [inputs, h]."""
@@ -137,4 +139,7 @@ class GRUCell(RecurrentCell):
         return h, (h,)
 
 
-CELLS = {"lstm": LSTMCell, "gru": GRUCell, "rnn": BasicRNNCell}
+CELLS = {cls.kind: cls for cls in (LSTMCell, GRUCell, BasicRNNCell)}
+# The names and gate counts the command line offers before TensorFlow loads are these cells'.
+if {name: cls.gates for name, cls in CELLS.items()} != CELL_GATES:
+    raise ImportError("distrnn.names.CELL_GATES does not list the cells of distrnn.rnn.cells")

@@ -17,11 +17,12 @@ import logging
 
 import tensorflow as tf
 
+from distrnn.names import RNN_MODES
 from distrnn.rnn import fused
 from distrnn.rnn.cells import LSTMCell
 from distrnn.rnn.lstm_sequence import KEEP, Layer, Memory, lstm_stack
 
-UNROLL_MODES = ("static", "dynamic", "block", "cudnn", "auto")
+UNROLL_MODES = RNN_MODES  # the names, defined TensorFlow-free in distrnn.names
 logger = logging.getLogger("distrnn")
 
 

@@ -1,0 +1,109 @@
+"""What a run shows and leaves behind besides its checkpoints: log and progress lines, its speed,
+TensorBoard scalars, plots."""
+import datetime
+import math
+import os
+from typing import Dict, List, Optional
+
+import tensorflow as tf
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+class Speed:
+    """Words (or examples) per second over training steps, leaving out the first
+    `warmup` steps of the process (tracing and graph building) and time spent
+    outside training steps (evaluation, checkpoints)."""
+
+    def __init__(self, warmup: int = 5):
+        self.warmup, self.steps, self.units, self.seconds = warmup, 0, 0, 0.0
+
+    def add(self, units: int, seconds: float) -> None:
+        self.steps += 1
+        if self.steps > self.warmup:
+            self.units += units
+            self.seconds += seconds
+
+    @property
+    def seconds_per_step(self) -> float:
+        timed = self.steps - self.warmup
+        return self.seconds / timed if timed > 0 else float("nan")
+
+    @property
+    def rate(self) -> float:
+        return self.units / self.seconds if self.seconds > 0 else float("nan")
+
+
+def progress_line(pos, max_epochs: int, steps_per_epoch: int, total_steps: int, figures: str, lr: float,
+                  speed: Speed, unit: str, memory_summary: str = "") -> str:
+    """`epoch E/N step S/M (P%) | FIGURES | lr | RATE UNIT/sec | eta | memory` for a Position-like `pos`
+    (epoch, step_in_epoch, global_step)."""
+    line = (f"epoch {pos.epoch + 1}/{max_epochs} step {pos.step_in_epoch}/{steps_per_epoch} "
+            f"({100 * pos.step_in_epoch / steps_per_epoch:.0f}%) | {figures} | lr {lr:.4g}")
+    if not speed.seconds:
+        return f"{line} | {unit}/sec after {speed.warmup} steps"
+    eta = (total_steps - pos.global_step) * speed.seconds_per_step
+    line = f"{line} | {speed.rate:7.0f} {unit}/sec | eta {format_duration(eta)}"
+    return f"{line} | {memory_summary}" if memory_summary else line
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+class TensorBoard:
+    """Scalar summaries under save_path/tensorboard (chief only; a no-op elsewhere)."""
+
+    def __init__(self, save_path: Optional[str], enabled: bool):
+        self.writer = tf.summary.create_file_writer(os.path.join(save_path, "tensorboard")) \
+            if enabled and save_path else None
+
+    def scalars(self, step: int, **values: float) -> None:
+        if self.writer is None:
+            return
+        with self.writer.as_default(step=step):
+            for name, value in values.items():
+                tf.summary.scalar(name, value)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_curves(path: str, title: str, ylabel: str, curves: Dict[str, List[float]], log_scale: bool = True) -> None:
+    """One line per curve against epoch (1-based), saved as PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for label, values in curves.items():
+        points = [(i + 1, v) for i, v in enumerate(values) if v is not None and math.isfinite(v)]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> None:
+    """Saves a matplotlib figure as PNG and closes it; a plot that cannot be written (a full disk) is a
+    warning, not the end of a run whose figures are already in its metrics file."""
+    import matplotlib.pyplot as plt
+    try:
+        fig.savefig(path)
+    except OSError as e:
+        log(f"warning: could not write {path} ({e.strerror or e})")
+    finally:
+        plt.close(fig)
