@@ -155,7 +155,8 @@ def add_job_flags(parser: argparse.ArgumentParser, job: str, presets, default_co
     ranks.add_argument("--global_batch_size", type=COUNT, default=0,
                        help="rows of one step over all ranks, split evenly (default: batch_size x ranks)")
     ranks.add_argument("--lr_scaling", default="none", choices=names.LR_SCALINGS,
-                       help="scale the learning rate with global batch / batch_size (default none: see docs/horovod.md)")
+                       help="scale the learning rate with global batch / batch_size (default none: see "
+                            "docs/horovod.md)")
     ranks.add_argument("--lr_warmup_steps", type=COUNT, default=0,
                        help="reach the scaled learning rate linearly over N steps")
     mem = parser.add_argument_group("memory")

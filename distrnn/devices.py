@@ -246,7 +246,8 @@ def format_plan(r: dict) -> str:
         lines.append("warning: the largest device would need less with " + "; ".join(
             f"{flag}: {mib:,.1f} MiB" for flag, mib in r["alternatives_mib"].items()) +
             "; or more devices (--num_gpus), a smaller --batch_size or --num_steps")
-    lines.append("(estimates: bench/memory_estimate.py checks them against measured peaks; docs/measurements.md gives the error)")
+    lines.append("(estimates: bench/memory_estimate.py checks them against measured peaks; docs/measurements.md "
+                 "gives the error)")
     return "\n".join(lines)
 
 

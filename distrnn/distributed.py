@@ -14,14 +14,11 @@ import json
 import math
 import os
 import re
-import socket
-import threading
-import time
 from typing import Any, Optional
 
 import numpy as np
 
-from distrnn import slurm
+from distrnn import slurm, srun
 from distrnn.config import env_number
 from distrnn.errors import RankLost, UsageError
 
@@ -29,10 +26,6 @@ from distrnn.errors import RankLost, UsageError
 # Set by horovodrun (Gloo), mpirun (Open MPI) or an MPI launcher (srun --mpi=pmi2 / pmix, Intel MPI's PMI).
 LAUNCH_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 MPI_VARIABLES = LAUNCH_VARIABLES[1:]
-# srun tasks meet at a Gloo rendezvous that rank 0 serves, on DISTRNN_RENDEZVOUS_PORT, else the first of
-# the step's reserved ports (srun --resv-ports), else a port derived from the job and step ids in
-# 20000-29999 (below Linux's ephemeral ports, so no outgoing connection holds it).
-RENDEZVOUS_PORTS = range(20000, 30000)
 
 
 def horovod_version() -> Optional[str]:
@@ -56,118 +49,6 @@ def mpi_joins_ranks() -> bool:
     except ImportError:
         return False
     return hvd.mpi_built()
-
-
-def srun_environment(task: slurm.SrunTask, env=os.environ) -> dict:
-    """What horovodrun's Gloo launcher would set for this process, made from what srun set: its
-    rank, local and cross rank, and where the rendezvous is (rank 0's node) and which network
-    interface leads there. No ssh and no launcher process: the tasks srun started are the job."""
-    address = rendezvous_address(task, env)
-    return {
-        "HOROVOD_GLOO_RENDEZVOUS_ADDR": address,
-        "HOROVOD_GLOO_RENDEZVOUS_PORT": str(rendezvous_port(env)),
-        "HOROVOD_CONTROLLER": "gloo",
-        "HOROVOD_CPU_OPERATIONS": "gloo",
-        "HOROVOD_GLOO_IFACE": interface_towards(address),
-        "HOROVOD_HOSTNAME": task.node,
-        "HOROVOD_RANK": str(task.rank),
-        "HOROVOD_SIZE": str(task.size),
-        "HOROVOD_LOCAL_RANK": str(task.local_rank),
-        "HOROVOD_LOCAL_SIZE": str(task.local_size),
-        "HOROVOD_CROSS_RANK": str(task.cross_rank),
-        "HOROVOD_CROSS_SIZE": str(task.cross_size),
-    }
-
-
-def rendezvous_address(task: slurm.SrunTask, env=os.environ) -> str:
-    """Rank 0's node's IPv4 address: DISTRNN_RENDEZVOUS_ADDR, or loopback when the step has one
-    node, or the step's first node's name resolved (srun starts rank 0 there)."""
-    if env.get("DISTRNN_RENDEZVOUS_ADDR"):
-        return env["DISTRNN_RENDEZVOUS_ADDR"]
-    first = task.slots[0][0]
-    if task.rank == 0 and task.node != first:
-        raise UsageError(f"rank 0 runs on {task.node}, not on the step's first node {first}, where the other "
-                         f"tasks look for Horovod's rendezvous: use srun's default distribution (block), or set "
-                         f"DISTRNN_RENDEZVOUS_ADDR to {task.node}'s address")
-    if len(task.slots) == 1:
-        return "127.0.0.1"
-    try:
-        return socket.getaddrinfo(first, None, socket.AF_INET)[0][4][0]
-    except OSError:
-        raise UsageError(f"cannot resolve the node name {first} (the step's first node, where rank 0 serves "
-                         f"Horovod's rendezvous): set DISTRNN_RENDEZVOUS_ADDR to its IP address") from None
-
-
-def rendezvous_port(env=os.environ) -> int:
-    port = env_number(env, "DISTRNN_RENDEZVOUS_PORT", None, minimum=1, maximum=65535)
-    if port:
-        return port
-    if env.get("SLURM_STEP_RESV_PORTS"):  # 12000-12001 or 12000,12005
-        return env_number({"SLURM_STEP_RESV_PORTS": re.split(r"[-,]", env["SLURM_STEP_RESV_PORTS"])[0]},
-                          "SLURM_STEP_RESV_PORTS", None, minimum=1, maximum=65535)
-    job, step = env_number(env, "SLURM_JOB_ID", 0, minimum=0), env_number(env, "SLURM_STEP_ID", 0, minimum=0)
-    # 101 is prime to the range's 10,000 ports: the first steps of two jobs share a port only when
-    # their ids differ by a multiple of 10,000.
-    return RENDEZVOUS_PORTS[(job * 101 + step) % len(RENDEZVOUS_PORTS)]
-
-
-def interface_towards(address: str) -> str:
-    """The name of this host's network interface whose address the kernel uses to reach `address`
-    (lo for loopback): Gloo binds its connections to it."""
-    import psutil
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect((address, 9))  # UDP: picks the route, sends nothing
-        except OSError as error:
-            raise UsageError(f"no route from this host to {address}, where Horovod's rendezvous is "
-                             f"({error.strerror}); set DISTRNN_RENDEZVOUS_ADDR to an address the nodes share") from None
-        local = probe.getsockname()[0]
-    for name, addresses in psutil.net_if_addrs().items():
-        if any(a.family == socket.AF_INET and a.address == local for a in addresses):
-            return name
-    raise UsageError(f"no network interface holds {local}, this host's address towards {address}")
-
-
-def check_own_name_resolves() -> None:
-    """Horovod's Gloo looks this host's own name up when it sets up process sets, and crashes
-    (a segmentation fault, measured) when the name does not resolve; a clear error instead."""
-    name = socket.gethostname()
-    try:
-        socket.getaddrinfo(name, None)
-    except OSError:
-        raise UsageError(f"this host's name {name!r} does not resolve (Horovod's Gloo looks it up): add it to "
-                         f"/etc/hosts or DNS") from None
-
-
-def serve_rendezvous(task: slurm.SrunTask, port: int):
-    """Rank 0: Horovod's own rendezvous server (what horovodrun runs), for the step's layout, in a
-    thread of this process; the other tasks retry until it answers."""
-    from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
-    from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
-    try:
-        server = RendezvousHTTPServer(("", port), RendezvousHandler, False)  # Horovod:
-    except OSError as error:
-        raise UsageError(f"cannot serve Horovod's rendezvous on port {port} of {task.node} ({error.strerror}): "
-                         f"set DISTRNN_RENDEZVOUS_PORT to a free port") from None
-    server.init(get_host_assignments(parse_hosts(task.hosts), task.size))  # Horovod:
-    threading.Thread(target=server.serve_forever, name="horovod-rendezvous", daemon=True).start()
-    return server
-
-
-def wait_for_rendezvous(address: str, port: int, timeout: float, rank: int) -> None:
-    """Waits until rank 0's rendezvous accepts connections: Horovod gives up after a few quick tries
-    (measured: it aborts the process when the server is not up yet), and tasks start in any order."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((address, port), timeout=2).close()
-            return
-        except OSError as error:
-            if time.monotonic() > deadline:
-                raise RankLost(f"rank {rank}: Horovod's rendezvous at {address}:{port} did not answer within "
-                               f"{timeout:.0f} s ({error.strerror or error}): rank 0 did not start or failed (see "
-                               f"its output), or a firewall blocks the port (set DISTRNN_RENDEZVOUS_PORT)") from None
-            time.sleep(0.2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,7 +242,7 @@ def init(gpus_per_rank: int = 0) -> World:
     by_horovodrun = "HOROVOD_RANK" in os.environ
     task = None if by_horovodrun or mpi_joins_ranks() else slurm.srun_task()
     if task is not None:
-        srun_env = srun_environment(task)
+        srun_env = srun.srun_environment(task)
         os.environ.update(srun_env)
     if not launched_by_horovod():
         world = World(gpus_per_rank=gpus_per_rank)
@@ -380,10 +261,10 @@ def init(gpus_per_rank: int = 0) -> World:
                              "--mpi=pmix (Horovod built with MPI), or rebuild it with bash launch/setup.sh")
         port = env_number(srun_env, "HOROVOD_GLOO_RENDEZVOUS_PORT", None, minimum=1, maximum=65535)
         if task.rank == 0:
-            serve_rendezvous(task, port)
+            srun.serve_rendezvous(task, port)
         else:
             # As long as Horovod itself waits for the other ranks at the rendezvous.
-            wait_for_rendezvous(srun_env["HOROVOD_GLOO_RENDEZVOUS_ADDR"], port,
+            srun.wait_for_rendezvous(srun_env["HOROVOD_GLOO_RENDEZVOUS_ADDR"], port,
                                 env_number(os.environ, "HOROVOD_GLOO_TIMEOUT_SECONDS", 30.0, float, positive=True),
                                 task.rank)
     elif not by_horovodrun and not hvd.mpi_built():
@@ -391,7 +272,7 @@ def init(gpus_per_rank: int = 0) -> World:
         raise UsageError("started by an MPI launcher, but this Horovod was built without MPI: start with "
                          "horovodrun --gloo, or srun without --mpi")
     if os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"):
-        check_own_name_resolves()
+        srun.check_own_name_resolves()
     hvd.init()  # Horovod:
     world = World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), hvd, gpus_per_rank)
     _pin_gpus(world)

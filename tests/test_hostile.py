@@ -382,7 +382,7 @@ def test_run_main_is_the_one_boundary(capsys):
 
 
 def test_junk_in_launcher_environment_variables(tmp_path):
-    from distrnn import distributed, errors
+    from distrnn import errors, srun
     proc = run_ptb(*TINY, "--data_path", tmp_path, "--save_path", tmp_path / "s",
                    env={"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "two"})
     assert_one_line_error(proc, "distrnn.ptb", "environment variable SLURM_STEP_NUM_TASKS='two': takes an integer")
@@ -390,7 +390,7 @@ def test_junk_in_launcher_environment_variables(tmp_path):
                           ({"SLURM_STEP_RESV_PORTS": "x-y"}, "SLURM_STEP_RESV_PORTS='x': takes an integer"),
                           ({"SLURM_JOB_ID": "12.5"}, "SLURM_JOB_ID='12.5': takes an integer")):
         with pytest.raises(errors.UsageError, match=fragment.replace(".", r"\.")):
-            distributed.rendezvous_port(env)
+            srun.rendezvous_port(env)
 
 
 def test_weights_that_do_not_fit_in_memory(tmp_path):

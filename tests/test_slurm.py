@@ -13,7 +13,7 @@ import pytest
 
 import slurm_cluster
 from conftest import ROOT, checkpoint_step, run_ptb, subprocess_env, write_corpus, write_images
-from distrnn import distributed, slurm
+from distrnn import distributed, slurm, srun
 from distrnn.errors import UsageError
 
 
@@ -143,27 +143,27 @@ def test_srun_tasks_are_laid_out_as_horovodrun_lays_out_processes():
 def test_srun_environment_names_the_rendezvous_and_the_interface_towards_it():
     env = step_env(procid=5, nodeid=1, localid=1, DISTRNN_RENDEZVOUS_ADDR="127.0.0.1")
     task = slurm.srun_task(env)
-    assert distributed.srun_environment(task, env) == {
+    assert srun.srun_environment(task, env) == {
         "HOROVOD_GLOO_RENDEZVOUS_ADDR": "127.0.0.1", "HOROVOD_GLOO_RENDEZVOUS_PORT": str(20000 + 1234 * 101 % 10000),
         "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo", "HOROVOD_GLOO_IFACE": "lo",
         "HOROVOD_HOSTNAME": "gpu02", "HOROVOD_RANK": "5", "HOROVOD_SIZE": "10", "HOROVOD_LOCAL_RANK": "1",
         "HOROVOD_LOCAL_SIZE": "4", "HOROVOD_CROSS_RANK": "1", "HOROVOD_CROSS_SIZE": "3"}
     # Ports: the one given, else the step's reserved ports (srun --resv-ports), else from the ids.
-    assert distributed.rendezvous_port(dict(env, SLURM_STEP_RESV_PORTS="12000-12003")) == 12000
-    assert distributed.rendezvous_port(dict(env, DISTRNN_RENDEZVOUS_PORT="4567")) == 4567
-    assert distributed.rendezvous_port(dict(env, SLURM_STEP_ID="1")) == 20000 + (1234 * 101 + 1) % 10000
+    assert srun.rendezvous_port(dict(env, SLURM_STEP_RESV_PORTS="12000-12003")) == 12000
+    assert srun.rendezvous_port(dict(env, DISTRNN_RENDEZVOUS_PORT="4567")) == 4567
+    assert srun.rendezvous_port(dict(env, SLURM_STEP_ID="1")) == 20000 + (1234 * 101 + 1) % 10000
     # A one-node step meets on loopback; several nodes at the first node's resolved name.
     one_node = slurm.srun_task(step_env(1, 0, 1, nodes="gpu01", counts="2"))
-    assert distributed.rendezvous_address(one_node, {}) == "127.0.0.1"
+    assert srun.rendezvous_address(one_node, {}) == "127.0.0.1"
     here = socket.gethostname()
     two = slurm.srun_task(step_env(1, 1, 0, nodes=f"{here},other", counts="1(x2)"))
-    assert distributed.rendezvous_address(two, {}) == socket.getaddrinfo(here, None, socket.AF_INET)[0][4][0]
+    assert srun.rendezvous_address(two, {}) == socket.getaddrinfo(here, None, socket.AF_INET)[0][4][0]
     unknown = slurm.srun_task(step_env(1, 1, 0, nodes="no-such-node-x[1-2]", counts="1(x2)"))
     with pytest.raises(UsageError, match="cannot resolve the node name no-such-node-x1 .* set DISTRNN_RENDEZVOUS_ADDR"):
-        distributed.rendezvous_address(unknown, {})
+        srun.rendezvous_address(unknown, {})
     misplaced = slurm.srun_task(step_env(0, 1, 0, nodes="a[1-2]", counts="1(x2)"))
     with pytest.raises(UsageError, match="rank 0 runs on a2, not on the step's first node a1"):
-        distributed.rendezvous_address(misplaced, {})
+        srun.rendezvous_address(misplaced, {})
 
 
 TWO_TASKS = """
