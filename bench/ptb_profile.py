@@ -34,7 +34,7 @@ MACHINE = machine.start()  # before TensorFlow loads, which fixes the oneDNN set
 import tensorflow as tf  # noqa: E402
 
 from distrnn.ptb import configs, reader  # noqa: E402
-from distrnn.ptb.train import Trainer, sum_duplicate_rows  # noqa: E402
+from distrnn.ptb.trainer import Trainer, sum_duplicate_rows  # noqa: E402
 from distrnn.config import override  # noqa: E402
 
 

@@ -15,7 +15,7 @@ from distrnn.config import override
 from distrnn.ptb import reader
 from distrnn.ptb.configs import PRESETS
 from distrnn.distributed import per_rank_config
-from distrnn.ptb.train import Trainer
+from distrnn.ptb.trainer import Trainer
 
 
 def main(corpus, out, global_batch, steps):

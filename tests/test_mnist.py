@@ -15,7 +15,8 @@ from distrnn.distributed import World
 from distrnn.errors import UsageError
 from distrnn.mnist import idx
 from distrnn.mnist.configs import PRESETS
-from distrnn.mnist.train import Pixels, RunOptions, Trainer, epoch_order, evaluate, train_and_evaluate
+from distrnn.mnist.train import RunOptions, train_and_evaluate
+from distrnn.mnist.trainer import Pixels, Trainer, epoch_order, evaluate
 from distrnn.placement import make_plan
 
 SMALL = {"hidden_size": "16", "batch_size": "20", "validation_size": "100", "learning_rate": "0.01"}

@@ -11,7 +11,7 @@ from distrnn import placement
 from distrnn.config import override
 from distrnn.errors import UsageError
 from distrnn.ptb.configs import PRESETS
-from distrnn.ptb.train import Trainer
+from distrnn.ptb.trainer import Trainer
 from distrnn.rnn.lstm_sequence import KEEP, Layer, Memory, lstm_stack
 
 CPU = [f"/device:CPU:{i}" for i in range(4)]

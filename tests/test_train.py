@@ -9,7 +9,8 @@ import tensorflow as tf
 from distrnn.config import override
 from distrnn.ptb import reader
 from distrnn.ptb.configs import PRESETS
-from distrnn.ptb.train import RunOptions, Trainer, sum_duplicate_rows, train_and_evaluate
+from distrnn.ptb.train import RunOptions, train_and_evaluate
+from distrnn.ptb.trainer import Trainer, sum_duplicate_rows
 
 SMALLISH = {"hidden_size": "16", "num_steps": "5", "batch_size": "4", "num_layers": "2"}
 
@@ -108,7 +109,7 @@ def test_checkpoints_move_between_modes(corpus, tmp_path, trained, restored):
 
 
 def test_learning_rate_scaling_and_warmup():
-    from distrnn.ptb.train import learning_rate
+    from distrnn.ptb.trainer import learning_rate
     c = PRESETS.get("small")  # lr 1.0, constant for 4 epochs, then halved
     assert learning_rate(c, 0, 0, 4.0) == 1.0
     assert learning_rate(c, 0, 0, 4.0, "linear") == 4.0

@@ -4,22 +4,17 @@
 only parses flags and calls it, and the tests call it the same way.
 """
 import dataclasses
-import json
-import math
 import os
 import time
-from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
-from distrnn import distributed, loop, memory, outputs, placement, sgd, training
+from distrnn import distributed, loop, memory, outputs, training
 from distrnn.checkpoints import Checkpoints
 from distrnn.errors import OutOfMemory, UsageError
 from distrnn.ptb import reader
-from distrnn.ptb.model import PTBModel
-from distrnn.rnn import CELLS, KEEP, Memory, resolve_mode
-from distrnn.rnn.stack import stack_mode
+from distrnn.ptb.trainer import Trainer, evaluate, learning_rate, make_model_plan, perplexity, rank_share
 from distrnn.outputs import log
 
 # Fields that fix variable shapes or the meaning of a saved data position: a
@@ -31,162 +26,6 @@ SHAPE_FIELDS = ("num_layers", "hidden_size", "batch_size", "num_steps")
 class RunOptions(training.JobOptions):
     sparse_as_dense: bool = False        # Horovod: allreduce the embedding gradient densified, not allgathered
     on_oom: str = "stop"                 # a step out of memory: stop (checkpoint, exit 76) or retry it leaner
-
-
-def sum_duplicate_rows(grad):
-    """Merges repeated rows of an embedding gradient.
-
-    tf.gather's gradient is IndexedSlices with one row per looked-up word, so a
-    word seen k times appears k times. Summing them first makes the global
-    norm used for clipping the norm of the true gradient, and shrinks the
-    sparse update.
-    """
-    if not isinstance(grad, tf.IndexedSlices):
-        return grad
-    ids, position = tf.unique(grad.indices)
-    values = tf.math.unsorted_segment_sum(grad.values, position, tf.shape(ids)[0])
-    return tf.IndexedSlices(values, ids, grad.dense_shape)
-
-
-def perplexity(mean_loss: float) -> float:
-    """exp(mean loss); inf where that is beyond float64 (a finite loss above 709.78 a word)."""
-    return math.exp(mean_loss) if mean_loss < 709.78 else float("inf")
-
-
-@dataclasses.dataclass
-class Position:
-    """Where a run stands; saved with every checkpoint so --resume continues exactly."""
-    epoch: int = 0            # 0-based epoch in progress
-    step_in_epoch: int = 0    # next training window of that epoch
-    global_step: int = 0      # training steps done in all
-    epoch_cost: float = 0.0   # sum of step losses this epoch (for train perplexity)
-    epoch_iters: int = 0      # time steps trained this epoch
-    history: list = dataclasses.field(default_factory=list)  # per finished epoch: perplexities, lr
-
-    @property
-    def train_perplexity(self) -> Optional[float]:
-        if self.epoch_iters:
-            return perplexity(self.epoch_cost / self.epoch_iters)
-        return self.history[-1]["train_perplexity"] if self.history else None
-
-
-class Trainer(tf.Module):
-    """The model, its optimizer and everything a checkpoint must hold to resume exactly."""
-
-    def __init__(self, config, vocab_size: int, seed: int, on_gpu: bool = False, plan=None,
-                 placement: str = "sequential", world=None, sparse_as_dense: bool = False, memory: Memory = KEEP):
-        super().__init__(name="trainer")
-        self.config = config
-        self.world = world or distributed.World()
-        self.sparse_as_dense = sparse_as_dense
-        self.on_gpu = on_gpu
-        try:
-            self.rnn_mode, self.rnn_mode_reason = stack_mode(config.cell, config.use_peepholes, config.rnn_mode,
-                                                             on_gpu, config.num_steps, placement, memory)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
-        self.model = PTBModel(config, vocab_size, seed=seed, rnn_mode=self.rnn_mode, plan=plan, placement=placement,
-                              memory=memory)
-        self.train_step = tf.function(self._train_step)
-        self.optimizer = sgd.SGD(config.learning_rate)
-        # The Position as JSON, and the carried LSTM state of the whole global batch (every
-        # rank's rows): resuming mid-epoch continues from the state the last window left.
-        self._position = tf.Variable(json.dumps(dataclasses.asdict(Position())), dtype=tf.string, trainable=False)
-        self._carried = [tf.Variable(t, trainable=False)
-                         for t in tf.nest.flatten(self.model.zero_state(config.batch_size * self.world.size))]
-
-    def checkpoint(self) -> tf.train.Checkpoint:
-        return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, position=self._position,
-                                   carried_state=self._carried)
-
-    def record(self, position: Position, state) -> None:
-        """Copies the run's position and carried state into the checkpointed variables.
-        A collective: every rank calls it (each contributes its rows of the state)."""
-        self._position.assign(json.dumps(dataclasses.asdict(position)))
-        for variable, value in zip(self._carried, tf.nest.flatten(state)):
-            variable.assign(self.world.allgather(value))
-
-    def position(self) -> Position:
-        return Position(**json.loads(self._position.numpy().decode()))
-
-    def carried_state(self):
-        """This rank's rows of the LSTM state saved with the run, structured as the model's state."""
-        return tf.nest.pack_sequence_as(self.model.zero_state(1),
-                                        [self.world.stripe(v.numpy()) for v in self._carried])
-
-    def share_from_chief(self) -> None:
-        """After rank 0 restored (or initialised) the run: every rank takes its weights,
-        optimizer slots, dropout generator, position and carried state."""
-        if self.world.size == 1:
-            return
-        self.world.broadcast_variables(list(self.model.variables) + list(self.optimizer.variables) +
-                                       [self.model.dropout_rng.state] + self._carried)
-        self._position.assign(self.world.broadcast_object(self._position.numpy()))
-
-    @property
-    def memory(self) -> Memory:
-        return self.model.memory
-
-    def set_memory(self, memory: Memory) -> None:
-        """Switches what the LSTM stack's backward pass keeps (a memory mode runs the dynamic
-        loop); the next train_step is traced anew. The weights are untouched."""
-        self.rnn_mode, self.rnn_mode_reason = resolve_mode(self.config.cell, self.config.use_peepholes, "auto",
-                                                           self.on_gpu, self.config.num_steps, memory)
-        self.model.rnn_mode, self.model.memory = self.rnn_mode, memory
-        self.train_step = tf.function(self._train_step)
-
-    def _train_step(self, x, y, state):
-        """One window: x, y (B, T). Returns the loss (sum over time of the batch mean), the gradient's
-        global norm before clipping and the new state. Run as the tf.function `train_step`."""
-        variables = self.model.trainable_variables
-        with tf.GradientTape() as tape:
-            features, state = self.model(x, state, training=True)
-            # Averaged over the batch, summed over time steps, as the reference.
-            loss = tf.reduce_sum(self.model.token_losses(features, y)) / tf.cast(tf.shape(x)[0], tf.float32)
-        tape = self.world.wrap_tape(tape, self.sparse_as_dense)  # averaged over ranks: the global batch's mean
-        grads = [sum_duplicate_rows(g) for g in tape.gradient(loss, variables)]
-        norm = self.optimizer.apply(grads, variables, clip_norm=self.config.max_grad_norm)
-        return self.world.average(loss), norm, state
-
-    @tf.function
-    def eval_step(self, x, y, weights, state):
-        """Sum of token losses where weights is 1 (padding has weight 0), and new state."""
-        features, state = self.model(x, state, training=False)
-        return tf.reduce_sum(self.model.token_losses(features, y, weights)), state
-
-
-def rank_share(batches: reader.EvalBatches, world) -> reader.EvalBatches:
-    """This rank's rows of a split laid out for the global batch."""
-    return reader.EvalBatches(world.stripe(batches.inputs), world.stripe(batches.targets),
-                              world.stripe(batches.weights), batches.num_steps)
-
-
-def evaluate(trainer: Trainer, batches: reader.EvalBatches, world) -> float:
-    """Exact perplexity over a whole split: exp(total loss / number of words), from the
-    sums of every rank's losses and word counts."""
-    state = trainer.model.zero_state(batches.inputs.shape[0])
-    total = 0.0
-    for i in range(batches.num_windows):
-        x, y, w = batches.window(i)
-        loss, state = trainer.eval_step(x, y, w, state)
-        total += float(loss)
-    total, count = world.allreduce_sum([total, float(batches.weights.sum())])
-    return perplexity(total / count)
-
-
-def learning_rate(config, epoch: int, step: int, batch_ratio: float, scaling: str = "none",
-                  warmup_steps: int = 0) -> float:
-    """The reference schedule, times distributed.lr_factor for a larger global batch."""
-    return config.learning_rate_at(epoch) * distributed.lr_factor(batch_ratio, scaling, step, warmup_steps)
-
-
-def make_model_plan(config, vocab_size: int, devices, strategy: str):
-    """The placement plan of the model's parts over `devices` (one device, TensorFlow's choice, if none)."""
-    if not devices:
-        return placement.single_device(config.num_layers)
-    costs = placement.lm_costs(vocab_size, config.hidden_size, config.num_layers, config.batch_size,
-                               config.num_steps, cell_gates=CELLS[config.cell].gates)
-    return placement.make_plan(config.num_layers, devices, strategy, costs)
 
 
 def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
