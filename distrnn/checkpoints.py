@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 from distrnn.errors import SaveFailed, UsageError
 
 STATE_FILE = "checkpoint"  # tf.train.CheckpointManager's name for it
-_CHECKPOINT_FILE = re.compile(r"ckpt-(\d+)(?:\.index|\.data-(\d+)-of-(\d+)|_temp.*)$")
+_CHECKPOINT_FILE = re.compile(r"ckpt-(\d+)(?:\.index|\.data-\d+-of-\d+|_temp.*)$")
 
 
 class SavePathLock:

@@ -27,7 +27,6 @@ class Job:
     """What a job gives the loop. `pos` is the job's Position (a dataclass saved with every checkpoint:
     epoch, step_in_epoch, global_step, history, and the job's own sums over the epoch)."""
 
-    name: str                # for plot titles: "PTB"
     unit: str                # what the speed counts: "words", "images"
     rate_key: str            # the metrics key of the speed: "words_per_sec"
     steps_per_epoch: int

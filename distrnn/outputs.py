@@ -12,6 +12,11 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+def say(world, message: str) -> None:
+    """Logs on any rank, prefixed with the rank under Horovod (where the chief alone would not know)."""
+    log(message if world.size == 1 else f"rank {world.rank}: {message}")
+
+
 class Speed:
     """Words (or examples) per second over training steps, leaving out the first
     `warmup` steps of the process (tracing and graph building) and time spent

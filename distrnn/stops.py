@@ -12,7 +12,7 @@ import numpy as np
 from distrnn import checkpoints, memory
 from distrnn.checkpoints import Checkpoints
 from distrnn.errors import Diverged, Interrupted, OutOfMemory
-from distrnn.outputs import log
+from distrnn.outputs import log, say
 
 
 class Watch:
@@ -44,8 +44,8 @@ class Watch:
         return self.signals.__exit__(*exc)
 
     def say(self, message: str) -> None:
-        """Logs on any rank (prefixed with the rank under Horovod): memory matters wherever it runs short."""
-        log(message if self.world.size == 1 else f"rank {self.world.rank}: {message}")
+        """Logs on any rank: memory matters wherever it runs short."""
+        say(self.world, message)
 
     def warn(self) -> None:
         warning = self.monitor.take_warning()
@@ -144,7 +144,7 @@ class SignalsInterrupt:
             signal.signal(sig, handler)
         if kind is KeyboardInterrupt or kind is _Signalled:
             signum = signal.SIGINT if kind is KeyboardInterrupt else error.signum
-            raise Interrupted(interrupted_message(self.save_path, signum), 128 + signum) from None
+            raise Interrupted(interrupted_message(self.save_path, signum), StopSignal.exit_code(signum)) from None
         return False
 
 

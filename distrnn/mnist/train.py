@@ -68,7 +68,7 @@ class MNISTJob(loop.Job):
     """The row-by-row classifier as the training loop sees it: batches of images in an order fixed by
     (seed, epoch), losses and accuracies."""
 
-    name, unit, rate_key = "MNIST", "images", "examples_per_sec"
+    unit, rate_key = "images", "examples_per_sec"
 
     def __init__(self, config, reference_batch: int, options: RunOptions, world, devices):
         self.config, self.options, self.world = config, options, world

@@ -64,7 +64,7 @@ class PTBJob(loop.Job):
     """The PTB language model as the training loop sees it: windows of the token stream, the LSTM state
     carried from one window to the next, perplexities."""
 
-    name, unit, rate_key = "PTB", "words", "words_per_sec"
+    unit, rate_key = "words", "words_per_sec"
 
     def __init__(self, config, reference_batch: int, options: RunOptions, world, devices):
         self.config, self.options, self.world = config, options, world
@@ -95,9 +95,6 @@ class PTBJob(loop.Job):
         self.valid_batches = rank_share(reader.eval_batches(data.valid, eos, self.global_batch, T), world)
         self.test_batches = rank_share(reader.eval_batches(data.test, eos, self.global_batch, T), world)
         self.rows = world.stripe(reader.train_rows(data.train, self.global_batch))  # (B, batch_len): this rank's
-        pos = self.trainer.position()
-        # The last validation figure still describes the weights when the run stopped at an epoch's end.
-        self.valid_ppl = pos.history[-1]["valid_perplexity"] if pos.history and pos.step_in_epoch == 0 else None
         self.memory_changes = []  # --on_oom retry: each switch to a leaner memory mode
         self.state, self.loss = None, None
 
@@ -117,7 +114,6 @@ class PTBJob(loop.Job):
         self.loss = loss = float(loss)
         pos.epoch_cost += loss
         pos.epoch_iters += self.config.num_steps
-        self.valid_ppl = None
         return {"loss": loss, "perplexity": perplexity(loss / self.config.num_steps), "gradient norm": float(norm)}
 
     def _step(self, pos, x, y):
@@ -141,7 +137,7 @@ class PTBJob(loop.Job):
                     raise OutOfMemory(what) from None
                 message = (f"{what} in memory mode {trainer.memory.describe()}; running it again in memory mode "
                            f"{leaner.describe()}")
-                log(message if self.world.size == 1 else f"rank {self.world.rank}: {message}")
+                outputs.say(self.world, message)
                 self.memory_changes.append({"step": pos.global_step + 1, "from": trainer.memory.describe(),
                                             "to": leaner.describe()})
                 trainer.set_memory(leaner)
@@ -159,18 +155,20 @@ class PTBJob(loop.Job):
         self.trainer.record(pos, self.trainer.model.zero_state(self.config.batch_size) if end_of_epoch else self.state)
 
     def validate(self, pos, lr: float):
-        self.valid_ppl = evaluate(self.trainer, self.valid_batches, self.world)
-        entry = {"epoch": pos.epoch + 1, "train_perplexity": pos.train_perplexity, "valid_perplexity": self.valid_ppl,
+        valid_ppl = evaluate(self.trainer, self.valid_batches, self.world)
+        entry = {"epoch": pos.epoch + 1, "train_perplexity": pos.train_perplexity, "valid_perplexity": valid_ppl,
                  "learning_rate": lr}
-        return (entry, f"train ppl {pos.train_perplexity:.2f} | valid ppl {self.valid_ppl:.2f}",
-                {"valid_perplexity": self.valid_ppl})
+        text = f"train ppl {pos.train_perplexity:.2f} | valid ppl {valid_ppl:.2f}"
+        return entry, text, {"valid_perplexity": valid_ppl}
 
     def end_epoch(self, pos) -> None:
         pos.epoch_cost, pos.epoch_iters = 0.0, 0
 
     def finish(self, pos, speed):
-        valid_ppl = self.valid_ppl if self.valid_ppl is not None else evaluate(self.trainer, self.valid_batches,
-                                                                               self.world)
+        # At an epoch's end (this run's, or the checkpoint's it resumed from) the last validation figure
+        # describes these weights; after a part of an epoch they have moved on.
+        valid_ppl = (pos.history[-1]["valid_perplexity"] if pos.history and pos.step_in_epoch == 0
+                     else evaluate(self.trainer, self.valid_batches, self.world))
         test_ppl = evaluate(self.trainer, self.test_batches, self.world)
         train_ppl, data = pos.train_perplexity, self.data
         per_rank = self.world.allgather(np.array([speed.rate / self.world.size])) if speed.seconds > 0 else None
