@@ -28,7 +28,7 @@ import machine
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from distrnn.placement import recompute_segment  # noqa: E402  (imports no TensorFlow)
+from distrnn.estimates import recompute_segment  # noqa: E402  (imports no TensorFlow)
 
 
 def child(args):

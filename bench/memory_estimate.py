@@ -9,7 +9,7 @@ sqrt(num_steps)), and reads each run's peak resident memory (ru_maxrss from
 wait4). The prediction for a run is
 
     test's peak - test's estimate     (TensorFlow's runtime, the data)
-    + the estimate for the run        (placement.lm_memory: what a device holds)
+    + the estimate for the run        (estimates.lm_memory: what a device holds)
     + the parameters once more        (on CPU the checkpoint is written from a host
                                        copy of every variable; on a GPU that copy is
                                        in host memory, not the device's)
@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 MIB = 1024 * 1024
 
-from distrnn.placement import recompute_segment  # noqa: E402  (after sys.path points at the checkout)
+from distrnn.estimates import recompute_segment  # noqa: E402  (after sys.path points at the checkout)
 
 
 def peak_mib(config, data_path, max_steps, extra=()):
@@ -50,10 +50,10 @@ def peak_mib(config, data_path, max_steps, extra=()):
 
 def estimate_mib(metrics, recompute=0):
     """The device estimate for the run (all parts on one device) and its parameter bytes, MiB."""
-    from distrnn import placement
+    from distrnn import estimates, names
     c = metrics["config"]
-    gates = {"lstm": 4, "gru": 3, "rnn": 1}[c["cell"]]
-    parts = placement.lm_memory(metrics["vocab_size"], c["hidden_size"], c["num_layers"], c["batch_size"],
+    gates = names.CELL_GATES[c["cell"]]
+    parts = estimates.lm_memory(metrics["vocab_size"], c["hidden_size"], c["num_layers"], c["batch_size"],
                                 c["num_steps"], gates, c["keep_prob"] < 1.0, recompute)
     return sum(p.total for p in parts) / MIB, sum(p.parameters for p in parts) / MIB
 

@@ -114,7 +114,7 @@ def main():
              "update": median_ms(update, args.repeats), "step": median_ms(step, args.repeats)}
     parts["loop"] = median_ms(loop, args.repeats, calls=1) / windows
     rest = parts["step"] - parts["recurrence"] - parts["softmax"] - parts["update"]
-    print(f"PTB {args.config} step (batch {B} x {T} steps, vocab {V}, rnn_mode {trainer.rnn_mode}), ms per step:")
+    print(f"PTB {args.config} step (batch {B} x {T} steps, vocab {V}, rnn_mode {trainer.unrolling.mode}), ms per step:")
     for name in ("recurrence", "softmax", "update"):
         print(f"  {name:12s} {parts[name]:6.2f}  ({parts[name] / parts['step']:5.1%} of the step)")
     print(f"  {'not in parts':12s} {rest:6.2f}")

@@ -11,8 +11,8 @@ import shlex
 import sys
 from typing import Callable, Dict, List
 
-from distrnn import cpu, names
-from distrnn.config import field_types, override, read_number
+from distrnn import cpu
+from distrnn.config import field_types, override
 from distrnn.errors import DistrnnError, UsageError
 
 
@@ -73,24 +73,6 @@ def read_flag_files(args: List[str], depth: int = 0) -> List[str]:
     return expanded
 
 
-def number(kind=float, minimum=None, positive: bool = False, maximum=None):
-    """An argparse type for a finite int or float in range: nan, inf, a negative count or a fraction
-    above 1 stops at parsing, in one line, before anything runs (float('nan') compares false with
-    everything, so a later `value <= 0` check would let it through)."""
-    def parse(text: str):
-        try:
-            return read_number(text, kind, minimum, positive, maximum)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    return parse
-
-
-COUNT = number(int, minimum=0)             # 0 meaning none, or not set
-POSITIVE_INT = number(int, positive=True)
-FRACTION = number(float, positive=True, maximum=1)  # of memory in use: (0, 1]
-SAMPLE_SECONDS = number(float, minimum=0.1)  # a shorter interval would keep a core busy sampling
-
-
 def add_config_flags(parser: argparse.ArgumentParser, config_cls, help_by_field: Dict[str, str] = None) -> List[str]:
     """Adds --FIELD for every field of `config_cls`; values stay strings for config.override."""
     group = parser.add_argument_group("config overrides (any field of the preset)")
@@ -118,61 +100,28 @@ def field_comments(config_cls) -> Dict[str, str]:
     return {f.name: comments.get(f.name) for f in dataclasses.fields(config_cls)}
 
 
-def add_job_flags(parser: argparse.ArgumentParser, job: str, presets, default_config: str, data_help: str):
-    """The flags every training entry point shares (distrnn.training.JobOptions); returns the groups
-    {"ranks", "memory"} so an entry point can add its own flags to them."""
+def add_job_flags(parser: argparse.ArgumentParser, job: str, presets, default_config: str, data_help: str,
+                  options_cls) -> None:
+    """--config, --list_configs, and a flag for every field of the job's options dataclass (a
+    distrnn.options.JobOptions), its type, group, default and help taken from the field."""
     parser.add_argument("--config", default=default_config,
                         help=f"preset: {', '.join(presets.names())} (default {default_config})")
     parser.add_argument("--list_configs", action="store_true", help="print the presets and what they cost, and exit")
-    parser.add_argument("--data_path", help=data_help)
-    parser.add_argument("--save_path", help="where checkpoints, TensorBoard logs, plots and config.json go "
-                        f"(default runs/{job}-CONFIG-TIME)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --save_path "
-                        "(starts fresh when there is none)")
-    parser.add_argument("--max_epochs", type=COUNT, default=0,
-                        help="stop after N epochs in all (default: the preset's)")
-    parser.add_argument("--max_steps", type=COUNT, default=0, help="stop after N training steps in all")
-    parser.add_argument("--metrics_json", help="write the final figures to this JSON file")
-    parser.add_argument("--seed", type=number(int, minimum=0, maximum=2**31 - 1), default=1,
-                        help="seed for weights, dropout and shuffling (default 1)")
-    parser.add_argument("--checkpoint_every", type=POSITIVE_INT, default=500,
-                        help="steps between checkpoints; one is also saved after every epoch (default 500)")
-    devices = parser.add_argument_group("devices (model parallelism)")
-    devices.add_argument("--devices", help="comma-separated devices for the model's parts, e.g. /gpu:0,/gpu:1")
-    devices.add_argument("--num_gpus", type=COUNT, default=0, help="use /gpu:0 ... /gpu:N-1")
-    # More logical devices than model parts only cost start-up time (100,000 took 100 s to create).
-    devices.add_argument("--virtual_devices", type=number(int, minimum=0, maximum=64), default=0,
-                         help="split the CPU into N logical devices (at most 64) and place the model on them")
-    devices.add_argument("--strategy", default="round_robin", choices=names.STRATEGIES,
-                         help="how parts are mapped to devices (default round_robin)")
-    devices.add_argument("--placement", default="sequential", choices=names.PLACEMENTS,
-                         help="sequential: one layer after another; pipeline: a wavefront so all devices work at "
-                              "once (default sequential)")
-    ranks = parser.add_argument_group("several processes (under horovodrun or srun)")
-    ranks.add_argument("--gpus_per_rank", type=COUNT, default=0,
-                       help="GPUs each rank owns (rank r: local GPUs r*K ... r*K+K-1), its layers placed across them; "
-                            "default one GPU per rank")
-    ranks.add_argument("--global_batch_size", type=COUNT, default=0,
-                       help="rows of one step over all ranks, split evenly (default: batch_size x ranks)")
-    ranks.add_argument("--lr_scaling", default="none", choices=names.LR_SCALINGS,
-                       help="scale the learning rate with global batch / batch_size (default none: see "
-                            "docs/horovod.md)")
-    ranks.add_argument("--lr_warmup_steps", type=COUNT, default=0,
-                       help="reach the scaled learning rate linearly over N steps")
-    mem = parser.add_argument_group("memory")
-    mem.add_argument("--mem_warn", type=FRACTION, default=0.90,
-                     help="warn once when a GPU's or the host's memory in use reaches this fraction (default 0.90)")
-    mem.add_argument("--mem_stop", type=FRACTION, default=0.97,
-                     help="save a checkpoint and exit with code 76 when it reaches this fraction (default 0.97)")
-    mem.add_argument("--mem_interval", type=SAMPLE_SECONDS, default=5.0,
-                     help="seconds between memory samples (default 5)")
-    mem.add_argument("--recompute", type=COUNT, default=0, metavar="K",
-                     help="backprop through time keeps every K-th LSTM state and recomputes the rest (K near "
-                          "sqrt(num_steps): least memory; about one more forward pass of time)")
-    mem.add_argument("--swap_memory", action="store_true",
-                     help="backprop through time keeps the LSTM activations in host memory, fetched back segment by "
-                          "segment (GPU memory of about two segments)")
-    return {"ranks": ranks, "memory": mem}
+    groups = {None: parser}
+    for field in dataclasses.fields(options_cls):
+        if not field.metadata:
+            continue  # not a flag (config_name comes from --config)
+        meta = field.metadata
+        if meta["group"] not in groups:
+            groups[meta["group"]] = parser.add_argument_group(meta["group"])
+        shown = meta["default_text"] if meta["default_text"] is not None else field.default
+        template = meta["help"] + (f" (default {shown})" if shown not in ("", False) else "")
+        text = template.format(data_help=data_help, job=job)
+        if field.type in (bool, "bool"):
+            groups[meta["group"]].add_argument(f"--{field.name}", action="store_true", help=text)
+        else:
+            groups[meta["group"]].add_argument(f"--{field.name}", type=meta["type"], default=field.default,
+                                               choices=meta["choices"], metavar=meta["metavar"], help=text)
 
 
 def check_job_flags(args: argparse.Namespace) -> None:

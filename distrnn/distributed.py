@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from distrnn import slurm, srun
+from distrnn import slurm_env, srun
 from distrnn.config import env_number
 from distrnn.errors import RankLost, UsageError
 
@@ -240,7 +240,7 @@ def init(gpus_per_rank: int = 0) -> World:
     A task of an srun step of several tasks joins the others through Gloo (srun_environment), unless
     an MPI launcher started it (srun --mpi=pmix) and Horovod has MPI, which then finds the others."""
     by_horovodrun = "HOROVOD_RANK" in os.environ
-    task = None if by_horovodrun or mpi_joins_ranks() else slurm.srun_task()
+    task = None if by_horovodrun or mpi_joins_ranks() else slurm_env.srun_task()
     if task is not None:
         srun_env = srun.srun_environment(task)
         os.environ.update(srun_env)

@@ -1,13 +1,15 @@
 """Fetching published data files: one place that turns a failed download into a one-line error.
 
-Every data set keeps its own URLs and checksums; nothing unverified reaches a cache directory
-(callers download into a temporary directory, verify, then move the files in).
+Every data set keeps its own URLs and checksums; `into_cache` is the one way files reach a cache
+directory: downloaded into a temporary directory beside it, verified, then moved in.
 """
 import hashlib
 import os
 import shutil
+import tempfile
 import urllib.parse
 import urllib.request
+from typing import Callable, Sequence
 
 from distrnn.errors import UsageError
 
@@ -38,3 +40,25 @@ def mirror_url(environment_variable: str, default: str) -> str:
         raise UsageError(f"{environment_variable}={url!r} is not a URL: give one starting with "
                          f"{', '.join(s + '://' for s in SCHEMES)}, or unset it for the published place")
     return url
+
+
+def into_cache(directory: str, names: Sequence[str], fill: Callable[[str], None],
+               verify: Callable[[str], None]) -> str:
+    """Fills `directory` with the files `names`: fill(tmp) writes them into a temporary directory inside
+    it, verify(tmp) checks them, and only then are they moved in (os.replace: a reader never sees half
+    a file, an interrupted download leaves nothing)."""
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        fill(tmp)
+        verify(tmp)
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    return directory
+
+
+def cached(directory: str, names: Sequence[str], fill: Callable[[str], str], verify: Callable[[str], None]) -> str:
+    """The default cache of a data set: downloaded (fill(directory)) when a file is missing, then verified."""
+    if not all(os.path.exists(os.path.join(directory, name)) for name in names):
+        fill(directory)
+    verify(directory)
+    return directory

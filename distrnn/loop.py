@@ -5,22 +5,30 @@ figures. The loop owns the rest: epochs and steps, the learning rate's applicati
 (the cadence, and the one saved on a stop), the stops every rank agrees on (signals, memory,
 divergence), progress lines, TensorBoard, the end-of-run metrics, plots and the metrics file.
 
-    job = PTBJob(...)                       # distrnn/ptb/train.py
-    metrics = loop.run(job, world, options, checkpoints, save_path, start_time)
+    job = PTBJob(...)                       # distrnn/ptb/train.py, made by distrnn.training.run_job
+    metrics = loop.train(job, world, options, save_path, start_time)
 """
 import dataclasses
 import os
 import platform
 import time
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
+import numpy as np
 import tensorflow as tf
 
-from distrnn import cpu, outputs, stops, training
-from distrnn.checkpoints import write_json
+from distrnn import cpu, distributed, memory, outputs, stops
+from distrnn.checkpoints import Checkpoints, write_json
 from distrnn.errors import OutOfMemory
 from distrnn.memory import ADVICE
 from distrnn.outputs import log
+
+
+class Curve(NamedTuple):
+    """A plot the loop draws after a run, per epoch, from the history's train_<name> and valid_<name>."""
+    name: str               # also the file: SAVE_PATH/<name>.png
+    title: str
+    log_scale: bool = True
 
 
 class Job:
@@ -29,19 +37,44 @@ class Job:
 
     unit: str                # what the speed counts: "words", "images"
     rate_key: str            # the metrics key of the speed: "words_per_sec"
+    shape_fields: tuple      # saved_config's keys a checkpoint cannot be resumed under other values of
     steps_per_epoch: int
     units_per_step: int      # over all ranks
     max_epochs: int
-    total_steps: int
     global_batch: int
     batch_text: str          # "batch_size 128", for the start-up line
-    config: object           # the job's config dataclass
-    devices: list            # the devices the layers were placed on ([]: TensorFlow's choice)
-    trainer: tf.Module       # .model, .rnn_mode, .rnn_mode_reason, .position()
+    saved_extra: dict        # what config.json holds besides the config's fields and name
+    trainer: tf.Module       # .model, .unrolling, .optimizer, .position(), .checkpoint(), .share_from_chief()
     plan: object             # the placement plan (describe, as_dict)
+    memory_note: str = ""    # said after the memory mode at start-up
+    notes: tuple = ()        # start-up lines after the unrolling mode's
+    curve: Optional[Curve] = None  # the per-epoch plot
+
+    def __init__(self, config, options, world, devices, reference_batch: int):
+        """config: this rank's (batch_size rows on each rank); options: the job's RunOptions (a
+        distrnn.options.JobOptions); devices: the layers' ([]: TensorFlow's choice); reference_batch:
+        the batch the config's learning rate was chosen for."""
+        self.config, self.options, self.world, self.devices = config, options, world, devices
+        self.global_batch = config.batch_size * world.size
+        self.lr_ratio = self.global_batch / reference_batch
+        self.on_ranks = f" on each of {world.size} ranks" if world.size > 1 else ""  # for batch_text
+
+    @property
+    def saved_config(self) -> dict:
+        """What config.json holds; a run resumes only under the same shape_fields."""
+        return dict(dataclasses.asdict(self.config), **self.saved_extra, name=self.options.config_name)
+
+    @property
+    def total_steps(self) -> int:
+        steps = self.max_epochs * self.steps_per_epoch
+        return min(steps, self.options.max_steps) if self.options.max_steps else steps
+
+    def data_line(self) -> str:
+        """The start-up line that describes the data."""
+        raise NotImplementedError
 
     def learning_rate(self, pos) -> float:
-        """The rate for the next step (the loop asks at an epoch's start and during warm-up) and sets it."""
+        """The rate for the next step (the loop asks at an epoch's start and during warm-up, and sets it)."""
         raise NotImplementedError
 
     def begin_epoch(self, pos) -> None:
@@ -49,7 +82,8 @@ class Job:
 
     def train_step(self, pos, i: int) -> Dict[str, float]:
         """Step i of the epoch; adds to pos's sums; returns the figures that must be finite. OutOfMemory
-        when it cannot run (the loop saves the position before it and stops)."""
+        (or TensorFlow's ResourceExhaustedError) when it cannot run: the loop saves the position before it
+        and stops."""
         raise NotImplementedError
 
     def figures(self, pos) -> Tuple[str, Dict[str, float]]:
@@ -76,21 +110,33 @@ class Job:
         raise NotImplementedError
 
     def plot(self, pos, save_path: str) -> None:
-        """The job's plots, after the metrics file."""
+        """The job's own plots, after the metrics file (the loop draws `curve`)."""
 
     def memory_metrics(self, monitor: Dict) -> Dict:
         return monitor
 
 
-def log_start(job: Job, options, checkpoints, resumed: bool, save_path: str, memory_note: str = "",
-              notes=()) -> None:
-    """The start-up lines every job logs after its data line (chief only): config, unrolling and memory
-    mode, placement, the schedule, what was found in the save path."""
+def train(job: Job, world, options, save_path: str, started: float) -> dict:
+    """Opens the run in save_path (rank 0 alone touches it and restores; its outcome, or its error,
+    reaches every rank), shares rank 0's weights and position, logs the start and runs the loop."""
+    checkpoints = Checkpoints(job.trainer.checkpoint(), save_path)
+    resumed = distributed.on_chief(world, lambda: checkpoints.open_run(options.resume, job.saved_config,
+                                                                        job.shape_fields))
+    job.trainer.share_from_chief()
+    if world.is_chief:
+        _log_start(job, options, checkpoints, resumed, save_path)
+    return run(job, world, options, checkpoints, save_path, started)
+
+
+def _log_start(job: Job, options, checkpoints, resumed: bool, save_path: str) -> None:
+    """The start-up lines every job logs: its data, config, unrolling and memory mode, placement, the
+    schedule, what was found in the save path."""
     trainer = job.trainer
+    log(job.data_line())
     log(f"config {options.config_name}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(job.config).items()))
-    log(f"rnn_mode {trainer.rnn_mode} ({trainer.rnn_mode_reason}); memory mode {options.memory.describe()}"
-        + memory_note)
-    for note in notes:
+    log(f"rnn_mode {trainer.unrolling.mode} ({trainer.unrolling.reason}); memory mode {options.memory.describe()}"
+        + job.memory_note)
+    for note in job.notes:
         log(note)
     if job.devices:
         for line in job.plan.describe():
@@ -145,9 +191,10 @@ def _epochs(job: Job, pos, world, options, checkpoints, tensorboard, speed, watc
         for i in range(pos.step_in_epoch, steps_per_epoch):
             if lr is None or pos.global_step <= options.lr_warmup_steps:
                 lr = job.learning_rate(pos)
+                job.trainer.optimizer.learning_rate.assign(lr)
             t0 = time.perf_counter()
             try:
-                figures = job.train_step(pos, i)
+                figures = _step(job, pos, i)
             except OutOfMemory as error:
                 if world.size > 1:  # saving is collective, and the other ranks wait in this step's allreduce
                     raise OutOfMemory(f"rank {world.rank}: {error}; the checkpoints in "
@@ -187,13 +234,25 @@ def _epochs(job: Job, pos, world, options, checkpoints, tensorboard, speed, watc
     return stop, None
 
 
+def _step(job: Job, pos, i: int) -> Dict[str, float]:
+    try:
+        return job.train_step(pos, i)
+    except tf.errors.ResourceExhaustedError as error:
+        # A failed step changed no weight: every update comes after every gradient.
+        raise OutOfMemory(f"step {pos.global_step + 1} ran out of memory ({memory.oom_reason(error)})") from None
+
+
 def _finish(job: Job, pos, world, options, speed, tensorboard, metrics: Dict, started: float) -> None:
     """The final evaluation, the metrics every job reports, the done line, the metrics file and plots."""
     own, text, scalars, rank_figures = job.finish(pos, speed)
     rate = speed.rate if speed.seconds > 0 else None
+    # Each rank's share of the speed (a collective: every rank has timed the same steps, or none).
+    per_rank = world.allgather(np.array([speed.rate / world.size])) if speed.seconds > 0 else None
     metrics.update(own)
     metrics.update({
+        "config": dataclasses.asdict(job.config),
         job.rate_key: rate,
+        f"{job.rate_key}_per_rank": None if per_rank is None else [float(r) for r in per_rank],
         "steps": pos.global_step,
         "epochs": round(pos.global_step / job.steps_per_epoch, 4),
         "steps_per_epoch": job.steps_per_epoch,
@@ -204,11 +263,11 @@ def _finish(job: Job, pos, world, options, speed, tensorboard, metrics: Dict, st
             rank=world.rank, host=platform.node(), **rank_figures,
             weights_norm=float(tf.linalg.global_norm(job.trainer.model.trainable_variables)))),
         "config_name": options.config_name,
-        "rnn_mode": job.trainer.rnn_mode,
+        "rnn_mode": job.trainer.unrolling.mode,
         "placement": dict(job.plan.as_dict(), schedule=options.placement),
         "history": pos.history,
         "wall_time_sec": round(time.time() - started, 2),
-        "versions": training.versions(),
+        "versions": versions(),
         "machine": cpu.machine(),
     })
     if world.is_chief:
@@ -218,4 +277,14 @@ def _finish(job: Job, pos, world, options, speed, tensorboard, metrics: Dict, st
         if options.metrics_json:  # first: the figures matter more than the plots
             write_json(options.metrics_json, {k: v for k, v in metrics.items() if k != "interrupted"})
         job.plot(pos, metrics["save_path"])
+        if job.curve and pos.history:
+            name = job.curve.name
+            outputs.plot_curves(os.path.join(metrics["save_path"], f"{name}.png"), job.curve.title, name,
+                                {split: [h[f"{split}_{name}"] for h in pos.history] for split in ("train", "valid")},
+                                log_scale=job.curve.log_scale)
         tensorboard.scalars(pos.global_step, **scalars)
+
+
+def versions() -> Dict[str, Optional[str]]:
+    return {"python": platform.python_version(), "tensorflow": tf.__version__,
+            "horovod": distributed.horovod_version()}

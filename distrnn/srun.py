@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 
-from distrnn import slurm
+from distrnn import slurm_env
 from distrnn.config import env_number
 from distrnn.errors import RankLost, UsageError
 
@@ -17,7 +17,7 @@ from distrnn.errors import RankLost, UsageError
 RENDEZVOUS_PORTS = range(20000, 30000)
 
 
-def srun_environment(task: slurm.SrunTask, env=os.environ) -> dict:
+def srun_environment(task: slurm_env.SrunTask, env=os.environ) -> dict:
     """What horovodrun's Gloo launcher would set for this process, made from what srun set: its
     rank, local and cross rank, and where the rendezvous is (rank 0's node) and which network
     interface leads there. No ssh and no launcher process: the tasks srun started are the job."""
@@ -38,7 +38,7 @@ def srun_environment(task: slurm.SrunTask, env=os.environ) -> dict:
     }
 
 
-def rendezvous_address(task: slurm.SrunTask, env=os.environ) -> str:
+def rendezvous_address(task: slurm_env.SrunTask, env=os.environ) -> str:
     """Rank 0's node's IPv4 address: DISTRNN_RENDEZVOUS_ADDR, or loopback when the step has one
     node, or the step's first node's name resolved (srun starts rank 0 there)."""
     if env.get("DISTRNN_RENDEZVOUS_ADDR"):
@@ -98,7 +98,7 @@ def check_own_name_resolves() -> None:
                          f"/etc/hosts or DNS") from None
 
 
-def serve_rendezvous(task: slurm.SrunTask, port: int):
+def serve_rendezvous(task: slurm_env.SrunTask, port: int):
     """Rank 0: Horovod's own rendezvous server (what horovodrun runs), for the step's layout, in a
     thread of this process; the other tasks retry until it answers."""
     from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts

@@ -28,7 +28,7 @@ class Watch:
             watch.report_stop(code, ...)
     """
 
-    def __init__(self, world, options):  # a distrnn.training.JobOptions
+    def __init__(self, world, options):  # a distrnn.options.JobOptions
         self.world = world
         self.signals = StopSignal()
         self.monitor = memory.MemoryMonitor(options.mem_warn, options.mem_stop, options.mem_interval,

@@ -8,6 +8,7 @@ import psutil
 
 from conftest import ROOT
 from distrnn import cpu, devices
+from distrnn.estimates import GPU_RUNTIME_MIB
 
 FAKES = os.path.join(os.path.dirname(__file__), "fakes")
 
@@ -115,7 +116,7 @@ def test_plan_places_the_parts_and_estimates_each_device():
     assert parts["softmax"]["activations"] == 2 * 400 * 10000 * 4       # probabilities and their gradient
     assert parts["embedding"]["gradients"] == 2 * 400 * 200 * 4         # sparse: rows per token, summed per word
     gpu0, gpu1 = r["devices"]
-    expected0 = (parts["embedding"]["total"] + parts["layer 0"]["total"]) / 2**20 + devices.GPU_RUNTIME_MIB
+    expected0 = (parts["embedding"]["total"] + parts["layer 0"]["total"]) / 2**20 + GPU_RUNTIME_MIB
     assert gpu0["need_mib"] == round(expected0, 1) and gpu0["capacity_mib"] == 40960 and gpu0["fits"]
     assert gpu1["capacity_mib"] == 81920 and gpu1["fits"]
     # recompute keeps less, and swap keeps the layers' records on the host

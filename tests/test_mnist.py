@@ -16,7 +16,7 @@ from distrnn.errors import UsageError
 from distrnn.mnist import idx
 from distrnn.mnist.configs import PRESETS
 from distrnn.mnist.train import RunOptions, train_and_evaluate
-from distrnn.mnist.trainer import Pixels, Trainer, epoch_order, evaluate
+from distrnn.mnist.trainer import Pixels, Trainer, epoch_order, evaluate, unrolling_for
 from distrnn.placement import make_plan
 
 SMALL = {"hidden_size": "16", "batch_size": "20", "validation_size": "100", "learning_rate": "0.01"}
@@ -152,7 +152,7 @@ def test_every_mode_gives_the_same_logits_and_gradients(cell):
     results = []
     for mode in [m for c, m in MODES if c == cell]:
         trainer = Trainer(config(cell=cell, rnn_mode=mode, num_layers=2), (12, 10), seed=4)
-        assert trainer.rnn_mode == mode
+        assert trainer.unrolling.mode == mode
         with tf.GradientTape() as tape:
             logits = trainer.model(images)
             loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
@@ -172,7 +172,8 @@ def test_layers_on_three_devices_compute_what_one_device_does(schedule):
     images = np.random.default_rng(1).random((4, 12, 10), dtype=np.float32)
     one = Trainer(cfg, (12, 10), seed=2)
     devices = [f"/device:CPU:{i}" for i in range(3)]
-    three = Trainer(cfg, (12, 10), seed=2, plan=make_plan(3, devices), placement=schedule)
+    three = Trainer(cfg, (12, 10), seed=2, unrolling=unrolling_for(cfg, (12, 10), schedule=schedule),
+                    plan=make_plan(3, devices))
     assert [c.kernel.device.split("/")[-1] for c in three.model.cells] == ["device:CPU:0", "device:CPU:1",
                                                                             "device:CPU:2"]
     assert three.model.dense_w.device.endswith("CPU:2")

@@ -7,11 +7,11 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_ptb
-from distrnn import placement
+from distrnn import local_devices, placement
 from distrnn.config import override
 from distrnn.errors import UsageError
 from distrnn.ptb.configs import PRESETS
-from distrnn.ptb.trainer import Trainer
+from distrnn.ptb.trainer import Trainer, unrolling_for
 from distrnn.rnn.lstm_sequence import KEEP, Layer, Memory, lstm_stack
 
 CPU = [f"/device:CPU:{i}" for i in range(4)]
@@ -47,12 +47,12 @@ def test_plan_dict_and_description():
 
 
 def test_devices_are_checked():
-    assert placement.resolve_devices("/cpu:1, /cpu:3") == [CPU[1], CPU[3]]
+    assert local_devices.resolve_devices("/cpu:1, /cpu:3") == [CPU[1], CPU[3]]
     with pytest.raises(UsageError, match=r"device\(s\) /device:GPU:0 do not exist; this machine has "
                                          r"/device:CPU:0, .*--virtual_devices"):
-        placement.resolve_devices(num_gpus=1)
+        local_devices.resolve_devices(num_gpus=1)
     with pytest.raises(UsageError, match="lists a device twice"):
-        placement.resolve_devices("/cpu:0,/cpu:0")
+        local_devices.resolve_devices("/cpu:0,/cpu:0")
 
 
 def small_config(**kw):
@@ -74,7 +74,7 @@ def all_ops(graph):
 def test_variables_and_ops_land_where_the_plan_says(rnn_mode, schedule):
     config = small_config(rnn_mode=rnn_mode, keep_prob="0.5")
     plan = placement.make_plan(3, CPU[1:4])  # layers on CPU:1, 2, 3; embedding with the first, softmax the last
-    trainer = Trainer(config, vocab_size=20, seed=0, plan=plan, placement=schedule)
+    trainer = Trainer(config, vocab_size=20, seed=0, unrolling=unrolling_for(config, schedule=schedule), plan=plan)
     model = trainer.model
     assert model.embedding.device.endswith(CPU[1]) and model.softmax_w.device.endswith(CPU[3])
     for cell, device in zip(model.cells, plan.layers):
@@ -118,7 +118,8 @@ def test_pipeline_equals_sequential(rnn_mode, cell):
     y = rng.integers(0, 20, (3, 5)).astype(np.int32)
     results = {}
     for schedule in ("sequential", "pipeline"):
-        trainer = Trainer(config, vocab_size=20, seed=4, plan=plan, placement=schedule)  # same weights, same masks
+        trainer = Trainer(config, vocab_size=20, seed=4, unrolling=unrolling_for(config, schedule=schedule),
+                          plan=plan)  # same weights, same masks
         results[schedule] = [t.numpy() for t in tf.function(lambda a, b: grads_of(trainer, a, b))(x, y)]
     for a, b in zip(results["sequential"], results["pipeline"]):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)

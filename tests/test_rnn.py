@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from distrnn.rnn import BasicRNNCell, GRUCell, LSTMCell, resolve_mode, supported, unroll, unroll_autodiff
+from distrnn.rnn import BasicRNNCell, GRUCell, LSTMCell, Unrolling, resolve_mode, supported, unroll, unroll_autodiff
 from distrnn.rnn.fused import _cudnn_lstm_params
 from distrnn.rnn.lstm_sequence import KEEP, Memory, lstm_stack
 from distrnn.rnn.unroll import lstm_layer
@@ -249,6 +249,17 @@ def test_auto_picks_a_mode_and_says_why():
     assert resolve_mode("lstm", False, "block", on_gpu=False) == ("block", "asked for")
     with pytest.raises(ValueError, match="rnn_mode cudnn needs a GPU with cuDNN and this process has none"):
         resolve_mode("lstm", False, "cudnn", on_gpu=False)
+
+
+def test_the_mode_is_resolved_once_and_unroll_takes_it_concrete():
+    # The pipeline interleaves the layers' steps: whole-sequence kernels become the dynamic loop, and say so.
+    assert resolve_mode("lstm", False, "block", False, 20, placement="pipeline") == (
+        "dynamic", "block runs whole sequences; the pipeline needs a step loop")
+    assert resolve_mode("lstm", False, "auto", False, 20, placement="pipeline")[0] == "static"
+    unrolling = Unrolling.resolve("gru", False, "auto", False, 100, "pipeline", KEEP)
+    assert unrolling == Unrolling("dynamic", unrolling.reason, "pipeline", KEEP)
+    with pytest.raises(ValueError, match="unroll runs a concrete mode: resolve_mode turns auto into one"):
+        unroll(make_cell("lstm"), tf.zeros([2, 1, 3]), (tf.zeros([1, 5]),) * 2, "auto")
 
 
 def test_memory_modes_resolve_and_grow_leaner():

@@ -13,7 +13,7 @@ import pytest
 
 import slurm_cluster
 from conftest import ROOT, checkpoint_step, run_ptb, subprocess_env, write_corpus, write_images
-from distrnn import distributed, slurm, srun
+from distrnn import distributed, slurm_env, srun
 from distrnn.errors import UsageError
 
 
@@ -28,7 +28,7 @@ from distrnn.errors import UsageError
     ("a[1,3],b-[2-3].ib", ["a1", "a3", "b-2.ib", "b-3.ib"]),
 ])
 def test_node_lists_expand_as_slurm_writes_them(nodelist, names):
-    assert slurm.expand_nodelist(nodelist) == names
+    assert slurm_env.expand_nodelist(nodelist) == names
 
 
 @pytest.mark.parametrize("nodelist, problem", [("gpu[3-1]", "bad range '3-1'"), ("gpu[]", "bad range ''"),
@@ -36,32 +36,32 @@ def test_node_lists_expand_as_slurm_writes_them(nodelist, names):
                                                ("gpu[a]", "bad range 'a'"), ("", "expected names")])
 def test_bad_node_lists_are_refused_with_the_problem(nodelist, problem):
     with pytest.raises(UsageError, match=re.escape(problem)):
-        slurm.expand_nodelist(nodelist)
+        slurm_env.expand_nodelist(nodelist)
 
 
 def test_task_counts_expand_their_repeats():
-    assert slurm.expand_tasks_per_node("4(x2),2") == [4, 4, 2]
-    assert slurm.expand_tasks_per_node("1(x3)") == [1, 1, 1]
-    assert slurm.expand_tasks_per_node("8") == [8]
+    assert slurm_env.expand_tasks_per_node("4(x2),2") == [4, 4, 2]
+    assert slurm_env.expand_tasks_per_node("1(x3)") == [1, 1, 1]
+    assert slurm_env.expand_tasks_per_node("8") == [8]
     for bad in ("4(x)", "0", "x2", "4,,2"):
         with pytest.raises(UsageError, match="cannot read the Slurm task counts"):
-            slurm.expand_tasks_per_node(bad)
+            slurm_env.expand_tasks_per_node(bad)
 
 
 def test_horovodrun_host_lists_from_the_allocation():
     job = {"SLURM_JOB_NODELIST": "gpu[01-03,07],cpu5"}
-    assert slurm.horovod_hosts(dict(job, SLURM_NTASKS_PER_NODE="4")) == "gpu01:4,gpu02:4,gpu03:4,gpu07:4,cpu5:4"
-    assert (slurm.horovod_hosts(dict(job, SLURM_TASKS_PER_NODE="4(x2),2(x2),1", SLURM_NTASKS_PER_NODE="4"))
+    assert slurm_env.horovod_hosts(dict(job, SLURM_NTASKS_PER_NODE="4")) == "gpu01:4,gpu02:4,gpu03:4,gpu07:4,cpu5:4"
+    assert (slurm_env.horovod_hosts(dict(job, SLURM_TASKS_PER_NODE="4(x2),2(x2),1", SLURM_NTASKS_PER_NODE="4"))
             == "gpu01:4,gpu02:4,gpu03:2,gpu07:2,cpu5:1")  # the per-node counts win
     # Inside a step, the step's own nodes and counts.
     step = dict(job, SLURM_TASKS_PER_NODE="4(x5)", SLURM_STEP_NODELIST="gpu[01-02]", SLURM_STEP_TASKS_PER_NODE="2,1")
-    assert slurm.horovod_hosts(step) == "gpu01:2,gpu02:1"
+    assert slurm_env.horovod_hosts(step) == "gpu01:2,gpu02:1"
     with pytest.raises(UsageError, match=r"lists 5 node\(s\) but task counts for 2"):
-        slurm.horovod_hosts(dict(job, SLURM_TASKS_PER_NODE="4,4"))
+        slurm_env.horovod_hosts(dict(job, SLURM_TASKS_PER_NODE="4,4"))
     with pytest.raises(UsageError, match="SLURM_JOB_NODELIST is not set: run this inside a Slurm allocation"):
-        slurm.horovod_hosts({})
+        slurm_env.horovod_hosts({})
     with pytest.raises(UsageError, match="--ntasks-per-node"):
-        slurm.horovod_hosts(job)
+        slurm_env.horovod_hosts(job)
 
 
 def test_the_helper_command_prints_hosts_and_count_or_one_line_errors():
@@ -81,9 +81,9 @@ def test_the_helper_command_prints_hosts_and_count_or_one_line_errors():
 def test_the_sbatch_header_is_read_as_sbatch_reads_it():
     script = ("#!/bin/bash\n# a comment\n#SBATCH --nodes=1\n#SBATCH --cpus-per-task 8\n\n#SBATCH --requeue\n"
               "#SBATCH --gpus-per-node=a100:4\n#SBATCH -t 5\necho go\n#SBATCH --time=9:00\n")
-    assert slurm.sbatch_header(script) == {"nodes": "1", "cpus-per-task": "8", "requeue": "", "gpus-per-node": "a100:4"}
+    assert slurm_env.sbatch_header(script) == {"nodes": "1", "cpus-per-task": "8", "requeue": "", "gpus-per-node": "a100:4"}
     with open(os.path.join(ROOT, "slurm", "ptb_large.sh")) as f:
-        header = slurm.sbatch_header(f.read())
+        header = slurm_env.sbatch_header(f.read())
     assert {k: header[k] for k in ("nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "time")} == {
         "nodes": "1", "ntasks-per-node": "4", "gpus-per-node": "4", "cpus-per-task": "8", "time": "24:00:00"}
 
@@ -92,19 +92,19 @@ def test_the_sbatch_header_is_read_as_sbatch_reads_it():
                                             ("1-0", 86400), ("1-00:00:00", 86400), ("2-3:04", 183840),
                                             ("UNLIMITED", None), ("", None), ("1:2:3:4", None)])
 def test_slurm_times(limit, seconds):
-    assert slurm.time_seconds(limit) == seconds
+    assert slurm_env.time_seconds(limit) == seconds
 
 
 def test_an_allocation_unlike_its_header_is_named_request_by_request(tmp_path):
     header = {"nodes": "1", "ntasks-per-node": "4", "gpus-per-node": "a100:4", "cpus-per-task": "8", "time": "24:00:00"}
     asked = {"SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "4", "SLURM_GPUS_PER_NODE": "4",
              "SLURM_CPUS_PER_TASK": "8"}
-    assert slurm.header_differences(header, asked, "1-00:00:00") == []
+    assert slurm_env.header_differences(header, asked, "1-00:00:00") == []
     cpu_cluster = dict(asked, SLURM_NTASKS_PER_NODE="2", SLURM_GPUS_PER_NODE="0", SLURM_CPUS_PER_TASK="1")
-    assert slurm.header_differences(header, cpu_cluster, "30:00") == [
+    assert slurm_env.header_differences(header, cpu_cluster, "30:00") == [
         "--ntasks-per-node 2 (header: 4)", "--cpus-per-task 1 (header: 8)", "--gpus-per-node 0 (header: a100:4)",
         "--time 30:00 (header: 24:00:00)"]
-    assert slurm.header_differences(header, {}, None) == []  # nothing known, nothing said
+    assert slurm_env.header_differences(header, {}, None) == []  # nothing known, nothing said
     script = tmp_path / "job.sh"
     script.write_text("#!/bin/bash\n#SBATCH --cpus-per-task=8\nsrun true\n")
     env = subprocess_env(SLURM_CPUS_PER_TASK="2")
@@ -122,27 +122,27 @@ def test_an_allocation_unlike_its_header_is_named_request_by_request(tmp_path):
 # --- srun tasks as Horovod processes -------------------------------------------------------------
 def step_env(procid, nodeid, localid, nodes="gpu[01-03]", counts="4(x2),2", **more):
     return dict(SLURM_STEP_ID="0", SLURM_JOB_ID="1234", SLURM_STEP_NODELIST=nodes, SLURM_STEP_TASKS_PER_NODE=counts,
-                SLURM_STEP_NUM_TASKS=str(sum(slurm.expand_tasks_per_node(counts))), SLURM_PROCID=str(procid),
+                SLURM_STEP_NUM_TASKS=str(sum(slurm_env.expand_tasks_per_node(counts))), SLURM_PROCID=str(procid),
                 SLURM_NODEID=str(nodeid), SLURM_LOCALID=str(localid), **more)
 
 
 def test_srun_tasks_are_laid_out_as_horovodrun_lays_out_processes():
     # 4 + 4 + 2 tasks: local rank 1 exists on all three nodes, local rank 3 on the first two.
-    task = slurm.srun_task(step_env(procid=9, nodeid=2, localid=1))
-    assert task == slurm.SrunTask(rank=9, size=10, local_rank=1, local_size=2, cross_rank=2, cross_size=3,
+    task = slurm_env.srun_task(step_env(procid=9, nodeid=2, localid=1))
+    assert task == slurm_env.SrunTask(rank=9, size=10, local_rank=1, local_size=2, cross_rank=2, cross_size=3,
                                   node="gpu03", slots=(("gpu01", 4), ("gpu02", 4), ("gpu03", 2)))
-    task = slurm.srun_task(step_env(procid=7, nodeid=1, localid=3))
+    task = slurm_env.srun_task(step_env(procid=7, nodeid=1, localid=3))
     assert (task.local_size, task.cross_rank, task.cross_size, task.node) == (4, 1, 2, "gpu02")
     assert task.hosts == "gpu01:4,gpu02:4,gpu03:2"
     # Not a task of a step of several: a batch script, a one-task step, a plain shell.
-    assert slurm.srun_task({"SLURM_JOB_ID": "1", "SLURM_PROCID": "0", "SLURM_JOB_NODELIST": "a"}) is None
-    assert slurm.srun_task(step_env(0, 0, 0, nodes="a", counts="1")) is None
-    assert slurm.srun_task({}) is None
+    assert slurm_env.srun_task({"SLURM_JOB_ID": "1", "SLURM_PROCID": "0", "SLURM_JOB_NODELIST": "a"}) is None
+    assert slurm_env.srun_task(step_env(0, 0, 0, nodes="a", counts="1")) is None
+    assert slurm_env.srun_task({}) is None
 
 
 def test_srun_environment_names_the_rendezvous_and_the_interface_towards_it():
     env = step_env(procid=5, nodeid=1, localid=1, DISTRNN_RENDEZVOUS_ADDR="127.0.0.1")
-    task = slurm.srun_task(env)
+    task = slurm_env.srun_task(env)
     assert srun.srun_environment(task, env) == {
         "HOROVOD_GLOO_RENDEZVOUS_ADDR": "127.0.0.1", "HOROVOD_GLOO_RENDEZVOUS_PORT": str(20000 + 1234 * 101 % 10000),
         "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo", "HOROVOD_GLOO_IFACE": "lo",
@@ -153,15 +153,15 @@ def test_srun_environment_names_the_rendezvous_and_the_interface_towards_it():
     assert srun.rendezvous_port(dict(env, DISTRNN_RENDEZVOUS_PORT="4567")) == 4567
     assert srun.rendezvous_port(dict(env, SLURM_STEP_ID="1")) == 20000 + (1234 * 101 + 1) % 10000
     # A one-node step meets on loopback; several nodes at the first node's resolved name.
-    one_node = slurm.srun_task(step_env(1, 0, 1, nodes="gpu01", counts="2"))
+    one_node = slurm_env.srun_task(step_env(1, 0, 1, nodes="gpu01", counts="2"))
     assert srun.rendezvous_address(one_node, {}) == "127.0.0.1"
     here = socket.gethostname()
-    two = slurm.srun_task(step_env(1, 1, 0, nodes=f"{here},other", counts="1(x2)"))
+    two = slurm_env.srun_task(step_env(1, 1, 0, nodes=f"{here},other", counts="1(x2)"))
     assert srun.rendezvous_address(two, {}) == socket.getaddrinfo(here, None, socket.AF_INET)[0][4][0]
-    unknown = slurm.srun_task(step_env(1, 1, 0, nodes="no-such-node-x[1-2]", counts="1(x2)"))
+    unknown = slurm_env.srun_task(step_env(1, 1, 0, nodes="no-such-node-x[1-2]", counts="1(x2)"))
     with pytest.raises(UsageError, match="cannot resolve the node name no-such-node-x1 .* set DISTRNN_RENDEZVOUS_ADDR"):
         srun.rendezvous_address(unknown, {})
-    misplaced = slurm.srun_task(step_env(0, 1, 0, nodes="a[1-2]", counts="1(x2)"))
+    misplaced = slurm_env.srun_task(step_env(0, 1, 0, nodes="a[1-2]", counts="1(x2)"))
     with pytest.raises(UsageError, match="rank 0 runs on a2, not on the step's first node a1"):
         srun.rendezvous_address(misplaced, {})
 

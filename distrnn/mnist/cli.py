@@ -5,12 +5,11 @@
 import os
 import sys
 
-from distrnn import cli, names
-
+from distrnn import cli
 
 
 def build_parser():
-    from distrnn.mnist.configs import MNISTConfig, PRESETS
+    from distrnn.mnist.configs import PRESETS, MNISTConfig, RunOptions
     parser = cli.ArgumentParser(
         prog="python -m distrnn.mnist",
         description="Classify MNIST or Fashion-MNIST images with a recurrent network that reads one row per time step.")
@@ -18,9 +17,7 @@ def build_parser():
         parser, "mnist", PRESETS, "lstm",
         "directory with train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
         "t10k-labels-idx1-ubyte.gz, read as it is; default: ~/.cache/distrnn/DATASET, downloaded and checksummed "
-        "when missing")
-    parser.add_argument("--dataset", default="mnist", choices=names.DATASETS,
-                        help="what to download without --data_path (default mnist: the digits)")
+        "when missing", RunOptions)
     fields = cli.add_config_flags(parser, MNISTConfig, cli.field_comments(MNISTConfig))
     return parser, fields
 

@@ -16,7 +16,9 @@ docs/measurements.md; `--list_configs` prints them.
 """
 import dataclasses
 
+from distrnn import names
 from distrnn.config import Registry, check, check_recurrence
+from distrnn.options import JobOptions, flag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,3 +58,9 @@ MEASURED = {
                "(1,500 images/sec)",
     "test": "smoke test; seconds",
 }
+
+
+@dataclasses.dataclass
+class RunOptions(JobOptions):
+    """How an image-classifier job runs: the options every job has, and this."""
+    dataset: str = flag("mnist", "what to download without --data_path (mnist: the digits)", choices=names.DATASETS)

@@ -18,7 +18,6 @@ import gzip
 import math
 import os
 import struct
-import tempfile
 import zlib
 from typing import Dict, Optional, Tuple
 
@@ -194,24 +193,17 @@ def verify(directory: str, dataset: Dataset) -> None:
 def fetch(directory: str, dataset: Dataset) -> str:
     """Downloads the four files of `dataset` into `directory`, verified (from $url_variable when set)."""
     base = download.mirror_url(dataset.url_variable, dataset.url).rstrip("/")
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+
+    def fill(tmp):
         for name in FILE_NAMES:
             download.fetch(f"{base}/{name}", os.path.join(tmp, name), dataset.title,
                            f"{DATA_PATH_HINT} (or set {dataset.url_variable} to a mirror)")
-        verify(tmp, dataset)
-        for name in FILE_NAMES:  # only verified files reach the cache directory
-            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-    return directory
+
+    return download.into_cache(directory, FILE_NAMES, fill, lambda tmp: verify(tmp, dataset))
 
 
 def resolve_data_path(data_path: Optional[str], dataset: str) -> str:
     """A user's --data_path is read as it is; the default cache of `dataset` is downloaded and verified."""
-    if data_path:
-        return data_path
     chosen = DATASETS[dataset]
-    directory = chosen.default_dir()
-    if not all(os.path.exists(os.path.join(directory, name)) for name in FILE_NAMES):
-        fetch(directory, chosen)
-    verify(directory, chosen)
-    return directory
+    return data_path or download.cached(chosen.default_dir(), FILE_NAMES, lambda directory: fetch(directory, chosen),
+                                        lambda directory: verify(directory, chosen))

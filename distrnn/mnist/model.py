@@ -13,23 +13,22 @@ import math
 import tensorflow as tf
 
 from distrnn.mnist.idx import NUM_CLASSES
-from distrnn.placement import PartMemory, on_device, single_device
-from distrnn.rnn import CELLS, KEEP, LSTMCell, Memory
-from distrnn.rnn.stack import pipeline_stack, sequential_stack
+from distrnn.estimates import PartMemory, recurrent_layer
+from distrnn.placement import on_device, single_device
+from distrnn.rnn import CELLS, LSTMCell, Unrolling
+from distrnn.rnn.stack import run_stack
 
 
 class RowClassifier(tf.Module):
-    """rnn_mode: the concrete unrolling mode (see distrnn.rnn.stack.stack_mode); placement:
-    `sequential` or `pipeline`; memory: what an LSTM stack's backward pass keeps."""
+    """unrolling: how the stack runs (distrnn.rnn.Unrolling, resolved by the job); plan: the device
+    of each part (distrnn.placement)."""
 
-    def __init__(self, config, image_shape, seed: int = 0, rnn_mode: str = None, plan=None,
-                 placement: str = "sequential", memory: Memory = KEEP, name: str = "row_classifier"):
+    def __init__(self, config, image_shape, unrolling: Unrolling, seed: int = 0, plan=None,
+                 name: str = "row_classifier"):
         super().__init__(name=name)
-        self.config, self.memory = config, memory
+        self.config, self.unrolling = config, unrolling
         self.rows, self.cols = image_shape
-        self.rnn_mode = rnn_mode or config.rnn_mode
         self.plan = plan or single_device(config.num_layers)
-        self.placement = placement
         h = config.hidden_size
         # Keras's initialisation of recurrent layers: the input half of a kernel Glorot-uniform, the
         # recurrent half orthogonal (Saxe et al. 2014; it keeps the state's scale over the 28 steps.
@@ -77,25 +76,19 @@ class RowClassifier(tf.Module):
         with tf.device(self.plan.embedding):
             x = tf.transpose(images, [1, 0, 2])  # (R, B, C): time-major, one row a step
         state = self.zero_state(tf.shape(images)[0])
-        if self.placement == "pipeline":
-            h, _ = pipeline_stack(self.cells, self.plan.layers, x, state, static=self.rnn_mode == "static",
-                                  memory=self.memory)
-        else:
-            h, _ = sequential_stack(self.cells, self.plan.layers, x, state, self.rnn_mode, memory=self.memory)
+        h, _ = run_stack(self.cells, self.plan.layers, x, state, self.unrolling)
         with tf.device(self.plan.softmax), tf.name_scope("dense"):
             return on_device(self.plan.softmax, lambda last: [tf.matmul(last, self.dense_w) + self.dense_b])(h[-1])[0]
 
 
 def part_memory(config, image_shape, batch_size: int, dtype_bytes: int = 4):
-    """Bytes of [input, layer 0 .. L-1, dense] in training: weights with their gradient and Adam's two
-    moments (4 copies), and per layer the activations backprop through time keeps (all gates, the cell
-    state and the output of every row, for every image of the batch). What the balanced strategy evens."""
+    """Bytes of [input, layer 0 .. L-1, dense] in training (distrnn.estimates; Adam keeps two moments
+    per weight): what the balanced strategy evens."""
     rows, cols = image_shape
     h, gates = config.hidden_size, CELLS[config.cell].gates
     parts = [PartMemory("input", 0, 0, batch_size * rows * cols * dtype_bytes)]
-    for i in range(config.num_layers):
-        weights = ((cols if i == 0 else h) + h + 1) * gates * h * dtype_bytes
-        parts.append(PartMemory(f"layer {i}", weights, 3 * weights, batch_size * rows * (gates + 2) * h * dtype_bytes))
+    parts += [recurrent_layer(f"layer {i}", cols if i == 0 else h, h, batch_size, rows, gates, optimizer_slots=2,
+                              dtype_bytes=dtype_bytes) for i in range(config.num_layers)]
     dense = (h + 1) * NUM_CLASSES * dtype_bytes
     parts.append(PartMemory("dense", dense, 3 * dense, batch_size * NUM_CLASSES * dtype_bytes))
     return parts

@@ -1,4 +1,5 @@
 """Pictures of a classifier's test results: the confusion matrix and the images it gets wrong."""
+import os
 from typing import Sequence
 
 import numpy as np
@@ -51,3 +52,11 @@ def misclassified(path: str, split, wrong: Sequence, classes: Sequence[str], tit
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def test_results(save_path: str, data, title: str, tested, name: str) -> None:
+    """The confusion matrix and the misclassified images of a run's test (a trainer.Evaluation)."""
+    confusion_matrix(os.path.join(save_path, "confusion_matrix.png"), tested.confusion, data.classes,
+                     f"{title} test, {name}: accuracy {100 * tested.accuracy:.2f}%")
+    misclassified(os.path.join(save_path, "misclassified.png"), data.test, tested.misclassified, data.classes,
+                  f"{title} test images the {name} model gets wrong")

@@ -7,13 +7,12 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from distrnn import distributed, placement
+from distrnn import distributed, local_devices, placement
 from distrnn.adam import Adam
 from distrnn.errors import UsageError
 from distrnn.mnist import idx
 from distrnn.mnist.model import RowClassifier, part_memory
-from distrnn.rnn import KEEP, Memory
-from distrnn.rnn.stack import stack_mode
+from distrnn.rnn import KEEP, Memory, Unrolling
 
 
 EVAL_BATCH = 1000      # images an evaluation step
@@ -44,17 +43,11 @@ class Position:
 class Trainer(tf.Module):
     """The model, its optimizer and the run's position: everything a checkpoint holds."""
 
-    def __init__(self, config, image_shape, seed: int, on_gpu: bool = False, plan=None,
-                 placement: str = "sequential", world=None, memory: Memory = KEEP):
+    def __init__(self, config, image_shape, seed: int, unrolling: Unrolling = None, plan=None, world=None):
         super().__init__(name="trainer")
         self.world = world or distributed.World()
-        try:
-            self.rnn_mode, self.rnn_mode_reason = stack_mode(config.cell, config.use_peepholes, config.rnn_mode,
-                                                             on_gpu, image_shape[0], placement, memory)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
-        self.model = RowClassifier(config, image_shape, seed=seed, rnn_mode=self.rnn_mode, plan=plan,
-                                   placement=placement, memory=memory)
+        self.model = RowClassifier(config, image_shape, unrolling or unrolling_for(config, image_shape), seed=seed,
+                                   plan=plan)
         self.optimizer = Adam(config.learning_rate)
         self.optimizer.build(self.model.trainable_variables)  # the moments exist before a restore fills them
         self._position = tf.Variable(json.dumps(dataclasses.asdict(Position())), dtype=tf.string, trainable=False)
@@ -62,6 +55,10 @@ class Trainer(tf.Module):
         labels = tf.TensorSpec([None], tf.int32)
         self.train_step = tf.function(self._train_step, input_signature=[images, labels])
         self.eval_step = tf.function(self._eval_step, input_signature=[images, labels])
+
+    @property
+    def unrolling(self) -> Unrolling:
+        return self.model.unrolling
 
     def checkpoint(self) -> tf.train.Checkpoint:
         return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, position=self._position)
@@ -174,11 +171,77 @@ def evaluate(trainer: Trainer, split: idx.Split, pixels: Pixels, world) -> Optio
                       wrong[:MISCLASSIFIED_SHOWN])
 
 
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """The data as a job uses it: the training images after the held-out validation ones, the test
+    split, and the standardisation taken from the training pixels.
+
+    Batches: every epoch visits the training images in an order drawn from (seed, epoch) alone
+    (epoch_order), so a resumed run sees the batches the uninterrupted one would. A step takes the
+    next `global batch` images of that order; rank r trains on its contiguous share of them, so N
+    ranks of B images compute what one process of N x B images does."""
+    data: idx.ImageData
+    train: idx.Split
+    valid: idx.Split
+    pixels: Pixels
+
+    @classmethod
+    def of(cls, data: idx.ImageData, validation_size: int) -> "Splits":
+        train, valid = hold_out(data.train, validation_size)
+        return cls(data, train, valid, Pixels.of(train.images))
+
+    @property
+    def title(self) -> str:
+        return self.data.dataset.title if self.data.dataset else "IDX"
+
+    def steps_per_epoch(self, global_batch: int, batch_text: str) -> int:
+        steps = len(self.train.labels) // global_batch
+        if steps < 1:
+            raise UsageError(f"{len(self.train.labels)} training images are too few for {batch_text} "
+                             f"({global_batch} a step); lower --batch_size or --validation_size")
+        return steps
+
+    def train_batch(self, order: np.ndarray, i: int, global_batch: int, world):
+        """This rank's share of step i of an epoch's order: standardised images (B, R, C), labels (B,)."""
+        batch = world.stripe(order[i * global_batch:(i + 1) * global_batch])
+        return self.pixels(self.train.images[batch]), self.train.labels[batch].astype(np.int32)
+
+    def describe(self) -> str:
+        data, pixels = self.data, self.pixels
+        title = data.dataset.title if data.dataset else "IDX files (not a published MNIST or Fashion-MNIST)"
+        return (f"{title}, {'x'.join(map(str, data.image_shape))} images: train {len(self.train.labels)}, validation "
+                f"{len(self.valid.labels)} (held out of train), test {len(data.test.labels)}; inputs standardised "
+                f"with the training pixels' mean {pixels.mean:.4f} and standard deviation {pixels.std:.4f}")
+
+    def test_metrics(self, tested: Evaluation) -> dict:
+        """The test split's figures for the metrics file."""
+        data = self.data
+        return {"test_accuracy": tested.accuracy, "test_loss": tested.loss,
+                "per_class_accuracy": tested.per_class_accuracy, "confusion_matrix": tested.confusion.tolist(),
+                "classes": list(data.classes),
+                "misclassified": [{"index": i, "true": int(data.test.labels[i]), "predicted": p}
+                                  for i, p in tested.misclassified],
+                "dataset": data.dataset.name if data.dataset else None,
+                "images": {"train": len(self.train.labels), "valid": len(self.valid.labels),
+                           "test": len(data.test.labels)},
+                "pixels": dataclasses.asdict(self.pixels)}
+
+
+def unrolling_for(config, image_shape, on_gpu: bool = False, schedule: str = "sequential",
+                  keeps: Memory = KEEP) -> Unrolling:
+    """How the classifier's stack runs (one image row a time step) on a GPU or not."""
+    try:
+        return Unrolling.resolve(config.cell, config.use_peepholes, config.rnn_mode, on_gpu, image_shape[0],
+                                 schedule, keeps)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
 def layer_devices(config, devices):
     """The devices the layers go on, and a line saying why when the preset asked to spread them."""
     if devices or not config.spread_layers or config.num_layers < 2:
         return devices, None
-    gpus = [placement.canonical(d.name) for d in tf.config.list_logical_devices("GPU")]
+    gpus = [local_devices.canonical(d.name) for d in tf.config.list_logical_devices("GPU")]
     if len(gpus) > 1:
         used = min(len(gpus), config.num_layers)
         return gpus[:config.num_layers], f"spread_layers: the layers spread over {used} GPUs, one layer per GPU"
@@ -187,7 +250,5 @@ def layer_devices(config, devices):
 
 
 def make_model_plan(config, image_shape, batch_size: int, devices, strategy: str):
-    if not devices:
-        return placement.single_device(config.num_layers)
-    costs = [part.total for part in part_memory(config, image_shape, batch_size)]
-    return placement.make_plan(config.num_layers, devices, strategy, costs)
+    return placement.job_plan(config.num_layers, devices, strategy,
+                              lambda: [part.total for part in part_memory(config, image_shape, batch_size)])

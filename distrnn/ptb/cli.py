@@ -9,20 +9,14 @@ from distrnn import cli
 
 
 def build_parser():
-    from distrnn.ptb.configs import PTBConfig, PRESETS
+    from distrnn.ptb.configs import PRESETS, PTBConfig, RunOptions
     parser = cli.ArgumentParser(
         prog="python -m distrnn.ptb",
         description="Train the PTB word language model of Zaremba et al. 2014 with distrnn's stacked LSTM.")
-    groups = cli.add_job_flags(
+    cli.add_job_flags(
         parser, "ptb", PRESETS, "small",
         "directory with ptb.train.txt, ptb.valid.txt, ptb.test.txt, read as it is; default: ~/.cache/distrnn/ptb, "
-        "downloaded and checksummed when missing")
-    groups["ranks"].add_argument("--sparse_as_dense", action="store_true",
-                                 help="allreduce the embedding gradient as a dense tensor instead of allgathering "
-                                      "its rows")
-    groups["memory"].add_argument("--on_oom", default="stop", choices=("stop", "retry"),
-                                  help="a step that runs out of memory: stop (checkpoint, exit 76; default) or retry "
-                                       "it with --recompute, then --swap_memory, and go on (one process only)")
+        "downloaded and checksummed when missing", RunOptions)
     names = cli.add_config_flags(parser, PTBConfig, cli.field_comments(PTBConfig))
     return parser, names
 

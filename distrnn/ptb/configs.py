@@ -19,6 +19,7 @@ epoch takes (929,589 / words_per_sec) seconds (docs/measurements.md lists measur
 import dataclasses
 
 from distrnn.config import Registry, check, check_recurrence
+from distrnn.options import MEMORY, RANKS, JobOptions, flag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,3 +74,13 @@ PUBLISHED = {
     "large": (78.29, "55 epochs; about a day on one K20 GPU (paper)"),
     "test": (None, "smoke test; seconds"),
 }
+
+
+@dataclasses.dataclass
+class RunOptions(JobOptions):
+    """How a PTB job runs: the options every job has, and these."""
+    sparse_as_dense: bool = flag(False, "allreduce the embedding gradient as a dense tensor instead of allgathering "
+                                 "its rows", group=RANKS)
+    on_oom: str = flag("stop", "a step that runs out of memory: stop (checkpoint, exit 76) or retry it with "
+                       "--recompute, then --swap_memory, and go on (one process only)", group=MEMORY,
+                       choices=("stop", "retry"))

@@ -10,8 +10,8 @@ import tensorflow as tf
 
 from distrnn.ops import softmax_cross_entropy
 from distrnn.placement import on_device, single_device
-from distrnn.rnn import CELLS, KEEP, LSTMCell, Memory
-from distrnn.rnn.stack import pipeline_stack, sequential_stack
+from distrnn.rnn import CELLS, LSTMCell, Unrolling
+from distrnn.rnn.stack import run_stack
 
 
 def make_cell(config, initializer, name):
@@ -23,17 +23,13 @@ def make_cell(config, initializer, name):
 
 
 class PTBModel(tf.Module):
-    """rnn_mode: the concrete unrolling mode (see distrnn.rnn.resolve_mode for `auto`);
-    placement: `sequential` or `pipeline` (see distrnn.rnn.stack); memory: what the LSTM
-    stack's backward pass keeps (see distrnn.rnn.Memory), read when a step is traced."""
+    """unrolling: how the stack runs (distrnn.rnn.Unrolling, resolved by the job), read when a step
+    is traced; plan: the device of each part (distrnn.placement)."""
 
-    def __init__(self, config, vocab_size: int, seed: int = 0, rnn_mode: str = None, plan=None,
-                 placement: str = "sequential", memory: Memory = KEEP, name: str = "ptb_lm"):
+    def __init__(self, config, vocab_size: int, unrolling: Unrolling, seed: int = 0, plan=None, name: str = "ptb_lm"):
         super().__init__(name=name)
-        self.config, self.vocab_size, self.memory = config, vocab_size, memory
-        self.rnn_mode = rnn_mode or config.rnn_mode
+        self.config, self.vocab_size, self.unrolling = config, vocab_size, unrolling
         self.plan = plan or single_device(config.num_layers)
-        self.placement = placement
         h, scale = config.hidden_size, config.init_scale
         # Every weight starts uniform in [-init_scale, init_scale] (recurrent biases at 0),
         # drawn from one seeded generator so a run is reproducible from --seed.
@@ -78,11 +74,7 @@ class PTBModel(tf.Module):
             for device in self.plan.layers:
                 with tf.device(device):
                     masks.append(self._dropout_mask(tf.shape(h)))
-        if self.placement == "pipeline":
-            h, new_state = pipeline_stack(self.cells, self.plan.layers, h, state, static=self.rnn_mode == "static",
-                                          masks=masks, memory=self.memory)
-        else:
-            h, new_state = sequential_stack(self.cells, self.plan.layers, h, state, self.rnn_mode, masks, self.memory)
+        h, new_state = run_stack(self.cells, self.plan.layers, h, state, self.unrolling, masks)
         return tf.reshape(h, [-1, self.config.hidden_size]), new_state
 
     def token_losses(self, features, y, weights=None):

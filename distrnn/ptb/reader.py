@@ -10,12 +10,11 @@ import dataclasses
 import os
 import shutil
 import tarfile
-import tempfile
 from typing import Dict, Iterator, Tuple
 
 import numpy as np
 
-from distrnn.download import fetch, hexdigest, mirror_url
+from distrnn.download import cached, fetch, hexdigest, into_cache, mirror_url
 from distrnn.errors import UsageError
 
 SPLITS = ("train", "valid", "test")
@@ -64,8 +63,8 @@ def download(directory: str, url: str = None) -> str:
     The archive comes from ARCHIVE_URL, or from $DISTRNN_PTB_URL (a mirror) when set.
     """
     url = url or mirror_url("DISTRNN_PTB_URL", ARCHIVE_URL)
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+
+    def extract(tmp):
         archive = fetch(url, os.path.join(tmp, "simple-examples.tgz"), "PTB", DATA_PATH_HINT)
         try:
             with tarfile.open(archive) as tar:
@@ -79,10 +78,8 @@ def download(directory: str, url: str = None) -> str:
         except (tarfile.TarError, KeyError, EOFError, OSError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UsageError(f"{url} is not the simple-examples archive ({first}); {DATA_PATH_HINT}") from None
-        verify(tmp)
-        for name in CHECKSUMS:  # only verified files reach the cache directory
-            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-    return directory
+
+    return into_cache(directory, CHECKSUMS, extract, verify)
 
 
 def default_dir() -> str:
@@ -91,13 +88,7 @@ def default_dir() -> str:
 
 def resolve_data_path(data_path: str = None) -> str:
     """A user's --data_path is read as it is; the default cache is downloaded and verified."""
-    if data_path:
-        return data_path
-    directory = default_dir()
-    if not all(os.path.exists(os.path.join(directory, name)) for name in CHECKSUMS):
-        download(directory)
-    verify(directory)
-    return directory
+    return data_path or cached(default_dir(), CHECKSUMS, download, verify)
 
 
 def read_words(path: str):
@@ -147,6 +138,10 @@ class PTBData:
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
+
+    def describe(self) -> str:
+        return (f"vocabulary {self.vocab_size}, words train {len(self.train)} valid {len(self.valid)} test "
+                f"{len(self.test)}; words mapped to <unk>: valid {self.oov['valid']}, test {self.oov['test']}")
 
 
 def load(data_path: str) -> PTBData:
@@ -232,3 +227,30 @@ def eval_batches(data: np.ndarray, eos_id: int, batch_size: int, num_steps: int)
         targets[r, :hi - lo] = stream[lo + 1:hi + 1]
         weights[r, :hi - lo] = 1.0
     return EvalBatches(inputs, targets, weights, num_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class RankBatches:
+    """The data as one rank of a job trains and evaluates on it: its rows of every split laid out for
+    the global batch (rank r holds rows r*B ... r*B+B-1, see World.stripe)."""
+    train_rows: np.ndarray   # (B, batch_len)
+    valid: EvalBatches
+    test: EvalBatches
+    steps_per_epoch: int     # training windows an epoch (the same on every rank)
+
+
+def rank_batches(data: PTBData, global_batch: int, num_steps: int, world, batch_text: str) -> RankBatches:
+    """batch_text: the batch as the user asked for it, for the error when the data is too short."""
+    if epoch_size(len(data.train), global_batch, num_steps) < 1:
+        raise UsageError(f"the train split has {len(data.train)} words, too few for {batch_text} (it needs more "
+                         f"than {global_batch * (num_steps + 1)}); lower --batch_size or --num_steps")
+
+    def share(batches: EvalBatches) -> EvalBatches:
+        return EvalBatches(world.stripe(batches.inputs), world.stripe(batches.targets), world.stripe(batches.weights),
+                           batches.num_steps)
+
+    eos = data.vocab[EOS]
+    return RankBatches(world.stripe(train_rows(data.train, global_batch)),
+                       share(eval_batches(data.valid, eos, global_batch, num_steps)),
+                       share(eval_batches(data.test, eos, global_batch, num_steps)),
+                       epoch_size(len(data.train), global_batch, num_steps))

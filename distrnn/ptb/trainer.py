@@ -7,12 +7,11 @@ from typing import Optional
 
 import tensorflow as tf
 
-from distrnn import distributed, placement, sgd
-from distrnn.errors import UsageError
+from distrnn import distributed, estimates, memory, outputs, placement, sgd
+from distrnn.errors import OutOfMemory, UsageError
 from distrnn.ptb import reader
 from distrnn.ptb.model import PTBModel
-from distrnn.rnn import CELLS, KEEP, Memory, resolve_mode
-from distrnn.rnn.stack import stack_mode
+from distrnn.rnn import CELLS, KEEP, Memory, Unrolling
 
 
 def sum_duplicate_rows(grad):
@@ -55,20 +54,13 @@ class Position:
 class Trainer(tf.Module):
     """The model, its optimizer and everything a checkpoint must hold to resume exactly."""
 
-    def __init__(self, config, vocab_size: int, seed: int, on_gpu: bool = False, plan=None,
-                 placement: str = "sequential", world=None, sparse_as_dense: bool = False, memory: Memory = KEEP):
+    def __init__(self, config, vocab_size: int, seed: int, unrolling: Unrolling = None, plan=None, world=None,
+                 sparse_as_dense: bool = False):
         super().__init__(name="trainer")
         self.config = config
         self.world = world or distributed.World()
         self.sparse_as_dense = sparse_as_dense
-        self.on_gpu = on_gpu
-        try:
-            self.rnn_mode, self.rnn_mode_reason = stack_mode(config.cell, config.use_peepholes, config.rnn_mode,
-                                                             on_gpu, config.num_steps, placement, memory)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
-        self.model = PTBModel(config, vocab_size, seed=seed, rnn_mode=self.rnn_mode, plan=plan, placement=placement,
-                              memory=memory)
+        self.model = PTBModel(config, vocab_size, unrolling or unrolling_for(config), seed=seed, plan=plan)
         self.train_step = tf.function(self._train_step)
         self.optimizer = sgd.SGD(config.learning_rate)
         # The Position as JSON, and the carried LSTM state of the whole global batch (every
@@ -106,15 +98,13 @@ class Trainer(tf.Module):
         self._position.assign(self.world.broadcast_object(self._position.numpy()))
 
     @property
-    def memory(self) -> Memory:
-        return self.model.memory
+    def unrolling(self) -> Unrolling:
+        return self.model.unrolling
 
-    def set_memory(self, memory: Memory) -> None:
-        """Switches what the LSTM stack's backward pass keeps (a memory mode runs the dynamic
-        loop); the next train_step is traced anew. The weights are untouched."""
-        self.rnn_mode, self.rnn_mode_reason = resolve_mode(self.config.cell, self.config.use_peepholes, "auto",
-                                                           self.on_gpu, self.config.num_steps, memory)
-        self.model.rnn_mode, self.model.memory = self.rnn_mode, memory
+    def set_unrolling(self, unrolling: Unrolling) -> None:
+        """Switches how the stack runs (--on_oom retry: a leaner memory mode); the next train_step is
+        traced anew. The weights are untouched."""
+        self.model.unrolling = unrolling
         self.train_step = tf.function(self._train_step)
 
     def _train_step(self, x, y, state):
@@ -137,10 +127,53 @@ class Trainer(tf.Module):
         return tf.reduce_sum(self.model.token_losses(features, y, weights)), state
 
 
-def rank_share(batches: reader.EvalBatches, world) -> reader.EvalBatches:
-    """This rank's rows of a split laid out for the global batch."""
-    return reader.EvalBatches(world.stripe(batches.inputs), world.stripe(batches.targets),
-                              world.stripe(batches.weights), batches.num_steps)
+def unrolling_for(config, on_gpu: bool = False, schedule: str = "sequential", keeps: Memory = KEEP) -> Unrolling:
+    """How the model's stack runs for `config` on a GPU or not (see distrnn.rnn.resolve_mode)."""
+    try:
+        return Unrolling.resolve(config.cell, config.use_peepholes, config.rnn_mode, on_gpu, config.num_steps,
+                                 schedule, keeps)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+class LeanerOnOOM:
+    """trainer.train_step, where a step that runs out of memory is run again in the next leaner memory
+    mode (--on_oom retry) while there is one, else OutOfMemory is raised. A failed step has changed no
+    weight: every update waits for the clipping factor, which needs every gradient. The dropout
+    generator, which the forward pass advances, is put back."""
+
+    def __init__(self, trainer: Trainer, on_gpu: bool, world, retry: bool):
+        if retry and world.size > 1:
+            raise UsageError("--on_oom retry needs a single process (the other ranks would wait in the failed "
+                             "step's allreduce); under horovodrun pass --recompute K or --swap_memory from the start")
+        self.trainer, self.on_gpu, self.world, self.retry = trainer, on_gpu, world, retry
+        self.changes = []  # each switch to a leaner memory mode
+
+    def leaner(self) -> Optional[Unrolling]:
+        config, unrolling = self.trainer.config, self.trainer.unrolling
+        keeps = unrolling.memory.leaner(config.num_steps) if self.retry and config.cell == "lstm" else None
+        # A memory mode runs the dynamic loop, whatever rnn_mode asked for.
+        return keeps and Unrolling.resolve(config.cell, config.use_peepholes, "auto", self.on_gpu, config.num_steps,
+                                           unrolling.placement, keeps)
+
+    def __call__(self, step: int, x, y, state):
+        trainer = self.trainer
+        rng = trainer.model.dropout_rng.state
+        before = tf.identity(rng) if trainer.config.keep_prob < 1.0 else None
+        while True:
+            try:
+                return trainer.train_step(x, y, state)
+            except tf.errors.ResourceExhaustedError as error:
+                if before is not None:
+                    rng.assign(before)
+                what = f"step {step} ran out of memory ({memory.oom_reason(error)})"
+                leaner = self.leaner()
+                if leaner is None:
+                    raise OutOfMemory(what) from None
+                was, now = trainer.unrolling.memory.describe(), leaner.memory.describe()
+                outputs.say(self.world, f"{what} in memory mode {was}; running it again in memory mode {now}")
+                self.changes.append({"step": step, "from": was, "to": now})
+                trainer.set_unrolling(leaner)
 
 
 def evaluate(trainer: Trainer, batches: reader.EvalBatches, world) -> float:
@@ -164,8 +197,6 @@ def learning_rate(config, epoch: int, step: int, batch_ratio: float, scaling: st
 
 def make_model_plan(config, vocab_size: int, devices, strategy: str):
     """The placement plan of the model's parts over `devices` (one device, TensorFlow's choice, if none)."""
-    if not devices:
-        return placement.single_device(config.num_layers)
-    costs = placement.lm_costs(vocab_size, config.hidden_size, config.num_layers, config.batch_size,
-                               config.num_steps, cell_gates=CELLS[config.cell].gates)
-    return placement.make_plan(config.num_layers, devices, strategy, costs)
+    return placement.job_plan(config.num_layers, devices, strategy, lambda: estimates.lm_costs(
+        vocab_size, config.hidden_size, config.num_layers, config.batch_size, config.num_steps,
+        cell_gates=CELLS[config.cell].gates))

@@ -35,12 +35,12 @@ With a mask m (1 while t < sequence_length): c_t = m c_new + (1 - m) c_prev, lik
 the output is m h_new.
 """
 import contextlib
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from distrnn.placement import SWAP_SEGMENT, recompute_segment
+from distrnn.estimates import KEEP, Memory
 
 
 class Layer(NamedTuple):
@@ -52,59 +52,55 @@ class Layer(NamedTuple):
     device: Optional[str] = None
 
 
-class Memory(NamedTuple):
-    """What `lstm_stack` keeps for its backward pass, and where.
-
-    Default (keep): every step's activations, on the layer's device.
-    recompute=K: only the state at the start of each K-step segment; the
-        backward pass computes one segment's activations again from it, the
-        segment it is about to need. Holds T/K states and about two segments
-        of activations instead of T steps' worth; costs about one more forward
-        pass.
-    swap: every activation, copied to `host` as each `segment`-step segment
-        finishes and copied back when the backward pass reaches it; the layer's
-        device holds about two segments of activations at a time.
-
-    Both run the sequence segment by segment in tf.while_loops, whatever the
-    unrolling mode: in one Python-unrolled graph the optimiser may merge the
-    recomputation with the forward pass (common subexpressions), and nothing
-    would stop every segment's copy or recomputation from running at once.
-    The backward loop runs at most two segments at once (parallel_iterations=2):
-    the next one is fetched or recomputed while the current one runs.
-    """
-    recompute: int = 0                  # K > 0: keep every K-th state, recompute the rest
-    swap: bool = False                  # keep the activations in host memory
-    host: str = "/device:CPU:0"         # where swap keeps them
-    segment: int = SWAP_SEGMENT         # time steps per swapped segment
-
-    @property
-    def segmented(self) -> bool:
-        return self.swap or self.recompute > 0
-
-    @property
-    def steps(self) -> int:
-        """Time steps per segment."""
-        return self.recompute or self.segment
-
-    def leaner(self, num_steps: int) -> Optional["Memory"]:
-        """The next mode to try after running out of memory in this one: keep, then recompute
-        with segments of about sqrt(num_steps) (the fewest states plus segment steps), then
-        swap; None after swap."""
-        if not self.segmented:
-            return Memory(recompute=recompute_segment(num_steps), host=self.host)
-        if self.recompute:
-            return Memory(swap=True, host=self.host)
-        return None
-
-    def describe(self) -> str:
-        if self.recompute:
-            return f"recompute (one state in {self.recompute} kept)"
-        if self.swap:
-            return f"swap (activations on {self.host}, {self.segment} steps at a time on the device)"
-        return "keep (all activations on the device)"
+class State(NamedTuple):
+    """One layer's recurrent state, (B, H) each; a gradient of it has the same form."""
+    c: tf.Tensor
+    h: tf.Tensor
 
 
-KEEP = Memory()
+class Params(NamedTuple):
+    """One layer's weights as the passes use them (made once per call from its Layer)."""
+    w_x: tf.Tensor               # (I, 4H): the kernel's input rows
+    w_h: tf.Tensor               # (H, 4H): its recurrent rows
+    bias_fb: tf.Tensor           # (4H,): the bias with the forget bias folded in
+    peep: Optional[tf.Tensor]    # (3, H) or None
+    units: object                # H: a Python int where the shape is known, else a scalar tensor
+    device: Optional[str]
+
+
+class Records(NamedTuple):
+    """What the forward loop keeps of one layer, at one step or stacked over steps (n, B, ...);
+    None where it keeps nothing (see Records.kept)."""
+    out: Optional[tf.Tensor] = None  # the output: h, 0 past a sequence's end
+    a: Optional[tf.Tensor] = None    # the gate activations (B, 4H)
+    c: Optional[tf.Tensor] = None    # the cell state
+    j: Optional[tf.Tensor] = None    # tanh(z_j), kept apart without peepholes
+    y: Optional[tf.Tensor] = None    # the output times its dropout mask: what the layer above reads
+
+    @staticmethod
+    def kept(peepholes: bool, dropout: bool) -> tuple:
+        """The fields a layer keeps, in the order the loops carry them."""
+        return ("out", "a", "c") + (() if peepholes else ("j",)) + (("y",) if dropout else ())
+
+
+class Grads(NamedTuple):
+    """The gradients of one layer's weights: the kernel's two parts apart, then bias and peepholes."""
+    w_x: tf.Tensor
+    w_h: tf.Tensor
+    bias: tf.Tensor
+    peep: Optional[tf.Tensor] = None
+
+    def present(self) -> list:
+        return [g for g in self if g is not None]
+
+
+def _pairs(flat: Sequence[tf.Tensor]) -> List[State]:
+    """c0, h0, c1, h1, ... as one State per layer."""
+    return [State(c, h) for c, h in zip(flat[0::2], flat[1::2])]
+
+
+def _flat(states: Sequence[State]) -> list:
+    return [t for state in states for t in state]
 
 
 def _blocks(units, values):
@@ -157,15 +153,15 @@ def _scan(step, sequences, carry, num_records: int, static: bool, reverse: bool 
 
 
 def _with_shapes(tensors, shapes):
-    """`tensors` with these static shapes: a loop's carry keeps its shape, also where it
-    is computed from records whose length is unknown when the graph is built."""
-    for t, shape in zip(tensors, shapes):
+    """`tensors` (any nest) with these static shapes (of its flattened tensors): a loop's carry keeps
+    its shape, also where it is computed from records whose length is unknown when the graph is built."""
+    for t, shape in zip(tf.nest.flatten(tensors), shapes):
         t.set_shape(shape)
     return tensors
 
 
 def _shapes(tensors):
-    return [t.shape for t in tensors]
+    return [t.shape for t in tf.nest.flatten(tensors)]
 
 
 def _forward_step(z, m, c_prev, h_prev, peep, units):
@@ -231,201 +227,240 @@ def _backward_step(d_out, q, pd, fc, m, dc_next, dh_next, w_h):
     return dz, dc_prev, dh_prev
 
 
-def _record_names(peepholes: bool, dropout: bool):
-    """What the forward loop keeps of a layer at each step, in order."""
-    return ["out", "a", "c"] + ([] if peepholes else ["j"]) + (["y"] if dropout else [])
+class _Step(NamedTuple):
+    """One time step's slices of the sequences a loop runs over (see _Passes.sequences)."""
+    first: tf.Tensor                 # forward: layer 0's projected input; backward: the stack output's gradient
+    drops: Optional[list]            # one dropout-mask slice per layer
+    mask: Optional[tf.Tensor]        # (B, 1): 1 while t < sequence_length
+    factors: list                    # backward: per layer (pd, q, fc), see _backward_factors
 
 
 class _Passes:
     """The forward and backward passes of a stack over a run of time steps: the whole
-    sequence, or in a memory mode one segment of it. `params`: one dict per layer
-    (see lstm_stack's unflatten); carries are flat lists, c then h for each layer."""
+    sequence, or in a memory mode one segment of it. `params`: one Params per layer;
+    a carry is one State per layer."""
 
-    def __init__(self, params, has_drop: bool, has_mask: bool, static: bool):
+    def __init__(self, params: List[Params], has_drop: bool, has_mask: bool, static: bool):
         self.params, self.has_drop, self.has_mask, self.static = params, has_drop, has_mask, static
         self.num_layers = len(params)
-        self.names = [_record_names(lp["peep"] is not None, has_drop) for lp in params]
+        self.kept = [Records.kept(p.peep is not None, has_drop) for p in params]
         self.output = "y" if has_drop else "out"  # the record a layer passes up (and the stack returns)
 
     def scope(self, l: int):
-        return _layer_scope(l, self.num_layers, self.params[l]["device"])
+        return _layer_scope(l, self.num_layers, self.params[l].device)
 
-    def _sequences(self, first, drops, mask):
-        return [first] + (list(drops) if self.has_drop else []) + ([mask] if self.has_mask else [])
+    def sequences(self, first, drops, mask, factors=()):
+        """The (T, ...) sequences of a loop, flat, in the order `step` reads them back."""
+        flat_factors = [t for layer in factors for t in layer]
+        return [first] + (list(drops) if self.has_drop else []) + ([mask] if self.has_mask else []) + flat_factors
 
-    def forward(self, inputs, drops, mask, carry, outputs_only: bool = False):
-        """Runs the steps of `inputs` (n, B, I) from `carry`; drops and mask: the same steps'.
-        Returns the final carry and, per layer, its records (n, B, ...) by name: all of
-        them, or with outputs_only just the last layer's output."""
-        num_layers, has_drop, has_mask = self.num_layers, self.has_drop, self.has_mask
-        names = self.names if not outputs_only else [[] for _ in range(num_layers - 1)] + [[self.output]]
+    def step(self, slices) -> _Step:
+        rest = slices[1:]
+        drops, rest = (rest[:self.num_layers], rest[self.num_layers:]) if self.has_drop else (None, rest)
+        mask, rest = (rest[0], rest[1:]) if self.has_mask else (None, rest)
+        return _Step(slices[0], drops, mask, [rest[3 * l:3 * l + 3] for l in range(len(rest) // 3)])
+
+    def record_shapes(self, batch) -> list:
+        """The static shapes of the records forward keeps, flat in its order: (n, B, 4H) for the
+        gate activations, (n, B, H) for the others, n unknown."""
+        shapes = []
+        for p, kept in zip(self.params, self.kept):
+            units = p.units if isinstance(p.units, int) else None
+            shapes += [tf.TensorShape([None, batch, 4 * units if units and name == "a" else units]) for name in kept]
+        return shapes
+
+    def to_records(self, flat, kept=None) -> List[Records]:
+        """A flat list of records, in forward's order, as one Records per layer."""
+        layers, flat = [], list(flat)
+        for names in kept or self.kept:
+            layers.append(Records(**dict(zip(names, flat[:len(names)]))))
+            flat = flat[len(names):]
+        return layers
+
+    def forward(self, inputs, drops, mask, start: List[State], outputs_only: bool = False):
+        """Runs the steps of `inputs` (n, B, I) from `start`; drops and mask: the same steps'.
+        Returns the final carry and one Records per layer (n, B, ...): all it keeps, or with
+        outputs_only just the last layer's output."""
+        kept = self.kept if not outputs_only else [()] * (self.num_layers - 1) + [(self.output,)]
         first = self.params[0]
         with self.scope(0):  # the first layer's input matmul, once for all steps
             n, batch = tf.shape(inputs)[0], tf.shape(inputs)[1]
-            x = tf.reshape(tf.nn.bias_add(tf.matmul(tf.reshape(inputs, [n * batch, -1]), first["w_x"]),
-                                          first["bias_fb"]), [n, batch, 4 * first["units"]])
+            x = tf.reshape(tf.nn.bias_add(tf.matmul(tf.reshape(inputs, [n * batch, -1]), first.w_x),
+                                          first.bias_fb), [n, batch, 4 * first.units])
 
         def step(slices, carry):
-            x_t, drop_t, m = slices[0], slices[1:1 + num_layers] if has_drop else None, slices[-1] if has_mask else None
-            carry, records = list(carry), []
-            for l, lp in enumerate(self.params):
+            now, new_carry, records = self.step(slices), [], []
+            x_t = now.first
+            for l, (p, state) in enumerate(zip(self.params, carry)):
                 with self.scope(l):
-                    c, h = carry[2 * l:2 * l + 2]
                     if l:
-                        x_t = tf.nn.bias_add(tf.matmul(x_t, lp["w_x"]), lp["bias_fb"])
-                    z = x_t + tf.matmul(h, lp["w_h"])
-                    c, h, out, a, j = _forward_step(z, m, c, h, lp["peep"], lp["units"])
-                    carry[2 * l:2 * l + 2] = c, h
-                    x_t = out * drop_t[l] if has_drop else out
-                    kept = dict(out=out, a=a, c=c, j=j, y=x_t)
-                    records += [kept[name] for name in names[l]]
-            return carry, records
+                        x_t = tf.nn.bias_add(tf.matmul(x_t, p.w_x), p.bias_fb)
+                    z = x_t + tf.matmul(state.h, p.w_h)
+                    c, h, out, a, j = _forward_step(z, now.mask, state.c, state.h, p.peep, p.units)
+                    new_carry.append(State(c, h))
+                    x_t = out * now.drops[l] if self.has_drop else out
+                    step_records = Records(out=out, a=a, c=c, j=j, y=x_t)
+                    records += [getattr(step_records, name) for name in kept[l]]
+            return new_carry, records
 
-        final, records = _scan(step, self._sequences(x, drops, mask), list(carry), sum(map(len, names)), self.static)
-        return final, self.by_layer(records, names)
+        final, records = _scan(step, self.sequences(x, drops, mask), list(start), sum(map(len, kept)), self.static)
+        return final, self.to_records(records, kept)
 
-    def by_layer(self, records, names=None):
-        """A flat list of records, in forward's order, as one dict per layer."""
-        saved, records = [], list(records)
-        for layer_names in names or self.names:
-            saved.append(dict(zip(layer_names, records[:len(layer_names)])))
-            records = records[len(layer_names):]
-        return saved
-
-    def backward(self, inputs, d_outputs, drops, mask, saved, start, d_final):
+    def backward(self, inputs, d_outputs, drops, mask, saved: List[Records], start: List[State],
+                 d_final: List[State]):
         """Back through the steps whose records are `saved`, which began from carry `start`,
         given the gradients of their outputs and of their final carry. Returns the gradient
-        of `start`, per layer the gradients of [input kernel rows, recurrent kernel rows, bias
-        (, peepholes)], and the gradient of `inputs`."""
-        num_layers, has_drop, has_mask, params = self.num_layers, self.has_drop, self.has_mask, self.params
+        of `start`, one Grads per layer and the gradient of `inputs`."""
         factors = []
-        for l, (lp, s) in enumerate(zip(params, saved)):
+        for l, (p, s) in enumerate(zip(self.params, saved)):
             with self.scope(l):
-                factors.append(_backward_factors(s["a"], s.get("j"), s["c"], start[2 * l], lp["peep"], lp["units"]))
+                factors.append(_backward_factors(s.a, s.j, s.c, start[l].c, p.peep, p.units))
 
         def step(slices, carry):
-            d_y, drop_t = slices[0], slices[1:1 + num_layers] if has_drop else None
-            m = slices[1 + (num_layers if has_drop else 0)] if has_mask else None
-            per_layer = slices[-3 * num_layers:]
-            carry, records = list(carry), [None] * num_layers
-            for l in reversed(range(num_layers)):
-                lp = params[l]
+            now, d_carry, d_z = self.step(slices), list(carry), [None] * self.num_layers
+            d_y = now.first
+            for l in reversed(range(self.num_layers)):
+                p = self.params[l]
                 with self.scope(l):
-                    d_out = d_y * drop_t[l] if has_drop else d_y
-                    pd_t, q_t, fc_t = per_layer[3 * l:3 * l + 3]
-                    dz, carry[2 * l], carry[2 * l + 1] = _backward_step(
-                        d_out, q_t, pd_t, fc_t, m, carry[2 * l], carry[2 * l + 1], lp["w_h"])
-                    records[l] = dz
+                    d_out = d_y * now.drops[l] if self.has_drop else d_y
+                    pd_t, q_t, fc_t = now.factors[l]
+                    d_z[l], d_c, d_h = _backward_step(d_out, q_t, pd_t, fc_t, now.mask, d_carry[l].c, d_carry[l].h,
+                                                      p.w_h)
+                    d_carry[l] = State(d_c, d_h)
                     if l:  # the gradient of this step's input, for the layer below
-                        d_y = tf.matmul(dz, lp["w_x"], transpose_b=True)
-            return carry, records
+                        d_y = tf.matmul(d_z[l], p.w_x, transpose_b=True)
+            return d_carry, d_z
 
-        sequences = self._sequences(d_outputs, drops, mask) + [t for pd, q, fc, _ in factors for t in (pd, q, fc)]
-        d_start, d_z = _scan(step, sequences, list(d_final), num_layers, self.static, reverse=True)
-        weight_grads = []
-        for l, (lp, s) in enumerate(zip(params, saved)):
+        sequences = self.sequences(d_outputs, drops, mask, [(pd, q, fc) for pd, q, fc, _ in factors])
+        d_start, d_z = _scan(step, sequences, list(d_final), self.num_layers, self.static, reverse=True)
+        grads, d_inputs = [], None
+        for l in range(self.num_layers):
             with self.scope(l):
-                units = lp["units"]
-                flat_dz = tf.reshape(d_z[l], [-1, 4 * units])
-                # h entering each step: the start's, then the carried h (== output where the mask is 1).
-                h0 = start[2 * l + 1]
-                h_carried = s["out"] if not has_mask else _carried_h(s["out"], mask, h0)
-                h_prev = tf.reshape(tf.concat([h0[None], h_carried[:-1]], 0), [-1, units])
-                if l == 0:
-                    below = tf.reshape(inputs, [-1, tf.shape(inputs)[2]])
-                    d_inputs = tf.reshape(tf.matmul(flat_dz, lp["w_x"], transpose_b=True), tf.shape(inputs))
-                else:
-                    below = tf.reshape(saved[l - 1][self.output], [-1, params[l - 1]["units"]])
-                # The kernel's input and recurrent rows, each one matmul for all steps.
-                grads = [tf.matmul(below, flat_dz, transpose_a=True), tf.matmul(h_prev, flat_dz, transpose_a=True),
-                         tf.reduce_sum(flat_dz, 0)]
-                if lp["peep"] is not None:
-                    d_zi, _, d_zf, d_zo = tf.split(d_z[l], 4, axis=2)
-                    c_prev = factors[l][3]
-                    grads.append(tf.stack([tf.reduce_sum(d_zi * c_prev, [0, 1]),
-                                           tf.reduce_sum(d_zf * c_prev, [0, 1]),
-                                           tf.reduce_sum(d_zo * s["c"], [0, 1])]))
-                weight_grads.append(grads)
-        return d_start, weight_grads, d_inputs
+                grad, d_in = self._weight_grads(l, d_z[l], inputs, mask, saved, start[l].h, factors[l][3])
+            grads.append(grad)
+            d_inputs = d_in if l == 0 else d_inputs
+        return d_start, grads, d_inputs
+
+    def _weight_grads(self, l: int, d_z, inputs, mask, saved: List[Records], h0, c_prev):
+        """Layer l's Grads from its gate gradients d_z (n, B, 4H), each one matmul or sum over all
+        steps, and for layer 0 the gradient of the stack's inputs (None for the others)."""
+        p, s, units = self.params[l], saved[l], self.params[l].units
+        flat_dz = tf.reshape(d_z, [-1, 4 * units])
+        # h entering each step: the start's, then the carried h (== output where the mask is 1).
+        h_carried = s.out if not self.has_mask else _carried_h(s.out, mask, h0)
+        h_prev = tf.reshape(tf.concat([h0[None], h_carried[:-1]], 0), [-1, units])
+        d_inputs = None
+        if l == 0:
+            below = tf.reshape(inputs, [-1, tf.shape(inputs)[2]])
+            d_inputs = tf.reshape(tf.matmul(flat_dz, p.w_x, transpose_b=True), tf.shape(inputs))
+        else:
+            below = tf.reshape(getattr(saved[l - 1], self.output), [-1, self.params[l - 1].units])
+        d_peep = None
+        if p.peep is not None:
+            d_zi, _, d_zf, d_zo = tf.split(d_z, 4, axis=2)
+            d_peep = tf.stack([tf.reduce_sum(d_zi * c_prev, [0, 1]), tf.reduce_sum(d_zf * c_prev, [0, 1]),
+                               tf.reduce_sum(d_zo * s.c, [0, 1])])
+        return Grads(tf.matmul(below, flat_dz, transpose_a=True), tf.matmul(h_prev, flat_dz, transpose_a=True),
+                     tf.reduce_sum(flat_dz, 0), d_peep), d_inputs
 
 
-def _segmented(passes: _Passes, memory: Memory, inputs, drops, mask, start):
-    """The forward pass segment by segment, keeping what `memory` says. Returns the
-    outputs, the final carry, and the backward pass: (d_outputs, d_final) -> the
-    gradients of inputs, of start, and per layer as _Passes.backward gives them, summed
-    over the segments."""
-    num_steps = tf.shape(inputs)[0]
-    k = memory.steps
-    num_segments = (num_steps + k - 1) // k
-    flat_names = [(l, name) for l, names in enumerate(passes.names) for name in names]
+class _Segments:
+    """A memory mode's passes: forward segment by segment, keeping what `memory` says (each
+    segment's starting state; with swap also every record, copied to the host as the segment
+    ends), and backward segment by segment in reverse, each segment's records recomputed from
+    its starting state (or fetched back from the host), the weight gradients summed over the
+    segments. Both are tf.while_loops over segments of `memory.steps` time steps."""
 
-    def cut(s, *sequences):
+    def __init__(self, passes: _Passes, memory: Memory, inputs, drops, mask):
+        self.passes, self.memory, self.inputs, self.drops, self.mask = passes, memory, inputs, drops, mask
+        self.num_steps = tf.shape(inputs)[0]
+        self.num_segments = (self.num_steps + memory.steps - 1) // memory.steps
+        self.flat_kept = [(l, name) for l, kept in enumerate(passes.kept) for name in kept]
+        self.starts = self.host = None  # what forward keeps for backward
+
+    def cut(self, s, *sequences):
         """Segment s of each (T, ...) sequence (or list of them, or None)."""
-        t0 = s * k
-        t1 = tf.minimum(t0 + k, num_steps)
-        sliced = []
-        for q in sequences:
-            sliced.append(None if q is None else [p[t0:t1] for p in q] if isinstance(q, list) else q[t0:t1])
-        return sliced
+        t0 = s * self.memory.steps
+        t1 = tf.minimum(t0 + self.memory.steps, self.num_steps)
+        return [None if q is None else [p[t0:t1] for p in q] if isinstance(q, list) else q[t0:t1] for q in sequences]
 
-    def arrays(size, where=None, like=None):
-        """TensorArrays of one element per segment: of `like`'s shapes, or of varying length."""
+    def arrays(self, count: int = 1, where=None, like=None) -> list:
+        """TensorArrays of one element per segment: of `like`'s shapes, or `count` of varying length."""
         with tf.device(where) if where else contextlib.nullcontext():
             if like is not None:
-                return [tf.TensorArray(inputs.dtype, size=num_segments, element_shape=t.shape) for t in like]
-            return [tf.TensorArray(inputs.dtype, size=num_segments, infer_shape=False) for _ in range(size)]
+                return [tf.TensorArray(self.inputs.dtype, size=self.num_segments, element_shape=t.shape)
+                        for t in like]
+            return [tf.TensorArray(self.inputs.dtype, size=self.num_segments, infer_shape=False)
+                    for _ in range(count)]
 
-    record_shapes = []  # the static shapes of the swapped records, (n, B, ...) with n unknown
+    def forward(self, start: List[State]):
+        """The outputs (T, B, H) and the final carry."""
+        passes, memory = self.passes, self.memory
 
-    def forward(s, carry, starts, outputs, host):
-        starts = [a.write(s, c) for a, c in zip(starts, carry)]
-        x_s, drops_s, mask_s = cut(s, inputs, drops, mask)
-        carry, saved = passes.forward(x_s, drops_s, mask_s, carry, outputs_only=not memory.swap)
-        outputs = outputs.write(s, saved[-1][passes.output])
-        if memory.swap:
-            with tf.device(memory.host):  # the copy to the host, as soon as the segment is done
-                host = [a.write(s, saved[l][name]) for a, (l, name) in zip(host, flat_names)]
-            record_shapes[:] = [saved[l][name].shape for l, name in flat_names]
-        return s + 1, carry, starts, outputs, host
+        def body(s, carry, starts, outputs, host):
+            starts = [a.write(s, t) for a, t in zip(starts, _flat(carry))]
+            x_s, drops_s, mask_s = self.cut(s, self.inputs, self.drops, self.mask)
+            carry, saved = passes.forward(x_s, drops_s, mask_s, carry, outputs_only=not memory.swap)
+            outputs = outputs.write(s, getattr(saved[-1], passes.output))
+            if memory.swap:
+                with tf.device(memory.host):  # the copy to the host, as soon as the segment is done
+                    host = [a.write(s, getattr(saved[l], name)) for a, (l, name) in zip(host, self.flat_kept)]
+            return s + 1, carry, starts, outputs, host
 
-    _, final, starts, outputs, host = tf.while_loop(
-        lambda s, *_: s < num_segments, forward,
-        (tf.constant(0), list(start), arrays(len(start), like=start), arrays(1)[0],
-         arrays(len(flat_names), memory.host) if memory.swap else []))
-    starts = [a.stack() for a in starts]  # (segments, B, H) each
+        host = self.arrays(len(self.flat_kept), memory.host) if memory.swap else []
+        _, final, starts, outputs, self.host = tf.while_loop(
+            lambda s, *_: s < self.num_segments, body,
+            (tf.constant(0), list(start), self.arrays(like=_flat(start)), self.arrays()[0], host))
+        self.starts = [a.stack() for a in starts]  # (segments, B, H) each
+        outputs = outputs.concat()
+        outputs.set_shape(self.inputs.shape[:2].concatenate(final[-1].h.shape[1:]))
+        return outputs, final
 
-    def backward(d_outputs, d_final):
+    def backward(self, d_outputs, d_final: List[State]):
+        """The gradients of the inputs, of the start and one Grads per layer."""
+        passes, memory = self.passes, self.memory
+        record_shapes = passes.record_shapes(self.inputs.shape[1])
+
         def body(s, d_carry, sums, d_inputs):
-            x_s, drops_s, mask_s, d_out_s = cut(s, inputs, drops, mask, d_outputs)
-            begin = [a[s] for a in starts]
+            x_s, drops_s, mask_s, d_out_s = self.cut(s, self.inputs, self.drops, self.mask, d_outputs)
+            begin = _pairs([a[s] for a in self.starts])
             if memory.swap:
                 with tf.device(memory.host):  # read on the host: the first use copies it back
-                    saved = passes.by_layer(_with_shapes([a.read(s) for a in host], record_shapes))
+                    saved = passes.to_records(_with_shapes([a.read(s) for a in self.host], record_shapes))
             else:
                 saved = passes.forward(x_s, drops_s, mask_s, begin)[1]
             d_carry, grads, d_in = passes.backward(x_s, d_out_s, drops_s, mask_s, saved, begin, d_carry)
-            new_sums = _with_shapes([a + g for a, g in zip(sums, [g for layer in grads for g in layer])], _shapes(sums))
-            return s - 1, _with_shapes(d_carry, _shapes(d_final)), new_sums, d_inputs.write(s, d_in)
+            new_sums = [a + g for a, g in zip(sums, [g for layer in grads for g in layer.present()])]
+            return s - 1, _with_shapes(d_carry, _shapes(d_final)), _with_shapes(new_sums, _shapes(sums)), \
+                d_inputs.write(s, d_in)
 
         # One sum per gradient, the kernel's two parts apart: adding each segment's matmul to its
         # part needs no concatenated copy of the whole kernel per segment.
-        weights = [[lp["w_x"], lp["w_h"], lp["bias_fb"]] + ([lp["peep"]] if lp["peep"] is not None else [])
-                   for lp in passes.params]
-        zeros = [tf.zeros_like(w) for layer in weights for w in layer]
+        weights = [Grads(p.w_x, p.w_h, p.bias_fb, p.peep) for p in passes.params]
+        zeros = [tf.zeros_like(w) for layer in weights for w in layer.present()]
         _, d_start, sums, d_inputs = tf.while_loop(
-            lambda s, *_: s >= 0, body, (num_segments - 1, list(d_final), zeros, arrays(1)[0]),
+            lambda s, *_: s >= 0, body, (self.num_segments - 1, list(d_final), zeros, self.arrays()[0]),
             parallel_iterations=2)
         grads = []
         for layer in weights:
-            grads.append(sums[:len(layer)])
-            sums = sums[len(layer):]
+            count = len(layer.present())
+            grads.append(Grads(*sums[:count]))
+            sums = sums[count:]
         d_inputs = d_inputs.concat()
-        d_inputs.set_shape(inputs.shape)
+        d_inputs.set_shape(self.inputs.shape)
         return d_inputs, d_start, grads
 
-    outputs = outputs.concat()
-    outputs.set_shape(inputs.shape[:2].concatenate(final[-1].shape[1:]))
-    return outputs, final, backward
+
+def _params(layer: Layer, l: int, num_layers: int, kernel, bias, peep, h0) -> Params:
+    with _layer_scope(l, num_layers, layer.device):
+        # A Python int where the shape is known, so that slices and constants built from
+        # it are constants (the PTB small step's graph: 1,643 ops with a tensor, 1,335).
+        units = h0.shape[1] if h0.shape[1] is not None else tf.shape(h0)[1]
+        # One Split of the kernel (its gradient is one Concat), and the forget bias
+        # folded into the bias once rather than added at every step.
+        w_x, w_h = tf.split(kernel, [tf.shape(kernel)[0] - units, units], axis=0)
+        bias_fb = bias + _blocks(units, (0, 0, layer.forget_bias, 0))
+    return Params(w_x, w_h, bias_fb, peep, units, layer.device)
 
 
 def lstm_stack(inputs, states, layers, dropout=None, mask=None, static: bool = False, memory: Memory = KEEP):
@@ -448,33 +483,28 @@ def lstm_stack(inputs, states, layers, dropout=None, mask=None, static: bool = F
     constants = list(dropout or []) + ([mask] if has_mask else [])
 
     def unflatten(args):
-        args = list(args)
-        inputs, per_layer, start = args.pop(0), [], []
+        """The flat arguments as (inputs, the start State and Params of each layer, drops, mask)."""
+        given = iter(args)
+        inputs, start, params = next(given), [], []
         for l, layer in enumerate(layers):
-            c0, h0, kernel, bias = (args.pop(0) for _ in range(4))
-            peep = args.pop(0) if layer.peepholes is not None else None
-            start += [c0, h0]
-            with _layer_scope(l, num_layers, layer.device):
-                # A Python int where the shape is known, so that slices and constants built from
-                # it are constants (the PTB small step's graph: 1,643 ops with a tensor, 1,335).
-                units = h0.shape[1] if h0.shape[1] is not None else tf.shape(h0)[1]
-                # One Split of the kernel (its gradient is one Concat), and the forget bias
-                # folded into the bias once rather than added at every step.
-                w_x, w_h = tf.split(kernel, [tf.shape(kernel)[0] - units, units], axis=0)
-                bias_fb = bias + _blocks(units, (0, 0, layer.forget_bias, 0))
-            per_layer.append(dict(w_x=w_x, w_h=w_h, bias_fb=bias_fb, peep=peep, units=units, device=layer.device))
-        drops = args[:num_layers] if has_drop else None
-        return inputs, start, per_layer, drops, (args[-1] if has_mask else None)
+            c0, h0, kernel, bias = next(given), next(given), next(given), next(given)
+            peep = next(given) if layer.peepholes is not None else None
+            start.append(State(c0, h0))
+            params.append(_params(layer, l, num_layers, kernel, bias, peep, h0))
+        rest = list(given)
+        return inputs, start, params, rest[:num_layers] if has_drop else None, rest[-1] if has_mask else None
 
     @tf.custom_gradient
     def run(*args):
         inputs, start, params, drops, mask = unflatten(args)
         passes = _Passes(params, has_drop, has_mask, static and not memory.segmented)
         if memory.segmented:
-            outputs, final, backward = _segmented(passes, memory, inputs, drops, mask, start)
+            segments = _Segments(passes, memory, inputs, drops, mask)
+            outputs, final = segments.forward(start)
+            backward = segments.backward
         else:
             final, saved = passes.forward(inputs, drops, mask, start)
-            outputs = saved[-1][passes.output]
+            outputs = getattr(saved[-1], passes.output)
 
             def backward(d_outputs, d_final):
                 d_start, grads, d_inputs = passes.backward(inputs, d_outputs, drops, mask, saved, start, d_final)
@@ -482,17 +512,17 @@ def lstm_stack(inputs, states, layers, dropout=None, mask=None, static: bool = F
 
         def grad(d_outputs, *d_final):
             with tf.name_scope("gradient"):  # so that graphs and tests can tell the backward pass apart
-                d_inputs, d_start, weight_grads = backward(d_outputs, list(d_final))
+                d_inputs, d_start, weight_grads = backward(d_outputs, _pairs(d_final))
             grads = [d_inputs]
-            for l in range(num_layers):
-                d_w_x, d_w_h, *rest = weight_grads[l]
-                grads += d_start[2 * l:2 * l + 2] + [tf.concat([d_w_x, d_w_h], 0)] + rest
+            for d_state, g in zip(d_start, weight_grads):
+                grads += [d_state.c, d_state.h, tf.concat([g.w_x, g.w_h], 0), g.bias] + \
+                         ([g.peep] if g.peep is not None else [])
             return grads + [None] * len(constants)
 
-        return (outputs, *final), grad
+        return (outputs, *_flat(final)), grad
 
     outputs, *final = run(*flat, *constants)
-    return outputs, [tuple(final[2 * l:2 * l + 2]) for l in range(num_layers)]
+    return outputs, [tuple(state) for state in _pairs(final)]
 
 
 def _carried_h(outputs, mask, h0):

@@ -29,39 +29,30 @@ import tensorflow as tf
 from distrnn.placement import on_device
 from distrnn.rnn.cells import LSTMCell
 from distrnn.rnn.lstm_sequence import KEEP, lstm_stack
-from distrnn.rnn.unroll import concrete_mode, lstm_layer, resolve_mode, unroll
+from distrnn.rnn.unroll import STEP_MODES, Unrolling, lstm_layer, unroll
 
 
-def stack_mode(cell: str, use_peepholes: bool, rnn_mode: str, on_gpu: bool, num_steps: int, placement: str,
-               memory=KEEP) -> tuple:
-    """(the mode a stack of `cell` layers runs in, why): resolve_mode's choice, except that the
-    pipeline interleaves the layers' time steps, which a whole-sequence kernel cannot: it turns
-    block or cudnn into dynamic and says so. Raises ValueError for a combination that cannot run."""
-    mode, reason = resolve_mode(cell, use_peepholes, rnn_mode, on_gpu, num_steps, memory)
-    if placement == "pipeline" and mode not in ("static", "dynamic"):
-        return "dynamic", f"{mode} runs whole sequences; the pipeline needs a step loop"
-    return mode, reason
-
-
-def interleaved_mode(cells, mode: str, num_steps: int):
-    """static or dynamic when `lstm_stack` can run `cells` in `mode`, else None."""
-    if not all(isinstance(cell, LSTMCell) for cell in cells):
-        return None
-    modes = {concrete_mode(cell, mode, num_steps) for cell in cells}
-    return modes.pop() if len(modes) == 1 and modes <= {"static", "dynamic"} else None
-
-
-def interleaved_lstm(cells, devices, inputs, states, static: bool, masks=None, memory=KEEP):
-    layers = [lstm_layer(cell, device) for cell, device in zip(cells, devices)]
-    outputs, new_states = lstm_stack(inputs, [tuple(s) for s in states], layers, dropout=masks, static=static,
-                                     memory=memory)
-    return outputs, tuple(new_states)
+def run_stack(cells, devices, inputs, states, unrolling: Unrolling, masks=None):
+    """The stack's outputs (T, B, H) and new states, one tuple per layer, from time-major inputs
+    (T, B, I): every model's one way to run its layers. devices: one per layer; unrolling: the
+    mode, schedule and memory mode the job resolved (see distrnn.rnn.unroll.Unrolling)."""
+    mode, memory = unrolling.mode, unrolling.memory
+    lstm_loop = mode in STEP_MODES and all(isinstance(cell, LSTMCell) for cell in cells)
+    # lstm_stack runs all layers in one loop; on one device it interleaves them whatever the schedule.
+    if lstm_loop and (unrolling.placement == "pipeline" or len(set(devices)) == 1):
+        layers = [lstm_layer(cell, device) for cell, device in zip(cells, devices)]
+        outputs, new_states = lstm_stack(inputs, [tuple(s) for s in states], layers, dropout=masks,
+                                         static=mode == "static", memory=memory)
+        return outputs, tuple(new_states)
+    if unrolling.placement == "pipeline":
+        if mode not in STEP_MODES:
+            raise ValueError(f"the pipeline runs a step loop (static or dynamic), not {mode}")
+        return pipeline_stack(cells, devices, inputs, states, mode == "static", masks)
+    return sequential_stack(cells, devices, inputs, states, mode, masks, memory)
 
 
 def sequential_stack(cells, devices, inputs, states, mode: str, masks=None, memory=KEEP):
-    interleaved = interleaved_mode(cells, mode, inputs.shape[0])
-    if interleaved and len(set(devices)) == 1:
-        return interleaved_lstm(cells, devices, inputs, states, interleaved == "static", masks, memory)
+    """Layer after layer, each over its whole sequence on its device."""
     new_states = []
     h = inputs
     for l, (cell, device) in enumerate(zip(cells, devices)):
@@ -76,11 +67,9 @@ def sequential_stack(cells, devices, inputs, states, mode: str, masks=None, memo
     return h, tuple(new_states)
 
 
-def pipeline_stack(cells, devices, inputs, states, static: bool, masks=None, memory=KEEP):
-    """inputs (T, B, I) time-major, states: one tuple per layer. Returns outputs of the last layer, states.
-    memory: what an LSTM stack's backward pass keeps (other cells keep everything)."""
-    if interleaved_mode(cells, "static" if static else "dynamic", inputs.shape[0]):
-        return interleaved_lstm(cells, devices, inputs, states, static, masks, memory)
+def pipeline_stack(cells, devices, inputs, states, static: bool, masks=None):
+    """The wavefront of the explicit schedule above, for cells lstm_stack does not run (they keep every
+    step's activations: TensorFlow differentiates them). Returns outputs of the last layer, states."""
     num_layers = len(cells)
     with tf.device(devices[0]), tf.name_scope("layer_0"):
         # Layer 0 sees all its inputs at once: (T, B, G*H).

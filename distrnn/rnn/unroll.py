@@ -13,6 +13,7 @@ backward pass is written by hand; other cells are differentiated by
 TensorFlow (`unroll_autodiff`, also the reference the tests hold the LSTM
 path to).
 """
+import dataclasses
 import logging
 
 import tensorflow as tf
@@ -38,13 +39,17 @@ def supported(kind: str, use_peepholes: bool, mode: str) -> bool:
 
 
 STATIC_MAX_STEPS = 64  # beyond this a Python-unrolled graph grows slow to build and run
+STEP_MODES = ("static", "dynamic")  # the modes that run a step at a time (lstm_stack's, and the pipeline's)
 
 
 def resolve_mode(kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_steps: int = None,
-                 memory: Memory = KEEP) -> tuple:
-    """(concrete mode, reason why): `auto` becomes the fastest mode for the device and
-    cell; other modes are checked and returned as they are. A memory mode (swap or
-    recompute) runs LSTM cells through `lstm_stack`'s segment loops: auto becomes dynamic."""
+                 memory: Memory = KEEP, placement: str = "sequential") -> tuple:
+    """(concrete mode, reason why) for a stack of `kind` cells (a key of CELLS): `auto` becomes the
+    fastest mode for the device and cell; other modes are checked and returned as they are. A memory
+    mode (swap or recompute) runs LSTM cells through `lstm_stack`'s segment loops, and the pipeline
+    interleaves the layers' time steps, which a whole-sequence kernel cannot: both need a step loop.
+    on_gpu: whether the stack runs on a GPU, which the job knows from the devices it was given.
+    Raises ValueError for a combination that cannot run."""
     if mode not in UNROLL_MODES:
         raise ValueError(f"unknown rnn_mode {mode!r}; use one of {', '.join(UNROLL_MODES)}")
     if memory.segmented:
@@ -54,16 +59,23 @@ def resolve_mode(kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_st
                              f"every step's activations themselves; drop --recompute/--swap_memory or change "
                              f"--cell/--rnn_mode")
         return "dynamic", "a memory mode runs segment by segment in while loops"
+    mode, reason = _device_mode(kind, use_peepholes, mode, on_gpu, num_steps)
+    if placement == "pipeline" and mode not in STEP_MODES:
+        return "dynamic", f"{mode} runs whole sequences; the pipeline needs a step loop"
+    return mode, reason
+
+
+def _device_mode(kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_steps: int) -> tuple:
     if mode != "auto":
         if not supported(kind, use_peepholes, mode):
             raise ValueError(f"rnn_mode {mode} does not support the {kind} cell"
                              f"{' with peepholes' if use_peepholes else ''}; use static or dynamic")
-        if mode == "cudnn" and not (on_gpu and fused.cudnn_available()):
+        if mode == "cudnn" and not (on_gpu and fused.built_with_cudnn()):
             # TensorFlow would fail inside the first step, with a traceback about a missing gradient.
             raise ValueError("rnn_mode cudnn needs a GPU with cuDNN and this process has none; use --rnn_mode auto, "
                              "which runs cuDNN wherever it can")
         return mode, "asked for"
-    if on_gpu and supported(kind, use_peepholes, "cudnn") and fused.cudnn_available():
+    if on_gpu and supported(kind, use_peepholes, "cudnn") and fused.built_with_cudnn():
         return "cudnn", "GPU with cuDNN and an LSTM without peepholes"
     # Measured on CPU (2 x 200-unit LSTM layers, 20 steps, batch 20, forward+backward):
     # static 12-14 ms, dynamic 14-16 ms, block 19 ms.
@@ -74,10 +86,20 @@ def resolve_mode(kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_st
     return "static", "CPU, short sequences: the Python-unrolled loop is fastest here"
 
 
-def concrete_mode(cell, mode: str, num_steps: int = None) -> str:
-    """The mode `unroll` runs `cell` in (see resolve_mode)."""
-    on_gpu = mode == "auto" and bool(tf.config.list_logical_devices("GPU"))
-    return resolve_mode(cell.kind, cell.use_peepholes, mode, on_gpu, num_steps)[0]
+@dataclasses.dataclass(frozen=True)
+class Unrolling:
+    """How a job's recurrent stack runs: resolved once, by the job, from the devices it was given.
+    Models and cells take it and never look at devices themselves."""
+    mode: str                      # static, dynamic, block or cudnn: never auto
+    reason: str                    # why that mode (the job logs it)
+    placement: str = "sequential"  # sequential or pipeline (distrnn.rnn.stack)
+    memory: Memory = KEEP          # what an LSTM stack's backward pass keeps
+
+    @classmethod
+    def resolve(cls, kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_steps: int,
+                placement: str = "sequential", memory: Memory = KEEP) -> "Unrolling":
+        """resolve_mode's choice, with the schedule and memory mode it was made for."""
+        return cls(*resolve_mode(kind, use_peepholes, mode, on_gpu, num_steps, memory, placement), placement, memory)
 
 
 def unroll(cell, inputs, state, mode: str = "dynamic", sequence_length=None, memory: Memory = KEEP):
@@ -85,10 +107,12 @@ def unroll(cell, inputs, state, mode: str = "dynamic", sequence_length=None, mem
 
     sequence_length (B,) int, optional: outputs past a row's length are 0 and
     its final state is the state after its last valid step. memory: what an
-    LSTM's backward pass keeps (see lstm_sequence.Memory).
-    Returns (outputs (T, B, H), final state).
+    LSTM's backward pass keeps (see lstm_sequence.Memory). mode: a concrete mode (resolve_mode
+    turns `auto` into one). Returns (outputs (T, B, H), final state).
     """
-    mode = concrete_mode(cell, mode, inputs.shape[0])
+    if mode == "auto":
+        raise ValueError("unroll runs a concrete mode: resolve_mode turns auto into one for the job's devices")
+    _device_mode(cell.kind, cell.use_peepholes, mode, on_gpu=True, num_steps=None)  # refuses what cannot run
     if mode == "block":
         return fused.block_lstm(cell, inputs, state, sequence_length)
     if mode == "cudnn":

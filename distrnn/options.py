@@ -1,0 +1,87 @@
+"""The options of a training run, as opposed to what it trains (the config): one dataclass field per
+flag, with the flag's value type, group and help, so that distrnn.cli generates the flags, their
+defaults and their help from here (TensorFlow-free: flags are parsed before TensorFlow loads).
+"""
+import argparse
+import dataclasses
+from typing import Optional
+
+from distrnn import names
+from distrnn.config import read_number
+from distrnn.estimates import Memory
+
+
+def number(kind=float, minimum=None, positive: bool = False, maximum=None):
+    """An argparse type for a finite int or float in range: nan, inf, a negative count or a fraction
+    above 1 stops at parsing, in one line, before anything runs (float('nan') compares false with
+    everything, so a later `value <= 0` check would let it through)."""
+    def parse(text: str):
+        try:
+            return read_number(text, kind, minimum, positive, maximum)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+COUNT = number(int, minimum=0)             # 0 meaning none, or not set
+POSITIVE_INT = number(int, positive=True)
+FRACTION = number(float, positive=True, maximum=1)  # of memory in use: (0, 1]
+SAMPLE_SECONDS = number(float, minimum=0.1)  # a shorter interval would keep a core busy sampling
+
+
+# The groups flags are shown in (None: the parser's top level).
+DEVICES, RANKS, MEMORY = "devices (model parallelism)", "several processes (under horovodrun or srun)", "memory"
+
+
+def flag(default, help: str, type=None, group: Optional[str] = None, choices=None, metavar: Optional[str] = None,
+         default_text: Optional[str] = None):
+    """A field of a run's options that is also a flag --NAME: `type` parses its value (bool fields are
+    switches); help ends with the default, or with default_text when given ("" for none)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, type=type, group=group, choices=choices,
+                                                            metavar=metavar, default_text=default_text))
+
+
+@dataclasses.dataclass
+class JobOptions:
+    """How a training job runs. Every job's RunOptions extends these with its own."""
+    data_path: Optional[str] = flag(None, "{data_help}", default_text="")
+    save_path: Optional[str] = flag(None, "where checkpoints, TensorBoard logs, plots and config.json go",
+                                    default_text="runs/{job}-CONFIG-TIME")
+    resume: bool = flag(False, "continue from the latest checkpoint in --save_path (starts fresh when there is none)")
+    max_epochs: int = flag(0, "stop after N epochs in all", COUNT, default_text="the preset's")
+    max_steps: int = flag(0, "stop after N training steps in all", COUNT, default_text="no limit")
+    metrics_json: Optional[str] = flag(None, "write the final figures to this JSON file", default_text="")
+    seed: int = flag(1, "seed for weights, dropout and shuffling", number(int, minimum=0, maximum=2**31 - 1))
+    checkpoint_every: int = flag(500, "steps between checkpoints; one is also saved after every epoch", POSITIVE_INT)
+    devices: Optional[str] = flag(None, "comma-separated devices for the model's parts, e.g. /gpu:0,/gpu:1",
+                                  group=DEVICES, default_text="")
+    num_gpus: int = flag(0, "use /gpu:0 ... /gpu:N-1", COUNT, DEVICES, default_text="")
+    # More logical devices than model parts only cost start-up time (100,000 took 100 s to create).
+    virtual_devices: int = flag(0, "split the CPU into N logical devices (at most 64) and place the model on them",
+                                number(int, minimum=0, maximum=64), DEVICES, default_text="")
+    strategy: str = flag("round_robin", "how parts are mapped to devices", group=DEVICES, choices=names.STRATEGIES)
+    placement: str = flag("sequential", "sequential: one layer after another; pipeline: a wavefront so all devices "
+                          "work at once", group=DEVICES, choices=names.PLACEMENTS)
+    gpus_per_rank: int = flag(0, "GPUs each rank owns (rank r: local GPUs r*K ... r*K+K-1), its layers placed across "
+                              "them", COUNT, RANKS, default_text="one GPU per rank")
+    global_batch_size: int = flag(0, "rows of one step over all ranks, split evenly", COUNT, RANKS,
+                                  default_text="batch_size x ranks")
+    lr_scaling: str = flag("none", "scale the learning rate with global batch / batch_size (see docs/horovod.md)",
+                           group=RANKS, choices=names.LR_SCALINGS)
+    lr_warmup_steps: int = flag(0, "reach the scaled learning rate linearly over N steps", COUNT, RANKS,
+                                default_text="")
+    mem_warn: float = flag(0.90, "warn once when a GPU's or the host's memory in use reaches this fraction",
+                           FRACTION, MEMORY)
+    mem_stop: float = flag(0.97, "save a checkpoint and exit with code 76 when it reaches this fraction", FRACTION,
+                           MEMORY)
+    mem_interval: float = flag(5.0, "seconds between memory samples", SAMPLE_SECONDS, MEMORY)
+    recompute: int = flag(0, "backprop through time keeps every K-th LSTM state and recomputes the rest (K near "
+                          "sqrt(num_steps): least memory; about one more forward pass of time)", COUNT, MEMORY,
+                          metavar="K", default_text="")
+    swap_memory: bool = flag(False, "backprop through time keeps the LSTM activations in host memory, fetched back "
+                             "segment by segment (GPU memory of about two segments)", group=MEMORY)
+    config_name: str = "custom"  # from --config
+
+    @property
+    def memory(self) -> Memory:
+        return Memory(recompute=self.recompute, swap=self.swap_memory)

@@ -1,0 +1,95 @@
+"""The house rules that keep the code easy to change, checked on the sources and the seams they name:
+no import cycles, no module importing a command line, options as the one source of the job flags, the
+unrolling mode resolved by the job and never looked up by model code."""
+import ast
+import os
+
+import pytest
+import tensorflow as tf
+
+from conftest import ROOT
+from distrnn import cli, local_devices
+from distrnn.mnist import cli as mnist_cli
+from distrnn.mnist.configs import RunOptions as MNISTOptions
+from distrnn.ptb import cli as ptb_cli
+from distrnn.ptb.configs import RunOptions as PTBOptions
+
+PACKAGE = os.path.join(ROOT, "distrnn")
+
+
+def import_graph():
+    """{module: the distrnn modules it imports (at the top or inside functions)}, and the set of modules
+    that are command lines (they define main)."""
+    modules = {}
+    for directory, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(directory, name)
+                module = os.path.relpath(path[:-3], ROOT).replace(os.sep, ".").removesuffix(".__init__")
+                modules[module] = ast.parse(open(path, encoding="utf-8").read())
+    graph, commands = {}, set()
+    for module, tree in modules.items():
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("distrnn"):
+                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                          for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("distrnn")}
+            elif isinstance(node, ast.FunctionDef) and node.name == "main" and node.col_offset == 0:
+                commands.add(module)
+        graph[module] = {m for m in found if m in modules and m != module}
+    return graph, commands
+
+
+def test_no_import_cycles_and_no_module_imports_a_command_line():
+    graph, commands = import_graph()
+    assert {"distrnn.devices", "distrnn.slurm", "distrnn.ptb.cli", "distrnn.mnist.cli"} <= commands
+    importers = {(m, d) for m, deps in graph.items() for d in deps & commands if not m.endswith("__main__")}
+    assert importers == set()
+    done, path = set(), []
+
+    def visit(module):
+        assert module not in path, f"import cycle: {' -> '.join(path[path.index(module):] + [module])}"
+        if module not in done:
+            path.append(module)
+            for dep in sorted(graph[module]):
+                visit(dep)
+            path.pop()
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+
+
+@pytest.mark.parametrize("parser_module, options_cls, config", [(ptb_cli, PTBOptions, "small"),
+                                                               (mnist_cli, MNISTOptions, "lstm")])
+def test_flags_come_from_the_options(parser_module, options_cls, config):
+    parser, _ = parser_module.build_parser()
+    assert cli.job_options(parser.parse_args([]), options_cls) == options_cls(config_name=config)
+    flags = {o for action in parser._actions for o in action.option_strings}
+    fields = {f"--{f.name}" for f in options_cls.__dataclass_fields__.values() if f.metadata}
+    assert fields <= flags and len(fields) >= 22
+    changed = parser.parse_args(["--seed", "9", "--swap_memory", "--placement", "pipeline", "--mem_warn", "0.5"])
+    options = cli.job_options(changed, options_cls)
+    assert (options.seed, options.swap_memory, options.placement, options.mem_warn) == (9, True, "pipeline", 0.5)
+    assert options.memory.swap and not options.memory.recompute
+
+
+def test_runs_on_gpu_follows_the_devices_given():
+    assert local_devices.runs_on_gpu(["/device:GPU:0", "/device:GPU:1"])
+    assert not local_devices.runs_on_gpu(["/device:CPU:0", "/device:CPU:1"])
+    # Given none, TensorFlow chooses: a GPU wherever there is one.
+    assert local_devices.runs_on_gpu([]) == bool(tf.config.list_logical_devices("GPU"))
+
+
+def test_model_code_never_lists_devices():
+    """Only start-up code (the job, the devices command, the World, the memory monitor) asks TensorFlow which
+    devices exist; models, cells, stacks and kernels take them as arguments."""
+    for sub in ("rnn", os.path.join("ptb", "model.py"), os.path.join("mnist", "model.py"), "ops.py", "placement.py"):
+        path = os.path.join(PACKAGE, sub)
+        files = [os.path.join(path, f) for f in os.listdir(path)] if os.path.isdir(path) else [path]
+        for name in files:
+            if name.endswith(".py"):
+                text = open(name, encoding="utf-8").read()
+                assert "list_logical_devices" not in text and "list_physical_devices" not in text, name
