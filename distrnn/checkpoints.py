@@ -135,13 +135,16 @@ class Checkpoints:
     what is on disk; a restore whose shapes do not fit the model is refused, every file left as it was.
     Rotation deletes only checkpoints the state file lists (the run's own), never a file it does not
     know. A save that fails (a full disk) removes its partial files and keeps every earlier checkpoint.
+    The best epoch's checkpoint lives apart, in SAVE_PATH/best (one kept, replaced by a better one), out of
+    the rotation's reach.
     """
 
     def __init__(self, checkpoint, save_path: str, max_to_keep: int = 3):
         self.directory = os.path.join(save_path, "checkpoints")
+        self.best_directory = os.path.join(save_path, "best")
         self.checkpoint = checkpoint
         self.max_to_keep = max_to_keep
-        self.manager = None
+        self.manager = self.best_manager = None
         self.notes: List[str] = []  # what restore_or_start found wrong and did about it, for the log
 
     @property
@@ -167,12 +170,12 @@ class Checkpoints:
             return True, None, f"its state file {path} is unreadable"
         return True, os.path.basename(state.model_checkpoint_path), None
 
-    def open_run(self, resume: bool, saved_config: Dict, keys) -> bool:
+    def open_run(self, resume: bool, saved_config: Dict, keys, absent: Optional[Dict] = None) -> bool:
         """Restores the run in the save path (or refuses it: restore_or_start, the saved config.json's
-        `keys` compared with `saved_config`'s) and writes config.json where it changes; returns whether a
-        checkpoint was restored."""
+        `keys` compared with `saved_config`'s, `absent` giving the value of a key an older config.json
+        lacks) and writes config.json where it changes; returns whether a checkpoint was restored."""
         save_path = os.path.dirname(self.directory)
-        resumed = self.restore_or_start(resume, lambda: config_mismatch(save_path, saved_config, keys))
+        resumed = self.restore_or_start(resume, lambda: config_mismatch(save_path, saved_config, keys, absent))
         # Rewritten only where it would change: a resumed run on a full disk still starts.
         if not (resumed and read_config(save_path) == json.loads(json.dumps(saved_config))):
             write_json(os.path.join(save_path, "config.json"), saved_config)
@@ -183,6 +186,10 @@ class Checkpoints:
         files = checkpoint_files(self.directory)
         has_state, named, state_problem = self._state()
         if not files and not has_state:
+            best = sorted(checkpoint_files(self.best_directory))
+            if best and not resume:  # a run whose last checkpoints were deleted: its best is still work
+                raise UsageError(f"--save_path holds a best checkpoint ({self.best_directory}: ckpt-{best[-1]}) "
+                                 "from an earlier run; choose another --save_path for a new run (or move it away)")
             self._open_manager()
             return False
         if not has_state:
@@ -248,24 +255,41 @@ class Checkpoints:
     def _open_manager(self) -> None:
         import tensorflow as tf
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=self.max_to_keep)
+        self.best_manager = tf.train.CheckpointManager(self.checkpoint, self.best_directory, max_to_keep=1)
 
     def save(self, step: int) -> str:
         """Saves ckpt-`step`. A save that fails (a full disk, a read-only file system) or is interrupted (a
         second signal) removes the files it had begun; a failure raises SaveFailed. Every earlier checkpoint
         and the state file stay as they were."""
+        return self._save(self.manager, self.directory, step)
+
+    def save_best(self, step: int) -> str:
+        """Saves ckpt-`step` as the best (the one before it removed once this one is written), as `save`."""
+        return self._save(self.best_manager, self.best_directory, step)
+
+    def restore_best(self) -> str:
+        """Restores the best checkpoint into the run's objects; returns its path."""
+        path = self.best_manager.latest_checkpoint
+        if path is None:
+            raise UsageError(f"no best checkpoint in {self.best_directory}: it was removed while the run went on; "
+                             "the last weights' figures are in the metrics")
+        self.checkpoint.restore(path).assert_existing_objects_matched()
+        return path
+
+    def _save(self, manager, directory: str, step: int) -> str:
         import tensorflow as tf
-        before = set(os.listdir(self.directory)) if os.path.isdir(self.directory) else set()
+        before = set(os.listdir(directory)) if os.path.isdir(directory) else set()
         try:
-            return self.manager.save(checkpoint_number=step)
+            return manager.save(checkpoint_number=step)
         except BaseException as e:
-            for name in set(os.listdir(self.directory)) - before:
-                path = os.path.join(self.directory, name)
+            for name in set(os.listdir(directory)) - before if os.path.isdir(directory) else ():
+                path = os.path.join(directory, name)
                 shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
             if not isinstance(e, (tf.errors.OpError, OSError)):
                 raise
             reason = getattr(e, "strerror", None) or op_error_reason(e)
             latest = self.latest or "none yet"
-            raise SaveFailed(f"could not save checkpoint ckpt-{step} in {self.directory} ({reason}); its partial "
+            raise SaveFailed(f"could not save checkpoint ckpt-{step} in {directory} ({reason}); its partial "
                              f"files were removed and the earlier checkpoints are intact (latest: {latest}): free "
                              "space there, then continue with --resume") from None
 
@@ -300,10 +324,12 @@ def read_config(save_path: str) -> Optional[Dict]:
     return saved
 
 
-def config_mismatch(save_path: str, current: Dict, keys) -> Optional[str]:
+def config_mismatch(save_path: str, current: Dict, keys, absent: Optional[Dict] = None) -> Optional[str]:
     """Names the `keys` (fields that fix variable shapes or the meaning of a saved position) whose
-    value in the saved run's config.json differs from `current`, if any."""
-    saved = read_config(save_path) or {}
+    value in the saved run's config.json differs from `current`, if any; a key the saved file lacks
+    has its value in `absent` (a field added since), or is not compared."""
+    saved = read_config(save_path)
+    saved = dict(absent or {}, **saved) if saved is not None else {}
 
     def shown(value, other):  # quoted where the types differ: "16" there is not 16 here
         return repr(value) if type(value) is not type(other) else str(value)
@@ -333,3 +359,18 @@ def write_text(path: str, text: str) -> None:
             pass
         raise SaveFailed(f"could not write {path} ({e.strerror}); free space or make it writable (the earlier "
                          "files are intact)") from None
+
+
+def check_writable(path: Optional[str], flag: str = "--metrics_json", example: str = "metrics.json") -> None:
+    """Fails at start-up, not after hours of work, when the file `flag` names cannot be written (run after
+    the save path exists, so --metrics_json SAVE_PATH/m.json is fine)."""
+    if not path:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a directory; name a file in it, e.g. {os.path.join(path, example)}")
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+        raise UsageError(f"cannot write {flag} {path}: {directory} is not a writable directory")
+    if os.path.lexists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"cannot write {flag} {path}: the file is not writable; make it writable or name another "
+                         "file")

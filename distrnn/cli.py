@@ -124,6 +124,15 @@ def add_job_flags(parser: argparse.ArgumentParser, job: str, presets, default_co
                                                choices=meta["choices"], metavar=meta["metavar"], help=text)
 
 
+def add_saved_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that name a trained PTB run, for the commands that use one (generate, score, export)."""
+    parser.add_argument("--save_path", required=True, help="the --save_path of a python -m distrnn.ptb run")
+    parser.add_argument("--checkpoint", default="last", choices=("last", "best"),
+                        help="the last checkpoint, or the best epoch's by validation perplexity (default last)")
+    parser.add_argument("--data_path", help="the data the run trained on: rebuilds the run's vocab.txt where it "
+                        "lacks one (a run from before distrnn kept it)")
+
+
 def check_job_flags(args: argparse.Namespace) -> None:
     """Refuses combinations of the shared flags that cannot run, before TensorFlow is imported."""
     # Each flag alone is checked where it is parsed (cli.number); here, what they mean together.

@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--plan", action="store_true", help="print the placement plan and the estimated memory per "
                                                           "device (no TensorFlow involved)")
     plan.add_argument("--config", default="small", help="PTB preset (default small)")
-    plan.add_argument("--num_gpus", type=options.COUNT, default=0, help="GPUs of the job (default 0: the host's memory)")
+    plan.add_argument("--num_gpus", type=options.COUNT, default=0,
+                      help="GPUs of the job (default 0: the host's memory)")
     plan.add_argument("--gpus_per_rank", type=options.COUNT, default=0, help="GPUs each rank places its layers across")
     plan.add_argument("--strategy", default="round_robin", help="placement strategy (round_robin or balanced)")
     plan.add_argument("--recompute", type=options.COUNT, default=0, metavar="K", help="the --recompute K of the job")

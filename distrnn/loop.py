@@ -9,6 +9,7 @@ divergence), progress lines, TensorBoard, the end-of-run metrics, plots and the 
     metrics = loop.train(job, world, options, save_path, start_time)
 """
 import dataclasses
+import math
 import os
 import platform
 import time
@@ -38,6 +39,7 @@ class Job:
     unit: str                # what the speed counts: "words", "images"
     rate_key: str            # the metrics key of the speed: "words_per_sec"
     shape_fields: tuple      # saved_config's keys a checkpoint cannot be resumed under other values of
+    absent_fields: dict = {}  # the value of a shape field that an older config.json does not hold
     steps_per_epoch: int
     units_per_step: int      # over all ranks
     max_epochs: int
@@ -46,6 +48,9 @@ class Job:
     saved_extra: dict        # what config.json holds besides the config's fields and name
     trainer: tf.Module       # .model, .unrolling, .optimizer, .position(), .checkpoint(), .share_from_chief()
     plan: object             # the placement plan (describe, as_dict)
+    best_key: str            # the validation figure that picks the best epoch: "valid_perplexity"
+    higher_is_better: bool   # of best_key
+    test_keys: tuple         # the figures `test` returns
     memory_note: str = ""    # said after the memory mode at start-up
     notes: tuple = ()        # start-up lines after the unrolling mode's
     curve: Optional[Curve] = None  # the per-epoch plot
@@ -72,6 +77,9 @@ class Job:
     def data_line(self) -> str:
         """The start-up line that describes the data."""
         raise NotImplementedError
+
+    def write_run_files(self, save_path: str) -> None:
+        """Files the job keeps beside config.json (the chief, once the run is open)."""
 
     def learning_rate(self, pos) -> float:
         """The rate for the next step (the loop asks at an epoch's start and during warm-up, and sets it)."""
@@ -109,6 +117,10 @@ class Job:
         figure each rank reports in metrics["ranks"])."""
         raise NotImplementedError
 
+    def test(self) -> Dict[str, float]:
+        """The test figures (test_keys) of the weights the trainer holds now (a collective)."""
+        raise NotImplementedError
+
     def plot(self, pos, save_path: str) -> None:
         """The job's own plots, after the metrics file (the loop draws `curve`)."""
 
@@ -120,8 +132,12 @@ def train(job: Job, world, options, save_path: str, started: float) -> dict:
     """Opens the run in save_path (rank 0 alone touches it and restores; its outcome, or its error,
     reaches every rank), shares rank 0's weights and position, logs the start and runs the loop."""
     checkpoints = Checkpoints(job.trainer.checkpoint(), save_path)
-    resumed = distributed.on_chief(world, lambda: checkpoints.open_run(options.resume, job.saved_config,
-                                                                        job.shape_fields))
+    def open_run():
+        resumed = checkpoints.open_run(options.resume, job.saved_config, job.shape_fields, job.absent_fields)
+        job.write_run_files(save_path)
+        return resumed
+
+    resumed = distributed.on_chief(world, open_run)
     job.trainer.share_from_chief()
     if world.is_chief:
         _log_start(job, options, checkpoints, resumed, save_path)
@@ -155,40 +171,71 @@ def _log_start(job: Job, options, checkpoints, resumed: bool, save_path: str) ->
 def run(job: Job, world, options, checkpoints, save_path: str, started: float) -> dict:
     """Trains `job` from the position its trainer holds; returns the metrics (with "interrupted": the exit
     code of a stop, after its checkpoint)."""
-    pos = job.trainer.position()
-    tensorboard = outputs.TensorBoard(save_path, world.is_chief)
-    speed = outputs.Speed()
-    watch = stops.Watch(world, options)
-    with watch:
-        stop, out_of_memory = _epochs(job, pos, world, options, checkpoints, tensorboard, speed, watch)
-    metrics = {"interrupted": stop, "save_path": save_path, "memory": job.memory_metrics(watch.monitor.metrics())}
-    if stop:
-        watch.report_stop(stop, checkpoints, save_path, out_of_memory)
-    else:
-        _finish(job, pos, world, options, speed, tensorboard, metrics, started)
-    tensorboard.close()
-    return metrics
+    return _Run(job, world, options, checkpoints, save_path).run(started)
 
 
-def _epochs(job: Job, pos, world, options, checkpoints, tensorboard, speed, watch) -> Tuple[Optional[int], str]:
-    """Epochs until the end, a stop every rank agreed on, or memory running short; returns (the stop's exit
-    code or None, what ran out of memory or None)."""
-    steps_per_epoch = job.steps_per_epoch
-    progress_every = max(1, steps_per_epoch // 10)
-    stop = None
+class _Run:
+    """One run of the loop: epochs of steps, then the final figures. Every rank runs it in step with the
+    others: each collective (the step's allreduce, a checkpoint's gather, an agreed stop) is met by all."""
 
-    def save(end_of_epoch=False):
-        job.record(pos, end_of_epoch)  # every rank: PTB gathers the carried state
-        if world.is_chief:
-            checkpoints.save(pos.global_step)
+    def __init__(self, job: Job, world, options, checkpoints: Checkpoints, save_path: str):
+        self.job, self.world, self.options = job, world, options
+        self.checkpoints, self.save_path = checkpoints, save_path
+        self.pos = job.trainer.position()
+        self.tensorboard = outputs.TensorBoard(save_path, world.is_chief)
+        self.speed = outputs.Speed()
+        self.watch = stops.Watch(world, options)
 
-    def done():
-        return pos.epoch >= job.max_epochs or (options.max_steps and pos.global_step >= options.max_steps)
+    def run(self, started: float) -> dict:
+        with self.watch:
+            stop, out_of_memory = self.epochs()
+        metrics = {"interrupted": stop, "save_path": self.save_path,
+                   "memory": self.job.memory_metrics(self.watch.monitor.metrics())}
+        if stop:
+            self.watch.report_stop(stop, self.checkpoints, self.save_path, out_of_memory)
+        else:
+            self.finish(metrics, started)
+        self.tensorboard.close()
+        return metrics
 
-    while not done() and not stop:
+    def save(self, end_of_epoch: bool = False) -> None:
+        self.job.record(self.pos, end_of_epoch)  # every rank: PTB gathers the carried state
+        if self.world.is_chief:
+            self.checkpoints.save(self.pos.global_step)
+
+    def done(self) -> bool:
+        pos, options = self.pos, self.options
+        return (pos.epoch >= self.job.max_epochs or bool(options.max_steps and pos.global_step >= options.max_steps)
+                or self.patience_spent())
+
+    def patience_spent(self) -> bool:
+        """--early_stopping N: N epochs have passed without a better validation figure (read from the
+        history, so a resumed run knows it too)."""
+        patience, history = self.options.early_stopping, self.pos.history
+        best = best_epoch(self.job, history)
+        return bool(patience and best is not None and len(history) - 1 - best >= patience)
+
+    def epochs(self) -> Tuple[Optional[int], Optional[str]]:
+        """Epochs until the end, a stop every rank agreed on, or memory running short; returns (the stop's exit
+        code or None, what ran out of memory or None)."""
+        stop = None
+        while not self.done() and not stop:
+            stop, lr, out_of_memory = self.train_epoch()
+            if out_of_memory:
+                return stop, out_of_memory
+            if self.pos.step_in_epoch < self.job.steps_per_epoch:
+                break
+            self.end_epoch(lr)
+            stop = self.watch.stop_code()
+        return stop, None
+
+    def train_epoch(self) -> Tuple[Optional[int], Optional[float], Optional[str]]:
+        """The steps of an epoch from where the position stands, until its end, the step limit or a stop;
+        returns (the stop's exit code, the learning rate, what ran out of memory)."""
+        job, pos, options, world = self.job, self.pos, self.options, self.world
         job.begin_epoch(pos)
-        lr = None
-        for i in range(pos.step_in_epoch, steps_per_epoch):
+        lr, stop = None, None
+        for i in range(pos.step_in_epoch, job.steps_per_epoch):
             if lr is None or pos.global_step <= options.lr_warmup_steps:
                 lr = job.learning_rate(pos)
                 job.trainer.optimizer.learning_rate.assign(lr)
@@ -197,41 +244,135 @@ def _epochs(job: Job, pos, world, options, checkpoints, tensorboard, speed, watc
                 figures = _step(job, pos, i)
             except OutOfMemory as error:
                 if world.size > 1:  # saving is collective, and the other ranks wait in this step's allreduce
-                    raise OutOfMemory(f"rank {world.rank}: {error}; the checkpoints in "
-                                      f"{os.path.dirname(checkpoints.directory)} are intact. {ADVICE} Then start the "
-                                      "job again with --resume") from None
-                save()  # the position before the failed step, which is still to do
-                return OutOfMemory.exit_code, str(error)
-            stops.check_finite(pos.global_step + 1, figures, checkpoints, job.divergence_advice(lr))
-            speed.add(job.units_per_step, time.perf_counter() - t0)
+                    raise OutOfMemory(f"rank {world.rank}: {error}; the checkpoints in {self.save_path} are intact. "
+                                      f"{ADVICE} Then start the job again with --resume") from None
+                self.save()  # the position before the failed step, which is still to do
+                return OutOfMemory.exit_code, lr, str(error)
+            stops.check_finite(pos.global_step + 1, figures, self.checkpoints, job.divergence_advice(lr))
+            self.speed.add(job.units_per_step, time.perf_counter() - t0)
             pos.step_in_epoch, pos.global_step = i + 1, pos.global_step + 1
-            watch.warn()
-            if world.is_chief and (pos.step_in_epoch % progress_every == 0 or pos.step_in_epoch == steps_per_epoch):
-                text, scalars = job.figures(pos)
-                log(outputs.progress_line(pos, job.max_epochs, steps_per_epoch, job.total_steps, text, lr, speed,
-                                           job.unit, watch.monitor.summary()))
-                tensorboard.scalars(pos.global_step, **scalars, learning_rate=lr, **{f"{job.unit}_per_sec": speed.rate},
-                                    **watch.monitor.scalars())
-            stop = watch.stop_code()
-            if pos.step_in_epoch == steps_per_epoch:
+            self.watch.warn()
+            self.progress(lr)
+            stop = self.watch.stop_code()
+            if pos.step_in_epoch == job.steps_per_epoch:
                 break  # the epoch's checkpoint follows validation
-            if stop or done() or pos.global_step % options.checkpoint_every == 0:
-                save()
-            if stop or done():
+            if stop or self.done() or pos.global_step % options.checkpoint_every == 0:
+                self.save()
+            if stop or self.done():
                 break
-        if pos.step_in_epoch < steps_per_epoch:
-            break
+        return stop, lr, None
+
+    def progress(self, lr: float) -> None:
+        job, pos, watch = self.job, self.pos, self.watch
+        every = max(1, job.steps_per_epoch // 10)
+        if self.world.is_chief and (pos.step_in_epoch % every == 0 or pos.step_in_epoch == job.steps_per_epoch):
+            text, scalars = job.figures(pos)
+            log(outputs.progress_line(pos, job.max_epochs, job.steps_per_epoch, job.total_steps, text, lr, self.speed,
+                                       job.unit, watch.monitor.summary()))
+            self.tensorboard.scalars(pos.global_step, **scalars, learning_rate=lr,
+                                     **{f"{job.unit}_per_sec": self.speed.rate}, **watch.monitor.scalars())
+
+    def end_epoch(self, lr: float) -> None:
+        """Validation, the epoch's checkpoint, the best one when this epoch is the best, early stopping."""
+        job, pos = self.job, self.pos
         entry, text, scalars = job.validate(pos, lr)
         pos.history.append(entry)
-        if world.is_chief:
+        if self.world.is_chief:
             log(f"epoch {pos.epoch + 1}/{job.max_epochs} | {text}")
             if scalars:
-                tensorboard.scalars(pos.global_step, **scalars)
+                self.tensorboard.scalars(pos.global_step, **scalars)
         job.end_epoch(pos)
         pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
-        save(end_of_epoch=True)
-        stop = watch.stop_code()
-    return stop, None
+        self.save(end_of_epoch=True)
+        best = best_epoch(job, pos.history)
+        if best == len(pos.history) - 1 and self.world.is_chief:
+            self.checkpoints.save_best(pos.global_step)
+        if self.patience_spent() and pos.epoch < job.max_epochs and self.world.is_chief:
+            log(f"early stopping: no better {job.best_key} in the last {self.options.early_stopping} epochs (best "
+                f"{pos.history[best][job.best_key]:.4g}, epoch {best + 1})")
+
+    def finish(self, metrics: Dict, started: float) -> None:
+        """The final evaluation (of the last weights, then of the best epoch's), the metrics every job reports,
+        the done line, the metrics file and plots."""
+        job, pos, world, options, speed = self.job, self.pos, self.world, self.options, self.speed
+        own, text, scalars, rank_figures = job.finish(pos, speed)
+        rate = speed.rate if speed.seconds > 0 else None
+        # Each rank's share of the speed (a collective: every rank has timed the same steps, or none).
+        per_rank = world.allgather(np.array([speed.rate / world.size])) if speed.seconds > 0 else None
+        metrics.update(own)
+        metrics.update({
+            "config": dataclasses.asdict(job.config),
+            job.rate_key: rate,
+            f"{job.rate_key}_per_rank": None if per_rank is None else [float(r) for r in per_rank],
+            "steps": pos.global_step,
+            "epochs": round(pos.global_step / job.steps_per_epoch, 4),
+            "steps_per_epoch": job.steps_per_epoch,
+            "world_size": world.size,
+            "global_batch_size": job.global_batch,
+            # What each rank holds at the end, to see every node took part and the replicas agree.
+            "ranks": world.allgather_object(dict(
+                rank=world.rank, host=platform.node(), **rank_figures,
+                weights_norm=float(tf.linalg.global_norm(job.trainer.model.trainable_variables)))),
+            "config_name": options.config_name,
+            "rnn_mode": job.trainer.unrolling.mode,
+            "placement": dict(job.plan.as_dict(), schedule=options.placement),
+            "history": pos.history,
+            "stopped_early": self.patience_spent() and pos.epoch < job.max_epochs,
+        })
+        metrics.update(self.best_figures(own))
+        metrics.update({"wall_time_sec": round(time.time() - started, 2), "versions": versions(),
+                        "machine": cpu.machine()})
+        if world.is_chief:
+            shown = f"{rate:.0f}" if rate else "n/a"
+            log(f"done: {pos.global_step} steps | {text} | {shown} {job.unit}/sec | "
+                f"{outputs.format_duration(metrics['wall_time_sec'])}")
+            if options.metrics_json:  # first: the figures matter more than the plots
+                write_json(options.metrics_json, {k: v for k, v in metrics.items() if k != "interrupted"})
+            self.plot()
+            self.tensorboard.scalars(pos.global_step, **scalars)
+
+    def best_figures(self, last: Dict) -> Dict:
+        """best_epoch (1-based), best_<validation figure> and the test figures of the best epoch's weights
+        (restored from SAVE_PATH/best; the last weights' when they are the best's); all None before the
+        first validation."""
+        job, pos = self.job, self.pos
+        best = best_epoch(job, pos.history)
+        keys = [f"best_{key}" for key in job.test_keys]
+        if best is None:
+            return dict({"best_epoch": None, f"best_{job.best_key}": None}, **dict.fromkeys(keys))
+        if best == len(pos.history) - 1 and pos.step_in_epoch == 0:
+            tested = {key: last[key] for key in job.test_keys}
+        else:
+            distributed.on_chief(self.world, self.checkpoints.restore_best)
+            job.trainer.share_from_chief()
+            tested = job.test()
+        if self.world.is_chief:
+            figures = ", ".join(f"{key} {value:.4g}" for key, value in tested.items())
+            log(f"best: epoch {best + 1}, {job.best_key} {pos.history[best][job.best_key]:.4g}; test with its weights: "
+                f"{figures} (saved in {self.checkpoints.best_directory})")
+        return dict({"best_epoch": best + 1, f"best_{job.best_key}": pos.history[best][job.best_key]},
+                    **{f"best_{key}": value for key, value in tested.items()})
+
+    def plot(self) -> None:
+        job, pos = self.job, self.pos
+        job.plot(pos, self.save_path)
+        if job.curve and pos.history:
+            name = job.curve.name
+            outputs.plot_curves(os.path.join(self.save_path, f"{name}.png"), job.curve.title, name,
+                                {split: [h[f"{split}_{name}"] for h in pos.history] for split in ("train", "valid")},
+                                log_scale=job.curve.log_scale)
+
+
+def best_epoch(job: Job, history) -> Optional[int]:
+    """The index in `history` of the best validation figure (job.best_key; the first of equals), or None
+    while there is none (no validation yet, no validation split, or only non-finite figures)."""
+    scored = [(h[job.best_key], i) for i, h in enumerate(history)
+              if h.get(job.best_key) is not None and math.isfinite(h[job.best_key])]
+    if not scored:
+        return None
+    if job.higher_is_better:
+        return max(scored, key=lambda s: (s[0], -s[1]))[1]
+    return min(scored)[1]
 
 
 def _step(job: Job, pos, i: int) -> Dict[str, float]:
@@ -240,49 +381,6 @@ def _step(job: Job, pos, i: int) -> Dict[str, float]:
     except tf.errors.ResourceExhaustedError as error:
         # A failed step changed no weight: every update comes after every gradient.
         raise OutOfMemory(f"step {pos.global_step + 1} ran out of memory ({memory.oom_reason(error)})") from None
-
-
-def _finish(job: Job, pos, world, options, speed, tensorboard, metrics: Dict, started: float) -> None:
-    """The final evaluation, the metrics every job reports, the done line, the metrics file and plots."""
-    own, text, scalars, rank_figures = job.finish(pos, speed)
-    rate = speed.rate if speed.seconds > 0 else None
-    # Each rank's share of the speed (a collective: every rank has timed the same steps, or none).
-    per_rank = world.allgather(np.array([speed.rate / world.size])) if speed.seconds > 0 else None
-    metrics.update(own)
-    metrics.update({
-        "config": dataclasses.asdict(job.config),
-        job.rate_key: rate,
-        f"{job.rate_key}_per_rank": None if per_rank is None else [float(r) for r in per_rank],
-        "steps": pos.global_step,
-        "epochs": round(pos.global_step / job.steps_per_epoch, 4),
-        "steps_per_epoch": job.steps_per_epoch,
-        "world_size": world.size,
-        "global_batch_size": job.global_batch,
-        # What each rank holds at the end, to see every node took part and the replicas agree.
-        "ranks": world.allgather_object(dict(
-            rank=world.rank, host=platform.node(), **rank_figures,
-            weights_norm=float(tf.linalg.global_norm(job.trainer.model.trainable_variables)))),
-        "config_name": options.config_name,
-        "rnn_mode": job.trainer.unrolling.mode,
-        "placement": dict(job.plan.as_dict(), schedule=options.placement),
-        "history": pos.history,
-        "wall_time_sec": round(time.time() - started, 2),
-        "versions": versions(),
-        "machine": cpu.machine(),
-    })
-    if world.is_chief:
-        shown = f"{rate:.0f}" if rate else "n/a"
-        log(f"done: {pos.global_step} steps | {text} | {shown} {job.unit}/sec | "
-            f"{outputs.format_duration(metrics['wall_time_sec'])}")
-        if options.metrics_json:  # first: the figures matter more than the plots
-            write_json(options.metrics_json, {k: v for k, v in metrics.items() if k != "interrupted"})
-        job.plot(pos, metrics["save_path"])
-        if job.curve and pos.history:
-            name = job.curve.name
-            outputs.plot_curves(os.path.join(metrics["save_path"], f"{name}.png"), job.curve.title, name,
-                                {split: [h[f"{split}_{name}"] for h in pos.history] for split in ("train", "valid")},
-                                log_scale=job.curve.log_scale)
-        tensorboard.scalars(pos.global_step, **scalars)
 
 
 def versions() -> Dict[str, Optional[str]]:

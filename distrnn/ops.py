@@ -6,9 +6,11 @@ import tensorflow as tf
 _TINY = 1e-30
 
 
-def softmax_cross_entropy(features, weights, bias, labels):
+def softmax_cross_entropy(features, weights, bias, labels, class_rows: bool = False):
     """The cross-entropy of softmax(features @ weights + bias) against integer
     `labels`: features (N, H), weights (H, V), bias (V,), labels (N,) -> (N,).
+    class_rows: weights are (V, H), one row a class (an embedding tied to the
+    softmax), used as they are stored: no transposed copy a step.
 
     Same values and gradients as tf.nn.sparse_softmax_cross_entropy_with_logits
     on the logits, but the softmax layer and its loss are one function, which
@@ -29,7 +31,7 @@ def softmax_cross_entropy(features, weights, bias, labels):
 
     @tf.custom_gradient
     def layer(features, weights, bias):
-        logits = tf.nn.bias_add(tf.matmul(features, weights), bias)
+        logits = tf.nn.bias_add(tf.matmul(features, weights, transpose_b=class_rows), bias)
         probs = tf.nn.softmax(logits)
         picked = tf.gather(probs, labels, axis=1, batch_dims=1)
         loss = tf.cond(tf.reduce_all(picked > _TINY), lambda: -tf.math.log(picked),
@@ -39,9 +41,12 @@ def softmax_cross_entropy(features, weights, bias, labels):
             rows_and_labels = tf.stack([tf.range(tf.shape(labels)[0]), labels], axis=1)
             g = tf.tensor_scatter_nd_sub(probs, rows_and_labels, tf.ones_like(d_loss))   # softmax - onehot
             d_column = d_loss[:, None]
-            return (tf.matmul(g, weights, transpose_b=True) * d_column,
-                    tf.matmul(features * d_column, g, transpose_a=True),
-                    tf.linalg.matvec(g, d_loss, transpose_a=True))
+            if class_rows:
+                d_features, d_weights = tf.matmul(g, weights), tf.matmul(g, features * d_column, transpose_a=True)
+            else:
+                d_features = tf.matmul(g, weights, transpose_b=True)
+                d_weights = tf.matmul(features * d_column, g, transpose_a=True)
+            return d_features * d_column, d_weights, tf.linalg.matvec(g, d_loss, transpose_a=True)
 
         return loss, grad
 

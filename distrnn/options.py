@@ -53,6 +53,9 @@ class JobOptions:
     metrics_json: Optional[str] = flag(None, "write the final figures to this JSON file", default_text="")
     seed: int = flag(1, "seed for weights, dropout and shuffling", number(int, minimum=0, maximum=2**31 - 1))
     checkpoint_every: int = flag(500, "steps between checkpoints; one is also saved after every epoch", POSITIVE_INT)
+    early_stopping: int = flag(0, "stop after N epochs without a better validation figure (perplexity, accuracy); "
+                               "the best epoch's weights are kept in SAVE_PATH/best either way", COUNT,
+                               metavar="N", default_text="off")
     devices: Optional[str] = flag(None, "comma-separated devices for the model's parts, e.g. /gpu:0,/gpu:1",
                                   group=DEVICES, default_text="")
     num_gpus: int = flag(0, "use /gpu:0 ... /gpu:N-1", COUNT, DEVICES, default_text="")

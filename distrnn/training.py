@@ -5,12 +5,11 @@ distrnn.outputs.
 """
 import os
 import time
-from typing import Optional
 
 import tensorflow as tf
 
 from distrnn import checkpoints, cpu, distributed, local_devices, loop, memory
-from distrnn.errors import OutOfMemory, UsageError
+from distrnn.errors import OutOfMemory
 from distrnn.outputs import log
 from distrnn.options import JobOptions
 from distrnn.stops import SignalsInterrupt
@@ -46,7 +45,7 @@ def run_job(job: str, config, options: JobOptions, job_cls, world=None) -> dict:
             config.validate()
             distributed.check_same_run(world, config, options)
             distributed.on_chief(world, lambda: locks.append(checkpoints.SavePathLock(save_path)))
-            distributed.on_chief(world, lambda: check_metrics_path(options.metrics_json))
+            distributed.on_chief(world, lambda: checkpoints.check_writable(options.metrics_json))
             started = time.time()
             job = job_cls(config, options, world, devices, reference_batch)
             return loop.train(job, world, options, save_path, started)
@@ -58,19 +57,3 @@ def run_job(job: str, config, options: JobOptions, job_cls, world=None) -> dict:
         finally:
             for lock in locks:
                 lock.release()
-
-
-def check_metrics_path(path: Optional[str]) -> None:
-    """Fails at start-up, not after hours of training, when --metrics_json cannot be written (run after
-    the save path exists, so --metrics_json SAVE_PATH/m.json is fine)."""
-    if not path:
-        return
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UsageError(f"--metrics_json {path} is a directory; name a file in it, e.g. "
-                         f"{os.path.join(path, 'metrics.json')}")
-    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-        raise UsageError(f"cannot write --metrics_json {path}: {directory} is not a writable directory")
-    if os.path.lexists(path) and not os.access(path, os.W_OK):
-        raise UsageError(f"cannot write --metrics_json {path}: the file is not writable; make it writable or "
-                         "name another file")

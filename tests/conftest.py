@@ -68,6 +68,15 @@ def corpus(tmp_path):
 
 
 @pytest.fixture
+def full_ptb():
+    """The standard full Penn Treebank files (read, never copied)."""
+    path = os.path.join(SHARED_DATA, "ptb")
+    if not os.path.isfile(os.path.join(path, "ptb.train.txt")):
+        pytest.skip(f"the full Penn Treebank is not at {path} (see ../shared/data/README.md)")
+    return path
+
+
+@pytest.fixture
 def ptb_mini():
     path = os.path.join(SHARED_DATA, "ptb-mini")
     if not os.path.isfile(os.path.join(path, "ptb.train.txt")):

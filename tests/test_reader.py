@@ -1,9 +1,11 @@
 import hashlib
+import json
 import os
 
 import numpy as np
 import pytest
 
+from conftest import assert_one_line, run_ptb
 from distrnn.errors import UsageError
 from distrnn.ptb import reader
 
@@ -112,3 +114,39 @@ def test_download_extracts_and_verifies(tmp_path, monkeypatch):
     monkeypatch.setattr(reader, "CHECKSUMS", sums)
     reader.download(str(cache), url=archive.as_uri())
     assert (cache / "ptb.train.txt").read_text() == "a b\n"
+
+
+def simple_examples(directory, source, corrupt: bool = False):
+    """An archive laid out as simple-examples.tgz, holding the files of `source` (one byte changed in the
+    training file with corrupt)."""
+    import tarfile
+    data = directory / "simple-examples" / "data"
+    data.mkdir(parents=True)
+    for name in reader.CHECKSUMS:
+        content = open(os.path.join(source, name), "rb").read()
+        (data / name).write_bytes(content.replace(b" the ", b" teh ", 1) if corrupt and "train" in name else content)
+    archive = directory / "simple-examples.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(directory / "simple-examples", arcname="./simple-examples")
+    return archive
+
+
+def test_the_default_download_fills_the_cache_with_the_real_files_and_trains(full_ptb, tmp_path):
+    """DISTRNN_PTB_URL pointing at a file:// copy of the real archive: the cache fills, the published
+    checksums hold, a job trains on it; a corrupted copy is refused before anything reaches the cache."""
+    home = tmp_path / "home"
+    cache = home / ".cache" / "distrnn" / "ptb"
+    bad = simple_examples(tmp_path / "bad", full_ptb, corrupt=True)
+    env = {"HOME": str(home), "DISTRNN_PTB_URL": bad.as_uri()}
+    proc = run_ptb("--config", "test", "--max_steps", "2", "--save_path", tmp_path / "r0", env=env)
+    assert_one_line(proc, "distrnn.ptb", 2, "ptb.train.txt does not match the standard PTB file")
+    assert not any(p.name.startswith("ptb.") for p in cache.iterdir())
+    good = simple_examples(tmp_path / "good", full_ptb)
+    env["DISTRNN_PTB_URL"] = good.as_uri()
+    metrics = tmp_path / "m.json"
+    run_ptb("--config", "test", "--max_steps", "2", "--save_path", tmp_path / "r1", "--metrics_json", metrics,
+            env=env, check=0)
+    for name, (kind, expected) in reader.CHECKSUMS.items():
+        assert reader.digest(str(cache / name), kind) == expected
+    m = json.loads(metrics.read_text())
+    assert m["vocab_size"] == 10000 and m["words"] == {"train": 929589, "valid": 73760, "test": 82430}

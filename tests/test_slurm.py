@@ -81,7 +81,8 @@ def test_the_helper_command_prints_hosts_and_count_or_one_line_errors():
 def test_the_sbatch_header_is_read_as_sbatch_reads_it():
     script = ("#!/bin/bash\n# a comment\n#SBATCH --nodes=1\n#SBATCH --cpus-per-task 8\n\n#SBATCH --requeue\n"
               "#SBATCH --gpus-per-node=a100:4\n#SBATCH -t 5\necho go\n#SBATCH --time=9:00\n")
-    assert slurm_env.sbatch_header(script) == {"nodes": "1", "cpus-per-task": "8", "requeue": "", "gpus-per-node": "a100:4"}
+    assert slurm_env.sbatch_header(script) == {"nodes": "1", "cpus-per-task": "8", "requeue": "",
+                                                "gpus-per-node": "a100:4"}
     with open(os.path.join(ROOT, "slurm", "ptb_large.sh")) as f:
         header = slurm_env.sbatch_header(f.read())
     assert {k: header[k] for k in ("nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "time")} == {

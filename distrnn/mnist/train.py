@@ -27,6 +27,7 @@ class MNISTJob(loop.Job):
 
     unit, rate_key = "images", "examples_per_sec"
     shape_fields = SHAPE_FIELDS + ("global_batch_size", "image_shape")
+    best_key, higher_is_better, test_keys = "valid_accuracy", True, ("test_accuracy", "test_loss")
 
     def __init__(self, config, options: RunOptions, world, devices, reference_batch: int):
         super().__init__(config, options, world, devices, reference_batch)
@@ -90,7 +91,7 @@ class MNISTJob(loop.Job):
     def finish(self, pos, speed):
         splits = self.splits
         checked = evaluate(self.trainer, splits.valid, splits.pixels, self.world)
-        self.tested = tested = evaluate(self.trainer, splits.data.test, splits.pixels, self.world)
+        self.tested = tested = evaluate(self.trainer, splits.data.test, splits.pixels, self.world)  # for the plots
         own = dict(splits.test_metrics(tested), valid_accuracy=checked.accuracy if checked else None,
                    valid_loss=checked.loss if checked else None,
                    train_accuracy=pos.train_accuracy if pos.step_in_epoch else
@@ -99,6 +100,10 @@ class MNISTJob(loop.Job):
         text = f"{valid_text}test accuracy {100 * tested.accuracy:.2f}% (loss {tested.loss:.4f})"
         return (own, text, {"test_accuracy": tested.accuracy, "test_loss": tested.loss},
                 {"test_accuracy": tested.accuracy})
+
+    def test(self):
+        tested = evaluate(self.trainer, self.splits.data.test, self.splits.pixels, self.world)
+        return {"test_accuracy": tested.accuracy, "test_loss": tested.loss}
 
     def plot(self, pos, save_path: str) -> None:
         plots.test_results(save_path, self.splits.data, self.splits.title, self.tested, self.options.config_name)

@@ -38,6 +38,7 @@ class PTBConfig:
     rnn_mode: str = "auto"       # how the recurrence runs: static, dynamic, block, cudnn or auto (fastest here)
     cell: str = "lstm"           # recurrent cell: lstm, gru or rnn (basic tanh RNN)
     use_peepholes: bool = False  # LSTM peephole connections (not with rnn_mode cudnn)
+    tie_embeddings: bool = False  # the softmax weights are the embedding's (Press & Wolf 2017; Inan et al. 2017)
 
     def validate(self) -> None:
         for name in ("num_layers", "num_steps", "hidden_size", "max_epoch", "max_max_epoch", "batch_size"):

@@ -49,7 +49,8 @@ class PTBModel(tf.Module):
                 with tf.device(device):
                     self.cells.append(make_cell(config, uniform, name=f"{config.cell}_{i}"))
             with tf.device(self.plan.softmax):
-                self.softmax_w = tf.Variable(uniform([h, vocab_size]), name="softmax_w")
+                if not config.tie_embeddings:  # tied: the softmax reads the embedding's rows
+                    self.softmax_w = tf.Variable(uniform([h, vocab_size]), name="softmax_w")
                 self.softmax_b = tf.Variable(uniform([vocab_size]), name="softmax_b")
 
     def zero_state(self, batch_size: int):
@@ -83,7 +84,9 @@ class PTBModel(tf.Module):
         targets = tf.reshape(tf.transpose(y), [-1])
 
         def compute(features):
-            loss = softmax_cross_entropy(features, self.softmax_w, self.softmax_b, targets)
+            tied = self.config.tie_embeddings
+            loss = softmax_cross_entropy(features, self.embedding if tied else self.softmax_w, self.softmax_b, targets,
+                                         class_rows=tied)
             return [loss if weights is None else loss * tf.reshape(tf.transpose(weights), [-1])]
 
         with tf.device(self.plan.softmax), tf.name_scope("softmax"):
@@ -92,4 +95,6 @@ class PTBModel(tf.Module):
     def logits(self, features):
         """The softmax layer's logits (T*B, V) for the model's output, for inspection."""
         with tf.device(self.plan.softmax):
+            if self.config.tie_embeddings:
+                return tf.nn.bias_add(tf.matmul(features, self.embedding, transpose_b=True), self.softmax_b)
             return tf.nn.bias_add(tf.matmul(features, self.softmax_w), self.softmax_b)

@@ -15,6 +15,7 @@ from typing import Dict, Iterator, Tuple
 import numpy as np
 
 from distrnn.download import cached, fetch, hexdigest, into_cache, mirror_url
+from distrnn.checkpoints import write_text
 from distrnn.errors import UsageError
 
 SPLITS = ("train", "valid", "test")
@@ -91,22 +92,23 @@ def resolve_data_path(data_path: str = None) -> str:
     return data_path or cached(default_dir(), CHECKSUMS, download, verify)
 
 
-def read_words(path: str):
-    """The words of a file, with `<eos>` at the end of every line."""
+def read_words(path: str, hint: str = DATA_PATH_HINT):
+    """The words of a file, with `<eos>` at the end of every line; a file that cannot be read is a UsageError
+    naming it and ending with `hint`."""
     if os.path.isdir(path):
-        raise UsageError(f"data file {path} is a directory, not a file; {DATA_PATH_HINT}")
+        raise UsageError(f"data file {path} is a directory, not a file; {hint}")
     if not os.path.isfile(path):
-        raise UsageError(f"missing data file {path}; {DATA_PATH_HINT}")
+        raise UsageError(f"missing data file {path}; {hint}")
     try:
         with open(path, encoding="utf-8") as f:
             words = f.read().replace("\n", f" {EOS} ").split()
     except OSError as e:
-        raise UsageError(f"cannot read data file {path} ({e.strerror}); make it readable or {DATA_PATH_HINT}") from None
+        raise UsageError(f"cannot read data file {path} ({e.strerror}); make it readable or {hint}") from None
     except UnicodeDecodeError as e:
         raise UsageError(f"data file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
-                         f"the PTB files are plain text; {DATA_PATH_HINT}") from None
+                         f"the PTB files are plain text; {hint}") from None
     if all(w == EOS for w in words):  # nothing but blank lines counts as empty
-        raise UsageError(f"data file {path} is empty; {DATA_PATH_HINT}")
+        raise UsageError(f"data file {path} is empty; {hint}")
     return words
 
 
@@ -142,6 +144,50 @@ class PTBData:
     def describe(self) -> str:
         return (f"vocabulary {self.vocab_size}, words train {len(self.train)} valid {len(self.valid)} test "
                 f"{len(self.test)}; words mapped to <unk>: valid {self.oov['valid']}, test {self.oov['test']}")
+
+
+VOCAB_FILE = "vocab.txt"  # in a run's save path: one word a line, in id order
+
+
+def save_vocab(save_path: str, vocab: Dict[str, int]) -> None:
+    """Writes SAVE_PATH/vocab.txt (atomically, and only where it would change: a resumed run on a full
+    disk still starts), so that a trained model can be used without the training data."""
+    text = "".join(f"{word}\n" for word, _ in sorted(vocab.items(), key=lambda kv: kv[1]))
+    path = os.path.join(save_path, VOCAB_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return
+    except (OSError, UnicodeDecodeError):
+        pass
+    write_text(path, text)
+
+
+def read_vocab(save_path: str, vocab_size: int) -> Dict[str, int]:
+    """The vocabulary a run saved, checked against the size its model was built for."""
+    path = os.path.join(save_path, VOCAB_FILE)
+    rebuild = "pass --data_path DIR, the data the run trained on, to rebuild it"
+    try:
+        with open(path, encoding="utf-8") as f:
+            words = f.read().split("\n")
+    except FileNotFoundError:
+        raise UsageError(f"{path} is missing; {rebuild}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory, not the run's vocabulary; {rebuild}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {path} ({e.strerror}); make it readable") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                         f"{rebuild}") from None
+    words = words[:-1] if words and words[-1] == "" else words
+    vocab = {word: i for i, word in enumerate(words)}
+    problem = (f"it has {len(words)} words, the model {vocab_size}" if len(words) != vocab_size else
+               "a word appears twice" if len(vocab) != len(words) else
+               "a line is empty or holds a space" if any(not w or w.split() != [w] for w in words) else
+               f"it lacks {UNK} or {EOS}" if UNK not in vocab or EOS not in vocab else None)
+    if problem:
+        raise UsageError(f"{path} is not this run's vocabulary ({problem}); {rebuild}")
+    return vocab
 
 
 def load(data_path: str) -> PTBData:

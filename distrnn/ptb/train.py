@@ -12,7 +12,7 @@ from distrnn.ptb.trainer import (LeanerOnOOM, Trainer, evaluate, learning_rate, 
 
 # Fields that fix variable shapes or the meaning of a saved data position: a
 # checkpoint cannot be resumed under different values.
-SHAPE_FIELDS = ("num_layers", "hidden_size", "batch_size", "num_steps")
+SHAPE_FIELDS = ("num_layers", "hidden_size", "batch_size", "num_steps", "tie_embeddings")
 
 
 def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
@@ -26,6 +26,8 @@ class PTBJob(loop.Job):
     carried from one window to the next, perplexities."""
 
     unit, rate_key, shape_fields = "words", "words_per_sec", SHAPE_FIELDS + ("vocab_size",)
+    absent_fields = {"tie_embeddings": False}  # config.json of runs from before the field
+    best_key, higher_is_better, test_keys = "valid_perplexity", False, ("test_perplexity",)
 
     def __init__(self, config, options: RunOptions, world, devices, reference_batch: int):
         super().__init__(config, options, world, devices, reference_batch)
@@ -42,7 +44,7 @@ class PTBJob(loop.Job):
             config, on_gpu, options.placement, options.memory), self.plan, world, options.sparse_as_dense)
         self.step = LeanerOnOOM(self.trainer, on_gpu, world, retry=options.on_oom == "retry")
         self.memory_note = ", leaner on running out of memory (--on_oom retry)" * self.step.retry
-        self.saved_extra = {"vocab_size": data.vocab_size}
+        self.saved_extra = {"vocab_size": data.vocab_size, "global_batch_size": self.global_batch}
         self.max_epochs = min(options.max_epochs or config.max_max_epoch, config.max_max_epoch)
         self.curve = loop.Curve("perplexity", f"PTB {options.config_name}")
         self.state, self.loss = None, None
@@ -93,13 +95,19 @@ class PTBJob(loop.Job):
         # describes these weights; after a part of an epoch they have moved on.
         valid_ppl = (pos.history[-1]["valid_perplexity"] if pos.history and pos.step_in_epoch == 0
                      else evaluate(self.trainer, self.batches.valid, self.world))
-        test_ppl = evaluate(self.trainer, self.batches.test, self.world)
+        test_ppl = self.test()["test_perplexity"]
         train_ppl, data = pos.train_perplexity, self.data
         own = {"train_perplexity": train_ppl, "valid_perplexity": valid_ppl, "test_perplexity": test_ppl,
                "vocab_size": data.vocab_size, "oov": data.oov,
                "words": {"train": len(data.train), "valid": len(data.valid), "test": len(data.test)}}
         text = f"train ppl {train_ppl:.2f} | valid ppl {valid_ppl:.2f} | test ppl {test_ppl:.2f}"
         return own, text, {"test_perplexity": test_ppl}, {"test_perplexity": test_ppl}
+
+    def test(self):
+        return {"test_perplexity": evaluate(self.trainer, self.batches.test, self.world)}
+
+    def write_run_files(self, save_path: str) -> None:
+        reader.save_vocab(save_path, self.data.vocab)
 
     def memory_metrics(self, monitor):
         return dict(monitor, mode=self.trainer.unrolling.memory.describe(), changes=self.step.changes)
