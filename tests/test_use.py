@@ -163,3 +163,17 @@ def test_bad_runs_and_files_are_refused_in_one_line(trained, tmp_path, images):
     subprocess.run(["rm", "-r", no_best / "best"], check=True)
     assert_one_line(score("--save_path", no_best, test_file, "--checkpoint", "best", check=None),
                     "distrnn.ptb.score", 2, "no checkpoint in", "--checkpoint last")
+
+
+def test_the_three_commands_need_no_horovod(trained, tmp_path, monkeypatch):
+    save, data, metrics = trained
+    shadow = tmp_path / "shadow" / "horovod"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('horovod hidden by the test')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{shadow.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    out = tmp_path / "s.json"
+    score("--save_path", save, os.path.join(data, "ptb.test.txt"), "--metrics_json", out)
+    assert json.loads(out.read_text())["perplexity"] == pytest.approx(metrics["test_perplexity"], rel=1e-5)
+    assert run_module("distrnn.ptb.generate", "--save_path", save, "--words", "5", "--seed", "1", check=0).stdout
+    run_module("distrnn.ptb.export", "--save_path", save, "--export_dir", tmp_path / "model", check=0)
+    assert (tmp_path / "model" / "saved_model.pb").is_file()
