@@ -25,11 +25,13 @@ def row(metrics: dict) -> dict:
     reference = REFERENCE.get(name)
     tied = " tied" if config.get("tie_embeddings") else ""
     return {
-        "preset": name + tied, "epochs": metrics["epochs"], "of": config["max_max_epoch"],
+        "preset": name + tied, "data": f"{metrics['words']['train']:,} training words",
+        "epochs": metrics["epochs"], "of": config["max_max_epoch"],
         "train": metrics["train_perplexity"], "valid": metrics["valid_perplexity"],
         "test": metrics["test_perplexity"], "best_epoch": metrics.get("best_epoch"),
         "best_valid": metrics.get("best_valid_perplexity"), "best_test": metrics.get("best_test_perplexity"),
-        "words_per_sec": metrics["words_per_sec"], "wall": str(datetime.timedelta(seconds=int(metrics["wall_time_sec"]))),
+        "words_per_sec": metrics["words_per_sec"],
+        "wall": str(datetime.timedelta(seconds=int(metrics["wall_time_sec"]))),
         "machine": f"{metrics['machine']['processor']}, {metrics['machine']['family_model']}, "
                    f"{metrics['machine']['cores']} cores",
         "reference_test": reference[2] if reference else PUBLISHED.get(name, (None,))[0],
@@ -46,9 +48,10 @@ def main() -> None:
         with open(path) as f:
             r = row(json.load(f))
         if args.markdown:
-            print(f"| {r['preset']} | {r['epochs']:g} of {r['of']} | {r['train']:.2f} / {r['valid']:.2f} / "
-                  f"**{r['test']:.2f}** | {r['best_epoch']}: {r['best_valid']:.2f} / {r['best_test']:.2f} | "
-                  f"{r['words_per_sec']:,.0f} | {r['wall']} | {r['reference_test']} |")
+            print(f"| {r['preset']} | {r['data']} | {r['epochs']:g} of {r['of']} | {r['train']:.2f} / "
+                  f"{r['valid']:.2f} / **{r['test']:.2f}** | {r['best_epoch']}: {r['best_valid']:.2f} / "
+                  f"{r['best_test']:.2f} | {r['words_per_sec']:,.0f} | {r['wall']} | {r['machine']} | "
+                  f"{r['reference_test']} |")
         else:
             print(json.dumps(r))
 

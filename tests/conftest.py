@@ -67,21 +67,23 @@ def corpus(tmp_path):
     return write_corpus(tmp_path / "data")
 
 
+def shared_data(name: str, first_file: str, what: str) -> str:
+    """../shared/data/NAME (read there, never copied), or the test skipped saying what is missing."""
+    path = os.path.join(SHARED_DATA, name)
+    if not os.path.isfile(os.path.join(path, first_file)):
+        pytest.skip(f"{what} not found at {path} (../shared/data/{name} beside the checkout; see its README.md)")
+    return path
+
+
 @pytest.fixture
 def full_ptb():
-    """The standard full Penn Treebank files (read, never copied)."""
-    path = os.path.join(SHARED_DATA, "ptb")
-    if not os.path.isfile(os.path.join(path, "ptb.train.txt")):
-        pytest.skip(f"the full Penn Treebank is not at {path} (see ../shared/data/README.md)")
-    return path
+    """The standard full Penn Treebank files."""
+    return shared_data("ptb", "ptb.train.txt", "the full Penn Treebank")
 
 
 @pytest.fixture
 def ptb_mini():
-    path = os.path.join(SHARED_DATA, "ptb-mini")
-    if not os.path.isfile(os.path.join(path, "ptb.train.txt")):
-        pytest.skip(f"real PTB data not found at {path} (../shared/data/ptb-mini beside the checkout)")
-    return path
+    return shared_data("ptb-mini", "ptb.train.txt", "real PTB data (ptb-mini)")
 
 
 def run_ptb(*args, timeout=600, check=None, env=None):
@@ -162,10 +164,7 @@ def images(tmp_path):
 
 @pytest.fixture
 def fashion_mnist():
-    path = os.path.join(SHARED_DATA, "fashion-mnist")
-    if not os.path.isfile(os.path.join(path, "train-images-idx3-ubyte.gz")):
-        pytest.skip(f"Fashion-MNIST not found at {path} (../shared/data/fashion-mnist beside the checkout)")
-    return path
+    return shared_data("fashion-mnist", "train-images-idx3-ubyte.gz", "Fashion-MNIST")
 
 
 def run_module(module, *args, timeout=600, check=None, env=None):
