@@ -132,6 +132,7 @@ def train(job: Job, world, options, save_path: str, started: float) -> dict:
     """Opens the run in save_path (rank 0 alone touches it and restores; its outcome, or its error,
     reaches every rank), shares rank 0's weights and position, logs the start and runs the loop."""
     checkpoints = Checkpoints(job.trainer.checkpoint(), save_path)
+
     def open_run():
         resumed = checkpoints.open_run(options.resume, job.saved_config, job.shape_fields, job.absent_fields)
         job.write_run_files(save_path)

@@ -14,8 +14,8 @@ from typing import Dict, Iterator, Tuple
 
 import numpy as np
 
-from distrnn.download import cached, fetch, hexdigest, into_cache, mirror_url
 from distrnn.checkpoints import write_text
+from distrnn.download import cached, fetch, hexdigest, into_cache, mirror_url
 from distrnn.errors import UsageError
 
 SPLITS = ("train", "valid", "test")
@@ -287,7 +287,8 @@ class RankBatches:
 
 def rank_batches(data: PTBData, global_batch: int, num_steps: int, world, batch_text: str) -> RankBatches:
     """batch_text: the batch as the user asked for it, for the error when the data is too short."""
-    if epoch_size(len(data.train), global_batch, num_steps) < 1:
+    steps = epoch_size(len(data.train), global_batch, num_steps)
+    if steps < 1:
         raise UsageError(f"the train split has {len(data.train)} words, too few for {batch_text} (it needs more "
                          f"than {global_batch * (num_steps + 1)}); lower --batch_size or --num_steps")
 
@@ -298,5 +299,4 @@ def rank_batches(data: PTBData, global_batch: int, num_steps: int, world, batch_
     eos = data.vocab[EOS]
     return RankBatches(world.stripe(train_rows(data.train, global_batch)),
                        share(eval_batches(data.valid, eos, global_batch, num_steps)),
-                       share(eval_batches(data.test, eos, global_batch, num_steps)),
-                       epoch_size(len(data.train), global_batch, num_steps))
+                       share(eval_batches(data.test, eos, global_batch, num_steps)), steps)

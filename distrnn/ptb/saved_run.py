@@ -6,7 +6,7 @@ The model is rebuilt on one device of TensorFlow's choice, whatever devices and 
 (a run trained with cuDNN on GPUs reads on a CPU). Horovod is never imported.
 """
 import dataclasses
-import math
+import functools
 import os
 from typing import Dict, List, Optional
 
@@ -19,6 +19,7 @@ from distrnn.errors import UsageError
 from distrnn.ptb import reader
 from distrnn.ptb.configs import PTBConfig
 from distrnn.ptb.model import PTBModel
+from distrnn.ptb.trainer import perplexity
 from distrnn.rnn import Unrolling
 
 CHECKPOINTS = {"last": "checkpoints", "best": "best"}  # --checkpoint: the directory in the save path
@@ -37,6 +38,16 @@ class SavedRun:
     @property
     def eos(self) -> int:
         return self.vocab[reader.EOS]
+
+    @functools.cached_property
+    def token_losses(self):
+        """(x, y, state) -> each token's loss (B, T) and the new state; traced once for the run."""
+        return tf.function(lambda x, y, state: _token_losses(self.model, x, y, state))
+
+    @functools.cached_property
+    def next_logits(self):
+        """(x (B, 1), state) -> the logits of the next word and the new state."""
+        return tf.function(lambda x, state: _next_logits(self.model, x, state))
 
 
 def load(save_path: str, which: str = "last", data_path: Optional[str] = None, num_steps: Optional[int] = None
@@ -106,7 +117,7 @@ class Score:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(-self.log_prob / self.words) if -self.log_prob / self.words < 709.78 else float("inf")
+        return perplexity(-self.log_prob / self.words)
 
 
 def score_words(run: SavedRun, words: List[str]) -> Score:
@@ -115,12 +126,11 @@ def score_words(run: SavedRun, words: List[str]) -> Score:
     window (and so from line to line within a row)."""
     ids, oov = reader.to_ids(words, run.vocab)
     batches = reader.eval_batches(ids, run.eos, run.eval_batch, run.config.num_steps)
-    step = tf.function(lambda x, y, state: _token_losses(run.model, x, y, state))
     state = run.model.zero_state(batches.inputs.shape[0])
     losses = np.zeros(batches.inputs.shape, np.float64)
     for i in range(batches.num_windows):
         x, y, _ = batches.window(i)
-        window_losses, state = step(x, y, state)
+        window_losses, state = run.token_losses(x, y, state)
         losses[:, i * batches.num_steps:(i + 1) * batches.num_steps] = window_losses.numpy()
     per_token = losses[batches.weights > 0]  # row by row: the stream's order
     ends = np.flatnonzero(ids == run.eos) + 1  # each line's tokens end with its <eos>
@@ -141,9 +151,8 @@ def _token_losses(model: PTBModel, x, y, state):
 def sample(run: SavedRun, prompt: List[int], count: int, temperature: float, seed: Optional[int]) -> List[int]:
     """`count` word ids drawn one at a time from the model's distribution (its logits divided by
     `temperature`), after reading `prompt` (ids; the model starts from <eos>, a sentence's start)."""
-    model, rng = run.model, np.random.default_rng(seed)
-    step = tf.function(lambda x, state: _next_logits(model, x, state))
-    state = model.zero_state(1)
+    step, rng = run.next_logits, np.random.default_rng(seed)
+    state = run.model.zero_state(1)
     logits = None
     for word in [run.eos] + prompt:
         logits, state = step(tf.constant([[word]], tf.int32), state)

@@ -27,6 +27,7 @@ def build_parser():
 def score(args) -> dict:
     from distrnn.checkpoints import check_writable, write_json, write_text
     from distrnn.ptb import reader, saved_run
+    from distrnn.ptb.trainer import perplexity
     check_writable(args.per_line, "--per_line", "lines.jsonl")
     check_writable(args.metrics_json)
     words = {path: reader.read_words(path, "give text files, one sentence a line") for path in args.files}
@@ -40,12 +41,12 @@ def score(args) -> dict:
                   for i, (lp, n) in enumerate(scored.lines)]
         print(f"{path}: perplexity {scored.perplexity:.4f} over {scored.words} words ({scored.oov} read as "
               f"{reader.UNK})")
-    total_words = sum(r["words"] for r in results.values())
-    total = saved_run.Score(total_words, sum(r["log_prob"] for r in results.values()), 0, [])
-    figures = {"files": results, "perplexity": total.perplexity, "words": total_words, "log_prob": total.log_prob,
-               "checkpoint": run.checkpoint, "save_path": args.save_path}
+    words_in_all = sum(r["words"] for r in results.values())
+    log_prob = sum(r["log_prob"] for r in results.values())
+    figures = {"files": results, "perplexity": perplexity(-log_prob / words_in_all), "words": words_in_all,
+               "log_prob": log_prob, "checkpoint": run.checkpoint, "save_path": args.save_path}
     if len(results) > 1:
-        print(f"all {len(results)} files: perplexity {total.perplexity:.4f} over {total_words} words")
+        print(f"all {len(results)} files: perplexity {figures['perplexity']:.4f} over {words_in_all} words")
     if args.per_line:
         write_text(args.per_line, "".join(line + "\n" for line in lines))
     if args.metrics_json:
