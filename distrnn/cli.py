@@ -11,7 +11,7 @@ import shlex
 import sys
 from typing import Callable, Dict, List
 
-from distrnn import cpu
+from distrnn import compat, cpu
 from distrnn.config import field_types, override
 from distrnn.errors import DistrnnError, UsageError
 
@@ -167,10 +167,18 @@ def run_training(argv: List[str], build_parser, presets, describe: Callable[[str
         return 0
     check_job_flags(args)
     config = override(presets.get(args.config), config_overrides(args, names))
-    cpu.choose_onednn()  # before TensorFlow loads: it decides once, at load
+    load_tensorflow()
     import importlib
     train = importlib.import_module(train_module)  # TensorFlow is imported only once the flags are known to be good
     return train.train_and_evaluate(config, job_options(args, train.RunOptions))["interrupted"] or 0
+
+
+def load_tensorflow() -> None:
+    """Every entry point's start of TensorFlow, once its flags are known to be good: oneDNN chosen first
+    (TensorFlow decides once, at load), then TensorFlow imported with its start-up log lines held to
+    TF_CPP_MIN_LOG_LEVEL (compat.import_tensorflow), so that an error stays one line on every version."""
+    cpu.choose_onednn()
+    compat.import_tensorflow()
 
 
 def run_main(prog: str, fn: Callable[[], int]) -> int:

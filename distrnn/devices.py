@@ -28,7 +28,7 @@ from typing import Optional
 
 import psutil
 
-from distrnn import cli, cpu, options
+from distrnn import cli, compat, cpu, options
 from distrnn.nvml import MIB, gpu_info
 from distrnn.ptb import plan
 
@@ -118,7 +118,7 @@ def format_device_lib(r: dict) -> str:
 
 
 def report(tensorflow: Optional[dict], nvml=None) -> dict:
-    return {"host": host_info(), "nvml": gpu_info(nvml), "tensorflow": tensorflow}
+    return {"host": host_info(), "stack": compat.stack(), "nvml": gpu_info(nvml), "tensorflow": tensorflow}
 
 
 def format_report(r: dict) -> str:
@@ -126,7 +126,8 @@ def format_report(r: dict) -> str:
     lines = [f"host {h['hostname']}: {h['cpu']}, {h['physical_cores']} cores ({h['logical_cores']} logical), "
              f"memory {h['memory_available_mib']:,} MiB available of {h['memory_total_mib']:,} MiB",
              f"  CPU {h['cpu_family_model'] or '?'}: {' '.join(h['vector_extensions']) or 'no AVX'}; TensorFlow's "
-             f"CPU kernels: oneDNN {'on' if h['onednn'] else 'off'} ({h['onednn_why']})"]
+             f"CPU kernels: oneDNN {'on' if h['onednn'] else 'off'} ({h['onednn_why']})",
+             f"stack: {compat.format_stack(r['stack'])}"]
     n = r["nvml"]
     if not n["available"]:
         lines.append(f"GPUs: none visible ({n['reason']})")
@@ -163,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device-lib", action="store_true",
                         help="print device_lib.list_local_devices() (run in a child process with memory growth on) "
                              "and each GPU's used memory before and after it")
+    parser.add_argument("--stack", action="store_true",
+                        help="print only the versions of Python, TensorFlow, Keras, numpy, TensorBoard and Horovod "
+                             "installed here (read from the packages, nothing loaded)")
     parser.add_argument("--no-tensorflow", dest="tensorflow", action="store_false",
                         help="do not ask TensorFlow (it takes a few seconds to start)")
     plan = parser.add_argument_group("--plan: the memory a PTB training job will need on each device")
@@ -188,6 +192,9 @@ def run(argv) -> int:
     args = build_parser().parse_args(argv)
     if args.count and not args.watch:
         raise cli.UsageError("--count needs --watch SECONDS")
+    if args.stack:
+        print(json.dumps(compat.stack()) if args.json else compat.format_stack(compat.stack()))
+        return 0
     if args.plan:
         overrides = {k: getattr(args, k) for k in ("batch_size", "num_steps") if getattr(args, k)}
         r = plan.memory_plan(args.config, args.num_gpus, args.gpus_per_rank, args.recompute, args.swap_memory,

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from distrnn import slurm_env, srun
+from distrnn import compat, slurm_env, srun
 from distrnn.config import env_number
 from distrnn.errors import RankLost, UsageError
 
@@ -249,12 +249,11 @@ def init(gpus_per_rank: int = 0) -> World:
         if gpus_per_rank:
             _pin_gpus(world)
         return world
+    import tensorflow as tf
     try:
         import horovod.tensorflow as hvd
-    except ImportError:
-        raise UsageError("launched by a Horovod/MPI launcher, but Horovod is not installed; run "
-                         "bash launch/setup.sh, or start the job as one process") from None
-    import tensorflow as tf
+    except (ImportError, tf.errors.NotFoundError) as e:  # NotFoundError: built against another TensorFlow
+        raise UsageError(compat.horovod_missing(e)) from None
     if task is not None:
         if not hvd.gloo_built():
             raise UsageError("started by srun, but this Horovod was built without Gloo: start with srun "

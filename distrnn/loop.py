@@ -18,7 +18,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from distrnn import cpu, distributed, memory, outputs, stops
+from distrnn import compat, cpu, distributed, memory, outputs, stops
 from distrnn.checkpoints import Checkpoints, write_json
 from distrnn.errors import OutOfMemory
 from distrnn.memory import ADVICE
@@ -385,5 +385,5 @@ def _step(job: Job, pos, i: int) -> Dict[str, float]:
 
 
 def versions() -> Dict[str, Optional[str]]:
-    return {"python": platform.python_version(), "tensorflow": tf.__version__,
-            "horovod": distributed.horovod_version()}
+    """The stack this run ran on; Horovod's version only where it loads."""
+    return dict(compat.stack(), tensorflow=tf.__version__, horovod=distributed.horovod_version())

@@ -7,6 +7,8 @@ from typing import Dict, List, Optional
 
 import tensorflow as tf
 
+from distrnn import compat
+
 
 def log(message: str) -> None:
     print(message, flush=True)
@@ -61,11 +63,19 @@ def format_duration(seconds: float) -> str:
 
 
 class TensorBoard:
-    """Scalar summaries under save_path/tensorboard (chief only; a no-op elsewhere)."""
+    """Scalar summaries under save_path/tensorboard (chief only; a no-op elsewhere). Where the tensorboard
+    package is missing (tensorflow-cpu >= 2.20 no longer brings it, and a --no-deps install may lack it) the
+    run says so once and writes no logs, rather than failing at its first summary."""
 
     def __init__(self, save_path: Optional[str], enabled: bool):
-        self.writer = tf.summary.create_file_writer(os.path.join(save_path, "tensorboard")) \
-            if enabled and save_path else None
+        self.writer = None
+        if not (enabled and save_path):
+            return
+        missing = compat.tensorboard_missing()
+        if missing:
+            log(f"no TensorBoard logs: {missing}")
+            return
+        self.writer = tf.summary.create_file_writer(os.path.join(save_path, "tensorboard"))
 
     def scalars(self, step: int, **values: float) -> None:
         if self.writer is None:

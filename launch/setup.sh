@@ -1,33 +1,64 @@
 #!/usr/bin/env bash
-# Creates (or brings up to date) the project's environment in .venv/:
-# TensorFlow 2.15.1, Horovod 0.28.1 compiled against it, and distrnn installed
-# editable with its dev tools. Idempotent: a second run only checks and takes
-# seconds.
+# Creates (or brings up to date) a distrnn environment: TensorFlow, Horovod compiled against it where
+# Horovod builds, and distrnn installed editable with its dev tools. Idempotent: a second run only
+# checks and takes seconds. Prints what it built on its last line.
 #
-#   bash launch/setup.sh                 # tensorflow-cpu
-#   DISTRNN_GPU=1 bash launch/setup.sh   # tensorflow[and-cuda], Horovod with NCCL
+#   bash launch/setup.sh                      # the Horovod stack: TensorFlow 2.15.1 + Horovod 0.28.1, in .venv/
+#   DISTRNN_TF=2.21.0 PYTHON=python3.13 bash launch/setup.sh   # the newest TensorFlow, in .venv-tf2.21.0/
+#   DISTRNN_GPU=1 bash launch/setup.sh        # tensorflow[and-cuda], Horovod with NCCL
 #
-# Environment: PYTHON (interpreter for the venv, default python3),
-# DISTRNN_WHEEL_CACHE (where built Horovod wheels are kept, default
-# ~/.cache/distrnn/wheels).
+# Environment:
+#   DISTRNN_TF       TensorFlow version (default 2.15.1)
+#   DISTRNN_HOROVOD  auto (default: built where it builds, TensorFlow <= 2.17), 1 (insist), 0 (none)
+#   DISTRNN_VENV     where the environment goes (default .venv for 2.15.1, .venv-tfVERSION otherwise)
+#   PYTHON           interpreter for the venv, or several in order of preference (default python3; a pyenv
+#                    version's python3.X is found too)
+#   DISTRNN_WHEEL_CACHE  where built Horovod wheels are kept (default ~/.cache/distrnn/wheels)
 #
-# Why these versions: Horovod 0.28.1 (the last release) does not compile
-# against TensorFlow >= 2.16 (measured with 2.21); TensorFlow 2.15.1 is the
-# newest release it builds with.
+# Why these versions (measured, docs/stacks.md): Horovod 0.28.1, its last release, compiles and passes
+# distrnn's Horovod tests against TensorFlow 2.15.1, 2.16.2 and 2.17.1 and does not compile against 2.18
+# or newer; 2.15.1 stays the default as the newest TensorFlow with Keras 2 and the one every figure in
+# docs/ was measured on.
 set -euo pipefail
 
-TF_VERSION=2.15.1
+TF_VERSION=${DISTRNN_TF:-2.15.1}
 HOROVOD_VERSION=0.28.1
+HOROVOD_TF_MAX=2.17  # the newest TensorFlow minor Horovod 0.28.1 builds against (measured)
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-venv="$root/.venv"
+if [[ "$TF_VERSION" == 2.15.1 ]]; then default_venv="$root/.venv"; else default_venv="$root/.venv-tf$TF_VERSION"; fi
+venv=${DISTRNN_VENV:-$default_venv}
 py="$venv/bin/python"
 gpu=${DISTRNN_GPU:-0}
+want_horovod=${DISTRNN_HOROVOD:-auto}
 
 log() { printf '[setup] %s\n' "$*"; }
+die() { printf 'setup: %s\n' "$*" >&2; exit 2; }
+
+[[ "$TF_VERSION" =~ ^2\.([0-9]+)\.[0-9]+$ ]] ||
+    die "DISTRNN_TF=$TF_VERSION is not a TensorFlow release such as 2.15.1 or 2.21.0"
+tf_minor=${BASH_REMATCH[1]}
+(( tf_minor >= 15 )) || die "DISTRNN_TF=$TF_VERSION: distrnn needs TensorFlow 2.15.1 or newer"
+[[ "$want_horovod" =~ ^(auto|0|1)$ ]] || die "DISTRNN_HOROVOD=$want_horovod: give auto, 1 or 0"
+horovod_builds=0
+(( tf_minor <= ${HOROVOD_TF_MAX#2.} )) && horovod_builds=1
+
+find_python() {  # find_python NAME... -> the first that runs: NAME itself, or pyenv's python of that version
+    local name ver candidate
+    for name in "$@"; do
+        if "$name" -c '' 2>/dev/null; then command -v "$name"; return; fi
+        ver=${name#python}
+        for candidate in "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/"$ver"*/bin/"$name"; do
+            [[ -x "$candidate" ]] && { echo "$candidate"; return; }
+        done
+    done
+    die "no interpreter among: $*: set PYTHON to a python of a version TensorFlow $TF_VERSION supports"
+}
 
 if [[ ! -x "$py" ]]; then
-    log "creating $venv"
-    "${PYTHON:-python3}" -m venv "$venv"
+    # shellcheck disable=SC2086  # PYTHON may list several, in order of preference
+    python=$(find_python ${PYTHON:-python3})
+    log "creating $venv with $("$python" -V 2>&1)"
+    "$python" -m venv "$venv"
     "$py" -m pip install -q --upgrade "pip>=23" "setuptools>=61,<70" wheel
 fi
 pip() { "$py" -m pip "$@"; }
@@ -65,7 +96,15 @@ pyver=$("$py" -c 'import sys; print("%d%d" % sys.version_info[:2])')
 key="hvd${HOROVOD_VERSION}-${tf_dist}${TF_VERSION}-py${pyver}-mpi${with_mpi}-gpu${gpu}-$(uname -m)"
 cache="${DISTRNN_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/distrnn/wheels}/$key"
 
-if [[ "$(installed horovod)" == "$HOROVOD_VERSION" ]]; then
+if [[ "$want_horovod" == 0 ]] || [[ "$want_horovod" == auto && "$horovod_builds" == 0 ]]; then
+    if [[ "$horovod_builds" == 0 ]]; then
+        log "no Horovod: $HOROVOD_VERSION, its last release, does not build against TensorFlow $TF_VERSION" \
+            "(it builds against <= $HOROVOD_TF_MAX); this stack runs every job as one process"
+    else
+        log "no Horovod (DISTRNN_HOROVOD=0)"
+    fi
+    if [[ -n "$(installed horovod)" ]]; then pip uninstall -q -y horovod; fi
+elif [[ "$(installed horovod)" == "$HOROVOD_VERSION" ]]; then
     log "horovod $HOROVOD_VERSION present"
 else
     if ! compgen -G "$cache/horovod-*.whl" >/dev/null; then
@@ -89,7 +128,7 @@ fi
 
 # --- distrnn ------------------------------------------------------------------
 # Reinstalled when a dependency is missing (one added to pyproject.toml since the last setup).
-if [[ -z "$(installed distrnn)" ]] || ! "$py" -c 'import pytest, pytest_timeout, psutil, pynvml, matplotlib' 2>/dev/null; then
+if [[ -z "$(installed distrnn)" ]] || ! "$py" -c 'import pytest, pytest_timeout, psutil, pynvml, matplotlib, tensorboard' 2>/dev/null; then
     log "installing distrnn (editable) with dev tools"
     pip install -q -e "$root[dev]"
 else
@@ -97,12 +136,14 @@ else
 fi
 
 # --- check ----------------------------------------------------------------------
-build=$(TF_CPP_MIN_LOG_LEVEL=3 "$venv/bin/horovodrun" --check-build 2>/dev/null)
-for need in TensorFlow Gloo; do
-    if ! grep -q "\[X\] $need" <<<"$build"; then
-        echo "$build" >&2
-        echo "setup: horovodrun --check-build does not list $need; remove $cache and .venv and run again" >&2
-        exit 1
-    fi
-done
-log "ready: $(TF_CPP_MIN_LOG_LEVEL=3 "$py" -c 'import tensorflow as tf, horovod; print("tensorflow", tf.__version__, "horovod", horovod.__version__)' 2>/dev/null)"
+if [[ -n "$(installed horovod)" ]]; then
+    build=$(TF_CPP_MIN_LOG_LEVEL=3 "$venv/bin/horovodrun" --check-build 2>/dev/null)
+    for need in TensorFlow Gloo; do
+        if ! grep -q "\[X\] $need" <<<"$build"; then
+            echo "$build" >&2
+            echo "setup: horovodrun --check-build does not list $need; remove $cache and $venv and run again" >&2
+            exit 1
+        fi
+    done
+fi
+log "ready: $venv: $("$py" -m distrnn.devices --stack 2>/dev/null)"

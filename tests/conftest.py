@@ -15,9 +15,10 @@ VIRTUAL_DEVICES = 4
 def pytest_configure(config):
     # The tests' own TensorFlow runs the kernels a distrnn job runs (distrnn turns oneDNN on where
     # TF_ENABLE_ONEDNN_OPTS is unset), so in-process results compare with the command line's.
-    from distrnn import cpu
+    from distrnn import compat, cpu
     cpu.choose_onednn()
-    import tensorflow as tf
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    tf = compat.import_tensorflow()
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * VIRTUAL_DEVICES)
 
@@ -167,10 +168,10 @@ def fashion_mnist():
     return shared_data("fashion-mnist", "train-images-idx3-ubyte.gz", "Fashion-MNIST")
 
 
-def run_module(module, *args, timeout=600, check=None, env=None):
-    """Runs `python -m MODULE ARGS` as a user would (with `env` added to the environment);
-    returns the CompletedProcess."""
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT,
+def run_module(module, *args, timeout=600, check=None, env=None, python=sys.executable):
+    """Runs `python -m MODULE ARGS` as a user would (with `env` added to the environment; `python` another
+    stack's interpreter); returns the CompletedProcess."""
+    proc = subprocess.run([python, "-m", module, *map(str, args)], cwd=ROOT,
                           env=subprocess_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
     if check is not None:
         assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"

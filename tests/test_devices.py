@@ -4,10 +4,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import psutil
 
 from conftest import ROOT
-from distrnn import cpu, devices
+from distrnn import compat, cpu, devices
 from distrnn.estimates import GPU_RUNTIME_MIB
 
 FAKES = os.path.join(os.path.dirname(__file__), "fakes")
@@ -48,15 +49,23 @@ def test_text_report_lines():
     processor = cpu.processor()
     assert lines[1] == (f"  CPU {processor.family_model or '?'}: {' '.join(processor.vector_extensions) or 'no AVX'}; "
                         f"TensorFlow's CPU kernels: oneDNN on (TF_ENABLE_ONEDNN_OPTS=1 in the environment)")
-    assert lines[2] == "GPUs: 2 (driver 535.104.05)"
-    assert lines[3] == "  [0] NVIDIA A100-SXM4-40GB (compute 8.0): 31,232 / 40,960 MiB used, 9,728 MiB free"
-    assert lines[4].split()[:4] == ["pid", str(os.getpid()), psutil.Process().username(), "29,696"]
-    assert lines[5].split() == ["pid", "4194303", "?", "?", "MiB", "?"]
-    assert lines[6] == "  [1] NVIDIA H100 80GB HBM3 (compute 9.0): 0 / 81,920 MiB used, 81,920 MiB free"
+    assert lines[2] == f"stack: {compat.format_stack(compat.stack())}"
+    assert lines[3] == "GPUs: 2 (driver 535.104.05)"
+    assert lines[4] == "  [0] NVIDIA A100-SXM4-40GB (compute 8.0): 31,232 / 40,960 MiB used, 9,728 MiB free"
+    assert lines[5].split()[:4] == ["pid", str(os.getpid()), psutil.Process().username(), "29,696"]
+    assert lines[6].split() == ["pid", "4194303", "?", "?", "MiB", "?"]
+    assert lines[7] == "  [1] NVIDIA H100 80GB HBM3 (compute 9.0): 0 / 81,920 MiB used, 81,920 MiB free"
     off = run_devices("--no-tensorflow", TF_ENABLE_ONEDNN_OPTS="0").stdout.splitlines()[1]
     assert off.endswith("oneDNN off (TF_ENABLE_ONEDNN_OPTS=0 in the environment)")
     unset = run_devices("--no-tensorflow", TF_ENABLE_ONEDNN_OPTS=None).stdout.splitlines()[1]
     assert unset.endswith(f"oneDNN on ({cpu.choose_onednn({}, processor).why})")
+
+
+def test_stack_prints_the_versions_installed_here():
+    assert run_devices("--stack").stdout == compat.format_stack(compat.stack()) + "\n"
+    import tensorflow as tf
+    stack = json.loads(run_devices("--stack", "--json").stdout)
+    assert stack == compat.stack() and stack["tensorflow"] == tf.__version__ and stack["numpy"] == np.__version__
 
 
 def test_without_a_driver_and_with_tensorflow():

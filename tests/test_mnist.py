@@ -357,21 +357,3 @@ def test_out_of_memory_stops_with_a_checkpoint_and_recompute_finishes_the_run(tm
                      check=0)
     assert "resumed from" in done.stdout and "memory mode recompute (one state in 32 kept)" in done.stdout
     assert json.loads((tmp_path / "m.json").read_text())["steps"] == 2
-
-
-def test_adam_updates_each_variable_on_its_device():
-    """Keras places Adam's moments beside their variable but not the arithmetic of the update;
-    distrnn.adam.Adam places that too, so a layer on /gpu:2 is not updated on /gpu:0."""
-    from distrnn.adam import Adam
-    with tf.device("/device:CPU:2"):
-        variable = tf.Variable(tf.ones([4, 4]))
-    optimizer = Adam(0.001)
-    optimizer.build([variable])
-    step = tf.function(lambda g: optimizer.apply_gradients([(g, variable)]))
-    graph = step.get_concrete_function(tf.TensorSpec([4, 4])).graph
-    math = [op for op in graph.get_operations() if op.type in ("Mul", "Sub", "Sqrt", "RealDiv", "AddV2")]
-    assert len(math) >= 10 and all(op.device.endswith("device:CPU:2") for op in math), \
-        [(op.type, op.device) for op in math]
-    step(tf.ones([4, 4]))
-    # One step of Adam from zero moments moves every weight by the learning rate, against the gradient.
-    np.testing.assert_allclose(variable.numpy(), np.full((4, 4), 1 - 0.001), rtol=1e-5)

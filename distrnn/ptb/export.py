@@ -13,7 +13,7 @@ The SavedModel needs nothing of distrnn to be loaded (`tf.saved_model.load(DIR)`
 import os
 import sys
 
-from distrnn import cli, cpu
+from distrnn import cli
 
 
 def build_parser():
@@ -40,7 +40,7 @@ def export(args) -> str:
 def main(argv=None) -> int:
     def run():
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-        cpu.choose_onednn()
+        cli.load_tensorflow()
         print(f"exported {args.save_path} to {export(args)}")
         return 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

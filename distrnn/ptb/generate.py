@@ -9,7 +9,7 @@ Prompt words outside the run's vocabulary are read as <unk>, and said so on stde
 import os
 import sys
 
-from distrnn import cli, cpu, options
+from distrnn import cli, options
 from distrnn.errors import UsageError
 
 
@@ -56,7 +56,7 @@ def sentences(words, eos: str) -> str:
 def main(argv=None) -> int:
     def run():
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-        cpu.choose_onednn()
+        cli.load_tensorflow()
         print(generate(args))
         return 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from distrnn import cli, cpu
+from distrnn import cli
 
 
 def build_parser():
@@ -57,7 +57,7 @@ def score(args) -> dict:
 def main(argv=None) -> int:
     def run():
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-        cpu.choose_onednn()
+        cli.load_tensorflow()
         score(args)
         return 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
