@@ -1,5 +1,7 @@
 """The same PTB run on two stacks, side by side in one run: perplexities (equal, or how far apart) and
-words/sec (median of --repeats, the stacks interleaved) with the ratio of the second to the first.
+words/sec (median of --repeats, the stacks interleaved) with the ratio of the second to the first; then
+the first stack's trained weights scored by both (distrnn.ptb.score on the test file), which separates
+what each TensorFlow computes from how a training trajectory amplifies its round-off.
 
     python bench/stacks.py [--pythons .venv/bin/python .venv-tf2.21.0/bin/python] [--data_path DIR]
                            [--repeats 3] [--extra "--max_epochs 1"]
@@ -22,14 +24,21 @@ ROOT = os.path.dirname(HERE)
 KEYS = ("train_perplexity", "valid_perplexity", "test_perplexity")
 
 
-def run(python, data_path, extra):
-    with tempfile.TemporaryDirectory() as tmp:
-        metrics = os.path.join(tmp, "m.json")
-        subprocess.run([python, "-m", "distrnn.ptb", "--config", "small", "--data_path", data_path, "--seed", "1",
-                        "--save_path", os.path.join(tmp, "run"), "--metrics_json", metrics, *extra], cwd=ROOT,
-                       check=True, stdout=subprocess.DEVNULL, env=machine.child_env())
-        with open(metrics) as f:
-            return json.load(f)
+def run(python, data_path, extra, save_path):
+    metrics = os.path.join(save_path + ".json")
+    subprocess.run([python, "-m", "distrnn.ptb", "--config", "small", "--data_path", data_path, "--seed", "1",
+                    "--save_path", save_path, "--metrics_json", metrics, *extra], cwd=ROOT,
+                   check=True, stdout=subprocess.DEVNULL, env=machine.child_env())
+    with open(metrics) as f:
+        return json.load(f)
+
+
+def score(python, save_path, text):
+    metrics = save_path + f".score-{abs(hash(python))}.json"
+    subprocess.run([python, "-m", "distrnn.ptb.score", "--save_path", save_path, text, "--metrics_json", metrics],
+                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=machine.child_env())
+    with open(metrics) as f:
+        return json.load(f)["perplexity"]
 
 
 def main():
@@ -42,9 +51,10 @@ def main():
     args = p.parse_args()
     host = machine.start()
     runs = {python: [] for python in args.pythons}
+    tmp = tempfile.TemporaryDirectory()
     for round_ in range(args.repeats):
-        for python in args.pythons:
-            m = run(python, args.data_path, args.extra.split())
+        for i, python in enumerate(args.pythons):
+            m = run(python, args.data_path, args.extra.split(), os.path.join(tmp.name, f"run{round_}-{i}"))
             runs[python].append(m)
             print(f"round {round_ + 1}: {m['versions']['tensorflow']:8s} {m['words_per_sec']:8.0f} words/sec  "
                   + "  ".join(f"{k.split('_')[0]} {m[k]:.6f}" for k in KEYS), flush=True)
@@ -57,6 +67,10 @@ def main():
     first, second = result["stacks"]
     result["ratio_words_per_sec"] = round(second["words_per_sec"] / first["words_per_sec"], 3)
     result["relative_difference"] = {k: abs(second[k] - first[k]) / first[k] for k in KEYS}
+    trained = os.path.join(tmp.name, "run0-0")  # the first stack's weights, round 1
+    scored = [score(python, trained, os.path.join(args.data_path, "ptb.test.txt")) for python in args.pythons]
+    result["same_weights_test_perplexity"] = scored
+    result["same_weights_relative_difference"] = abs(scored[1] - scored[0]) / scored[0]
     for s in result["stacks"]:
         v = s["versions"]
         print(f"TensorFlow {v['tensorflow']} (Keras {v['keras']}, numpy {v['numpy']}, Python {v['python']}): "
@@ -64,6 +78,9 @@ def main():
     print(f"{second['versions']['tensorflow']} / {first['versions']['tensorflow']}: "
           f"{result['ratio_words_per_sec']:.3f}x the words/sec; perplexities apart by "
           + ", ".join(f"{k.split('_')[0]} {d:.2e}" for k, d in result["relative_difference"].items()) + " (relative)")
+    print(f"the first stack's trained weights scored by each: test perplexity {scored[0]:.8f} and "
+          f"{scored[1]:.8f} ({result['same_weights_relative_difference']:.1e} relative)")
+    tmp.cleanup()
     print(json.dumps(result))
 
 

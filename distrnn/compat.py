@@ -4,17 +4,18 @@ of them share: distrnn's cells, optimizers and models are tf.Modules over tf.Var
 object (whose variables, optimizers and checkpoint layout Keras 3 changed) is ever made.
 
 What moved, and how it is met here:
-- TensorFlow >= 2.17 logs through absl, and before absl is initialised its INFO lines ("oneDNN custom
-  operations are on", the CPU feature notice) reach stderr whatever TF_CPP_MIN_LOG_LEVEL says (measured
-  with 2.21.0: two such messages at every start, at every level), and 2.21 logs at ERROR level, in every
-  PTB run, that oneDNN falls back to Eigen for int32 (a notice: nothing failed). `import_tensorflow`
+- TensorFlow 2.21 logs through absl, and before absl is initialised its INFO lines ("oneDNN custom
+  operations are on", the CPU feature notice) reach stderr whatever TF_CPP_MIN_LOG_LEVEL says (measured:
+  two such messages at every start, at every level); and 2.16 to 2.21 log at ERROR level, in every PTB
+  run, that oneDNN falls back to Eigen for int32 (a notice: nothing failed; measured with 2.16.2, 2.17.1,
+  2.18.1, 2.20.0 and 2.21.0, in TensorFlow's own log format before 2.21). `import_tensorflow`
   holds those back (`LogFilter`), so an error is still one line. 2.15 obeys the level itself and the
   filter finds nothing.
 - tensorflow-cpu >= 2.20 no longer installs TensorBoard, and then `tf.summary.scalar` raises
   TBNotInstalledError: `tensorboard_missing` says so before a run starts, and the run writes no logs
   instead of failing (tensorboard is one of distrnn's dependencies, so only a --no-deps install meets it).
-- Horovod 0.28.1 (its last release) builds against TensorFlow up to 2.17 (measured, docs/stacks.md), not
-  against 2.18 or newer: where it cannot be loaded, `horovod_missing` says which stack to use.
+- Horovod 0.28.1 (its last release) builds against TensorFlow up to 2.18 (measured, docs/stacks.md), not
+  against 2.19 or newer: where it cannot be loaded, `horovod_missing` says which stack to use.
 """
 import importlib.util
 import os
@@ -25,9 +26,11 @@ import sys
 from importlib import metadata
 from typing import Dict, Optional
 
-# An absl/TensorFlow log line: severity, date, time, thread, file:line (before absl is initialised the date
-# is 0000 and the time HH:MM:EPOCH_SECONDS.micros).
-_LOG_LINE = re.compile(rb"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [^ ]+:\d+\] ")
+# The start of a log message, in either format: absl's (TensorFlow 2.21 before absl is initialised:
+# severity, date 0000, HH:MM:EPOCH_SECONDS.micros, thread, file:line) and TensorFlow's own (2.15 to 2.20:
+# date, time, severity, path:line).
+_LOG_LINE = re.compile(rb"^(?:(?P<absl>[IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [^ ]+:\d+\] "
+                       rb"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: (?P<tf>[IWEF]) [^ ]+:\d+\] )")
 _ABSL_PREAMBLE = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 _SEVERITY = {b"I": 0, b"W": 1, b"E": 2, b"F": 3}
 # Messages TensorFlow logs as errors though nothing failed, dropped at every level.
@@ -54,7 +57,8 @@ class LogFilter:
             return False
         start = _LOG_LINE.match(line)
         if start:
-            self.dropping = _SEVERITY[start.group(1)] < self.level or any(n in line for n in NOTICES)
+            severity = _SEVERITY[start.group("absl") or start.group("tf")]
+            self.dropping = severity < self.level or any(n in line for n in NOTICES)
         return not self.dropping
 
     def filter(self, text: bytes) -> bytes:
@@ -72,8 +76,11 @@ def import_tensorflow():
     sys.stderr keeps the real stderr, so a line of Python's (a warning, a traceback, distrnn's one-line
     error) is never taken for the continuation of a log message held back."""
     global _filter
-    if _filter is None and "tensorflow" not in sys.modules and min_log_level() > 0:
-        _filter = _start_filter(min_log_level())
+    if _filter is None and "tensorflow" not in sys.modules and min_log_level() > 0 and sys.stderr is not None:
+        try:
+            _filter = _start_filter(min_log_level())
+        except OSError:  # no stderr to filter (2>&-), or no process to spare: TensorFlow writes as it would
+            pass
     import tensorflow
     return tensorflow
 
@@ -122,7 +129,7 @@ def tensorboard_missing() -> Optional[str]:
     return None
 
 
-HOROVOD_TF_MAX = (2, 17)  # the newest TensorFlow minor that Horovod 0.28.1 builds against (measured)
+HOROVOD_TF_MAX = (2, 18)  # the newest TensorFlow minor that Horovod 0.28.1 builds against (measured)
 # Where TensorFlow comes from: PyPI's CPU and GPU builds, NVIDIA's containers ("tensorflow"), nightlies.
 TENSORFLOW_DISTRIBUTIONS = ("tensorflow-cpu", "tensorflow", "tensorflow-gpu", "tensorflow-intel", "tf-nightly",
                             "tf-nightly-cpu")

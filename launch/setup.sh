@@ -9,21 +9,21 @@
 #
 # Environment:
 #   DISTRNN_TF       TensorFlow version (default 2.15.1)
-#   DISTRNN_HOROVOD  auto (default: built where it builds, TensorFlow <= 2.17), 1 (insist), 0 (none)
+#   DISTRNN_HOROVOD  auto (default: built where it builds, TensorFlow <= 2.18), 1 (insist), 0 (none)
 #   DISTRNN_VENV     where the environment goes (default .venv for 2.15.1, .venv-tfVERSION otherwise)
 #   PYTHON           interpreter for the venv, or several in order of preference (default python3; a pyenv
 #                    version's python3.X is found too)
 #   DISTRNN_WHEEL_CACHE  where built Horovod wheels are kept (default ~/.cache/distrnn/wheels)
 #
 # Why these versions (measured, docs/stacks.md): Horovod 0.28.1, its last release, compiles and passes
-# distrnn's Horovod tests against TensorFlow 2.15.1, 2.16.2 and 2.17.1 and does not compile against 2.18
-# or newer; 2.15.1 stays the default as the newest TensorFlow with Keras 2 and the one every figure in
+# distrnn's Horovod tests against TensorFlow 2.15.1, 2.16.2, 2.17.1 and 2.18.1 and does not compile
+# against 2.19.1, 2.20.0 or 2.21.0 (its XLA ops need headers those wheels no longer ship); 2.15.1 stays the default as the newest TensorFlow with Keras 2 and the one every figure in
 # docs/ was measured on.
 set -euo pipefail
 
 TF_VERSION=${DISTRNN_TF:-2.15.1}
 HOROVOD_VERSION=0.28.1
-HOROVOD_TF_MAX=2.17  # the newest TensorFlow minor Horovod 0.28.1 builds against (measured)
+HOROVOD_TF_MAX=2.18  # the newest TensorFlow minor Horovod 0.28.1 builds against (measured)
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [[ "$TF_VERSION" == 2.15.1 ]]; then default_venv="$root/.venv"; else default_venv="$root/.venv-tf$TF_VERSION"; fi
 venv=${DISTRNN_VENV:-$default_venv}
@@ -96,6 +96,23 @@ pyver=$("$py" -c 'import sys; print("%d%d" % sys.version_info[:2])')
 key="hvd${HOROVOD_VERSION}-${tf_dist}${TF_VERSION}-py${pyver}-mpi${with_mpi}-gpu${gpu}-$(uname -m)"
 cache="${DISTRNN_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/distrnn/wheels}/$key"
 
+build_horovod() {  # the wheel into $cache, or return 1 with the build's output in $cache.log
+    command -v cmake >/dev/null || die "cmake is needed to build Horovod: apt-get install cmake"
+    command -v g++ >/dev/null || die "a C++ compiler is needed to build Horovod: apt-get install g++"
+    log "building horovod $HOROVOD_VERSION against $tf_dist $TF_VERSION (a few minutes, once per machine)"
+    mkdir -p "$cache"
+    # The system cmake is used on purpose: pip's cmake 4.x rejects the
+    # cmake_minimum_required of Horovod's bundled gloo.
+    export HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1
+    if [[ "$with_mpi" == 1 ]]; then export HOROVOD_WITH_MPI=1; else export HOROVOD_WITHOUT_MPI=1; fi
+    if [[ "$gpu" == 1 ]]; then export HOROVOD_GPU_OPERATIONS=NCCL; fi
+    export MAKEFLAGS="-j$(nproc)"
+    pip wheel --no-build-isolation --no-deps --no-cache-dir -w "$cache.tmp" "horovod==$HOROVOD_VERSION" \
+        >"$cache.log" 2>&1 || { rm -rf "$cache.tmp"; return 1; }
+    mv "$cache.tmp"/horovod-*.whl "$cache"/ && rmdir "$cache.tmp"
+    built=1
+}
+
 if [[ "$want_horovod" == 0 ]] || [[ "$want_horovod" == auto && "$horovod_builds" == 0 ]]; then
     if [[ "$horovod_builds" == 0 ]]; then
         log "no Horovod: $HOROVOD_VERSION, its last release, does not build against TensorFlow $TF_VERSION" \
@@ -106,29 +123,22 @@ if [[ "$want_horovod" == 0 ]] || [[ "$want_horovod" == auto && "$horovod_builds"
     if [[ -n "$(installed horovod)" ]]; then pip uninstall -q -y horovod; fi
 elif [[ "$(installed horovod)" == "$HOROVOD_VERSION" ]]; then
     log "horovod $HOROVOD_VERSION present"
-else
-    if ! compgen -G "$cache/horovod-*.whl" >/dev/null; then
-        command -v cmake >/dev/null || { echo "setup: cmake is needed to build Horovod: apt-get install cmake" >&2; exit 2; }
-        command -v g++ >/dev/null || { echo "setup: a C++ compiler is needed to build Horovod: apt-get install g++" >&2; exit 2; }
-        log "building horovod $HOROVOD_VERSION against $tf_dist $TF_VERSION (a few minutes, once per machine)"
-        mkdir -p "$cache"
-        # The system cmake is used on purpose: pip's cmake 4.x rejects the
-        # cmake_minimum_required of Horovod's bundled gloo.
-        export HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1
-        if [[ "$with_mpi" == 1 ]]; then export HOROVOD_WITH_MPI=1; else export HOROVOD_WITHOUT_MPI=1; fi
-        if [[ "$gpu" == 1 ]]; then export HOROVOD_GPU_OPERATIONS=NCCL; fi
-        export MAKEFLAGS="-j$(nproc)"
-        pip wheel -q --no-build-isolation --no-deps --no-cache-dir -w "$cache.tmp" "horovod==$HOROVOD_VERSION"
-        mv "$cache.tmp"/horovod-*.whl "$cache"/ && rmdir "$cache.tmp"
-    else
-        log "installing horovod from cached wheel $cache"
-    fi
+elif compgen -G "$cache/horovod-*.whl" >/dev/null || build_horovod; then
+    [[ -n "${built:-}" ]] || log "installing horovod from cached wheel $cache"
     pip install -q --force-reinstall "$cache"/horovod-*.whl
+else
+    why=$(grep -m1 -E "fatal error|error:" "$cache.log" | sed 's/^ *//' | cut -c1-200)
+    if [[ "$want_horovod" == 1 ]]; then
+        die "Horovod $HOROVOD_VERSION did not build against TensorFlow $TF_VERSION: $why (log: $cache.log)"
+    fi
+    log "no Horovod: $HOROVOD_VERSION did not build against TensorFlow $TF_VERSION here ($why; log: $cache.log);" \
+        "this stack runs every job as one process"
 fi
 
 # --- distrnn ------------------------------------------------------------------
 # Reinstalled when a dependency is missing (one added to pyproject.toml since the last setup).
-if [[ -z "$(installed distrnn)" ]] || ! "$py" -c 'import pytest, pytest_timeout, psutil, pynvml, matplotlib, tensorboard' 2>/dev/null; then
+needs='import pytest, pytest_timeout, psutil, pynvml, matplotlib, tensorboard'
+if [[ -z "$(installed distrnn)" ]] || ! "$py" -c "$needs" 2>/dev/null; then
     log "installing distrnn (editable) with dev tools"
     pip install -q -e "$root[dev]"
 else

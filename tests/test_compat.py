@@ -28,8 +28,15 @@ def test_log_filter_keeps_messages_at_the_level_with_their_continuation_lines(le
 NOTICE = b"E0000 00:00:1796193506.839436   11411 util.cc:131] " + compat.NOTICES[0] + b" implementation.\n"
 
 
+OLD_FORMAT = (b"2026-12-02 06:57:14.511076: E tensorflow/core/util/util.cc:131] " + compat.NOTICES[0] + b" impl.\n"
+              b"2026-12-02 06:57:14.6: W tensorflow/core/framework/op_kernel.cc:1840] a warning\n")
+
+
 def test_notices_logged_as_errors_are_dropped_at_every_level():
+    """In absl's format (2.21) and TensorFlow's own (2.18 to 2.20), whose warnings the level still governs."""
     assert compat.LogFilter(0).filter(NOTICE + WARNING) == WARNING
+    assert compat.LogFilter(1).filter(OLD_FORMAT) == OLD_FORMAT.splitlines(keepends=True)[1]
+    assert compat.LogFilter(2).filter(OTHER + OLD_FORMAT) == OTHER
 
 
 def fake_tensorflow(tmp_path, body):
@@ -105,7 +112,7 @@ def test_horovod_missing_names_the_stack_that_has_it(monkeypatch):
     fake_stack(monkeypatch, "2.21.0", None)
     assert compat.horovod_missing() == (
         "launched as several ranks, but there is no Horovod for TensorFlow 2.21.0: Horovod 0.28.1, its last release, "
-        f"builds against TensorFlow <= 2.17; {USE}, or start the job as one process")
+        f"builds against TensorFlow <= 2.18; {USE}, or start the job as one process")
     fake_stack(monkeypatch, "2.16.2", None)
     assert compat.horovod_missing() == (
         "launched as several ranks, but Horovod is not installed; run bash launch/setup.sh (it builds Horovod against "
