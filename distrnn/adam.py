@@ -57,8 +57,9 @@ class Adam(tf.Module):
             self._variables += [m, v]
 
     def apply_gradients(self, grads_and_vars: Iterable[Tuple[tf.Tensor, tf.Variable]]) -> None:
-        """One step over every (gradient, variable), dense or IndexedSlices, then the step count + 1."""
-        grads_and_vars = list(grads_and_vars)
+        """One step over every (gradient, variable), dense or IndexedSlices, then the step count + 1. A
+        variable whose gradient is None (not used by the loss) is left as it is, as Keras leaves it."""
+        grads_and_vars = [(g, v) for g, v in grads_and_vars if g is not None]
         self.build(v for _, v in grads_and_vars)
         for gradient, variable in grads_and_vars:
             with tf.device(variable.device):

@@ -72,7 +72,8 @@ def import_tensorflow():
 
     File descriptor 2, where the C++ side writes, becomes a pipe into a small filter process, which
     forwards what passes to the real stderr. A process, not a thread: when TensorFlow aborts (a failed
-    CHECK) the filter still forwards the last lines and exits at the end of the pipe. Python's own
+    CHECK) the filter still forwards the last lines and exits at the end of the pipe; and not a child of
+    distrnn's (_DETACH). Python's own
     sys.stderr keeps the real stderr, so a line of Python's (a warning, a traceback, distrnn's one-line
     error) is never taken for the continuation of a log message held back."""
     global _filter
@@ -85,22 +86,30 @@ def import_tensorflow():
     return tensorflow
 
 
-_filter = None  # the filter process, once started
+_filter = None  # the real stderr's file descriptor, once the filter runs
 
 
-def _start_filter(level: int) -> subprocess.Popen:
+# The filter is started through sh, which leaves it running and exits: so it is no one's child. A launcher
+# that stops a rank by signalling the rank's children (horovodrun terminates them, then waits 5 s, then
+# freezes the rank) finds none, as before the filter; it ends by itself when the rank's stderr closes.
+_DETACH = 'exec 3<&0; "$0" -c "$1" "$2" 0<&3 3<&- &'
+_FILTER = "from distrnn.compat import _filter_main; _filter_main()"
+
+
+def _start_filter(level: int) -> int:
+    """Starts the filter process; returns the file descriptor of the real stderr."""
     sys.stderr.flush()
     real = os.dup(2)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
     # Its own session: Ctrl-C and a job's signals reach distrnn, which exits; the filter ends with the pipe.
-    proc = subprocess.Popen([sys.executable, "-c", "from distrnn.compat import _filter_main; _filter_main()",
-                             str(level)], stdin=subprocess.PIPE, stdout=real, stderr=real, env=env,
-                            start_new_session=True)
-    os.dup2(proc.stdin.fileno(), 2)
-    proc.stdin.close()
+    launcher = subprocess.Popen(["/bin/sh", "-c", _DETACH, sys.executable, _FILTER, str(level)],
+                                stdin=subprocess.PIPE, stdout=real, stderr=real, env=env, start_new_session=True)
+    os.dup2(launcher.stdin.fileno(), 2)
+    launcher.stdin.close()
+    launcher.wait()
     sys.stderr = os.fdopen(real, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
-    return proc
+    return real
 
 
 def _filter_main() -> None:

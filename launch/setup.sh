@@ -17,8 +17,8 @@
 #
 # Why these versions (measured, docs/stacks.md): Horovod 0.28.1, its last release, compiles and passes
 # distrnn's Horovod tests against TensorFlow 2.15.1, 2.16.2, 2.17.1 and 2.18.1 and does not compile
-# against 2.19.1, 2.20.0 or 2.21.0 (its XLA ops need headers those wheels no longer ship); 2.15.1 stays the default as the newest TensorFlow with Keras 2 and the one every figure in
-# docs/ was measured on.
+# against 2.19.1, 2.20.0 or 2.21.0 (its XLA ops need headers those wheels no longer ship). 2.15.1 stays
+# the default: the newest TensorFlow with Keras 2, and the one every figure in docs/ was measured on.
 set -euo pipefail
 
 TF_VERSION=${DISTRNN_TF:-2.15.1}

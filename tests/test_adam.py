@@ -34,6 +34,9 @@ def test_dense_steps_follow_the_paper():
     for g in grads:
         step(tf.constant(g))
     assert int(adam.iterations.numpy()) == 7
+    unused = tf.Variable([1.0, 2.0])
+    adam.apply_gradients([(None, unused)])  # a variable the loss does not use: untouched, no moments made
+    assert unused.numpy().tolist() == [1.0, 2.0] and len(adam.variables) == 3
     # float32 arithmetic against float64: 7 steps of size ~LR each, rounding of one part in 10^6 of that.
     np.testing.assert_allclose(variable.numpy(), reference(start, grads), rtol=0, atol=1e-6)
 

@@ -60,12 +60,14 @@ def test_import_tensorflow_holds_back_what_the_cpp_side_writes(tmp_path, level):
     fake = fake_tensorflow(tmp_path, f"chatter = {CHATTER + NOTICE!r}\nsys.stderr.write('python\\n')\n"
                                      "sys.stderr.flush()\nos.write(2, chatter[:150])\nos.write(2, chatter[150:])\n"
                                      "__version__ = 'fake'\n")
-    code = ("import os, sys\nfrom distrnn import compat\ntf = compat.import_tensorflow()\n"
-            f"print('after', tf.__version__, file=sys.stderr)\nos.write(2, {INFO + WARNING!r})")
+    # The filter is no child of the program's (a launcher that signals a rank's children finds none).
+    code = ("import os, sys, psutil\nfrom distrnn import compat\ntf = compat.import_tensorflow()\n"
+            "print('after', tf.__version__, 'children', len(psutil.Process().children()), file=sys.stderr)\n"
+            f"os.write(2, {INFO + WARNING!r})")
     proc = import_fake(fake, level, code)
     assert proc.returncode == 0, proc.stderr
     # Python's lines go straight to stderr, the C++ side's through the filter process: each in its order.
-    python = [b"python\n", b"after fake\n"]
+    python = [b"python\n", b"after fake children 0\n"]
     lines = proc.stderr.splitlines(keepends=True)
     assert [line for line in lines if line in python] == python
     assert b"".join(line for line in lines if line not in python) == \
