@@ -73,9 +73,8 @@ def import_tensorflow():
     File descriptor 2, where the C++ side writes, becomes a pipe into a small filter process, which
     forwards what passes to the real stderr. A process, not a thread: when TensorFlow aborts (a failed
     CHECK) the filter still forwards the last lines and exits at the end of the pipe; and not a child of
-    distrnn's (_DETACH). Python's own
-    sys.stderr keeps the real stderr, so a line of Python's (a warning, a traceback, distrnn's one-line
-    error) is never taken for the continuation of a log message held back."""
+    distrnn's (_DETACH). Python's own sys.stderr keeps the real stderr, so a line of Python's (a warning,
+    a traceback, distrnn's one-line error) is never taken for the continuation of a log message held back."""
     global _filter
     if _filter is None and "tensorflow" not in sys.modules and min_log_level() > 0 and sys.stderr is not None:
         try:
