@@ -87,6 +87,15 @@ def ptb_mini():
     return shared_data("ptb-mini", "ptb.train.txt", "real PTB data (ptb-mini)")
 
 
+def hide_horovod(tmp_path, monkeypatch):
+    """Subprocesses started after this see Horovod as not importable (a package of that name that raises
+    ImportError, first on PYTHONPATH), as where it is not installed or cannot build."""
+    shadow = tmp_path / "shadow" / "horovod"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('horovod hidden by the test')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{shadow.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+
 def run_ptb(*args, timeout=600, check=None, env=None):
     """Runs `python -m distrnn.ptb ARGS` as a user would; see run_module."""
     return run_module("distrnn.ptb", *args, timeout=timeout, check=check, env=env)

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from conftest import assert_one_line_error, checkpoint_step, run_ptb
+from conftest import assert_one_line_error, checkpoint_step, hide_horovod, run_ptb
 from distrnn import cli
 
 TINY = ["--config", "test", "--hidden_size", "8", "--batch_size", "4", "--num_steps", "5"]
@@ -157,10 +157,7 @@ def test_small_preset_on_ptb_mini(ptb_mini, tmp_path):
 
 def test_runs_without_horovod(corpus, tmp_path, monkeypatch):
     """Horovod is optional: with it unimportable the job runs as one process."""
-    shadow = tmp_path / "shadow" / "horovod"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError('horovod hidden by the test')\n")
-    monkeypatch.setenv("PYTHONPATH", f"{shadow.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    hide_horovod(tmp_path, monkeypatch)
     metrics = tmp_path / "m.json"
     run_ptb(*TINY, "--data_path", corpus, "--save_path", tmp_path / "s", "--max_steps", "3",
             "--metrics_json", metrics, check=0)

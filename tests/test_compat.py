@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, assert_one_line_error, run_ptb
+from conftest import ROOT, assert_one_line_error, hide_horovod, run_ptb
 from distrnn import compat
 
 PREAMBLE = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
@@ -138,10 +138,7 @@ LAUNCHES = {"horovodrun": {"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2", "HOROVOD_LO
 def test_a_launch_of_several_ranks_without_a_loadable_horovod_is_one_line(launcher, corpus, tmp_path, monkeypatch):
     """A rank as horovodrun or a 2-task srun step starts it, with Horovod unimportable (as on a TensorFlow it
     cannot build against): one line naming the stack that has Horovod, before anything is saved."""
-    shadow = tmp_path / "shadow" / "horovod"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError('horovod hidden by the test')\n")
-    monkeypatch.setenv("PYTHONPATH", f"{shadow.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    hide_horovod(tmp_path, monkeypatch)
     for name, value in LAUNCHES[launcher].items():
         monkeypatch.setenv(name, value)
     proc = run_ptb("--config", "test", "--data_path", corpus, "--save_path", tmp_path / "s", check=2)
