@@ -105,7 +105,7 @@ def main():
     def loop():
         s = state
         for _, xs, ys in reader.train_windows(rows, T, start=0):
-            loss, _, s = trainer.train_step(xs, ys, s)
+            loss, _, _, s = trainer.train_step(xs, ys, s)
             float(loss)
         return loss
 

@@ -142,6 +142,9 @@ def check_job_flags(args: argparse.Namespace) -> None:
     if args.recompute and args.swap_memory:
         raise UsageError("--recompute and --swap_memory are alternatives: recompute keeps less, swap keeps all "
                          "of it on the host; pass one of them")
+    if args.use_fp16 and args.precision not in ("float32", "float16"):  # float32: the default, not asked for
+        raise UsageError(f"--use_fp16 means --precision float16, and --precision {args.precision} was given too; "
+                         "pass one of them")
 
 
 def job_options(args: argparse.Namespace, options_cls):

@@ -28,7 +28,7 @@ from typing import Optional
 
 import psutil
 
-from distrnn import cli, compat, cpu, options
+from distrnn import cli, compat, cpu, names, options
 from distrnn.nvml import MIB, gpu_info
 from distrnn.ptb import plan
 
@@ -179,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--strategy", default="round_robin", help="placement strategy (round_robin or balanced)")
     plan.add_argument("--recompute", type=options.COUNT, default=0, metavar="K", help="the --recompute K of the job")
     plan.add_argument("--swap_memory", action="store_true", help="the job runs with --swap_memory")
+    plan.add_argument("--precision", default="float32", choices=names.PRECISIONS,
+                      help="the --precision of the job: activations of bfloat16 and float16 take half (default "
+                           "float32)")
+    plan.add_argument("--use_fp16", action="store_true", help="the job runs with --use_fp16 (--precision float16)")
     plan.add_argument("--vocab_size", type=options.POSITIVE_INT, default=10000,
                       help="vocabulary (default 10000, the full PTB's)")
     plan.add_argument("--batch_size", type=options.COUNT, default=0, help="override the preset's batch_size")
@@ -197,8 +201,10 @@ def run(argv) -> int:
         return 0
     if args.plan:
         overrides = {k: getattr(args, k) for k in ("batch_size", "num_steps") if getattr(args, k)}
+        precision = "float16" if args.use_fp16 else args.precision
         r = plan.memory_plan(args.config, args.num_gpus, args.gpus_per_rank, args.recompute, args.swap_memory,
-                        args.vocab_size, args.strategy, args.gpu_memory_gib * 1024 or None, **overrides)
+                             args.vocab_size, args.strategy, args.gpu_memory_gib * 1024 or None,
+                             precision=precision, **overrides)
         print(json.dumps(r) if args.json else plan.format_plan(r))
         return 0
     if args.device_lib:

@@ -5,6 +5,10 @@ advice, for every job (TensorFlow-free). bench/memory_estimate.py checks it agai
 import dataclasses
 from typing import List, NamedTuple, Optional
 
+from distrnn.names import PRECISION_BYTES
+
+WEIGHT_BYTES = 4  # variables, their gradients and optimizer slots are float32 in every precision
+
 # Peak bytes per unit, step and batch row that an LSTM layer holds in the backward pass, in
 # float32 words, when every activation is kept: the records of the forward pass (output, the
 # four gates, cell, tanh(j): 7), the factors built from them for all steps at once (pd 4, q,
@@ -94,11 +98,17 @@ class PartMemory:
         return self.parameters + self.gradients + self.activations
 
 
+def compute_copy(weight_bytes: int, precision: str) -> int:
+    """Bytes of the 16-bit copy of float32 weights that a step casts and computes with (none in float32)."""
+    return 0 if precision == "float32" else weight_bytes // WEIGHT_BYTES * PRECISION_BYTES[precision]
+
+
 def recurrent_layer(name: str, input_size: int, hidden_size: int, batch_size: int, num_steps: int,
                     cell_gates: int = 4, dropout: bool = False, recompute: int = 0, swap: bool = False,
-                    optimizer_slots: int = 0, dtype_bytes: int = 4) -> PartMemory:
-    """Bytes of one recurrent layer in one training step: its weights, their gradients (and optimizer
-    slots), and the activations backprop through time needs.
+                    optimizer_slots: int = 0, precision: str = "float32") -> PartMemory:
+    """Bytes of one recurrent layer in one training step: its weights (with their compute copy in 16-bit
+    precisions), their gradients (and optimizer slots), and the activations backprop through time needs,
+    which are in the compute precision: half of float32's in bfloat16 and float16.
 
     LSTM layers (cell_gates 4) follow lstm_stack's memory modes: keep (LSTM_KEEP_WORDS per
     unit, step and row), recompute K (one state in K, plus two K-step segments being
@@ -107,7 +117,8 @@ def recurrent_layer(name: str, input_size: int, hidden_size: int, batch_size: in
     Other cells are differentiated by TensorFlow: their gates and state per step.
     """
     h, g = hidden_size, cell_gates
-    weights = (input_size + h + 1) * g * h * dtype_bytes
+    act = PRECISION_BYTES[precision]
+    weights = (input_size + h + 1) * g * h * WEIGHT_BYTES
     dropout_words = 2 * dropout  # its mask and the masked output
     host, sums = 0, 0  # sums: weight gradients summed over segments, beside each segment's own
     if g != 4:
@@ -119,38 +130,41 @@ def recurrent_layer(name: str, input_size: int, hidden_size: int, batch_size: in
         sums = 1
     elif swap:
         words = 2 * LSTM_KEEP_WORDS * min(SWAP_SEGMENT, num_steps) + (2 + dropout_words) * num_steps
-        host = (7 + dropout) * batch_size * num_steps * h * dtype_bytes
+        host = (7 + dropout) * batch_size * num_steps * h * act
         sums = 1
     else:
         words = (LSTM_KEEP_WORDS + dropout_words) * num_steps
-    return PartMemory(name, weights, weights * (1 + optimizer_slots + sums), batch_size * h * words * dtype_bytes,
-                      host)
+    return PartMemory(name, weights + compute_copy(weights, precision), weights * (1 + optimizer_slots + sums),
+                      batch_size * h * words * act, host)
 
 
 def lm_memory(vocab_size: int, hidden_size: int, num_layers: int, batch_size: int, num_steps: int,
               cell_gates: int = 4, dropout: bool = False, recompute: int = 0, swap: bool = False,
-              optimizer_slots: int = 0, dtype_bytes: int = 4) -> List[PartMemory]:
+              optimizer_slots: int = 0, precision: str = "float32") -> List[PartMemory]:
     """Bytes of each part of a stacked-RNN language model (embedding, layers, softmax) in one
     training step: weights, their gradients (and optimizer slots), and activations (see
-    recurrent_layer)."""
-    h, v = hidden_size, vocab_size
+    recurrent_layer), in `precision`."""
+    h, v, w = hidden_size, vocab_size, WEIGHT_BYTES
+    act = PRECISION_BYTES[precision]
     tokens = batch_size * num_steps
     grads = 1 + optimizer_slots
-    parts = [PartMemory("embedding", v * h * dtype_bytes,
+    parts = [PartMemory("embedding", v * h * w,
                         # the gradient is sparse: one row per token, plus the rows summed per word
-                        2 * tokens * h * dtype_bytes + v * h * optimizer_slots * dtype_bytes,
-                        tokens * h * (1 + dropout) * dtype_bytes)]
+                        2 * tokens * h * w + v * h * optimizer_slots * w,
+                        tokens * h * (1 + dropout) * act)]
     parts += [recurrent_layer(f"layer {l}", h, h, batch_size, num_steps, cell_gates, dropout, recompute, swap,
-                              optimizer_slots, dtype_bytes) for l in range(num_layers)]
-    softmax = (h * v + v) * dtype_bytes
-    # The logits' softmax, kept for the backward pass, and the gradient built from it: T*B x V each.
-    parts.append(PartMemory("softmax", softmax, softmax * grads, 2 * tokens * v * dtype_bytes))
+                              optimizer_slots, precision) for l in range(num_layers)]
+    softmax = (h * v + v) * w
+    # The logits' softmax, kept for the backward pass, and the gradient built from it: T*B x V each, both
+    # float32 in every precision (distrnn.ops), and in 16 bits the gradient's cast for the matmuls.
+    logits = tokens * v * (2 * w + (act if precision != "float32" else 0))
+    parts.append(PartMemory("softmax", softmax + compute_copy(softmax, precision), softmax * grads, logits))
     return parts
 
 
 def lm_costs(vocab_size: int, hidden_size: int, num_layers: int, batch_size: int, num_steps: int,
-             cell_gates: int = 4, optimizer_slots: int = 0, dtype_bytes: int = 4) -> List[float]:
+             cell_gates: int = 4, optimizer_slots: int = 0, precision: str = "float32") -> List[float]:
     """Bytes of each part of a stacked-RNN language model (see lm_memory), what the balanced
     strategy evens out."""
     return [p.total for p in lm_memory(vocab_size, hidden_size, num_layers, batch_size, num_steps, cell_gates,
-                                       optimizer_slots=optimizer_slots, dtype_bytes=dtype_bytes)]
+                                       optimizer_slots=optimizer_slots, precision=precision)]

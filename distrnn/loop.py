@@ -46,7 +46,8 @@ class Job:
     global_batch: int
     batch_text: str          # "batch_size 128", for the start-up line
     saved_extra: dict        # what config.json holds besides the config's fields and name
-    trainer: tf.Module       # .model, .unrolling, .optimizer, .position(), .checkpoint(), .share_from_chief()
+    trainer: tf.Module       # .model, .unrolling, .optimizer, .loss_scale, .position(), .checkpoint(),
+                             # .share_from_chief()
     plan: object             # the placement plan (describe, as_dict)
     best_key: str            # the validation figure that picks the best epoch: "valid_perplexity"
     higher_is_better: bool   # of best_key
@@ -151,8 +152,9 @@ def _log_start(job: Job, options, checkpoints, resumed: bool, save_path: str) ->
     trainer = job.trainer
     log(job.data_line())
     log(f"config {options.config_name}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(job.config).items()))
-    log(f"rnn_mode {trainer.unrolling.mode} ({trainer.unrolling.reason}); memory mode {options.memory.describe()}"
-        + job.memory_note)
+    log(f"rnn_mode {trainer.unrolling.mode} ({trainer.unrolling.reason}); precision {trainer.unrolling.precision}"
+        + (f" (dynamic loss scale, now {float(trainer.loss_scale.scale.numpy()):g})" if trainer.loss_scale.enabled
+           else "") + f"; memory mode {options.memory.describe()}" + job.memory_note)
     for note in job.notes:
         log(note)
     if job.devices:
@@ -268,6 +270,11 @@ class _Run:
         every = max(1, job.steps_per_epoch // 10)
         if self.world.is_chief and (pos.step_in_epoch % every == 0 or pos.step_in_epoch == job.steps_per_epoch):
             text, scalars = job.figures(pos)
+            loss_scale = job.trainer.loss_scale
+            if loss_scale.enabled:
+                text += f" | {loss_scale.describe()}"
+                scalars = dict(scalars, loss_scale=float(loss_scale.scale.numpy()),
+                               skipped_steps=int(loss_scale.skipped.numpy()))
             log(outputs.progress_line(pos, job.max_epochs, job.steps_per_epoch, job.total_steps, text, lr, self.speed,
                                        job.unit, watch.monitor.summary()))
             self.tensorboard.scalars(pos.global_step, **scalars, learning_rate=lr,
@@ -316,6 +323,9 @@ class _Run:
                 weights_norm=float(tf.linalg.global_norm(job.trainer.model.trainable_variables)))),
             "config_name": options.config_name,
             "rnn_mode": job.trainer.unrolling.mode,
+            "precision": job.trainer.unrolling.precision,
+            "loss_scale": job.trainer.loss_scale.metrics() if job.trainer.loss_scale.enabled else None,
+            "fp16_allreduce": options.fp16_allreduce,
             "placement": dict(job.plan.as_dict(), schedule=options.placement),
             "history": pos.history,
             "stopped_early": self.patience_spent() and pos.epoch < job.max_epochs,

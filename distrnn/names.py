@@ -10,3 +10,5 @@ STRATEGIES = ("round_robin", "balanced")   # how model parts are mapped to devic
 PLACEMENTS = ("sequential", "pipeline")    # how the layers' devices take turns
 LR_SCALINGS = ("none", "linear", "sqrt")   # the learning rate against global batch / batch_size
 DATASETS = ("mnist", "fashion_mnist")      # the published image data sets (distrnn.mnist.idx)
+PRECISIONS = ("float32", "bfloat16", "float16")  # what a model computes in (distrnn.precision)
+PRECISION_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

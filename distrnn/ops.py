@@ -26,12 +26,17 @@ def softmax_cross_entropy(features, weights, bias, labels, class_rows: bool = Fa
         of each product: d_features = d * (G W^T), d_weights = (d * features)^T G,
         d_bias = G^T d. The (N, V) gradient of the logits is never scaled or
         copied.
+
+    In bfloat16 or float16 (features, weights and bias of that dtype) the matmuls run in it and
+    the softmax, its normaliser and the loss in float32 (a sum over V = 10,000 classes of 16-bit
+    terms loses the small ones); G is cast back to the 16-bit dtype for the backward matmuls and
+    d_bias is summed in float32. The loss is float32 whatever the precision.
     """
     labels = tf.cast(labels, tf.int32)
 
     @tf.custom_gradient
     def layer(features, weights, bias):
-        logits = tf.nn.bias_add(tf.matmul(features, weights, transpose_b=class_rows), bias)
+        logits = tf.cast(tf.nn.bias_add(tf.matmul(features, weights, transpose_b=class_rows), bias), tf.float32)
         probs = tf.nn.softmax(logits)
         picked = tf.gather(probs, labels, axis=1, batch_dims=1)
         loss = tf.cond(tf.reduce_all(picked > _TINY), lambda: -tf.math.log(picked),
@@ -39,14 +44,16 @@ def softmax_cross_entropy(features, weights, bias, labels, class_rows: bool = Fa
 
         def grad(d_loss):
             rows_and_labels = tf.stack([tf.range(tf.shape(labels)[0]), labels], axis=1)
-            g = tf.tensor_scatter_nd_sub(probs, rows_and_labels, tf.ones_like(d_loss))   # softmax - onehot
-            d_column = d_loss[:, None]
+            g32 = tf.tensor_scatter_nd_sub(probs, rows_and_labels, tf.ones_like(d_loss))   # softmax - onehot
+            d_bias = tf.cast(tf.linalg.matvec(g32, d_loss, transpose_a=True), bias.dtype)
+            g = tf.cast(g32, features.dtype)  # the identity in float32
+            d_column = tf.cast(d_loss[:, None], features.dtype)
             if class_rows:
                 d_features, d_weights = tf.matmul(g, weights), tf.matmul(g, features * d_column, transpose_a=True)
             else:
                 d_features = tf.matmul(g, weights, transpose_b=True)
                 d_weights = tf.matmul(features * d_column, g, transpose_a=True)
-            return d_features * d_column, d_weights, tf.linalg.matvec(g, d_loss, transpose_a=True)
+            return d_features * d_column, d_weights, d_bias
 
         return loss, grad
 

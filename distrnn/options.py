@@ -31,6 +31,7 @@ SAMPLE_SECONDS = number(float, minimum=0.1)  # a shorter interval would keep a c
 
 # The groups flags are shown in (None: the parser's top level).
 DEVICES, RANKS, MEMORY = "devices (model parallelism)", "several processes (under horovodrun or srun)", "memory"
+PRECISION = "precision"
 
 
 def flag(default, help: str, type=None, group: Optional[str] = None, choices=None, metavar: Optional[str] = None,
@@ -83,7 +84,18 @@ class JobOptions:
                           metavar="K", default_text="")
     swap_memory: bool = flag(False, "backprop through time keeps the LSTM activations in host memory, fetched back "
                              "segment by segment (GPU memory of about two segments)", group=MEMORY)
+    precision: str = flag("float32", "what the model computes in; the weights and optimizer state stay float32, "
+                          "the loss and the softmax's normaliser are float32; float16 scales the loss dynamically "
+                          "(docs/precision.md)", group=PRECISION, choices=names.PRECISIONS)
+    use_fp16: bool = flag(False, "TensorFlow 1's ptb_word_lm.py spelling of --precision float16", group=PRECISION)
+    fp16_allreduce: bool = flag(False, "send gradients between ranks in float16 (Horovod's fp16 compression, the "
+                                "embedding's rows included), whatever --precision", group=RANKS)
     config_name: str = "custom"  # from --config
+
+    @property
+    def compute_precision(self) -> str:
+        """--precision, or float16 for --use_fp16 (cli.check_job_flags refuses the two disagreeing)."""
+        return "float16" if self.use_fp16 else self.precision
 
     @property
     def memory(self) -> Memory:

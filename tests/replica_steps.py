@@ -6,16 +6,20 @@ apart the ranks' weights are. Run by tests/test_horovod.py, under horovodrun and
 Rank 0 writes OUT_JSON: {"steps": [{"loss", "max_replica_difference"}, ...], "weights": {name: values}}.
 """
 import json
+import os
 import sys
 
 import numpy as np
 
-from distrnn import distributed
-from distrnn.config import override
-from distrnn.ptb import reader
-from distrnn.ptb.configs import PRESETS
-from distrnn.distributed import per_rank_config
-from distrnn.ptb.trainer import Trainer
+# This checkout's distrnn, wherever an installed one points (a script's own directory comes first on sys.path).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from distrnn import distributed  # noqa: E402
+from distrnn.config import override  # noqa: E402
+from distrnn.ptb import reader  # noqa: E402
+from distrnn.ptb.configs import PRESETS  # noqa: E402
+from distrnn.distributed import per_rank_config  # noqa: E402
+from distrnn.ptb.trainer import Trainer  # noqa: E402
 
 
 def main(corpus, out, global_batch, steps):
@@ -33,7 +37,7 @@ def main(corpus, out, global_batch, steps):
     for i, x, y in reader.train_windows(rows, config.num_steps):
         if i == steps:
             break
-        loss, _, state = trainer.train_step(x, y, state)
+        loss, _, _, state = trainer.train_step(x, y, state)
         mine = np.concatenate([v.numpy().ravel() for v in variables])
         every_rank = world.allgather(mine[None])                     # (ranks, parameters)
         record.append({"loss": float(loss), "max_replica_difference": float(np.abs(every_rank - mine).max())})

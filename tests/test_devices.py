@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import psutil
+import pytest
 
 from conftest import ROOT
 from distrnn import compat, cpu, devices
@@ -141,13 +142,32 @@ def test_plan_places_the_parts_and_estimates_each_device():
     assert layer["activations"] == (2 * 5 + 2 * 28 * 4 + 2 * 20) * 20 * 200 * 4
 
 
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_plan_in_16_bits_halves_the_activations_and_adds_the_compute_copy(precision):
+    """Against float32's plan of the same job: every layer's saved activations take half, the float32 weights,
+    gradients and slots stay, the 16-bit copy the step computes with adds half the weights; the softmax keeps
+    its float32 probabilities and gradient and adds their 16-bit cast."""
+    wide, half = (json.loads(run_devices("--plan", "--config", "small", "--num_gpus", "1", "--gpu_memory_gib", "16",
+                                         "--precision", p, "--json", FAKE_NVML_FAIL="1").stdout)
+                  for p in ("float32", precision))
+    assert half["precision"] == precision
+    for a, b in zip(wide["parts"], half["parts"]):
+        assert b["gradients"] == a["gradients"]
+        if a["name"].startswith("layer"):
+            assert (b["activations"], b["parameters"]) == (a["activations"] // 2, a["parameters"] * 3 // 2)
+    softmax_wide, softmax_half = wide["parts"][-1], half["parts"][-1]
+    tokens, vocab = 20 * 20, 10000
+    assert softmax_half["activations"] == softmax_wide["activations"] + tokens * vocab * 2
+    assert wide["parts"][0]["activations"] == 2 * half["parts"][0]["activations"]
+
+
 def test_plan_warns_where_it_will_not_fit():
     proc = run_devices("--plan", "--config", "large", "--num_gpus", "4", "--gpus_per_rank", "2", "--batch_size",
                        "64", "--gpu_memory_gib", "1", FAKE_NVML_FAIL="1")  # no NVML: capacity from the flag
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == ("plan: PTB large (2 x 1500 lstm units, batch 64 x 35 steps, vocabulary 10,000), memory "
-                        "mode keep, 2 device(s), each of 2 ranks, round_robin")
+    assert lines[0] == ("plan: PTB large (2 x 1500 lstm units, batch 64 x 35 steps, vocabulary 10,000), float32, "
+                        "memory mode keep, 2 device(s), each of 2 ranks, round_robin")
     assert any(line.startswith("  /device:GPU:1") and line.endswith("of 1,024 MiB: WILL NOT FIT") for line in lines)
     warning = next(line for line in lines if line.startswith("warning:"))
     assert "--recompute 6: " in warning and "--swap_memory: " in warning

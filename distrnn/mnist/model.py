@@ -13,7 +13,8 @@ import math
 import tensorflow as tf
 
 from distrnn.mnist.idx import NUM_CLASSES
-from distrnn.estimates import PartMemory, recurrent_layer
+from distrnn.estimates import WEIGHT_BYTES, PartMemory, compute_copy, recurrent_layer
+from distrnn.names import PRECISION_BYTES
 from distrnn.placement import on_device, single_device
 from distrnn.rnn import CELLS, LSTMCell, Unrolling
 from distrnn.rnn.stack import run_stack
@@ -69,26 +70,33 @@ class RowClassifier(tf.Module):
                 self.dense_b = tf.Variable(tf.zeros([NUM_CLASSES]), name="dense_b")
 
     def zero_state(self, batch_size: int):
-        return tuple(cell.zero_state(batch_size) for cell in self.cells)
+        return tuple(cell.zero_state(batch_size, self.unrolling.dtype) for cell in self.cells)
 
     def __call__(self, images):
-        """images (B, R, C) float32 (standardised pixels) -> logits (B, 10)."""
+        """images (B, R, C) float32 (standardised pixels) -> logits (B, 10), float32: the model computes in
+        its Unrolling's precision (distrnn.precision), the loss is taken in float32."""
+        dtype = self.unrolling.dtype
         with tf.device(self.plan.embedding):
-            x = tf.transpose(images, [1, 0, 2])  # (R, B, C): time-major, one row a step
+            x = tf.cast(tf.transpose(images, [1, 0, 2]), dtype)  # (R, B, C): time-major, one row a step
         state = self.zero_state(tf.shape(images)[0])
         h, _ = run_stack(self.cells, self.plan.layers, x, state, self.unrolling)
+
+        def dense(last):
+            return [tf.cast(tf.matmul(last, tf.cast(self.dense_w, dtype)) + tf.cast(self.dense_b, dtype), tf.float32)]
+
         with tf.device(self.plan.softmax), tf.name_scope("dense"):
-            return on_device(self.plan.softmax, lambda last: [tf.matmul(last, self.dense_w) + self.dense_b])(h[-1])[0]
+            return on_device(self.plan.softmax, dense)(h[-1])[0]
 
 
-def part_memory(config, image_shape, batch_size: int, dtype_bytes: int = 4):
+def part_memory(config, image_shape, batch_size: int, precision: str = "float32"):
     """Bytes of [input, layer 0 .. L-1, dense] in training (distrnn.estimates; Adam keeps two moments
     per weight): what the balanced strategy evens."""
     rows, cols = image_shape
-    h, gates = config.hidden_size, CELLS[config.cell].gates
-    parts = [PartMemory("input", 0, 0, batch_size * rows * cols * dtype_bytes)]
+    h, gates, act = config.hidden_size, CELLS[config.cell].gates, PRECISION_BYTES[precision]
+    parts = [PartMemory("input", 0, 0, batch_size * rows * cols * (4 + act * (precision != "float32")))]
     parts += [recurrent_layer(f"layer {i}", cols if i == 0 else h, h, batch_size, rows, gates, optimizer_slots=2,
-                              dtype_bytes=dtype_bytes) for i in range(config.num_layers)]
-    dense = (h + 1) * NUM_CLASSES * dtype_bytes
-    parts.append(PartMemory("dense", dense, 3 * dense, batch_size * NUM_CLASSES * dtype_bytes))
+                              precision=precision) for i in range(config.num_layers)]
+    dense = (h + 1) * NUM_CLASSES * WEIGHT_BYTES
+    parts.append(PartMemory("dense", dense + compute_copy(dense, precision), 3 * dense,
+                            batch_size * NUM_CLASSES * (act + 4 * (precision != "float32"))))  # + a float32 cast
     return parts

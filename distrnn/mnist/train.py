@@ -40,10 +40,10 @@ class MNISTJob(loop.Job):
         self.steps_per_epoch = splits.steps_per_epoch(self.global_batch, self.batch_text)
         self.devices, spread_note = layer_devices(config, devices)
         self.notes = [spread_note] if spread_note else []
-        self.plan = make_model_plan(config, image_shape, B, self.devices, options.strategy)
+        self.plan = make_model_plan(config, image_shape, B, self.devices, options.strategy, options.compute_precision)
         unrolling = unrolling_for(config, image_shape, local_devices.runs_on_gpu(self.devices), options.placement,
-                                  options.memory)
-        self.trainer = Trainer(config, image_shape, options.seed, unrolling, self.plan, world)
+                                  options.memory, options.compute_precision)
+        self.trainer = Trainer(config, image_shape, options.seed, unrolling, self.plan, world, options.fp16_allreduce)
         self.saved_extra = {"global_batch_size": self.global_batch, "image_shape": list(image_shape)}
         self.max_epochs = options.max_epochs or config.num_epochs
         self.curve = loop.Curve("accuracy", f"{splits.title} {options.config_name}", log_scale=False)
@@ -61,10 +61,11 @@ class MNISTJob(loop.Job):
 
     def train_step(self, pos, i: int):
         images, labels = self.splits.train_batch(self.order, i, self.global_batch, self.world)
-        loss, accuracy, norm = self.trainer.train_step(images, labels).numpy()
+        loss, accuracy, norm, skipped = self.trainer.train_step(images, labels).numpy()
         pos.epoch_loss += float(loss)
         pos.epoch_accuracy += float(accuracy)
-        return {"loss": float(loss), "gradient norm": float(norm)}
+        # A skipped step's norm is not finite: that is why it was skipped (distrnn.precision).
+        return {"loss": float(loss)} if skipped else {"loss": float(loss), "gradient norm": float(norm)}
 
     def figures(self, pos):
         return (f"train loss {pos.train_loss:.4f} accuracy {100 * pos.train_accuracy:.2f}%",

@@ -12,6 +12,7 @@ from distrnn.adam import Adam
 from distrnn.errors import UsageError
 from distrnn.mnist import idx
 from distrnn.mnist.model import RowClassifier, part_memory
+from distrnn.precision import LossScale
 from distrnn.rnn import KEEP, Memory, Unrolling
 
 
@@ -43,13 +44,15 @@ class Position:
 class Trainer(tf.Module):
     """The model, its optimizer and the run's position: everything a checkpoint holds."""
 
-    def __init__(self, config, image_shape, seed: int, unrolling: Unrolling = None, plan=None, world=None):
+    def __init__(self, config, image_shape, seed: int, unrolling: Unrolling = None, plan=None, world=None,
+                 fp16_allreduce: bool = False):
         super().__init__(name="trainer")
-        self.world = world or distributed.World()
+        self.world, self.fp16_allreduce = world or distributed.World(), fp16_allreduce
         self.model = RowClassifier(config, image_shape, unrolling or unrolling_for(config, image_shape), seed=seed,
                                    plan=plan)
         self.optimizer = Adam(config.learning_rate)
         self.optimizer.build(self.model.trainable_variables)  # the moments exist before a restore fills them
+        self.loss_scale = LossScale(self.model.unrolling.precision == "float16")
         self._position = tf.Variable(json.dumps(dataclasses.asdict(Position())), dtype=tf.string, trainable=False)
         images = tf.TensorSpec([None, *image_shape], tf.float32)
         labels = tf.TensorSpec([None], tf.int32)
@@ -61,7 +64,8 @@ class Trainer(tf.Module):
         return self.model.unrolling
 
     def checkpoint(self) -> tf.train.Checkpoint:
-        return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, position=self._position)
+        return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, position=self._position,
+                                   loss_scale=self.loss_scale)
 
     def record(self, position: Position) -> None:
         self._position.assign(json.dumps(dataclasses.asdict(position)))
@@ -74,21 +78,29 @@ class Trainer(tf.Module):
         moments and step count, and the position."""
         if self.world.size == 1:
             return
-        self.world.broadcast_variables(list(self.model.variables) + list(self.optimizer.variables))
+        self.world.broadcast_variables(list(self.model.variables) + list(self.optimizer.variables) +
+                                       list(self.loss_scale.variables))
         self._position.assign(self.world.broadcast_object(self._position.numpy()))
 
     def _train_step(self, images, labels):
         """One Adam step on this rank's images (B, R, C); returns the global batch's mean loss and accuracy,
-        and the gradient's global norm."""
+        the gradient's global norm, and 1 where the step was skipped (float16's loss scale, see
+        distrnn.precision), else 0."""
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
-            logits = self.model(images)
+            logits = self.model(images)  # float32 in every precision
             loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
-        tape = self.world.wrap_tape(tape)  # averaged over ranks: the global batch's mean
-        grads = tape.gradient(loss, variables)
-        self.optimizer.apply_gradients(zip(grads, variables))
+        # Averaged over ranks: the global batch's mean.
+        grads, finite = self.loss_scale.gradients(
+            tape, loss, variables, lambda grads: self.world.average_gradients(grads, fp16=self.fp16_allreduce))
+
+        def apply():
+            self.optimizer.apply_gradients(zip(grads, variables))
+            return tf.linalg.global_norm(grads)
+
+        norm, skipped = self.loss_scale.apply_if(finite, apply, lambda: tf.linalg.global_norm(grads))
         accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1, output_type=tf.int32), labels), tf.float32))
-        return tf.concat([self.world.average(tf.stack([loss, accuracy])), [tf.linalg.global_norm(grads)]], 0)
+        return tf.concat([self.world.average(tf.stack([loss, accuracy])), [norm, tf.cast(skipped, tf.float32)]], 0)
 
     def _eval_step(self, images, labels):
         """(sum of the losses, predicted classes) of images (B, R, C)."""
@@ -228,11 +240,11 @@ class Splits:
 
 
 def unrolling_for(config, image_shape, on_gpu: bool = False, schedule: str = "sequential",
-                  keeps: Memory = KEEP) -> Unrolling:
+                  keeps: Memory = KEEP, precision: str = "float32") -> Unrolling:
     """How the classifier's stack runs (one image row a time step) on a GPU or not."""
     try:
         return Unrolling.resolve(config.cell, config.use_peepholes, config.rnn_mode, on_gpu, image_shape[0],
-                                 schedule, keeps)
+                                 schedule, keeps, precision)
     except ValueError as error:
         raise UsageError(str(error)) from None
 
@@ -249,6 +261,6 @@ def layer_devices(config, devices):
                      "N, --devices or --virtual_devices N place the layers on N devices")
 
 
-def make_model_plan(config, image_shape, batch_size: int, devices, strategy: str):
-    return placement.job_plan(config.num_layers, devices, strategy,
-                              lambda: [part.total for part in part_memory(config, image_shape, batch_size)])
+def make_model_plan(config, image_shape, batch_size: int, devices, strategy: str, precision: str = "float32"):
+    return placement.job_plan(config.num_layers, devices, strategy, lambda: [
+        part.total for part in part_memory(config, image_shape, batch_size, precision)])

@@ -5,6 +5,10 @@ runs time-major, (T, B, H), so each time step is a contiguous slice.
 
 The model takes a placement Plan (distrnn.placement): each part's variables
 are created, and its computation runs, on the plan's device for it.
+
+It computes in its Unrolling's precision (distrnn.precision): the embedding's rows are cast after
+the lookup (only the rows a step reads), the layers and the softmax cast their weights, and the
+softmax's normaliser and the loss are float32 (distrnn.ops).
 """
 import tensorflow as tf
 
@@ -53,20 +57,27 @@ class PTBModel(tf.Module):
                     self.softmax_w = tf.Variable(uniform([h, vocab_size]), name="softmax_w")
                 self.softmax_b = tf.Variable(uniform([vocab_size]), name="softmax_b")
 
+    @property
+    def dtype(self) -> tf.DType:
+        """What the model computes in."""
+        return self.unrolling.dtype
+
     def zero_state(self, batch_size: int):
-        return tuple(cell.zero_state(batch_size) for cell in self.cells)
+        return tuple(cell.zero_state(batch_size, self.dtype) for cell in self.cells)
 
     def _dropout_mask(self, shape):
-        """keep/keep_prob where kept, 0 elsewhere."""
+        """keep/keep_prob where kept, 0 elsewhere; drawn in float32 (the same masks in every precision),
+        then cast."""
         seed = self.dropout_rng.make_seeds(1)[:, 0]
-        return tf.nn.experimental.stateless_dropout(tf.ones(shape), rate=1.0 - self.config.keep_prob, seed=seed)
+        mask = tf.nn.experimental.stateless_dropout(tf.ones(shape), rate=1.0 - self.config.keep_prob, seed=seed)
+        return tf.cast(mask, self.dtype)
 
     def __call__(self, x, state, training: bool):
         """x (B, T) word ids -> the last layer's outputs (T*B, H) in time-major order, which
         `token_losses` turns into losses through the softmax, and the new state."""
         dropout = training and self.config.keep_prob < 1.0
         with tf.device(self.plan.embedding), tf.name_scope("embedding"):
-            h = tf.gather(self.embedding, tf.transpose(x))   # (T, B, H)
+            h = tf.cast(tf.gather(self.embedding, tf.transpose(x)), self.dtype)   # (T, B, H)
             if dropout:
                 h = h * self._dropout_mask(tf.shape(h))
         masks = None
@@ -85,7 +96,8 @@ class PTBModel(tf.Module):
 
         def compute(features):
             tied = self.config.tie_embeddings
-            loss = softmax_cross_entropy(features, self.embedding if tied else self.softmax_w, self.softmax_b, targets,
+            kernel = tf.cast(self.embedding if tied else self.softmax_w, features.dtype)
+            loss = softmax_cross_entropy(features, kernel, tf.cast(self.softmax_b, features.dtype), targets,
                                          class_rows=tied)
             return [loss if weights is None else loss * tf.reshape(tf.transpose(weights), [-1])]
 
@@ -93,8 +105,9 @@ class PTBModel(tf.Module):
             return on_device(self.plan.softmax, compute)(features)[0]
 
     def logits(self, features):
-        """The softmax layer's logits (T*B, V) for the model's output, for inspection."""
+        """The softmax layer's logits (T*B, V) for the model's output, for inspection: float32."""
         with tf.device(self.plan.softmax):
+            features = tf.cast(features, tf.float32)
             if self.config.tie_embeddings:
                 return tf.nn.bias_add(tf.matmul(features, self.embedding, transpose_b=True), self.softmax_b)
             return tf.nn.bias_add(tf.matmul(features, self.softmax_w), self.softmax_b)

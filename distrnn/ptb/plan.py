@@ -14,11 +14,12 @@ from distrnn.ptb.configs import PRESETS
 
 def memory_plan(config_name: str = "small", num_gpus: int = 0, gpus_per_rank: int = 0, recompute: int = 0,
                 swap: bool = False, vocab_size: int = 10000, strategy: str = "round_robin",
-                gpu_memory_mib: Optional[float] = None, nvml=None, **overrides) -> dict:
+                gpu_memory_mib: Optional[float] = None, nvml=None, precision: str = "float32", **overrides) -> dict:
     """Where each part of the PTB model goes and the memory each device needs in a training step
     (estimates.lm_memory), against what each device has: NVML's total, or gpu_memory_mib, or the
     host's available memory when no GPU is asked for. With gpus_per_rank K, one rank's plan
-    (over K GPUs; every rank's is alike). `overrides`: config fields such as batch_size."""
+    (over K GPUs; every rank's is alike); precision: the job's --precision. `overrides`: config fields such
+    as batch_size."""
     config = dataclasses.replace(PRESETS.get(config_name), **overrides)
     config.validate()
     if recompute and swap:
@@ -31,7 +32,8 @@ def memory_plan(config_name: str = "small", num_gpus: int = 0, gpus_per_rank: in
 
     def parts_for(recompute, swap):
         return estimates.lm_memory(vocab_size, config.hidden_size, config.num_layers, config.batch_size,
-                                   config.num_steps, gates, config.keep_prob < 1.0, recompute, swap)
+                                   config.num_steps, gates, config.keep_prob < 1.0, recompute, swap,
+                                   precision=precision)
 
     parts = parts_for(recompute, swap)
     plan = placement.make_plan(config.num_layers, devices, strategy, [p.total for p in parts])
@@ -59,6 +61,7 @@ def memory_plan(config_name: str = "small", num_gpus: int = 0, gpus_per_rank: in
         options = {f"--recompute {k}": max(needs(parts_for(k, False)).values()),
                    "--swap_memory": max(needs(parts_for(0, True)).values())}
     return {"config": config_name, "settings": dataclasses.asdict(config), "vocab_size": vocab_size,
+            "precision": precision,
             "memory_mode": f"recompute {recompute}" if recompute else "swap" if swap else "keep",
             "ranks": num_gpus // gpus_per_rank if gpus_per_rank else 1, "strategy": strategy,
             "parts": [dict(dataclasses.asdict(p), device=d, total=p.total) for p, d in zip(parts, where)],
@@ -73,8 +76,8 @@ def format_plan(r: dict) -> str:
     c = r["settings"]
     rank = f", each of {r['ranks']} ranks" if r["ranks"] > 1 else ""
     lines = [f"plan: PTB {r['config']} ({c['num_layers']} x {c['hidden_size']} {c['cell']} units, batch "
-             f"{c['batch_size']} x {c['num_steps']} steps, vocabulary {r['vocab_size']:,}), memory mode "
-             f"{r['memory_mode']}, {len(r['devices'])} device(s){rank}, {r['strategy']}",
+             f"{c['batch_size']} x {c['num_steps']} steps, vocabulary {r['vocab_size']:,}), {r['precision']}, "
+             f"memory mode {r['memory_mode']}, {len(r['devices'])} device(s){rank}, {r['strategy']}",
              f"  {'part':<10} {'device':<15} {'weights':>10} {'gradients':>10} {'activations':>12} {'total':>10}"]
     for p in r["parts"]:
         lines.append(f"  {p['name']:<10} {p['device']:<15} " + " ".join(

@@ -38,10 +38,11 @@ class PTBJob(loop.Job):
         self.batch_text = f"batch_size x num_steps = {B} x {T}{self.on_ranks}"
         self.batches = reader.rank_batches(data, self.global_batch, T, world, self.batch_text)
         self.steps_per_epoch = self.batches.steps_per_epoch
-        self.plan = make_model_plan(config, data.vocab_size, devices, options.strategy)
+        self.plan = make_model_plan(config, data.vocab_size, devices, options.strategy, options.compute_precision)
         on_gpu = local_devices.runs_on_gpu(devices)
         self.trainer = Trainer(config, data.vocab_size, options.seed, unrolling_for(
-            config, on_gpu, options.placement, options.memory), self.plan, world, options.sparse_as_dense)
+            config, on_gpu, options.placement, options.memory, options.compute_precision), self.plan, world,
+            options.sparse_as_dense, options.fp16_allreduce)
         self.step = LeanerOnOOM(self.trainer, on_gpu, world, retry=options.on_oom == "retry")
         self.memory_note = ", leaner on running out of memory (--on_oom retry)" * self.step.retry
         self.saved_extra = {"vocab_size": data.vocab_size, "global_batch_size": self.global_batch}
@@ -62,11 +63,14 @@ class PTBJob(loop.Job):
 
     def train_step(self, pos, i: int):
         x, y = reader.train_window(self.batches.train_rows, self.config.num_steps, i)
-        loss, norm, self.state = self.step(pos.global_step + 1, x, y, self.state)
+        loss, norm, skipped, self.state = self.step(pos.global_step + 1, x, y, self.state)
         self.loss = loss = float(loss)
         pos.epoch_cost += loss
         pos.epoch_iters += self.config.num_steps
-        return {"loss": loss, "perplexity": perplexity(loss / self.config.num_steps), "gradient norm": float(norm)}
+        figures = {"loss": loss, "perplexity": perplexity(loss / self.config.num_steps)}
+        if not skipped:  # a skipped step's norm is not finite: that is why it was skipped
+            figures["gradient norm"] = float(norm)
+        return figures
 
     def figures(self, pos):
         return (f"train ppl {pos.train_perplexity:8.2f}",

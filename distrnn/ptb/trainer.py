@@ -8,6 +8,7 @@ from typing import Optional
 import tensorflow as tf
 
 from distrnn import distributed, estimates, memory, outputs, placement, sgd
+from distrnn.precision import LossScale
 from distrnn.errors import OutOfMemory, UsageError
 from distrnn.ptb import reader
 from distrnn.ptb.model import PTBModel
@@ -55,38 +56,40 @@ class Trainer(tf.Module):
     """The model, its optimizer and everything a checkpoint must hold to resume exactly."""
 
     def __init__(self, config, vocab_size: int, seed: int, unrolling: Unrolling = None, plan=None, world=None,
-                 sparse_as_dense: bool = False):
+                 sparse_as_dense: bool = False, fp16_allreduce: bool = False):
         super().__init__(name="trainer")
         self.config = config
         self.world = world or distributed.World()
-        self.sparse_as_dense = sparse_as_dense
+        self.sparse_as_dense, self.fp16_allreduce = sparse_as_dense, fp16_allreduce
         self.model = PTBModel(config, vocab_size, unrolling or unrolling_for(config), seed=seed, plan=plan)
         self.train_step = tf.function(self._train_step)
         self.optimizer = sgd.SGD(config.learning_rate)
+        self.loss_scale = LossScale(self.model.unrolling.precision == "float16")
         # The Position as JSON, and the carried LSTM state of the whole global batch (every
         # rank's rows): resuming mid-epoch continues from the state the last window left.
         self._position = tf.Variable(json.dumps(dataclasses.asdict(Position())), dtype=tf.string, trainable=False)
-        self._carried = [tf.Variable(t, trainable=False)
+        # float32 in every precision, so that a checkpoint resumes in any.
+        self._carried = [tf.Variable(tf.cast(t, tf.float32), trainable=False)
                          for t in tf.nest.flatten(self.model.zero_state(config.batch_size * self.world.size))]
 
     def checkpoint(self) -> tf.train.Checkpoint:
         return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, position=self._position,
-                                   carried_state=self._carried)
+                                   carried_state=self._carried, loss_scale=self.loss_scale)
 
     def record(self, position: Position, state) -> None:
         """Copies the run's position and carried state into the checkpointed variables.
         A collective: every rank calls it (each contributes its rows of the state)."""
         self._position.assign(json.dumps(dataclasses.asdict(position)))
-        for variable, value in zip(self._carried, tf.nest.flatten(state)):
-            variable.assign(self.world.allgather(value))
+        for variable, value in zip(self._carried, tf.nest.flatten(state)):  # float32 in every precision
+            variable.assign(self.world.allgather(tf.cast(value, tf.float32)))
 
     def position(self) -> Position:
         return Position(**json.loads(self._position.numpy().decode()))
 
     def carried_state(self):
         """This rank's rows of the LSTM state saved with the run, structured as the model's state."""
-        return tf.nest.pack_sequence_as(self.model.zero_state(1),
-                                        [self.world.stripe(v.numpy()) for v in self._carried])
+        return tf.nest.pack_sequence_as(self.model.zero_state(1), [
+            tf.cast(self.world.stripe(v.numpy()), self.model.dtype) for v in self._carried])
 
     def share_from_chief(self) -> None:
         """After rank 0 restored (or initialised) the run: every rank takes its weights,
@@ -94,7 +97,8 @@ class Trainer(tf.Module):
         if self.world.size == 1:
             return
         self.world.broadcast_variables(list(self.model.variables) + list(self.optimizer.variables) +
-                                       [self.model.dropout_rng.state] + self._carried)
+                                       [self.model.dropout_rng.state] + self._carried +
+                                       list(self.loss_scale.variables))
         self._position.assign(self.world.broadcast_object(self._position.numpy()))
 
     @property
@@ -109,16 +113,21 @@ class Trainer(tf.Module):
 
     def _train_step(self, x, y, state):
         """One window: x, y (B, T). Returns the loss (sum over time of the batch mean), the gradient's
-        global norm before clipping and the new state. Run as the tf.function `train_step`."""
+        global norm before clipping, whether the step was skipped (float16's loss scale: see
+        distrnn.precision) and the new state. Run as the tf.function `train_step`."""
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             features, state = self.model(x, state, training=True)
             # Averaged over the batch, summed over time steps, as the reference.
             loss = tf.reduce_sum(self.model.token_losses(features, y)) / tf.cast(tf.shape(x)[0], tf.float32)
-        tape = self.world.wrap_tape(tape, self.sparse_as_dense)  # averaged over ranks: the global batch's mean
-        grads = [sum_duplicate_rows(g) for g in tape.gradient(loss, variables)]
-        norm = self.optimizer.apply(grads, variables, clip_norm=self.config.max_grad_norm)
-        return self.world.average(loss), norm, state
+        # Averaged over ranks: the global batch's mean.
+        grads, finite = self.loss_scale.gradients(tape, loss, variables, lambda grads: self.world.average_gradients(
+            grads, self.sparse_as_dense, self.fp16_allreduce))
+        grads = [sum_duplicate_rows(g) for g in grads]
+        norm, skipped = self.loss_scale.apply_if(
+            finite, lambda: self.optimizer.apply(grads, variables, clip_norm=self.config.max_grad_norm),
+            lambda: tf.linalg.global_norm(grads))
+        return self.world.average(loss), norm, skipped, state
 
     @tf.function
     def eval_step(self, x, y, weights, state):
@@ -127,11 +136,12 @@ class Trainer(tf.Module):
         return tf.reduce_sum(self.model.token_losses(features, y, weights)), state
 
 
-def unrolling_for(config, on_gpu: bool = False, schedule: str = "sequential", keeps: Memory = KEEP) -> Unrolling:
+def unrolling_for(config, on_gpu: bool = False, schedule: str = "sequential", keeps: Memory = KEEP,
+                  precision: str = "float32") -> Unrolling:
     """How the model's stack runs for `config` on a GPU or not (see distrnn.rnn.resolve_mode)."""
     try:
         return Unrolling.resolve(config.cell, config.use_peepholes, config.rnn_mode, on_gpu, config.num_steps,
-                                 schedule, keeps)
+                                 schedule, keeps, precision)
     except ValueError as error:
         raise UsageError(str(error)) from None
 
@@ -154,7 +164,7 @@ class LeanerOnOOM:
         keeps = unrolling.memory.leaner(config.num_steps) if self.retry and config.cell == "lstm" else None
         # A memory mode runs the dynamic loop, whatever rnn_mode asked for.
         return keeps and Unrolling.resolve(config.cell, config.use_peepholes, "auto", self.on_gpu, config.num_steps,
-                                           unrolling.placement, keeps)
+                                           unrolling.placement, keeps, unrolling.precision)
 
     def __call__(self, step: int, x, y, state):
         trainer = self.trainer
@@ -195,8 +205,8 @@ def learning_rate(config, epoch: int, step: int, batch_ratio: float, scaling: st
     return config.learning_rate_at(epoch) * distributed.lr_factor(batch_ratio, scaling, step, warmup_steps)
 
 
-def make_model_plan(config, vocab_size: int, devices, strategy: str):
+def make_model_plan(config, vocab_size: int, devices, strategy: str, precision: str = "float32"):
     """The placement plan of the model's parts over `devices` (one device, TensorFlow's choice, if none)."""
     return placement.job_plan(config.num_layers, devices, strategy, lambda: estimates.lm_costs(
         vocab_size, config.hidden_size, config.num_layers, config.batch_size, config.num_steps,
-        cell_gates=CELLS[config.cell].gates))
+        cell_gates=CELLS[config.cell].gates, precision=precision))

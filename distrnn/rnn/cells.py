@@ -8,6 +8,9 @@ layout of TensorFlow 1's cells and of the fused BlockLSTM kernel, so a
 checkpoint has one shape whichever mode computes the recurrence.
 
 States are tuples: (c, h) for the LSTM, (h,) for the others.
+
+A cell computes in the dtype of its inputs (distrnn.precision): its float32 variables are cast to
+it where they are read, and the cast's gradient is float32 again.
 """
 import tensorflow as tf
 
@@ -33,29 +36,29 @@ class RecurrentCell(tf.Module):
     def state_size(self) -> int:
         return 1
 
-    def zero_state(self, batch_size: int):
-        zeros = tf.zeros([batch_size, self.units])
+    def zero_state(self, batch_size: int, dtype=tf.float32):
+        zeros = tf.zeros([batch_size, self.units], dtype)
         return (zeros,) * self.state_size
 
     def output(self, state):
         """The output h of a state."""
         return state[-1]
 
-    def split_kernel(self):
-        """(input rows, recurrent rows) of the kernel, taken once per sequence.
+    def split_kernel(self, dtype=tf.float32):
+        """(input rows, recurrent rows) of the kernel as `dtype`, taken once per sequence.
 
         One Split rather than two slices: the gradient of a Split is one Concat
         of its parts' gradients, while each slice's gradient is a zero-padded
         copy of the whole kernel, and the two are then added (measured on the
         PTB small step: the pads and the add cost about 1 ms).
         """
-        return tf.split(self.kernel, [self.input_size, self.units], axis=0)
+        return tf.split(tf.cast(self.kernel, dtype), [self.input_size, self.units], axis=0)
 
     def project_inputs(self, inputs, input_kernel):
         """inputs (T, B, I) -> the input half of every gate, (T, B, G*H), bias included."""
         t, b = tf.shape(inputs)[0], tf.shape(inputs)[1]
         flat = tf.reshape(inputs, [-1, self.input_size])                 # (T*B, I)
-        z = tf.matmul(flat, input_kernel) + self.bias                    # (T*B, G*H)
+        z = tf.matmul(flat, input_kernel) + tf.cast(self.bias, inputs.dtype)  # (T*B, G*H)
         return tf.reshape(z, [t, b, self.gates * self.units])
 
 
@@ -105,10 +108,11 @@ class LSTMCell(RecurrentCell):
         z = projected + tf.matmul(h, recurrent_kernel)
         i, j, f, o = tf.split(z, 4, axis=1)
         if self.use_peepholes:
-            i, f = i + self.w_i_diag * c, f + self.w_f_diag * c
+            w_i, w_f, w_o = (tf.cast(w, c.dtype) for w in (self.w_i_diag, self.w_f_diag, self.w_o_diag))
+            i, f = i + w_i * c, f + w_f * c
         c = tf.sigmoid(f + self.forget_bias) * c + tf.sigmoid(i) * tf.tanh(j)
         if self.use_peepholes:
-            o = o + self.w_o_diag * c
+            o = o + w_o * c
         h = tf.sigmoid(o) * tf.tanh(c)
         return h, (c, h)
 
@@ -133,7 +137,7 @@ class GRUCell(RecurrentCell):
     def step(self, projected, state, recurrent_kernel):
         h = state[0]
         xr, xu, xn = tf.split(projected, 3, axis=1)
-        hr, hu, hn = tf.split(tf.matmul(h, recurrent_kernel) + self.recurrent_bias, 3, axis=1)
+        hr, hu, hn = tf.split(tf.matmul(h, recurrent_kernel) + tf.cast(self.recurrent_bias, h.dtype), 3, axis=1)
         r, u = tf.sigmoid(xr + hr), tf.sigmoid(xu + hu)
         h = u * h + (1.0 - u) * tf.tanh(xn + r * hn)
         return h, (h,)

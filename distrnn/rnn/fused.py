@@ -21,11 +21,13 @@ def _gather_last(sequence, sequence_length, initial):
 def block_lstm(cell, inputs, state, sequence_length=None):
     """cell: an LSTMCell; inputs (T, B, I) time-major; state (c, h). Returns outputs, (c, h)."""
     c0, h0 = state
-    zeros = tf.zeros([cell.units])
+    dtype = inputs.dtype  # float32 or float16: BlockLSTM's op has no bfloat16 (unroll.supported)
+    zeros = tf.zeros([cell.units], dtype)
     peep = [cell.w_i_diag, cell.w_f_diag, cell.w_o_diag] if cell.use_peepholes else [zeros] * 3
     _, cs, _, _, _, _, h = tf.raw_ops.BlockLSTM(
         seq_len_max=tf.cast(tf.shape(inputs)[0], tf.int64), x=inputs, cs_prev=c0, h_prev=h0,
-        w=cell.kernel, wci=peep[0], wcf=peep[1], wco=peep[2], b=cell.bias,
+        w=tf.cast(cell.kernel, dtype), wci=tf.cast(peep[0], dtype), wcf=tf.cast(peep[1], dtype),
+        wco=tf.cast(peep[2], dtype), b=tf.cast(cell.bias, dtype),
         forget_bias=cell.forget_bias, cell_clip=-1.0, use_peephole=cell.use_peepholes)
     if sequence_length is None:
         return h, (cs[-1], h[-1])
@@ -39,17 +41,18 @@ def built_with_cudnn() -> bool:
     return tf.test.is_built_with_cuda()
 
 
-def _cudnn_lstm_params(cell):
-    """distrnn's LSTM weights as cuDNN's canonical list: 8 weight matrices, then 8 biases.
+def _cudnn_lstm_params(cell, dtype=tf.float32):
+    """distrnn's LSTM weights as cuDNN's canonical list of `dtype`: 8 weight matrices, then 8 biases.
 
     cuDNN orders gates i, f, c(j), o, keeps input and recurrent weights apart,
     each matrix as (units, inputs), and adds two biases; distrnn's forget_bias
     goes into the first forget-gate bias.
     """
     n = cell.input_size
-    w_x = tf.split(cell.kernel[:n], 4, axis=1)   # i, j, f, o: (I, H) each
-    w_h = tf.split(cell.kernel[n:], 4, axis=1)   # (H, H) each
-    b = tf.split(cell.bias, 4)
+    kernel = tf.cast(cell.kernel, dtype)
+    w_x = tf.split(kernel[:n], 4, axis=1)   # i, j, f, o: (I, H) each
+    w_h = tf.split(kernel[n:], 4, axis=1)   # (H, H) each
+    b = tf.split(tf.cast(cell.bias, dtype), 4)
     order = (0, 2, 1, 3)                        # i, f, j, o
     weights = [tf.transpose(w_x[g]) for g in order] + [tf.transpose(w_h[g]) for g in order]
     b_f = b[2] + cell.forget_bias
@@ -58,11 +61,12 @@ def _cudnn_lstm_params(cell):
 
 
 def cudnn_lstm(cell, inputs, state, sequence_length=None):
-    """cuDNN's fused LSTM on a GPU; same math as the other modes (no peepholes in cuDNN)."""
+    """cuDNN's fused LSTM on a GPU; same math as the other modes (no peepholes in cuDNN), in the inputs'
+    dtype (float32, or float16 on tensor cores: cuDNN's RNN ops have no bfloat16, see unroll.supported)."""
     if cell.use_peepholes:
         raise ValueError("cuDNN has no peephole LSTM; use rnn_mode block, dynamic or static")
     c0, h0 = state
-    weights, biases = _cudnn_lstm_params(cell)
+    weights, biases = _cudnn_lstm_params(cell, inputs.dtype)
     params = tf.raw_ops.CudnnRNNCanonicalToParamsV2(
         num_layers=1, num_units=cell.units, input_size=cell.input_size, weights=weights, biases=biases,
         rnn_mode="lstm", input_mode="linear_input", direction="unidirectional")

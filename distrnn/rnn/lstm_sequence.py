@@ -33,6 +33,10 @@ Gates are in i, j, f, o order:
     c_new = f c_prev + i j          o = sigmoid(z_o + p_o c_new)     h_new = o tanh(c_new)
 With a mask m (1 while t < sequence_length): c_t = m c_new + (1 - m) c_prev, likewise h_t;
 the output is m h_new.
+
+Both passes compute in the dtype of the inputs and states (distrnn.precision): the weights, float32
+variables, are cast to it once per call, and their gradients are returned as float32 (a memory
+mode sums its segments' weight gradients in float32).
 """
 import contextlib
 from typing import List, NamedTuple, Optional, Sequence
@@ -103,11 +107,11 @@ def _flat(states: Sequence[State]) -> list:
     return [t for state in states for t in state]
 
 
-def _blocks(units, values):
-    """A (4H,) vector with the given value on each of the i, j, f, o blocks."""
+def _blocks(units, values, dtype):
+    """A (4H,) vector of `dtype` with the given value on each of the i, j, f, o blocks."""
     if isinstance(units, int):
-        return tf.constant(np.repeat(np.asarray(values, np.float32), units))
-    return tf.concat([tf.fill([units], float(v)) for v in values], 0)
+        return tf.constant(np.repeat(np.asarray(values, np.float32), units), dtype)
+    return tf.concat([tf.fill([units], tf.constant(v, dtype)) for v in values], 0)
 
 
 @contextlib.contextmanager
@@ -199,7 +203,7 @@ def _backward_factors(acts, js, cells, c0, peep, units):
     gates = tf.concat([i, j, f, o], 2)
     c_prev = tf.concat([c0[None], cells[:-1]], 0)
     tanh_c = tf.tanh(cells)
-    derivative = (1.0 - gates) * (gates + _blocks(units, (0, 1, 0, 0)))
+    derivative = (1.0 - gates) * (gates + _blocks(units, (0, 1, 0, 0), gates.dtype))
     pd = tf.concat([j, i, c_prev, tanh_c], 2) * derivative       # (T, B, 4H)
     q = o * (1.0 - tanh_c * tanh_c)                              # dc += dh q
     fc = f                                                       # dc_prev = dc fc
@@ -430,14 +434,14 @@ class _Segments:
             else:
                 saved = passes.forward(x_s, drops_s, mask_s, begin)[1]
             d_carry, grads, d_in = passes.backward(x_s, d_out_s, drops_s, mask_s, saved, begin, d_carry)
-            new_sums = [a + g for a, g in zip(sums, [g for layer in grads for g in layer.present()])]
+            new_sums = [a + tf.cast(g, a.dtype) for a, g in zip(sums, [g for layer in grads for g in layer.present()])]
             return s - 1, _with_shapes(d_carry, _shapes(d_final)), _with_shapes(new_sums, _shapes(sums)), \
                 d_inputs.write(s, d_in)
 
         # One sum per gradient, the kernel's two parts apart: adding each segment's matmul to its
         # part needs no concatenated copy of the whole kernel per segment.
         weights = [Grads(p.w_x, p.w_h, p.bias_fb, p.peep) for p in passes.params]
-        zeros = [tf.zeros_like(w) for layer in weights for w in layer.present()]
+        zeros = [tf.zeros_like(w, tf.float32) for layer in weights for w in layer.present()]
         _, d_start, sums, d_inputs = tf.while_loop(
             lambda s, *_: s >= 0, body, (self.num_segments - 1, list(d_final), zeros, self.arrays()[0]),
             parallel_iterations=2)
@@ -452,14 +456,17 @@ class _Segments:
 
 
 def _params(layer: Layer, l: int, num_layers: int, kernel, bias, peep, h0) -> Params:
+    """The weights as the passes use them, cast to the states' dtype (the compute dtype)."""
     with _layer_scope(l, num_layers, layer.device):
+        kernel, bias = tf.cast(kernel, h0.dtype), tf.cast(bias, h0.dtype)
+        peep = None if peep is None else tf.cast(peep, h0.dtype)
         # A Python int where the shape is known, so that slices and constants built from
         # it are constants (the PTB small step's graph: 1,643 ops with a tensor, 1,335).
         units = h0.shape[1] if h0.shape[1] is not None else tf.shape(h0)[1]
         # One Split of the kernel (its gradient is one Concat), and the forget bias
         # folded into the bias once rather than added at every step.
         w_x, w_h = tf.split(kernel, [tf.shape(kernel)[0] - units, units], axis=0)
-        bias_fb = bias + _blocks(units, (0, 0, layer.forget_bias, 0))
+        bias_fb = bias + _blocks(units, (0, 0, layer.forget_bias, 0), h0.dtype)
     return Params(w_x, w_h, bias_fb, peep, units, layer.device)
 
 
@@ -517,7 +524,8 @@ def lstm_stack(inputs, states, layers, dropout=None, mask=None, static: bool = F
             for d_state, g in zip(d_start, weight_grads):
                 grads += [d_state.c, d_state.h, tf.concat([g.w_x, g.w_h], 0), g.bias] + \
                          ([g.peep] if g.peep is not None else [])
-            return grads + [None] * len(constants)
+            # Each in its argument's dtype: the weights' float32, the rest the compute dtype.
+            return [tf.cast(g, a.dtype) for g, a in zip(grads, args)] + [None] * len(constants)
 
         return (outputs, *_flat(final)), grad
 

@@ -61,7 +61,7 @@ def sequential_stack(cells, devices, inputs, states, mode: str, masks=None, memo
             return [out * mask, *state]
 
         with tf.device(device), tf.name_scope(f"layer_{l}"):
-            mask = masks[l] if masks is not None else tf.ones([])
+            mask = masks[l] if masks is not None else tf.ones([], inputs.dtype)
             h, *state = on_device(device, compute)(h, mask, *states[l])
         new_states.append(tuple(state))
     return h, tuple(new_states)
@@ -73,7 +73,8 @@ def pipeline_stack(cells, devices, inputs, states, static: bool, masks=None):
     num_layers = len(cells)
     with tf.device(devices[0]), tf.name_scope("layer_0"):
         # Layer 0 sees all its inputs at once: (T, B, G*H).
-        first, = on_device(devices[0], lambda x: [cells[0].project_inputs(x, cells[0].split_kernel()[0])])(inputs)
+        first, = on_device(devices[0], lambda x: [
+            cells[0].project_inputs(x, cells[0].split_kernel(x.dtype)[0])])(inputs)
 
     def layer_step(l, x_t, state, t):
         """Layer l at time step t: x_t is layer l-1's output (layer 0: its projected input)."""
@@ -82,13 +83,13 @@ def pipeline_stack(cells, devices, inputs, states, static: bool, masks=None):
         # Everything the step differentiates enters as an argument or is a variable read
         # inside, so that on_device can build its gradient on the layer's device.
         def compute(x_t, mask_t, *state):
-            w_x, w_h = cell.split_kernel()
-            z = x_t if l == 0 else tf.matmul(x_t, w_x) + cell.bias
+            w_x, w_h = cell.split_kernel(mask_t.dtype)
+            z = x_t if l == 0 else tf.matmul(x_t, w_x) + tf.cast(cell.bias, x_t.dtype)
             out, state = cell.step(z, state, w_h)
             return [out * mask_t, *state]
 
         with tf.device(devices[l]), tf.name_scope(f"layer_{l}"):
-            mask_t = masks[l][t] if masks is not None else tf.ones([])
+            mask_t = masks[l][t] if masks is not None else tf.ones([], inputs.dtype)
             out, *state = on_device(devices[l], compute)(first[t] if l == 0 else x_t, mask_t, *state)
             return out, tuple(state)
 
@@ -120,7 +121,7 @@ def pipeline_stack(cells, devices, inputs, states, static: bool, masks=None):
                 outputs = outputs.write(k, out)
         return k + 1, tuple(states), tuple(new_carry), outputs
 
-    carry = tuple(tf.zeros([batch, cells[l].units]) for l in range(num_layers - 1))
+    carry = tuple(tf.zeros([batch, cells[l].units], inputs.dtype) for l in range(num_layers - 1))
     total = num_steps + num_layers - 1
     _, states, _, outputs = tf.while_loop(
         lambda k, *_: k < total, body,

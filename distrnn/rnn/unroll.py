@@ -8,6 +8,9 @@
 | cudnn   | cuDNN on a GPU                                            | LSTM, no peepholes |
 | auto    | the fastest of these for the device and options           | all              |
 
+Every mode computes in float32, bfloat16 or float16 (the precision, distrnn.precision) except
+block and cudnn in bfloat16: the BlockLSTM and cuDNN RNN ops are defined for half and float only.
+
 LSTM cells in static and dynamic mode run through `lstm_stack`, whose
 backward pass is written by hand; other cells are differentiated by
 TensorFlow (`unroll_autodiff`, also the reference the tests hold the LSTM
@@ -18,6 +21,7 @@ import logging
 
 import tensorflow as tf
 
+from distrnn import precision
 from distrnn.names import RNN_MODES
 from distrnn.rnn import fused
 from distrnn.rnn.cells import LSTMCell
@@ -27,10 +31,15 @@ UNROLL_MODES = RNN_MODES  # the names, defined TensorFlow-free in distrnn.names
 logger = logging.getLogger("distrnn")
 
 
-def supported(kind: str, use_peepholes: bool, mode: str) -> bool:
-    """Whether `mode` can run a cell of `kind` (a key of CELLS)."""
+FUSED_PRECISIONS = ("float32", "float16")  # the T attribute of BlockLSTM and CudnnRNNV3 (no bfloat16)
+
+
+def supported(kind: str, use_peepholes: bool, mode: str, precision: str = "float32") -> bool:
+    """Whether `mode` can run a cell of `kind` (a key of CELLS) in `precision`."""
     if mode in ("static", "dynamic", "auto"):
         return True
+    if precision not in FUSED_PRECISIONS:
+        return False
     if mode == "block":
         return kind == "lstm"
     if mode == "cudnn":
@@ -43,7 +52,7 @@ STEP_MODES = ("static", "dynamic")  # the modes that run a step at a time (lstm_
 
 
 def resolve_mode(kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_steps: int = None,
-                 memory: Memory = KEEP, placement: str = "sequential") -> tuple:
+                 memory: Memory = KEEP, placement: str = "sequential", precision: str = "float32") -> tuple:
     """(concrete mode, reason why) for a stack of `kind` cells (a key of CELLS): `auto` becomes the
     fastest mode for the device and cell; other modes are checked and returned as they are. A memory
     mode (swap or recompute) runs LSTM cells through `lstm_stack`'s segment loops, and the pipeline
@@ -59,14 +68,19 @@ def resolve_mode(kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_st
                              f"every step's activations themselves; drop --recompute/--swap_memory or change "
                              f"--cell/--rnn_mode")
         return "dynamic", "a memory mode runs segment by segment in while loops"
-    mode, reason = _device_mode(kind, use_peepholes, mode, on_gpu, num_steps)
+    mode, reason = _device_mode(kind, use_peepholes, mode, on_gpu, num_steps, precision)
     if placement == "pipeline" and mode not in STEP_MODES:
         return "dynamic", f"{mode} runs whole sequences; the pipeline needs a step loop"
     return mode, reason
 
 
-def _device_mode(kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_steps: int) -> tuple:
+def _device_mode(kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_steps: int,
+                 precision: str = "float32") -> tuple:
     if mode != "auto":
+        if supported(kind, use_peepholes, mode) and not supported(kind, use_peepholes, mode, precision):
+            raise ValueError(f"rnn_mode {mode} has no {precision} kernel (TensorFlow's {mode} op takes float32 and "
+                             f"float16); use --rnn_mode dynamic (or auto, which picks one that runs) with "
+                             f"--precision {precision}, or --precision float16 with rnn_mode {mode}")
         if not supported(kind, use_peepholes, mode):
             raise ValueError(f"rnn_mode {mode} does not support the {kind} cell"
                              f"{' with peepholes' if use_peepholes else ''}; use static or dynamic")
@@ -75,7 +89,7 @@ def _device_mode(kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_st
             raise ValueError("rnn_mode cudnn needs a GPU with cuDNN and this process has none; use --rnn_mode auto, "
                              "which runs cuDNN wherever it can")
         return mode, "asked for"
-    if on_gpu and supported(kind, use_peepholes, "cudnn") and fused.built_with_cudnn():
+    if on_gpu and supported(kind, use_peepholes, "cudnn", precision) and fused.built_with_cudnn():
         return "cudnn", "GPU with cuDNN and an LSTM without peepholes"
     # Measured on CPU (2 x 200-unit LSTM layers, 20 steps, batch 20, forward+backward):
     # static 12-14 ms, dynamic 14-16 ms, block 19 ms.
@@ -94,12 +108,18 @@ class Unrolling:
     reason: str                    # why that mode (the job logs it)
     placement: str = "sequential"  # sequential or pipeline (distrnn.rnn.stack)
     memory: Memory = KEEP          # what an LSTM stack's backward pass keeps
+    precision: str = "float32"     # what the model computes in (distrnn.precision): float32, bfloat16, float16
+
+    @property
+    def dtype(self) -> tf.DType:
+        return precision.compute_dtype(self.precision)
 
     @classmethod
     def resolve(cls, kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_steps: int,
-                placement: str = "sequential", memory: Memory = KEEP) -> "Unrolling":
-        """resolve_mode's choice, with the schedule and memory mode it was made for."""
-        return cls(*resolve_mode(kind, use_peepholes, mode, on_gpu, num_steps, memory, placement), placement, memory)
+                placement: str = "sequential", memory: Memory = KEEP, precision: str = "float32") -> "Unrolling":
+        """resolve_mode's choice, with the schedule, memory mode and precision it was made for."""
+        return cls(*resolve_mode(kind, use_peepholes, mode, on_gpu, num_steps, memory, placement, precision),
+                   placement, memory, precision)
 
 
 def unroll(cell, inputs, state, mode: str = "dynamic", sequence_length=None, memory: Memory = KEEP):
@@ -112,7 +132,8 @@ def unroll(cell, inputs, state, mode: str = "dynamic", sequence_length=None, mem
     """
     if mode == "auto":
         raise ValueError("unroll runs a concrete mode: resolve_mode turns auto into one for the job's devices")
-    _device_mode(cell.kind, cell.use_peepholes, mode, on_gpu=True, num_steps=None)  # refuses what cannot run
+    _device_mode(cell.kind, cell.use_peepholes, mode, on_gpu=True, num_steps=None,
+                 precision=inputs.dtype.name)  # refuses what cannot run
     if mode == "block":
         return fused.block_lstm(cell, inputs, state, sequence_length)
     if mode == "cudnn":
@@ -133,8 +154,8 @@ def lstm_layer(cell, device: str = None) -> Layer:
 
 
 def unroll_autodiff(cell, inputs, state, mode: str = "dynamic", sequence_length=None):
-    """The generic loop over `cell.step`, differentiated by TensorFlow."""
-    w_x, w_h = cell.split_kernel()
+    """The generic loop over `cell.step`, differentiated by TensorFlow, in the inputs' dtype."""
+    w_x, w_h = cell.split_kernel(inputs.dtype)
     projected = cell.project_inputs(inputs, w_x)
     state = tuple(state)
     if sequence_length is not None:
