@@ -25,6 +25,9 @@ TENSORFLOW_ONEDNN_FLAGS = ("avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile",
 # The vector extensions worth naming beside a speed figure, oldest first.
 VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
                 "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+# The /proc/cpuinfo flags of native 16-bit matrix arithmetic, which oneDNN uses (its cpu_isa list:
+# avx512_core_bf16, avx512_core_fp16, avx512_core_amx, avx512_core_amx_fp16); without one it converts.
+NATIVE_16_BIT = {"bfloat16": ("avx512_bf16", "amx_bf16"), "float16": ("avx512_fp16", "amx_fp16")}
 # tsl's ReadBoolFromEnvVar: case-insensitive, anything else is ignored with a warning.
 _TRUE, _FALSE = ("1", "true"), ("0", "false")
 
@@ -38,6 +41,11 @@ class Processor:
     @property
     def vector_extensions(self) -> Tuple[str, ...]:
         return tuple(f for f in VECTOR_FLAGS if f in self.flags)
+
+    def lacks_native(self, precision: str) -> bool:
+        """Whether a 16-bit `precision` runs converted to float32 around every kernel here (slower than
+        float32, though still half the activation memory)."""
+        return precision in NATIVE_16_BIT and not any(f in self.flags for f in NATIVE_16_BIT[precision])
 
     @property
     def tensorflow_enables_onednn(self) -> bool:

@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import urllib.parse
 import urllib.request
 from typing import Callable, Sequence
@@ -17,12 +18,35 @@ SCHEMES = ("https", "http", "ftp", "file")  # what urllib.request opens
 
 
 def fetch(url: str, path: str, what: str, hint: str) -> str:
-    """Downloads `url` to `path`; on failure a UsageError naming `what` and ending with `hint`."""
+    """Downloads `url` to `path`; on failure a UsageError naming `what` and ending with `hint`.
+
+    The transfer runs in a thread while the main thread waits in short joins: a signal sent to the
+    process may be delivered to any of its threads (TensorFlow starts many), and CPython then only sets
+    a flag that the main thread acts on when it next runs Python code, which a main thread blocked in a
+    read would not do until the read returned (seen: Ctrl-C during a stalled download ignored for
+    minutes under load). Joining in steps of 0.2 s, it acts on Ctrl-C or SIGTERM within that."""
+    failure = []
+
+    def transfer(out):
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                shutil.copyfileobj(response, out)
+        except BaseException as e:  # handed to the main thread
+            failure.append(e)
+
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as out:
-            shutil.copyfileobj(response, out)
-    except (OSError, ValueError) as e:  # URLError, timeouts and refused connections are all OSErrors
-        raise UsageError(f"could not download {what} from {url} ({e}); {hint}") from None
+        # Opened here, not in the thread: once the main thread has gone (a signal), the thread makes no file.
+        with open(path, "wb") as out:
+            worker = threading.Thread(target=transfer, args=(out,), name="distrnn-download", daemon=True)
+            worker.start()
+            while worker.is_alive():
+                worker.join(0.2)
+    except OSError as e:
+        failure.append(e)
+    if failure and isinstance(failure[0], (OSError, ValueError)):  # URLError, timeouts, refused connections
+        raise UsageError(f"could not download {what} from {url} ({failure[0]}); {hint}") from None
+    if failure:
+        raise failure[0]
     return path
 
 

@@ -18,7 +18,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from distrnn import compat, cpu, distributed, memory, outputs, stops
+from distrnn import compat, cpu, distributed, local_devices, memory, outputs, stops
 from distrnn.checkpoints import Checkpoints, write_json
 from distrnn.errors import OutOfMemory
 from distrnn.memory import ADVICE
@@ -157,6 +157,11 @@ def _log_start(job: Job, options, checkpoints, resumed: bool, save_path: str) ->
            else "") + f"; memory mode {options.memory.describe()}" + job.memory_note)
     for note in job.notes:
         log(note)
+    precision = trainer.unrolling.precision
+    if not local_devices.runs_on_gpu(job.devices) and cpu.processor().lacks_native(precision):
+        log(f"precision {precision}: this processor has no native {precision} arithmetic (flags "
+            f"{' or '.join(cpu.NATIVE_16_BIT[precision])}), so every kernel converts to float32 and back: expect "
+            f"it slower than float32 here; the activations still take half the memory (docs/precision.md)")
     if job.devices:
         for line in job.plan.describe():
             log(line)

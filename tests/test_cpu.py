@@ -74,3 +74,12 @@ def test_a_job_says_which_kernels_it_runs_and_records_them(corpus, tmp_path):
                           env={"TF_ENABLE_ONEDNN_OPTS": "yes"})
         assert_one_line_error(proc, module, "TF_ENABLE_ONEDNN_OPTS='yes' is neither 0 nor 1")
     assert not (tmp_path / "no").exists()
+
+
+def test_which_processors_run_16_bit_arithmetic_natively():
+    zen4 = cpu.Processor("AMD EPYC", frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    sapphire = cpu.Processor("Intel Xeon", frozenset({"avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"}))
+    avx2 = cpu.Processor("AMD EPYC", frozenset({"avx2", "fma"}))
+    assert [zen4.lacks_native(p) for p in ("float32", "bfloat16", "float16")] == [False, False, True]
+    assert [sapphire.lacks_native(p) for p in ("float32", "bfloat16", "float16")] == [False, False, False]
+    assert [avx2.lacks_native(p) for p in ("float32", "bfloat16", "float16")] == [False, True, True]

@@ -329,7 +329,11 @@ def test_signal_during_start_up(sig, code, tmp_path):
                 assert proc.poll() is None, proc.communicate()
                 time.sleep(0.1)
         proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("no exit within 60 s of the signal:\n" + "\n".join(proc.communicate())) from None
     finally:
         if writer is not None:
             os.close(writer)

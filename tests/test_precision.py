@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import assert_one_line_error, checkpoint_step, run_ptb
+from distrnn import cpu
 from distrnn.config import override
 from distrnn.mnist.configs import PRESETS as MNIST_PRESETS
 from distrnn.mnist.trainer import Trainer as MNISTTrainer
@@ -225,6 +226,8 @@ def test_use_fp16_is_float16_and_refusals_are_one_line(tmp_path, corpus):
     run = run_ptb("--config", "test", "--data_path", corpus, "--max_steps", "3", "--use_fp16",
                   "--save_path", str(tmp_path / "r"), "--metrics_json", str(tmp_path / "m.json"), check=0)
     assert "precision float16 (dynamic loss scale, now 32768)" in run.stdout + run.stderr
+    # Said where this processor converts float16 around every kernel, whichever processor runs the test.
+    assert ("no native float16 arithmetic" in run.stdout) == cpu.processor().lacks_native("float16")
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["precision"] == "float16" and metrics["loss_scale"]["good_steps"] == 3
     assert checkpoint_step(tmp_path / "r") == 3

@@ -362,7 +362,9 @@ def test_sbatch_ptb_large_stops_before_its_time_limit_requeues_and_resumes(clust
     assert [int(n) for n in re.findall(r"\[slurm\] job \d+ \(ptb_large\) start (\d+)", log)] == [1, 2, 3]
     assert "tasks 0-1: Exited with exit code 138" in log
     assert "[slurm] stopped ahead of the time limit with a checkpoint; requeueing job" in log
-    assert "tasks 0-1: Exited with exit code 143" in log
+    # Both stops were distrnn's own: a checkpoint, then the exit (srun's line for the SIGTERM one may be missing:
+    # srun is signalled too, and under load it can end before it reports the tasks' exit codes).
+    assert log.count("stopped by signal: checkpoint saved in") == 2, log[-3000:]
     assert log.count("[slurm] this allocation is not what the script's #SBATCH header asks for: --ntasks-per-node 2 "
                      "(header: 4), --cpus-per-task 1 (header: 8), --gpus-per-node 0 (header: 4);") == 3  # every start
     resumed = [int(s) for s in re.findall(r"resumed from \S+/ckpt-(\d+) at epoch", log)]
