@@ -2,7 +2,7 @@
 what is on disk, and nothing in it lost to a crash, a full disk or a mistake.
 
     with SavePathLock(save_path):               # a second run stops here, in one line
-        checkpoints = Checkpoints(tf_checkpoint, save_path)
+        checkpoints = Checkpoints(parts, save_path, optional=("loss_scale",))
         resumed = checkpoints.open_run(resume, config, shape_keys)
         ...
         checkpoints.save(step)                   # SaveFailed, partial files removed, on a full disk
@@ -18,7 +18,7 @@ import re
 import shutil
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from distrnn.errors import SaveFailed, UsageError
 
@@ -139,10 +139,15 @@ class Checkpoints:
     the rotation's reach.
     """
 
-    def __init__(self, checkpoint, save_path: str, max_to_keep: int = 3):
+    def __init__(self, parts: Dict[str, object], save_path: str, max_to_keep: int = 3, optional: Sequence[str] = ()):
+        """parts: what a checkpoint holds, by name (a tf.train.Checkpoint's children); optional: the names of
+        parts added after runs were saved without them: restored where a checkpoint has them, else left at
+        their initial values, so that those runs still resume."""
+        import tensorflow as tf
         self.directory = os.path.join(save_path, "checkpoints")
         self.best_directory = os.path.join(save_path, "best")
-        self.checkpoint = checkpoint
+        self.parts, self.optional = dict(parts), tuple(optional)
+        self.checkpoint = tf.train.Checkpoint(**self.parts)
         self.max_to_keep = max_to_keep
         self.manager = self.best_manager = None
         self.notes: List[str] = []  # what restore_or_start found wrong and did about it, for the log
@@ -224,7 +229,7 @@ class Checkpoints:
         raise UsageError: an older checkpoint of the same run would not fit either."""
         import tensorflow as tf
         try:
-            self.checkpoint.restore(prefix).assert_existing_objects_matched()
+            self._read(prefix)
             return None
         except (ValueError, AssertionError, tf.errors.InvalidArgumentError) as e:
             first = str(e).strip().splitlines()[0]
@@ -273,8 +278,17 @@ class Checkpoints:
         if path is None:
             raise UsageError(f"no best checkpoint in {self.best_directory}: it was removed while the run went on; "
                              "the last weights' figures are in the metrics")
-        self.checkpoint.restore(path).assert_existing_objects_matched()
+        self._read(path)
         return path
+
+    def _read(self, prefix: str) -> None:
+        """Restores `prefix` into the parts it must hold, and the optional ones it has."""
+        import tensorflow as tf
+        held = {name.split("/")[0] for name, _ in tf.train.list_variables(prefix)}
+        missing = [name for name in self.optional if name not in held]
+        root = self.checkpoint if not missing else tf.train.Checkpoint(
+            **{name: part for name, part in self.parts.items() if name not in missing})
+        root.restore(prefix).assert_existing_objects_matched()
 
     def _save(self, manager, directory: str, step: int) -> str:
         import tensorflow as tf

@@ -46,7 +46,7 @@ class Job:
     global_batch: int
     batch_text: str          # "batch_size 128", for the start-up line
     saved_extra: dict        # what config.json holds besides the config's fields and name
-    trainer: tf.Module       # .model, .unrolling, .optimizer, .loss_scale, .position(), .checkpoint(),
+    trainer: tf.Module       # .model, .unrolling, .optimizer, .loss_scale, .position(), .checkpoint_parts(),
                              # .share_from_chief()
     plan: object             # the placement plan (describe, as_dict)
     best_key: str            # the validation figure that picks the best epoch: "valid_perplexity"
@@ -132,7 +132,8 @@ class Job:
 def train(job: Job, world, options, save_path: str, started: float) -> dict:
     """Opens the run in save_path (rank 0 alone touches it and restores; its outcome, or its error,
     reaches every rank), shares rank 0's weights and position, logs the start and runs the loop."""
-    checkpoints = Checkpoints(job.trainer.checkpoint(), save_path)
+    # The loss scale came after runs were saved without one: those resume with its initial value.
+    checkpoints = Checkpoints(job.trainer.checkpoint_parts(), save_path, optional=("loss_scale",))
 
     def open_run():
         resumed = checkpoints.open_run(options.resume, job.saved_config, job.shape_fields, job.absent_fields)

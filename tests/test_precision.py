@@ -253,3 +253,20 @@ def test_the_gpu_path_runs_cudnn_in_float16_and_the_loop_in_bfloat16(monkeypatch
         resolve_mode("lstm", False, "cudnn", True, 35, precision="bfloat16")
     weights, biases = fused._cudnn_lstm_params(LSTMCell(3, 4), tf.float16)
     assert len(weights) == len(biases) == 8 and {t.dtype for t in weights + biases} == {tf.float16}
+
+
+def test_a_run_saved_before_the_loss_scale_existed_resumes_in_float16(corpus, tmp_path, monkeypatch):
+    """Checkpoints written before distrnn kept a loss scale have none: they resume (in any precision), the
+    scale starting at its initial value."""
+    config = override(PRESETS.get("test"), SMALL)
+    options = dict(data_path=corpus, save_path=str(tmp_path / "run"))
+    parts = Trainer.checkpoint_parts
+    with monkeypatch.context() as patch:  # what an earlier distrnn saved
+        patch.setattr(Trainer, "checkpoint_parts", lambda self: {k: v for k, v in parts(self).items()
+                                                                 if k != "loss_scale"})
+        train_and_evaluate(config, RunOptions(max_steps=5, **options))
+    names = {n.split("/")[0] for n, _ in tf.train.list_variables(str(tmp_path / "run" / "checkpoints"))}
+    assert "loss_scale" not in names and "model" in names
+    resumed = train_and_evaluate(config, RunOptions(max_steps=9, resume=True, precision="float16", **options))
+    assert resumed["steps"] == 9
+    assert resumed["loss_scale"] == {"scale": LossScale.INITIAL, "skipped_steps": 0, "good_steps": 4}

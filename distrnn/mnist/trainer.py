@@ -63,9 +63,9 @@ class Trainer(tf.Module):
     def unrolling(self) -> Unrolling:
         return self.model.unrolling
 
-    def checkpoint(self) -> tf.train.Checkpoint:
-        return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, position=self._position,
-                                   loss_scale=self.loss_scale)
+    def checkpoint_parts(self) -> dict:
+        """What a checkpoint holds, by name (distrnn.checkpoints.Checkpoints)."""
+        return dict(model=self.model, optimizer=self.optimizer, position=self._position, loss_scale=self.loss_scale)
 
     def record(self, position: Position) -> None:
         self._position.assign(json.dumps(dataclasses.asdict(position)))

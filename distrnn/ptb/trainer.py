@@ -72,9 +72,10 @@ class Trainer(tf.Module):
         self._carried = [tf.Variable(tf.cast(t, tf.float32), trainable=False)
                          for t in tf.nest.flatten(self.model.zero_state(config.batch_size * self.world.size))]
 
-    def checkpoint(self) -> tf.train.Checkpoint:
-        return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, position=self._position,
-                                   carried_state=self._carried, loss_scale=self.loss_scale)
+    def checkpoint_parts(self) -> dict:
+        """What a checkpoint holds, by name (distrnn.checkpoints.Checkpoints)."""
+        return dict(model=self.model, optimizer=self.optimizer, position=self._position, carried_state=self._carried,
+                    loss_scale=self.loss_scale)
 
     def record(self, position: Position, state) -> None:
         """Copies the run's position and carried state into the checkpointed variables.
