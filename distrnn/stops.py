@@ -59,6 +59,7 @@ class Watch:
         """After every rank agreed to stop with `code` and the chief saved a checkpoint: keeps every rank
         until then (a launcher that sees one rank exit non-zero stops the others: srun --kill-on-bad-exit,
         horovodrun) and says why it stopped and how to continue. out_of_memory: what a failed step said."""
+        ignore_launcher_signals(code)
         if self.world.size > 1:
             self.world.allreduce_sum([0.0])  # the barrier
         where = f"checkpoint saved in {checkpoints.directory}"
@@ -67,6 +68,18 @@ class Watch:
             self.say(f"stopped: {reason}; {where}. {memory.ADVICE} Then continue with --resume --save_path {save_path}")
         elif self.world.is_chief:
             log(f"stopped by signal: {where}; continue with --resume --save_path {save_path}")
+
+
+def ignore_launcher_signals(code: int) -> None:
+    """After a stop every rank agreed on, its checkpoint saved: SIGTERM and SIGUSR1 are ignored for the rest of
+    the process, which is on its way out with `code`. A launcher signals the ranks still running when one has
+    exited: srun --kill-on-bad-exit sent SIGTERM to rank 0 while TensorFlow was shutting down after rank 1
+    had exited 138 (SIGUSR1 ahead of the time limit); rank 0 died by it, the step's code became 143, and
+    slurm/job.sh did not requeue the job. SIG_IGN, unlike a Python handler, survives the interpreter's
+    finalization. A Ctrl-C stop leaves them alone (an interactive process may be sent SIGTERM to end it)."""
+    if code != StopSignal.exit_code(signal.SIGINT) and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def agreed_stop(world, signum: Optional[int], memory_short: bool) -> Optional[int]:
@@ -141,7 +154,8 @@ class SignalsInterrupt:
 
     def __exit__(self, kind, error, tb):
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            if signal.getsignal(sig) is self._raise:  # not where a stop has since ignored it
+                signal.signal(sig, handler)
         if kind is KeyboardInterrupt or kind is _Signalled:
             signum = signal.SIGINT if kind is KeyboardInterrupt else error.signum
             raise Interrupted(interrupted_message(self.save_path, signum), StopSignal.exit_code(signum)) from None

@@ -107,17 +107,25 @@ def test_checkpoints_are_never_clobbered(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_kill_and_resume_continues_as_uninterrupted(corpus, tmp_path, background_process):
-    """Stopped as a scheduler stops it and resumed, a run ends where an uninterrupted one ends. The run
-    has no end it could reach before the signal, however fast the machine: its end is set on resume."""
+    """Stopped as Slurm stops it ahead of a time limit (SIGUSR1) and resumed, a run ends where an uninterrupted
+    one ends. The run has no end it could reach before the signal, however fast the machine: its end is set
+    on resume. Once it has saved, a SIGTERM (what srun --kill-on-bad-exit sends the ranks still running
+    when one has exited) does not change its exit code."""
     common = ["--config", "test", "--hidden_size", "8", "--batch_size", "2", "--num_steps", "3", "--max_max_epoch",
               "1000000", "--data_path", corpus, "--checkpoint_every", "100000"]
     proc = background_process(*common, "--save_path", tmp_path / "b", "--metrics_json", tmp_path / "never.json")
     for line in proc.stdout:  # wait until it is training, then stop it as a scheduler would
         if "words/sec" in line:
             break
-    proc.send_signal(signal.SIGTERM)
-    output = proc.stdout.read()
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, output
+    proc.send_signal(signal.SIGUSR1)
+    output = ""
+    for line in proc.stdout:
+        output += line
+        if "stopped by signal: checkpoint saved" in line:
+            proc.send_signal(signal.SIGTERM)  # still exiting: TensorFlow's shutdown takes a while
+            break
+    output += proc.stdout.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGUSR1, output
     assert "stopped by signal: checkpoint saved" in output
     assert not (tmp_path / "never.json").exists()
     stopped_at = checkpoint_step(tmp_path / "b")

@@ -368,6 +368,27 @@ def test_signals_outside_the_training_loop_become_one_line(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
 
 
+IGNORED_AFTER_THE_STOP = """
+import os, signal, sys, time
+from distrnn import stops
+with stops.SignalsInterrupt("unused"):
+    stops.ignore_launcher_signals(int(sys.argv[1]))
+os.kill(os.getpid(), signal.SIGTERM)
+os.kill(os.getpid(), signal.SIGUSR1)
+time.sleep(1)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("code, returned", [(138, 138), (143, 143), (75, 75), (130, -signal.SIGTERM)])
+def test_a_stopped_run_keeps_its_exit_code_when_signalled_again(code, returned):
+    """After an agreed stop (SIGUSR1, SIGTERM, memory), the launcher's SIGTERM to a rank still exiting is
+    ignored, beyond SignalsInterrupt's end; after a Ctrl-C stop SIGTERM still ends the process."""
+    proc = subprocess.run([sys.executable, "-c", IGNORED_AFTER_THE_STOP, str(code)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == returned, proc.stderr
+
+
 def test_run_main_is_the_one_boundary(capsys):
     from distrnn import cli, errors
 
