@@ -23,8 +23,8 @@ def fetch(url: str, path: str, what: str, hint: str) -> str:
     The transfer runs in a thread while the main thread waits in short joins: a signal sent to the
     process may be delivered to any of its threads (TensorFlow starts many), and CPython then only sets
     a flag that the main thread acts on when it next runs Python code, which a main thread blocked in a
-    read would not do until the read returned (seen: Ctrl-C during a stalled download ignored for
-    minutes under load). Joining in steps of 0.2 s, it acts on Ctrl-C or SIGTERM within that."""
+    read would not do until the read returned (a stalled mirror: up to the 60 s timeout). Joining in steps
+    of 0.2 s, it acts on Ctrl-C or SIGTERM within that."""
     failure = []
 
     def transfer(out):

@@ -92,6 +92,13 @@ def agreed_stop(world, signum: Optional[int], memory_short: bool) -> Optional[in
     return OutOfMemory.exit_code if short else (StopSignal.exit_code(signum) if signum else None)
 
 
+def catchable(signals):
+    """The signals a process may catch: those not ignored when it started. A non-interactive shell starts
+    its background commands (`distrnn.ptb ... &` in a script) with SIGINT ignored, so that a Ctrl-C meant for
+    the script does not reach them; nohup ignores SIGHUP the same way. Catching them would undo that."""
+    return [sig for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN]
+
+
 class StopSignal:
     """Turns the first SIGINT, SIGTERM or SIGUSR1 into a flag the training loop checks between
     steps, so it can save a checkpoint and exit cleanly; a second signal interrupts at once.
@@ -105,7 +112,7 @@ class StopSignal:
         self._previous = {}
 
     def __enter__(self):
-        for sig in self.SIGNALS:
+        for sig in catchable(self.SIGNALS):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -144,7 +151,7 @@ class SignalsInterrupt:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
+            for sig in catchable((signal.SIGTERM, signal.SIGUSR1)):
                 self._previous[sig] = signal.signal(sig, self._raise)
         return self
 

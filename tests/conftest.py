@@ -13,6 +13,12 @@ VIRTUAL_DEVICES = 4
 
 
 def pytest_configure(config):
+    # A session started in the background by a script (launch/test.sh runs the second stack's with `&`)
+    # inherits SIGINT ignored, as does every process it starts: a non-interactive shell ignores SIGINT in
+    # its background commands, and Python keeps an inherited SIG_IGN. The tests that send SIGINT mean the
+    # process to see it; a handler here (its children get SIGINT's default on exec) gives them that.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     # The tests' own TensorFlow runs the kernels a distrnn job runs (distrnn turns oneDNN on where
     # TF_ENABLE_ONEDNN_OPTS is unset), so in-process results compare with the command line's.
     from distrnn import compat, cpu

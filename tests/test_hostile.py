@@ -368,6 +368,20 @@ def test_signals_outside_the_training_loop_become_one_line(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
 
 
+def test_signals_ignored_at_start_stay_ignored():
+    """A background command of a script starts with SIGINT ignored (nohup: SIGHUP): neither the training loop's
+    StopSignal nor SignalsInterrupt catches a signal ignored on entry; the others they catch and put back."""
+    from distrnn import stops
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        with stops.SignalsInterrupt("unused"), stops.StopSignal():
+            assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
 IGNORED_AFTER_THE_STOP = """
 import os, signal, sys, time
 from distrnn import stops
