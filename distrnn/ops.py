@@ -1,4 +1,6 @@
 """Numerical building blocks shared by the models."""
+import functools
+
 import tensorflow as tf
 
 # Below this probability -log(p) is taken from the log-sum-exp instead (float32's
@@ -36,7 +38,7 @@ def softmax_cross_entropy(features, weights, bias, labels, class_rows: bool = Fa
 
     @tf.custom_gradient
     def layer(features, weights, bias):
-        logits = tf.cast(tf.nn.bias_add(tf.matmul(features, weights, transpose_b=class_rows), bias), tf.float32)
+        logits = tf.cast(tf.nn.bias_add(matmul(features, weights, transpose_b=class_rows), bias), tf.float32)
         probs = tf.nn.softmax(logits)
         picked = tf.gather(probs, labels, axis=1, batch_dims=1)
         loss = tf.cond(tf.reduce_all(picked > _TINY), lambda: -tf.math.log(picked),
@@ -49,12 +51,55 @@ def softmax_cross_entropy(features, weights, bias, labels, class_rows: bool = Fa
             g = tf.cast(g32, features.dtype)  # the identity in float32
             d_column = tf.cast(d_loss[:, None], features.dtype)
             if class_rows:
-                d_features, d_weights = tf.matmul(g, weights), tf.matmul(g, features * d_column, transpose_a=True)
+                d_features, d_weights = matmul(g, weights), matmul(g, features * d_column, transpose_a=True)
             else:
-                d_features = tf.matmul(g, weights, transpose_b=True)
-                d_weights = tf.matmul(features * d_column, g, transpose_a=True)
+                d_features = matmul(g, weights, transpose_b=True)
+                d_weights = matmul(features * d_column, g, transpose_a=True)
             return d_features * d_column, d_weights, d_bias
 
         return loss, grad
 
     return layer(features, weights, bias)
+
+
+def matmul(a, b, transpose_a: bool = False, transpose_b: bool = False):
+    """tf.matmul for 2-D a and b, with float16 products summed in float32 where no GPU runs them, as they
+    are on GPUs: there cuBLAS multiplies half inputs with float32 accumulation (TensorFlow's
+    TF_FP16_MATMUL_USE_FP32_COMPUTE, on by default), while TensorFlow's CPU kernel for half accumulates in
+    half, 4096 ones summing to 2048, and runs about 400 times slower than float32 (both measured on 2.15.1,
+    400 x 650 by 650 x 2600: 1.2 s against 3 ms). There the product is taken of float32 copies and rounded
+    to float16 once; inputs, output and what the backward keeps stay float16."""
+    if a.dtype != tf.float16 or _runs_on_gpu():
+        return tf.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+    return _float32_sums(transpose_a, transpose_b)(a, b)
+
+
+@functools.lru_cache(maxsize=None)
+def _runs_on_gpu() -> bool:
+    """Whether this process's matmuls run on GPUs: it has one (a float16 matmul a GPU process places on
+    its CPU keeps TensorFlow's CPU kernel)."""
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def _product(a, b, transpose_a, transpose_b):
+    """a @ b (each transposed as asked) of float16 a and b, summed in float32, rounded once to float16."""
+    return tf.cast(tf.matmul(tf.cast(a, tf.float32), tf.cast(b, tf.float32), transpose_a=transpose_a,
+                             transpose_b=transpose_b), tf.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def _float32_sums(transpose_a: bool, transpose_b: bool):
+    """_product with its gradients taken the same way, from the float16 a, b and upstream gradient (autodiff
+    of the float32 copies would keep a float32 copy of every activation for the backward)."""
+    @tf.custom_gradient
+    def product(a, b):
+        def grad(g):  # TensorFlow's MatMul gradients, one case per pair of transpositions
+            if not transpose_a and not transpose_b:
+                return _product(g, b, False, True), _product(a, g, True, False)
+            if not transpose_a:
+                return _product(g, b, False, False), _product(g, a, True, False)
+            if not transpose_b:
+                return _product(b, g, False, True), _product(a, g, False, False)
+            return _product(b, g, True, True), _product(g, a, True, True)
+        return _product(a, b, transpose_a, transpose_b), grad
+    return product

@@ -1,8 +1,10 @@
+import itertools
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from distrnn.ops import softmax_cross_entropy
+from distrnn.ops import matmul, softmax_cross_entropy
 
 
 def reference(features, weights, bias, labels):
@@ -42,3 +44,33 @@ def test_softmax_cross_entropy_by_hand():
     loss = softmax_cross_entropy(tf.constant([[1.0]]), tf.constant([[0.0, np.log(3.0)]], tf.float32),
                                  tf.zeros([2]), tf.constant([1])).numpy()
     np.testing.assert_allclose(loss, [-np.log(0.75)], rtol=1e-6)
+
+
+def test_float16_matmul_sums_in_float32_on_cpu():
+    """What a GPU's cuBLAS does with half inputs: 4096 ones sum to 4096 (TensorFlow's CPU kernel for half
+    gives 2048: past 2048, adding 1 is below half's spacing)."""
+    ones = tf.ones([1, 4096], tf.float16)
+    total = matmul(ones, tf.transpose(ones))
+    assert total.dtype == tf.float16 and float(total[0, 0]) == 4096.0
+    assert float(tf.matmul(ones, tf.transpose(ones))[0, 0]) == 2048.0  # the kernel it replaces on CPU
+
+
+@pytest.mark.parametrize("transpose_a, transpose_b", itertools.product([False, True], repeat=2))
+def test_float16_matmul_gradients_are_matmuls(transpose_a, transpose_b):
+    """Values and both gradients against float64 products of the same float16 numbers, for every pair of
+    transpositions: within float16's rounding of each result (2^-11 relative, a few units), and float16."""
+    rng = np.random.default_rng(0)
+    a = tf.constant(rng.normal(size=(7, 5) if transpose_a else (5, 7)), tf.float16)
+    b = tf.constant(rng.normal(size=(3, 7) if transpose_b else (7, 3)), tf.float16)
+    upstream = tf.constant(rng.normal(size=(5, 3)))
+    results = []
+    for x, y, fn in ((a, b, matmul), (tf.cast(a, tf.float64), tf.cast(b, tf.float64), tf.matmul)):
+        with tf.GradientTape() as tape:
+            tape.watch([x, y])
+            product = fn(x, y, transpose_a=transpose_a, transpose_b=transpose_b)
+            total = tf.reduce_sum(tf.cast(product, tf.float64) * upstream)
+        results.append([product, *tape.gradient(total, [x, y])])
+    for half, exact in zip(*results):
+        assert half.dtype == tf.float16
+        scale = float(tf.reduce_max(tf.abs(exact)))
+        assert float(tf.reduce_max(tf.abs(tf.cast(half, tf.float64) - exact))) <= 4 * 2.0 ** -11 * scale

@@ -15,6 +15,7 @@ import tensorflow as tf
 from distrnn.mnist.idx import NUM_CLASSES
 from distrnn.estimates import WEIGHT_BYTES, PartMemory, compute_copy, recurrent_layer
 from distrnn.names import PRECISION_BYTES
+from distrnn.ops import matmul
 from distrnn.placement import on_device, single_device
 from distrnn.rnn import CELLS, LSTMCell, Unrolling
 from distrnn.rnn.stack import run_stack
@@ -82,7 +83,7 @@ class RowClassifier(tf.Module):
         h, _ = run_stack(self.cells, self.plan.layers, x, state, self.unrolling)
 
         def dense(last):
-            return [tf.cast(tf.matmul(last, tf.cast(self.dense_w, dtype)) + tf.cast(self.dense_b, dtype), tf.float32)]
+            return [tf.cast(matmul(last, tf.cast(self.dense_w, dtype)) + tf.cast(self.dense_b, dtype), tf.float32)]
 
         with tf.device(self.plan.softmax), tf.name_scope("dense"):
             return on_device(self.plan.softmax, dense)(h[-1])[0]

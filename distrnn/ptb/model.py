@@ -12,7 +12,7 @@ softmax's normaliser and the loss are float32 (distrnn.ops).
 """
 import tensorflow as tf
 
-from distrnn.ops import softmax_cross_entropy
+from distrnn.ops import matmul, softmax_cross_entropy
 from distrnn.placement import on_device, single_device
 from distrnn.rnn import CELLS, LSTMCell, Unrolling
 from distrnn.rnn.stack import run_stack
@@ -109,5 +109,5 @@ class PTBModel(tf.Module):
         with tf.device(self.plan.softmax):
             features = tf.cast(features, tf.float32)
             if self.config.tie_embeddings:
-                return tf.nn.bias_add(tf.matmul(features, self.embedding, transpose_b=True), self.softmax_b)
-            return tf.nn.bias_add(tf.matmul(features, self.softmax_w), self.softmax_b)
+                return tf.nn.bias_add(matmul(features, self.embedding, transpose_b=True), self.softmax_b)
+            return tf.nn.bias_add(matmul(features, self.softmax_w), self.softmax_b)

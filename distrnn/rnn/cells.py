@@ -15,6 +15,7 @@ it where they are read, and the cast's gradient is float32 again.
 import tensorflow as tf
 
 from distrnn.names import CELL_GATES
+from distrnn.ops import matmul
 
 
 class RecurrentCell(tf.Module):
@@ -58,7 +59,7 @@ class RecurrentCell(tf.Module):
         """inputs (T, B, I) -> the input half of every gate, (T, B, G*H), bias included."""
         t, b = tf.shape(inputs)[0], tf.shape(inputs)[1]
         flat = tf.reshape(inputs, [-1, self.input_size])                 # (T*B, I)
-        z = tf.matmul(flat, input_kernel) + tf.cast(self.bias, inputs.dtype)  # (T*B, G*H)
+        z = matmul(flat, input_kernel) + tf.cast(self.bias, inputs.dtype)  # (T*B, G*H)
         return tf.reshape(z, [t, b, self.gates * self.units])
 
 
@@ -68,7 +69,7 @@ class BasicRNNCell(RecurrentCell):
     kind = "rnn"
 
     def step(self, projected, state, recurrent_kernel):
-        h = tf.tanh(projected + tf.matmul(state[0], recurrent_kernel))
+        h = tf.tanh(projected + matmul(state[0], recurrent_kernel))
         return h, (h,)
 
 
@@ -105,7 +106,7 @@ class LSTMCell(RecurrentCell):
 
     def step(self, projected, state, recurrent_kernel):
         c, h = state
-        z = projected + tf.matmul(h, recurrent_kernel)
+        z = projected + matmul(h, recurrent_kernel)
         i, j, f, o = tf.split(z, 4, axis=1)
         if self.use_peepholes:
             w_i, w_f, w_o = (tf.cast(w, c.dtype) for w in (self.w_i_diag, self.w_f_diag, self.w_o_diag))
@@ -137,7 +138,7 @@ class GRUCell(RecurrentCell):
     def step(self, projected, state, recurrent_kernel):
         h = state[0]
         xr, xu, xn = tf.split(projected, 3, axis=1)
-        hr, hu, hn = tf.split(tf.matmul(h, recurrent_kernel) + tf.cast(self.recurrent_bias, h.dtype), 3, axis=1)
+        hr, hu, hn = tf.split(matmul(h, recurrent_kernel) + tf.cast(self.recurrent_bias, h.dtype), 3, axis=1)
         r, u = tf.sigmoid(xr + hr), tf.sigmoid(xu + hu)
         h = u * h + (1.0 - u) * tf.tanh(xn + r * hn)
         return h, (h,)

@@ -45,6 +45,7 @@ import numpy as np
 import tensorflow as tf
 
 from distrnn.estimates import KEEP, Memory
+from distrnn.ops import matmul
 
 
 class Layer(NamedTuple):
@@ -224,7 +225,7 @@ def _backward_step(d_out, q, pd, fc, m, dc_next, dh_next, w_h):
     dc = dh * q + dc_in
     dz = tf.concat([dc, dc, dc, dh], 1) * pd
     dc_prev = dc * fc
-    dh_prev = tf.matmul(dz, w_h, transpose_b=True)
+    dh_prev = matmul(dz, w_h, transpose_b=True)
     if m is not None:
         dc_prev += (1.0 - m) * dc_next
         dh_prev += (1.0 - m) * dh_next
@@ -289,7 +290,7 @@ class _Passes:
         first = self.params[0]
         with self.scope(0):  # the first layer's input matmul, once for all steps
             n, batch = tf.shape(inputs)[0], tf.shape(inputs)[1]
-            x = tf.reshape(tf.nn.bias_add(tf.matmul(tf.reshape(inputs, [n * batch, -1]), first.w_x),
+            x = tf.reshape(tf.nn.bias_add(matmul(tf.reshape(inputs, [n * batch, -1]), first.w_x),
                                           first.bias_fb), [n, batch, 4 * first.units])
 
         def step(slices, carry):
@@ -298,8 +299,8 @@ class _Passes:
             for l, (p, state) in enumerate(zip(self.params, carry)):
                 with self.scope(l):
                     if l:
-                        x_t = tf.nn.bias_add(tf.matmul(x_t, p.w_x), p.bias_fb)
-                    z = x_t + tf.matmul(state.h, p.w_h)
+                        x_t = tf.nn.bias_add(matmul(x_t, p.w_x), p.bias_fb)
+                    z = x_t + matmul(state.h, p.w_h)
                     c, h, out, a, j = _forward_step(z, now.mask, state.c, state.h, p.peep, p.units)
                     new_carry.append(State(c, h))
                     x_t = out * now.drops[l] if self.has_drop else out
@@ -332,7 +333,7 @@ class _Passes:
                                                       p.w_h)
                     d_carry[l] = State(d_c, d_h)
                     if l:  # the gradient of this step's input, for the layer below
-                        d_y = tf.matmul(d_z[l], p.w_x, transpose_b=True)
+                        d_y = matmul(d_z[l], p.w_x, transpose_b=True)
             return d_carry, d_z
 
         sequences = self.sequences(d_outputs, drops, mask, [(pd, q, fc) for pd, q, fc, _ in factors])
@@ -356,7 +357,7 @@ class _Passes:
         d_inputs = None
         if l == 0:
             below = tf.reshape(inputs, [-1, tf.shape(inputs)[2]])
-            d_inputs = tf.reshape(tf.matmul(flat_dz, p.w_x, transpose_b=True), tf.shape(inputs))
+            d_inputs = tf.reshape(matmul(flat_dz, p.w_x, transpose_b=True), tf.shape(inputs))
         else:
             below = tf.reshape(getattr(saved[l - 1], self.output), [-1, self.params[l - 1].units])
         d_peep = None
@@ -364,7 +365,7 @@ class _Passes:
             d_zi, _, d_zf, d_zo = tf.split(d_z, 4, axis=2)
             d_peep = tf.stack([tf.reduce_sum(d_zi * c_prev, [0, 1]), tf.reduce_sum(d_zf * c_prev, [0, 1]),
                                tf.reduce_sum(d_zo * s.c, [0, 1])])
-        return Grads(tf.matmul(below, flat_dz, transpose_a=True), tf.matmul(h_prev, flat_dz, transpose_a=True),
+        return Grads(matmul(below, flat_dz, transpose_a=True), matmul(h_prev, flat_dz, transpose_a=True),
                      tf.reduce_sum(flat_dz, 0), d_peep), d_inputs
 
 
