@@ -23,6 +23,7 @@ from distrnn.checkpoints import Checkpoints, write_json
 from distrnn.errors import OutOfMemory
 from distrnn.memory import ADVICE
 from distrnn.outputs import log
+from distrnn.precision import LossScale
 
 
 class Curve(NamedTuple):
@@ -133,7 +134,7 @@ def train(job: Job, world, options, save_path: str, started: float) -> dict:
     """Opens the run in save_path (rank 0 alone touches it and restores; its outcome, or its error,
     reaches every rank), shares rank 0's weights and position, logs the start and runs the loop."""
     # The loss scale came after runs were saved without one: those resume with its initial value.
-    checkpoints = Checkpoints(job.trainer.checkpoint_parts(), save_path, optional=("loss_scale",))
+    checkpoints = Checkpoints(job.trainer.checkpoint_parts(), save_path, optional=(LossScale.PART,))
 
     def open_run():
         resumed = checkpoints.open_run(options.resume, job.saved_config, job.shape_fields, job.absent_fields)
@@ -279,8 +280,7 @@ class _Run:
             loss_scale = job.trainer.loss_scale
             if loss_scale.enabled:
                 text += f" | {loss_scale.describe()}"
-                scalars = dict(scalars, loss_scale=float(loss_scale.scale.numpy()),
-                               skipped_steps=int(loss_scale.skipped.numpy()))
+                scalars = dict(scalars, **loss_scale.scalars())
             log(outputs.progress_line(pos, job.max_epochs, job.steps_per_epoch, job.total_steps, text, lr, self.speed,
                                        job.unit, watch.monitor.summary()))
             self.tensorboard.scalars(pos.global_step, **scalars, learning_rate=lr,

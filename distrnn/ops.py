@@ -63,22 +63,26 @@ def softmax_cross_entropy(features, weights, bias, labels, class_rows: bool = Fa
 
 
 def matmul(a, b, transpose_a: bool = False, transpose_b: bool = False):
-    """tf.matmul for 2-D a and b, with float16 products summed in float32 where no GPU runs them, as they
+    """tf.matmul for 2-D a and b, with float16 products summed in float32 where the job runs on CPUs, as they
     are on GPUs: there cuBLAS multiplies half inputs with float32 accumulation (TensorFlow's
     TF_FP16_MATMUL_USE_FP32_COMPUTE, on by default), while TensorFlow's CPU kernel for half accumulates in
     half, 4096 ones summing to 2048, and runs about 400 times slower than float32 (both measured on 2.15.1,
     400 x 650 by 650 x 2600: 1.2 s against 3 ms). There the product is taken of float32 copies and rounded
     to float16 once; inputs, output and what the backward keeps stay float16."""
-    if a.dtype != tf.float16 or _runs_on_gpu():
+    if a.dtype != tf.float16 or _float16_on_gpu:
         return tf.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
     return _float32_sums(transpose_a, transpose_b)(a, b)
 
 
-@functools.lru_cache(maxsize=None)
-def _runs_on_gpu() -> bool:
-    """Whether this process's matmuls run on GPUs: it has one (a float16 matmul a GPU process places on
-    its CPU keeps TensorFlow's CPU kernel)."""
-    return bool(tf.config.list_physical_devices("GPU"))
+_float16_on_gpu = False  # until the job says where it runs
+
+
+def float16_matmuls_on_gpu(on_gpu: bool) -> None:
+    """Start-up code (distrnn.training) tells where the job's matmuls run, from the devices it was given:
+    on GPUs, TensorFlow's float16 kernel; elsewhere, and until told, float32 sums. A process-wide choice made
+    before the first trace, like oneDNN's (distrnn.cpu), so that models and kernels never look at devices."""
+    global _float16_on_gpu
+    _float16_on_gpu = on_gpu
 
 
 def _product(a, b, transpose_a, transpose_b):

@@ -42,6 +42,7 @@ class LossScale(tf.Module):
     The scale never goes below MINIMUM: a step whose gradients are not finite even then has
     diverged, and is reported as such (its gradient norm is not finite) instead of skipped."""
 
+    PART = "loss_scale"    # its name among a checkpoint's parts; runs saved before it existed have none
     INITIAL = 2.0 ** 15    # Keras's initial dynamic scale
     GROWTH_STEPS = 2000    # finite steps in a row before the scale doubles (Keras's default)
     MINIMUM = 1.0
@@ -52,6 +53,11 @@ class LossScale(tf.Module):
         self.scale = tf.Variable(self.INITIAL, trainable=False, name="scale")
         self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="good_steps")
         self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped")
+
+    @classmethod
+    def for_precision(cls, precision: str) -> "LossScale":
+        """Every trainer's: enabled for float16 alone."""
+        return cls(precision == "float16")
 
     def scaled(self, loss):
         return loss * self.scale if self.enabled else loss
@@ -98,6 +104,10 @@ class LossScale(tf.Module):
     def describe(self) -> str:
         """For the progress line: the scale and the steps skipped so far."""
         return f"loss scale {float(self.scale.numpy()):g}, {int(self.skipped.numpy())} skipped"
+
+    def scalars(self) -> dict:
+        """For TensorBoard."""
+        return {"loss_scale": float(self.scale.numpy()), "skipped_steps": int(self.skipped.numpy())}
 
     def metrics(self) -> dict:
         return {"scale": float(self.scale.numpy()), "skipped_steps": int(self.skipped.numpy()),

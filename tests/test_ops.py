@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from distrnn import ops
 from distrnn.ops import matmul, softmax_cross_entropy
 
 
@@ -53,6 +54,11 @@ def test_float16_matmul_sums_in_float32_on_cpu():
     total = matmul(ones, tf.transpose(ones))
     assert total.dtype == tf.float16 and float(total[0, 0]) == 4096.0
     assert float(tf.matmul(ones, tf.transpose(ones))[0, 0]) == 2048.0  # the kernel it replaces on CPU
+    ops.float16_matmuls_on_gpu(True)  # what a job on GPUs says at start-up: TensorFlow's kernel itself
+    try:
+        assert float(matmul(ones, tf.transpose(ones))[0, 0]) == 2048.0
+    finally:
+        ops.float16_matmuls_on_gpu(False)
 
 
 @pytest.mark.parametrize("transpose_a, transpose_b", itertools.product([False, True], repeat=2))

@@ -52,7 +52,7 @@ class Trainer(tf.Module):
                                    plan=plan)
         self.optimizer = Adam(config.learning_rate)
         self.optimizer.build(self.model.trainable_variables)  # the moments exist before a restore fills them
-        self.loss_scale = LossScale(self.model.unrolling.precision == "float16")
+        self.loss_scale = LossScale.for_precision(self.model.unrolling.precision)
         self._position = tf.Variable(json.dumps(dataclasses.asdict(Position())), dtype=tf.string, trainable=False)
         images = tf.TensorSpec([None, *image_shape], tf.float32)
         labels = tf.TensorSpec([None], tf.int32)
@@ -65,7 +65,8 @@ class Trainer(tf.Module):
 
     def checkpoint_parts(self) -> dict:
         """What a checkpoint holds, by name (distrnn.checkpoints.Checkpoints)."""
-        return dict(model=self.model, optimizer=self.optimizer, position=self._position, loss_scale=self.loss_scale)
+        return {"model": self.model, "optimizer": self.optimizer, "position": self._position,
+                LossScale.PART: self.loss_scale}
 
     def record(self, position: Position) -> None:
         self._position.assign(json.dumps(dataclasses.asdict(position)))

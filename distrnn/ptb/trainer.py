@@ -64,7 +64,7 @@ class Trainer(tf.Module):
         self.model = PTBModel(config, vocab_size, unrolling or unrolling_for(config), seed=seed, plan=plan)
         self.train_step = tf.function(self._train_step)
         self.optimizer = sgd.SGD(config.learning_rate)
-        self.loss_scale = LossScale(self.model.unrolling.precision == "float16")
+        self.loss_scale = LossScale.for_precision(self.model.unrolling.precision)
         # The Position as JSON, and the carried LSTM state of the whole global batch (every
         # rank's rows): resuming mid-epoch continues from the state the last window left.
         self._position = tf.Variable(json.dumps(dataclasses.asdict(Position())), dtype=tf.string, trainable=False)
@@ -74,8 +74,8 @@ class Trainer(tf.Module):
 
     def checkpoint_parts(self) -> dict:
         """What a checkpoint holds, by name (distrnn.checkpoints.Checkpoints)."""
-        return dict(model=self.model, optimizer=self.optimizer, position=self._position, carried_state=self._carried,
-                    loss_scale=self.loss_scale)
+        return {"model": self.model, "optimizer": self.optimizer, "position": self._position,
+                "carried_state": self._carried, LossScale.PART: self.loss_scale}
 
     def record(self, position: Position, state) -> None:
         """Copies the run's position and carried state into the checkpointed variables.
