@@ -97,8 +97,9 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(shared, tmp_path, spli
 @pytest.mark.slow
 def test_fp16_allreduce_is_close_to_float32_on_the_wire(shared, tmp_path):
     """2 ranks sending gradients in float16 (the embedding's rows too) against 2 ranks sending float32:
-    float16 rounds each averaged gradient to 2^-11 relative, which 300 steps of SGD carry into the
-    perplexities at about 1e-3 (measured: see the assertions); not bit-identical, so the rounding happened."""
+    float16 rounds each averaged gradient to 2^-11 relative; 300 steps of SGD carried that into the
+    perplexities at 8.0e-7 (train), 3.6e-6 (valid), 1.9e-6 (test) relative (pytest -s prints them), bounded
+    here at 1e-4; not bit-identical, so the rounding happened."""
     common = [*PTB_SPLIT, "--data_path", shared["corpus"], "--batch_size", "2"]
     runs = {}
     for name, extra in (("float32", []), ("float16", ["--fp16_allreduce"])):
@@ -110,7 +111,7 @@ def test_fp16_allreduce_is_close_to_float32_on_the_wire(shared, tmp_path):
     for key in ("train_perplexity", "valid_perplexity", "test_perplexity"):
         print(f"--fp16_allreduce {key}: {wire16[key]:.6f} against {wire32[key]:.6f}, relative difference "
               f"{abs(wire16[key] - wire32[key]) / wire32[key]:.2e}")  # pytest -s shows it
-        assert wire16[key] == pytest.approx(wire32[key], rel=1e-2), key
+        assert wire16[key] == pytest.approx(wire32[key], rel=1e-4), key
     assert wire16["test_perplexity"] != wire32["test_perplexity"]
     ranks = wire16["ranks"]
     assert ranks[0]["weights_norm"] == ranks[1]["weights_norm"]  # both ranks applied the same decoded gradients
@@ -183,7 +184,10 @@ def test_sigterm_to_horovodrun_checkpoints_and_resumes_exactly(corpus, tmp_path)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert "stopped by signal: checkpoint saved" in output and "Exit code: 143" in output, output[-2000:]
+    # Not the ranks' exit code: horovodrun gives them 5 s after its SIGTERM (Horovod's
+    # GRACEFUL_TERMINATION_TIME_S) and then kills them, so whether it reports their 143 depends on how fast a
+    # loaded machine tears TensorFlow down (docs/horovod.md). test_cli checks the code of a run that stops.
+    assert "stopped by signal: checkpoint saved" in output and proc.returncode != 0, output[-2000:]
     stopped_at = checkpoint_step(tmp_path / "b")
     assert stopped_at > 0
     end = ["--max_steps", stopped_at + 100]

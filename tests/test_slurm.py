@@ -360,7 +360,9 @@ def test_sbatch_ptb_large_stops_before_its_time_limit_requeues_and_resumes(clust
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "2"), log[-3000:]
 
     assert [int(n) for n in re.findall(r"\[slurm\] job \d+ \(ptb_large\) start (\d+)", log)] == [1, 2, 3]
-    assert "tasks 0-1: Exited with exit code 138" in log
+    # srun's own report of the tasks' 138: one line for both, or one each when rank 0 outlives rank 1's exit
+    # (its SIGTERM from --kill-on-bad-exit is ignored once the stop is saved: distrnn.stops).
+    assert re.search(r"tasks? [0-9-]+: Exited with exit code 138", log), log[-3000:]
     assert "[slurm] stopped ahead of the time limit with a checkpoint; requeueing job" in log
     # Both stops were distrnn's own: a checkpoint, then the exit (srun's line for the SIGTERM one may be missing:
     # srun is signalled too, and under load it can end before it reports the tasks' exit codes).
