@@ -65,10 +65,11 @@ def softmax_cross_entropy(features, weights, bias, labels, class_rows: bool = Fa
 def matmul(a, b, transpose_a: bool = False, transpose_b: bool = False):
     """tf.matmul for 2-D a and b, with float16 products summed in float32 where the job runs on CPUs, as they
     are on GPUs: there cuBLAS multiplies half inputs with float32 accumulation (TensorFlow's
-    TF_FP16_MATMUL_USE_FP32_COMPUTE, on by default), while TensorFlow's CPU kernel for half accumulates in
-    half, 4096 ones summing to 2048, and runs about 400 times slower than float32 (both measured on 2.15.1,
-    400 x 650 by 650 x 2600: 1.2 s against 3 ms). There the product is taken of float32 copies and rounded
-    to float16 once; inputs, output and what the backward keeps stay float16."""
+    TF_FP16_MATMUL_USE_FP32_COMPUTE, on by default), while TensorFlow 2.15's CPU kernel for half accumulates
+    in half, 4096 ones summing to 2048, and runs about 400 times slower than float32 (400 x 650 by 650 x 2600:
+    1.2 s against 3 ms). 2.21's CPU kernel sums in float32; this path is kept on every version, so that every
+    stack sums alike. There the product is taken of float32 copies and rounded to float16 once; inputs,
+    output and what the backward keeps stay float16."""
     if a.dtype != tf.float16 or _float16_on_gpu:
         return tf.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
     return _float32_sums(transpose_a, transpose_b)(a, b)
