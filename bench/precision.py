@@ -85,7 +85,7 @@ def main():
                      + ", ".join(f"{k.split('_')[0]} {100 * v:.2f}%" for k, v in d.items())
                      + ("; within 3%" if row["within_3_percent"] else "; NOT within 3%"))
         if row["loss_scale"]:
-            line += f"; loss scale {row['loss_scale']['scale']:g}, {row['loss_scale']['skipped_steps']} steps skipped"
+            line += f"; loss scale {row['loss_scale']['scale']:g}, {row['loss_scale']['overflows']} overflows run again"
         print(line + "  (" + ", ".join(f"{k.split('_')[0]} {row[k]:.4f}" for k in KEYS) + ")")
     print(json.dumps({"machine": host, "flags": args.extra, "precisions": rows,
                       "float32_seeds": {seed: {k: m[k] for k in KEYS} for seed, m in zip(args.seeds, spread)}}))

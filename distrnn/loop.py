@@ -18,7 +18,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from distrnn import compat, cpu, distributed, local_devices, memory, outputs, stops
+from distrnn import compat, cpu, distributed, local_devices, memory, ops, outputs, stops
 from distrnn.checkpoints import Checkpoints, write_json
 from distrnn.errors import OutOfMemory
 from distrnn.memory import ADVICE
@@ -62,6 +62,9 @@ class Job:
         distrnn.options.JobOptions); devices: the layers' ([]: TensorFlow's choice); reference_batch:
         the batch the config's learning rate was chosen for."""
         self.config, self.options, self.world, self.devices = config, options, world, devices
+        # Once for the job: its models' matmuls (distrnn.ops), its unrolling mode and start-up note read it.
+        self.on_gpu = local_devices.runs_on_gpu(devices)
+        ops.float16_matmuls_on_gpu(self.on_gpu)
         self.global_batch = config.batch_size * world.size
         self.lr_ratio = self.global_batch / reference_batch
         self.on_ranks = f" on each of {world.size} ranks" if world.size > 1 else ""  # for batch_text
@@ -160,10 +163,12 @@ def _log_start(job: Job, options, checkpoints, resumed: bool, save_path: str) ->
     for note in job.notes:
         log(note)
     precision = trainer.unrolling.precision
-    if not local_devices.runs_on_gpu(job.devices) and cpu.processor().lacks_native(precision):
-        log(f"precision {precision}: this processor has no native {precision} arithmetic (flags "
-            f"{' or '.join(cpu.NATIVE_16_BIT[precision])}), so every kernel converts to float32 and back: expect "
-            f"it slower than float32 here; the activations still take half the memory (docs/precision.md)")
+    if not job.on_gpu and cpu.processor().lacks_native(precision):
+        flags = cpu.NATIVE_16_BIT[precision]
+        lacking = (f"this processor has no native {precision} arithmetic (flags {' or '.join(flags)})" if flags else
+                   f"TensorFlow's CPU kernels have no native {precision} arithmetic on any processor")
+        log(f"precision {precision}: {lacking}, so every kernel converts to float32 and back: expect it slower than "
+            f"float32 here; the activations still take half the memory (docs/precision.md)")
     if job.devices:
         for line in job.plan.describe():
             log(line)

@@ -9,8 +9,11 @@ used for clipping, the weight gradients that a memory mode sums over segments.
 float16 has 5 exponent bits: gradients below 6e-8 become 0. LossScale multiplies the loss by a
 large factor before the backward pass and divides the gradients by it after, dynamically as in
 Micikevicius et al. 2018 and Keras's LossScaleOptimizer: a step whose gradients are not all finite
-is skipped (no weight, slot or step count changes) and halves the scale; GROWTH_STEPS finite steps
-in a row double it. bfloat16 has float32's exponent range and needs none.
+changes no weight, slot or step count and halves the scale; GROWTH_STEPS finite steps in a row double
+it. Unlike Keras, the overflowed step is then run again on the same batch (LossScale.until_applied):
+the steps that overflow are those whose gradients are largest, which float32 clips and applies, and
+skipping them costs more than the extra forward and backward pass (measured in docs/precision.md).
+bfloat16 has float32's exponent range and needs none.
 """
 import tensorflow as tf
 
@@ -40,7 +43,7 @@ class LossScale(tf.Module):
     Every job's trainer holds one, whatever its precision (`enabled` only for float16), so that a
     checkpoint restores into any precision: a float32 run resumed in float16 starts from INITIAL.
     The scale never goes below MINIMUM: a step whose gradients are not finite even then has
-    diverged, and is reported as such (its gradient norm is not finite) instead of skipped."""
+    diverged, and is reported as such (its gradient norm is not finite) instead of run again."""
 
     PART = "loss_scale"    # its name among a checkpoint's parts; runs saved before it existed have none
     INITIAL = 2.0 ** 15    # Keras's initial dynamic scale
@@ -52,7 +55,7 @@ class LossScale(tf.Module):
         self.enabled = enabled
         self.scale = tf.Variable(self.INITIAL, trainable=False, name="scale")
         self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="good_steps")
-        self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped")
+        self.overflows = tf.Variable(0, dtype=tf.int64, trainable=False, name="overflows")
 
     @classmethod
     def for_precision(cls, precision: str) -> "LossScale":
@@ -86,7 +89,7 @@ class LossScale(tf.Module):
     def apply_if(self, finite, apply, otherwise):
         """apply() when the gradients are finite, otherwise() instead; then the scale's update.
         Both return the same structure (the step's figures). Returns (that, whether the step was
-        skipped: not finite while the scale could still be lowered)."""
+        skipped: not finite while the scale could still be lowered; until_applied runs it again)."""
         if not self.enabled:
             return apply(), tf.constant(False)
         result = tf.cond(finite, apply, otherwise)
@@ -98,17 +101,29 @@ class LossScale(tf.Module):
             self.scale.assign(tf.where(finite, tf.where(grow, doubled, self.scale),
                                        tf.maximum(self.scale * 0.5, self.MINIMUM)))
             self.good_steps.assign(tf.where(grow, tf.constant(0, tf.int64), good))
-            self.skipped.assign_add(tf.cast(skipped, tf.int64))
+            self.overflows.assign_add(tf.cast(skipped, tf.int64))
         return result, skipped
 
+    def until_applied(self, attempt, skipped, rewind=lambda: None):
+        """attempt(): one training step (a trainer's tf.function, whose update apply_if gates), returning
+        its outputs; skipped(outputs): whether it overflowed and was skipped. Runs it again, with
+        rewind() first (it puts the dropout generator back, so the same masks are drawn), until it is
+        applied at the halved scale, or fails at MINIMUM (its norm is then not finite: diverged).
+        Every rank agrees on the overflow (apply_if's gradients are averaged), so all run it again."""
+        outputs = attempt()
+        while self.enabled and skipped(outputs):
+            rewind()
+            outputs = attempt()
+        return outputs
+
     def describe(self) -> str:
-        """For the progress line: the scale and the steps skipped so far."""
-        return f"loss scale {float(self.scale.numpy()):g}, {int(self.skipped.numpy())} skipped"
+        """For the progress line: the scale and the overflows so far (each step run again)."""
+        return f"loss scale {float(self.scale.numpy()):g}, {int(self.overflows.numpy())} overflows"
 
     def scalars(self) -> dict:
         """For TensorBoard."""
-        return {"loss_scale": float(self.scale.numpy()), "skipped_steps": int(self.skipped.numpy())}
+        return {"loss_scale": float(self.scale.numpy()), "overflows": int(self.overflows.numpy())}
 
     def metrics(self) -> dict:
-        return {"scale": float(self.scale.numpy()), "skipped_steps": int(self.skipped.numpy()),
+        return {"scale": float(self.scale.numpy()), "overflows": int(self.overflows.numpy()),
                 "good_steps": int(self.good_steps.numpy())}

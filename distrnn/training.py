@@ -8,7 +8,7 @@ import time
 
 import tensorflow as tf
 
-from distrnn import checkpoints, cpu, distributed, local_devices, loop, memory, ops
+from distrnn import checkpoints, cpu, distributed, local_devices, loop, memory
 from distrnn.errors import OutOfMemory
 from distrnn.outputs import log
 from distrnn.options import JobOptions
@@ -35,7 +35,6 @@ def run_job(job: str, config, options: JobOptions, job_cls, world=None) -> dict:
         log(f"machine: {cpu.describe_machine()}")
     devices = local_devices.job_devices(options.devices, options.num_gpus, options.virtual_devices,
                                         options.gpus_per_rank)
-    ops.float16_matmuls_on_gpu(local_devices.runs_on_gpu(devices))
     save_path = world.broadcast_object(options.save_path or default_save_path(job, options.config_name))
     locks = []
     with distributed.stop_if_a_rank_is_lost(

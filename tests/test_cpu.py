@@ -81,5 +81,6 @@ def test_which_processors_run_16_bit_arithmetic_natively():
     sapphire = cpu.Processor("Intel Xeon", frozenset({"avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"}))
     avx2 = cpu.Processor("AMD EPYC", frozenset({"avx2", "fma"}))
     assert [zen4.lacks_native(p) for p in ("float32", "bfloat16", "float16")] == [False, False, True]
-    assert [sapphire.lacks_native(p) for p in ("float32", "bfloat16", "float16")] == [False, False, False]
+    # TensorFlow runs float16 converted even with AVX512_FP16 (measured: distrnn.cpu.NATIVE_16_BIT).
+    assert [sapphire.lacks_native(p) for p in ("float32", "bfloat16", "float16")] == [False, False, True]
     assert [avx2.lacks_native(p) for p in ("float32", "bfloat16", "float16")] == [False, True, True]

@@ -118,6 +118,30 @@ def test_fp16_allreduce_is_close_to_float32_on_the_wire(shared, tmp_path):
 
 
 @pytest.mark.slow
+def test_an_overflow_runs_the_step_again_on_every_rank(shared, tmp_path):
+    """float16 from a loss scale of 2^40: the averaged gradients overflow on every rank at once, so all
+    halve the scale and run the window again together (a rank going on alone would wait for ever in the
+    next allreduce), each drawing its dropout masks again; the run is exactly the one that started at
+    the scale they came down to (scaling by a power of 2 is exact)."""
+    script = os.path.join(ROOT, "tests", "loss_scale_from.py")
+    common = [*PTB_SPLIT, "--data_path", shared["corpus"], "--batch_size", "2", "--keep_prob", "0.8",
+              "--precision", "float16", "--max_steps", "8"]
+    runs = {}
+    for name, scale in (("high", 2.0 ** 40), ("low", None)):
+        scale = scale or runs["high"]["loss_scale"]["scale"]
+        horovodrun(2, command=[sys.executable, script, str(scale), *map(str, common), "--save_path",
+                               str(tmp_path / name), "--metrics_json", str(tmp_path / f"{name}.json")])
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    high, low = runs["high"], runs["low"]
+    halvings = 40 - int(np.log2(high["loss_scale"]["scale"]))
+    assert halvings > 0 and high["loss_scale"]["overflows"] == low["loss_scale"]["overflows"] + halvings
+    assert high["steps"] == low["steps"] == 8
+    for key in ("valid_perplexity", "test_perplexity"):
+        assert high[key] == low[key], key
+    assert high["ranks"][0]["weights_norm"] == high["ranks"][1]["weights_norm"]
+
+
+@pytest.mark.slow
 def test_every_step_two_ranks_match_one_process_and_each_other(corpus, tmp_path):
     """Step by step: the loss of 2 ranks x 2 rows equals that of 1 process x 4 rows, and after every
     step both ranks hold bit-identical weights."""

@@ -147,11 +147,11 @@ def test_an_overflow_skips_exactly_that_step_halves_the_scale_and_changes_no_wei
     assert bool(skipped) and not np.isfinite(float(norm)) and np.isfinite(float(loss))
     for a, b in zip(before, weights_of(trainer)):
         np.testing.assert_array_equal(a, b)  # every weight, the learning rate and the step count
-    assert (float(scale.scale), int(scale.skipped), int(scale.good_steps)) == (2.0 ** 39, 1, 0)
+    assert (float(scale.scale), int(scale.overflows), int(scale.good_steps)) == (2.0 ** 39, 1, 0)
     scale.scale.assign(2.0 ** 10)
     _, norm, skipped, _ = trainer.train_step(x, y, state)
     assert not bool(skipped) and np.isfinite(float(norm))
-    assert int(trainer.optimizer.iterations) == 1 and int(scale.good_steps) == 1 and int(scale.skipped) == 1
+    assert int(trainer.optimizer.iterations) == 1 and int(scale.good_steps) == 1 and int(scale.overflows) == 1
     assert any(not np.array_equal(a, b) for a, b in zip(before, weights_of(trainer)))
 
 
@@ -194,15 +194,55 @@ def test_mnist_skips_an_overflowed_step_without_moving_adam():
     assert trainer.train_step(images, labels).numpy()[3] == 0.0 and int(trainer.optimizer.iterations) == 1
 
 
-def test_float16_resumes_exactly_with_its_loss_scale(corpus, tmp_path):
+def too_high_then_settled(monkeypatch, train):
+    """train(name) twice: from a loss scale of 2^40, where the first step's gradients overflow, and from
+    the scale that run came down to. Asserts that every halving was an overflow run again; returns both
+    runs' metrics. Scaling by a power of 2 is exact, so the two runs compute the same steps."""
+    monkeypatch.setattr(LossScale, "INITIAL", 2.0 ** 40)
+    high = train("high")
+    settled = high["loss_scale"]["scale"]
+    monkeypatch.setattr(LossScale, "INITIAL", settled)
+    low = train("low")
+    halvings = 40 - int(np.log2(settled))
+    assert halvings > 0 and low["loss_scale"]["scale"] == settled
+    assert high["loss_scale"]["overflows"] == low["loss_scale"]["overflows"] + halvings
+    assert high["steps"] == low["steps"]
+    return high, low
+
+
+def test_an_overflowed_step_runs_again_on_the_same_batch_with_the_same_dropout(corpus, tmp_path, monkeypatch):
+    """No window is lost to an overflow: each overflowed attempt halves the scale and the window runs
+    again, drawing the same dropout masks, so the run is exactly the one that started at the scale it
+    came down to (skipping the window, or drawing new masks, would change every figure)."""
+    config = override(PRESETS.get("test"), dict(SMALL, keep_prob="0.8"))
+    high, low = too_high_then_settled(monkeypatch, lambda name: train_and_evaluate(config, RunOptions(
+        data_path=corpus, precision="float16", max_steps=5, save_path=str(tmp_path / name))))
+    for key in ("train_perplexity", "valid_perplexity", "test_perplexity"):
+        assert high[key] == low[key], key
+
+
+def test_mnist_runs_an_overflowed_step_again(images, tmp_path, monkeypatch):
+    from distrnn.mnist.train import RunOptions as MNISTOptions, train_and_evaluate as train_mnist
+    config = override(MNIST_PRESETS.get("test"), {"hidden_size": "8", "validation_size": "100"})
+    high, low = too_high_then_settled(monkeypatch, lambda name: train_mnist(config, MNISTOptions(
+        data_path=images, precision="float16", max_steps=4, save_path=str(tmp_path / name))))
+    for key in ("valid_accuracy", "test_accuracy", "test_loss"):
+        assert high[key] == low[key], key
+
+
+def test_float16_resumes_exactly_with_its_loss_scale(corpus, tmp_path, monkeypatch):
+    """From 2^40 and with GROWTH_STEPS 4, the scale comes down at the first step and doubles every 4 steps
+    (until a doubling overflows), on both sides of the resume."""
+    monkeypatch.setattr(LossScale, "INITIAL", 2.0 ** 40)
+    monkeypatch.setattr(LossScale, "GROWTH_STEPS", 4)
     config = override(PRESETS.get("test"), dict(SMALL, keep_prob="0.8"))
     options = dict(data_path=corpus, precision="float16")
     straight = train_and_evaluate(config, RunOptions(save_path=str(tmp_path / "a"), max_steps=12, **options))
     train_and_evaluate(config, RunOptions(save_path=str(tmp_path / "b"), max_steps=7, **options))
     resumed = train_and_evaluate(config, RunOptions(save_path=str(tmp_path / "b"), max_steps=12, resume=True,
                                                     **options))
-    assert resumed["loss_scale"] == straight["loss_scale"] == {"scale": LossScale.INITIAL, "skipped_steps": 0,
-                                                               "good_steps": 12}
+    assert resumed["loss_scale"] == straight["loss_scale"]
+    assert straight["loss_scale"]["overflows"] > 0 and straight["loss_scale"]["scale"] < 2.0 ** 40
     for key in ("train_perplexity", "valid_perplexity", "test_perplexity"):
         assert resumed[key] == straight[key], key
 
@@ -270,4 +310,4 @@ def test_a_run_saved_before_the_loss_scale_existed_resumes_in_float16(corpus, tm
     assert "loss_scale" not in names and "model" in names
     resumed = train_and_evaluate(config, RunOptions(max_steps=9, resume=True, precision="float16", **options))
     assert resumed["steps"] == 9
-    assert resumed["loss_scale"] == {"scale": LossScale.INITIAL, "skipped_steps": 0, "good_steps": 4}
+    assert resumed["loss_scale"] == {"scale": LossScale.INITIAL, "overflows": 0, "good_steps": 4}

@@ -5,7 +5,7 @@ only parses flags and calls it, and the tests call it the same way. How
 batches are drawn: distrnn.mnist.trainer.Splits.
 """
 
-from distrnn import distributed, local_devices, loop, training
+from distrnn import distributed, loop, training
 from distrnn.mnist import idx, plots
 from distrnn.mnist.configs import RunOptions
 from distrnn.mnist.trainer import Splits, Trainer, epoch_order, evaluate, layer_devices, make_model_plan, unrolling_for
@@ -41,7 +41,7 @@ class MNISTJob(loop.Job):
         self.devices, spread_note = layer_devices(config, devices)
         self.notes = [spread_note] if spread_note else []
         self.plan = make_model_plan(config, image_shape, B, self.devices, options.strategy, options.compute_precision)
-        unrolling = unrolling_for(config, image_shape, local_devices.runs_on_gpu(self.devices), options.placement,
+        unrolling = unrolling_for(config, image_shape, self.on_gpu, options.placement,
                                   options.memory, options.compute_precision)
         self.trainer = Trainer(config, image_shape, options.seed, unrolling, self.plan, world, options.fp16_allreduce)
         self.saved_extra = {"global_batch_size": self.global_batch, "image_shape": list(image_shape)}
@@ -61,11 +61,11 @@ class MNISTJob(loop.Job):
 
     def train_step(self, pos, i: int):
         images, labels = self.splits.train_batch(self.order, i, self.global_batch, self.world)
-        loss, accuracy, norm, skipped = self.trainer.train_step(images, labels).numpy()
+        loss, accuracy, norm, _ = self.trainer.loss_scale.until_applied(  # applied, or diverged
+            lambda: self.trainer.train_step(images, labels).numpy(), lambda outputs: outputs[3] == 1.0)
         pos.epoch_loss += float(loss)
         pos.epoch_accuracy += float(accuracy)
-        # A skipped step's norm is not finite: that is why it was skipped (distrnn.precision).
-        return {"loss": float(loss)} if skipped else {"loss": float(loss), "gradient norm": float(norm)}
+        return {"loss": float(loss), "gradient norm": float(norm)}
 
     def figures(self, pos):
         return (f"train loss {pos.train_loss:.4f} accuracy {100 * pos.train_accuracy:.2f}%",

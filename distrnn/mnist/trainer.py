@@ -85,8 +85,8 @@ class Trainer(tf.Module):
 
     def _train_step(self, images, labels):
         """One Adam step on this rank's images (B, R, C); returns the global batch's mean loss and accuracy,
-        the gradient's global norm, and 1 where the step was skipped (float16's loss scale, see
-        distrnn.precision), else 0."""
+        the gradient's global norm, and 1 where the step overflowed and was skipped (float16's loss scale,
+        LossScale.until_applied runs it again), else 0."""
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             logits = self.model(images)  # float32 in every precision

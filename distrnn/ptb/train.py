@@ -4,7 +4,7 @@
 only parses flags and calls it, and the tests call it the same way.
 """
 
-from distrnn import distributed, local_devices, loop, training
+from distrnn import distributed, loop, training
 from distrnn.ptb import reader
 from distrnn.ptb.configs import RunOptions
 from distrnn.ptb.trainer import (LeanerOnOOM, Trainer, evaluate, learning_rate, make_model_plan, perplexity,
@@ -39,11 +39,10 @@ class PTBJob(loop.Job):
         self.batches = reader.rank_batches(data, self.global_batch, T, world, self.batch_text)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.plan = make_model_plan(config, data.vocab_size, devices, options.strategy, options.compute_precision)
-        on_gpu = local_devices.runs_on_gpu(devices)
         self.trainer = Trainer(config, data.vocab_size, options.seed, unrolling_for(
-            config, on_gpu, options.placement, options.memory, options.compute_precision), self.plan, world,
+            config, self.on_gpu, options.placement, options.memory, options.compute_precision), self.plan, world,
             options.sparse_as_dense, options.fp16_allreduce)
-        self.step = LeanerOnOOM(self.trainer, on_gpu, world, retry=options.on_oom == "retry")
+        self.step = LeanerOnOOM(self.trainer, self.on_gpu, world, retry=options.on_oom == "retry")
         self.memory_note = ", leaner on running out of memory (--on_oom retry)" * self.step.retry
         self.saved_extra = {"vocab_size": data.vocab_size, "global_batch_size": self.global_batch}
         self.max_epochs = min(options.max_epochs or config.max_max_epoch, config.max_max_epoch)
@@ -63,14 +62,11 @@ class PTBJob(loop.Job):
 
     def train_step(self, pos, i: int):
         x, y = reader.train_window(self.batches.train_rows, self.config.num_steps, i)
-        loss, norm, skipped, self.state = self.step(pos.global_step + 1, x, y, self.state)
+        loss, norm, _, self.state = self.step(pos.global_step + 1, x, y, self.state)  # applied, or diverged
         self.loss = loss = float(loss)
         pos.epoch_cost += loss
         pos.epoch_iters += self.config.num_steps
-        figures = {"loss": loss, "perplexity": perplexity(loss / self.config.num_steps)}
-        if not skipped:  # a skipped step's norm is not finite: that is why it was skipped
-            figures["gradient norm"] = float(norm)
-        return figures
+        return {"loss": loss, "perplexity": perplexity(loss / self.config.num_steps), "gradient norm": float(norm)}
 
     def figures(self, pos):
         return (f"train ppl {pos.train_perplexity:8.2f}",

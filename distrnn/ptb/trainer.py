@@ -106,6 +106,15 @@ class Trainer(tf.Module):
     def unrolling(self) -> Unrolling:
         return self.model.unrolling
 
+    def rewind_point(self):
+        """A function that puts the dropout generator back where it stands now, so that a step run again
+        (after running out of memory, or float16's overflow) draws the same masks."""
+        if self.config.keep_prob >= 1.0:
+            return lambda: None
+        rng = self.model.dropout_rng.state
+        before = tf.identity(rng)
+        return lambda: rng.assign(before)
+
     def set_unrolling(self, unrolling: Unrolling) -> None:
         """Switches how the stack runs (--on_oom retry: a leaner memory mode); the next train_step is
         traced anew. The weights are untouched."""
@@ -114,8 +123,8 @@ class Trainer(tf.Module):
 
     def _train_step(self, x, y, state):
         """One window: x, y (B, T). Returns the loss (sum over time of the batch mean), the gradient's
-        global norm before clipping, whether the step was skipped (float16's loss scale: see
-        distrnn.precision) and the new state. Run as the tf.function `train_step`."""
+        global norm before clipping, whether the step overflowed and was skipped (float16's loss scale;
+        LeanerOnOOM runs it again) and the new state. Run as the tf.function `train_step`."""
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             features, state = self.model(x, state, training=True)
@@ -148,10 +157,11 @@ def unrolling_for(config, on_gpu: bool = False, schedule: str = "sequential", ke
 
 
 class LeanerOnOOM:
-    """trainer.train_step, where a step that runs out of memory is run again in the next leaner memory
-    mode (--on_oom retry) while there is one, else OutOfMemory is raised. A failed step has changed no
-    weight: every update waits for the clipping factor, which needs every gradient. The dropout
-    generator, which the forward pass advances, is put back."""
+    """trainer.train_step, run again where it fails: a float16 overflow at the halved loss scale
+    (distrnn.precision.LossScale.until_applied), and a step that runs out of memory in the next leaner
+    memory mode (--on_oom retry) while there is one, else OutOfMemory is raised. A failed step has
+    changed no weight: every update waits for the clipping factor, which needs every gradient. The
+    dropout generator, which the forward pass advances, is put back."""
 
     def __init__(self, trainer: Trainer, on_gpu: bool, world, retry: bool):
         if retry and world.size > 1:
@@ -169,14 +179,13 @@ class LeanerOnOOM:
 
     def __call__(self, step: int, x, y, state):
         trainer = self.trainer
-        rng = trainer.model.dropout_rng.state
-        before = tf.identity(rng) if trainer.config.keep_prob < 1.0 else None
+        rewind = trainer.rewind_point()
         while True:
-            try:
-                return trainer.train_step(x, y, state)
+            try:  # train_step is looked up at each attempt: set_unrolling replaces it
+                return trainer.loss_scale.until_applied(lambda: trainer.train_step(x, y, state),
+                                                        lambda outputs: bool(outputs[2]), rewind)
             except tf.errors.ResourceExhaustedError as error:
-                if before is not None:
-                    rng.assign(before)
+                rewind()
                 what = f"step {step} ran out of memory ({memory.oom_reason(error)})"
                 leaner = self.leaner()
                 if leaner is None:
