@@ -216,7 +216,8 @@ def test_sigterm_to_horovodrun_checkpoints_and_resumes_exactly(corpus, tmp_path)
     assert stopped_at > 0
     end = ["--max_steps", stopped_at + 100]
 
-    proc = horovodrun(2, *common, *end, "--save_path", tmp_path / "b", "--resume", "--metrics_json", tmp_path / "b.json")
+    proc = horovodrun(2, *common, *end, "--save_path", tmp_path / "b", "--resume",
+                      "--metrics_json", tmp_path / "b.json")
     assert f"ckpt-{stopped_at}" in proc.stdout
     horovodrun(2, *common, *end, "--save_path", tmp_path / "a", "--metrics_json", tmp_path / "a.json")
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("a", "b"))
