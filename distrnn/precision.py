@@ -49,6 +49,7 @@ class LossScale(tf.Module):
     INITIAL = 2.0 ** 15    # Keras's initial dynamic scale
     GROWTH_STEPS = 2000    # finite steps in a row before the scale doubles (Keras's default)
     MINIMUM = 1.0
+    ATTEMPTS = 256         # of one step: halvings take float32's largest finite scale (below 2^128) to 1 in 128
 
     def __init__(self, enabled: bool, name: str = "loss_scale"):
         super().__init__(name=name)
@@ -109,9 +110,13 @@ class LossScale(tf.Module):
         its outputs; skipped(outputs): whether it overflowed and was skipped. Runs it again, with
         rewind() first (it puts the dropout generator back, so the same masks are drawn), until it is
         applied at the halved scale, or fails at MINIMUM (its norm is then not finite: diverged).
-        Every rank agrees on the overflow (apply_if's gradients are averaged), so all run it again."""
+        Every rank agrees on the overflow (apply_if's gradients are averaged), so all run it again.
+        At most ATTEMPTS: a scale that halving cannot bring down (inf, from a tampered checkpoint) ends
+        as a diverged step instead of a loop for ever."""
         outputs = attempt()
-        while self.enabled and skipped(outputs):
+        for _ in range(self.ATTEMPTS - 1):
+            if not (self.enabled and skipped(outputs)):
+                break
             rewind()
             outputs = attempt()
         return outputs

@@ -178,6 +178,17 @@ def test_the_scale_doubles_after_a_run_of_good_steps_and_never_falls_below_one()
         np.testing.assert_array_equal(a, b)
 
 
+def test_running_a_step_again_ends_where_halving_cannot_help():
+    """An infinite scale (only a tampered checkpoint holds one) halves to itself: the step is run
+    ATTEMPTS times and handed back overflowed, for the loop to stop as diverged."""
+    scale, attempts = LossScale(True), []
+    scale.scale.assign(np.inf)
+    outputs = scale.until_applied(lambda: attempts.append(1) or ("overflowed", np.inf), lambda o: True)
+    assert outputs == ("overflowed", np.inf) and len(attempts) == LossScale.ATTEMPTS
+    assert LossScale(False).until_applied(lambda: attempts.append(1) or "once", lambda o: True) == "once"
+    assert len(attempts) == LossScale.ATTEMPTS + 1
+
+
 def test_mnist_skips_an_overflowed_step_without_moving_adam():
     config = override(MNIST_PRESETS.get("test"), {"hidden_size": "8"})
     trainer = MNISTTrainer(config, (6, 5), seed=1, unrolling=mnist_unrolling_for(config, (6, 5), precision="float16"))
