@@ -191,3 +191,17 @@ def run_module(module, *args, timeout=600, check=None, env=None, python=sys.exec
     if check is not None:
         assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
+
+
+def too_high_then_settled(train):
+    """train(name, initial loss scale) twice: from 2^40, where the first step's gradients overflow, and
+    from the scale that run came down to. Asserts that every halving was an overflow run again; returns
+    both runs' metrics. Scaling by a power of 2 is exact, so the two runs compute the same steps."""
+    high = train("high", 2.0 ** 40)
+    settled = high["loss_scale"]["scale"]
+    low = train("low", settled)
+    halvings = 40 - int(np.log2(settled))
+    assert halvings > 0 and low["loss_scale"]["scale"] == settled
+    assert high["loss_scale"]["overflows"] == low["loss_scale"]["overflows"] + halvings
+    assert high["steps"] == low["steps"]
+    return high, low

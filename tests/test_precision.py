@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import assert_one_line_error, checkpoint_step, run_ptb
+from conftest import assert_one_line_error, checkpoint_step, run_ptb, too_high_then_settled
 from distrnn import cpu
 from distrnn.config import override
 from distrnn.mnist.configs import PRESETS as MNIST_PRESETS
@@ -205,20 +205,12 @@ def test_mnist_skips_an_overflowed_step_without_moving_adam():
     assert trainer.train_step(images, labels).numpy()[3] == 0.0 and int(trainer.optimizer.iterations) == 1
 
 
-def too_high_then_settled(monkeypatch, train):
-    """train(name) twice: from a loss scale of 2^40, where the first step's gradients overflow, and from
-    the scale that run came down to. Asserts that every halving was an overflow run again; returns both
-    runs' metrics. Scaling by a power of 2 is exact, so the two runs compute the same steps."""
-    monkeypatch.setattr(LossScale, "INITIAL", 2.0 ** 40)
-    high = train("high")
-    settled = high["loss_scale"]["scale"]
-    monkeypatch.setattr(LossScale, "INITIAL", settled)
-    low = train("low")
-    halvings = 40 - int(np.log2(settled))
-    assert halvings > 0 and low["loss_scale"]["scale"] == settled
-    assert high["loss_scale"]["overflows"] == low["loss_scale"]["overflows"] + halvings
-    assert high["steps"] == low["steps"]
-    return high, low
+def from_initial(monkeypatch, train):
+    """train(name) as a train(name, scale) for too_high_then_settled: the scale set in this process."""
+    def run(name, scale):
+        monkeypatch.setattr(LossScale, "INITIAL", scale)
+        return train(name)
+    return run
 
 
 def test_an_overflowed_step_runs_again_on_the_same_batch_with_the_same_dropout(corpus, tmp_path, monkeypatch):
@@ -226,8 +218,8 @@ def test_an_overflowed_step_runs_again_on_the_same_batch_with_the_same_dropout(c
     again, drawing the same dropout masks, so the run is exactly the one that started at the scale it
     came down to (skipping the window, or drawing new masks, would change every figure)."""
     config = override(PRESETS.get("test"), dict(SMALL, keep_prob="0.8"))
-    high, low = too_high_then_settled(monkeypatch, lambda name: train_and_evaluate(config, RunOptions(
-        data_path=corpus, precision="float16", max_steps=5, save_path=str(tmp_path / name))))
+    high, low = too_high_then_settled(from_initial(monkeypatch, lambda name: train_and_evaluate(config, RunOptions(
+        data_path=corpus, precision="float16", max_steps=5, save_path=str(tmp_path / name)))))
     for key in ("train_perplexity", "valid_perplexity", "test_perplexity"):
         assert high[key] == low[key], key
 
@@ -235,8 +227,8 @@ def test_an_overflowed_step_runs_again_on_the_same_batch_with_the_same_dropout(c
 def test_mnist_runs_an_overflowed_step_again(images, tmp_path, monkeypatch):
     from distrnn.mnist.train import RunOptions as MNISTOptions, train_and_evaluate as train_mnist
     config = override(MNIST_PRESETS.get("test"), {"hidden_size": "8", "validation_size": "100"})
-    high, low = too_high_then_settled(monkeypatch, lambda name: train_mnist(config, MNISTOptions(
-        data_path=images, precision="float16", max_steps=4, save_path=str(tmp_path / name))))
+    high, low = too_high_then_settled(from_initial(monkeypatch, lambda name: train_mnist(config, MNISTOptions(
+        data_path=images, precision="float16", max_steps=4, save_path=str(tmp_path / name)))))
     for key in ("valid_accuracy", "test_accuracy", "test_loss"):
         assert high[key] == low[key], key
 
