@@ -20,7 +20,9 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from distrnn import faults
 from distrnn.errors import SaveFailed, UsageError
+from distrnn.files import LOCK, replacing, write_json, write_text
 
 STATE_FILE = "checkpoint"  # tf.train.CheckpointManager's name for it
 _CHECKPOINT_FILE = re.compile(r"ckpt-(\d+)(?:\.index|\.data-\d+-of-\d+|_temp.*)$")
@@ -34,7 +36,7 @@ class SavePathLock:
     holder, for the line a second run stops with. On NFS, Linux maps flock onto the server's byte-range
     locks, so two nodes of a cluster exclude each other as two processes of one machine do."""
 
-    NAME = ".lock"
+    NAME = LOCK
 
     def __init__(self, save_path: str):
         self.path = os.path.join(save_path, self.NAME)
@@ -112,17 +114,72 @@ def checkpoint_files(directory: str) -> Dict[int, List[str]]:
 
 
 def incomplete_reason(names: List[str]) -> Optional[str]:
-    """Why the files of one checkpoint number are not a whole checkpoint, or None."""
-    if any("_temp" in n for n in names):
-        return "a save that did not finish"
-    if not any(n.endswith(".index") for n in names):
-        return "no .index file"
-    shards = {(int(m.group(1)), int(m.group(2))) for m in (re.search(r"\.data-(\d+)-of-(\d+)$", n) for n in names)
+    """Why the files of one checkpoint number are not a whole checkpoint, or None. A ckpt-N_temp beside
+    a whole ckpt-N (a save killed after its files were in place) does not make it partial."""
+    whole = [n for n in names if "_temp" not in n]
+    shards = {(int(m.group(1)), int(m.group(2))) for m in (re.search(r"\.data-(\d+)-of-(\d+)$", n) for n in whole)
               if m}
     totals = {total for _, total in shards}
-    if len(totals) != 1 or len(shards) != totals.pop():
-        return "data files missing"
-    return None
+    if any(n.endswith(".index") for n in whole) and len(totals) == 1 and len(shards) == totals.pop():
+        return None
+    if len(whole) < len(names):
+        return "a save that did not finish"
+    return "no .index file" if not any(n.endswith(".index") for n in whole) else "data files missing"
+
+
+def unreadable(prefix: str) -> Optional[str]:
+    """Why the checkpoint at `prefix` cannot be read whole (every value read, each checked against its
+    checksum), or None."""
+    import tensorflow as tf
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+        return None
+    except (tf.errors.OpError, IndexError, OSError, ValueError) as e:
+        return failure_reason(e)
+
+
+def failure_reason(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:160] if lines else 'unreadable'}"
+
+
+class Unfit(UsageError):
+    """A checkpoint read whole whose values do not fit the model it is restored into."""
+
+
+def restore_newest(directory: str, restore, unfit_hint: str, numbers=None) -> Tuple[int, List[str]]:
+    """The one way distrnn reads a checkpoint (a resumed run, its best epoch's, the model-use commands):
+    `restore(prefix)` of the newest whole checkpoint in `directory` (or of those of `numbers`) that
+    reads, past partial and corrupt ones (truncated, a failed checksum); returns (its number, a note
+    naming what was skipped, or none). UsageError (exit 2) naming each file and why where none reads;
+    Unfit where one reads but does not fit (an older one of the same run would not fit either), saying
+    `unfit_hint`. TensorFlow's warnings about a half-restored object are held back: the line says it."""
+    import tensorflow as tf
+    files = checkpoint_files(directory)
+    failures: Dict[int, str] = {}
+    for number in sorted(files if numbers is None else [n for n in numbers if n in files], reverse=True):
+        prefix = os.path.join(directory, f"ckpt-{number}")
+        why = incomplete_reason(files[number])
+        if why is None:
+            try:
+                restore(prefix)
+                notes = [f"skipped {describe(failures)}: read the next older one, ckpt-{number}"] if failures else []
+                return number, notes
+            except (ValueError, AssertionError, tf.errors.OpError, IndexError, OSError) as e:
+                tf.get_logger().setLevel("ERROR")  # the half-restored object warns when it is collected
+                # A damaged file can fail as a misfit does: it is read whole before the model is blamed.
+                why = unreadable(prefix)
+                if why is None and isinstance(e, (ValueError, AssertionError, tf.errors.InvalidArgumentError)):
+                    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                    raise Unfit(f"checkpoint {prefix} does not fit this model ({first}); {unfit_hint}") from None
+                why = why or failure_reason(e)
+        failures[number] = why
+    if not failures:
+        raise UsageError(f"no checkpoint in {directory}")
+    raise UsageError(f"no checkpoint in {directory} reads whole: {describe(failures)}; every file was left as it "
+                     "was")
 
 
 class Checkpoints:
@@ -212,44 +269,22 @@ class Checkpoints:
                                  "resume with that config or choose another --save_path")
         if named and not any(named == f"ckpt-{n}" for n in numbers):
             state_problem = f"its state file names {named}, which is not there"
-        failures: Dict[int, str] = {}
-        for number in numbers:
-            why = incomplete_reason(files[number])
-            if why is None:
-                why = self._restore(os.path.join(self.directory, f"ckpt-{number}"))
-            if why is None:
-                return self._restored(number, named, state_problem, failures)
-            failures[number] = why
-        raise UsageError(f"no checkpoint in {self.directory} restores: {describe(failures) or listing}"
-                         + (f"; {state_problem}" if state_problem else "") + "; every file was left as it was: "
-                         "restore a backup into it, or start a new run with another --save_path")
-
-    def _restore(self, prefix: str) -> Optional[str]:
-        """Restores `prefix`; returns None, or why it cannot be read. Shapes that do not fit the model
-        raise UsageError: an older checkpoint of the same run would not fit either."""
-        import tensorflow as tf
         try:
-            self._read(prefix)
-            return None
-        except (ValueError, AssertionError, tf.errors.InvalidArgumentError) as e:
-            first = str(e).strip().splitlines()[0]
-            # The half-restored checkpoint object warns about unrestored values when it
-            # is collected; the one-line error below says all the user needs.
-            tf.get_logger().setLevel("ERROR")
-            raise UsageError(f"checkpoint {prefix} does not fit this model ({first}); resume with the config that "
-                             "wrote it or choose another --save_path") from None
-        except (tf.errors.OpError, IndexError, OSError) as e:
-            lines = str(e).strip().splitlines()
-            return f"{type(e).__name__}: {lines[0][:160] if lines else 'unreadable'}"
+            number, notes = restore_newest(self.directory, self._read, "resume with the config that wrote it or "
+                                           "choose another --save_path")
+        except Unfit:
+            raise
+        except UsageError as e:
+            raise UsageError(f"{e}" + (f"; {state_problem}" if state_problem else "") + ": restore a backup into "
+                             "it, or start a new run with another --save_path") from None
+        self.notes += notes
+        return self._restored(number, named, state_problem, bool(notes))
 
-    def _restored(self, number: int, named: Optional[str], state_problem: Optional[str],
-                  failures: Dict[int, str]) -> bool:
-        """After ckpt-`number` restored: says what was skipped, rewrites the state file where it was wrong
-        (naming the restored checkpoint alone: the manager's rotation then deletes none of the files it
-        found on disk, only the ones this run saves), and opens the manager on it."""
-        if failures:
-            self.notes.append(f"skipped {describe(failures)}: restored the next older one, ckpt-{number}")
-        if state_problem or failures or named != f"ckpt-{number}":
+    def _restored(self, number: int, named: Optional[str], state_problem: Optional[str], skipped: bool) -> bool:
+        """After ckpt-`number` restored: rewrites the state file where it was wrong (naming the restored
+        checkpoint alone: the manager's rotation then deletes none of the files it found on disk, only the
+        ones this run saves), and opens the manager on it."""
+        if state_problem or skipped or named != f"ckpt-{number}":
             text = f'model_checkpoint_path: "ckpt-{number}"\nall_model_checkpoint_paths: "ckpt-{number}"\n'
             write_text(os.path.join(self.directory, STATE_FILE), text)
             self.notes.append(f"{state_problem or f'its state file named {named}'}: rewrote it from the files on "
@@ -260,6 +295,10 @@ class Checkpoints:
     def _open_manager(self) -> None:
         import tensorflow as tf
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=self.max_to_keep)
+        self._open_best_manager()
+
+    def _open_best_manager(self) -> None:
+        import tensorflow as tf
         self.best_manager = tf.train.CheckpointManager(self.checkpoint, self.best_directory, max_to_keep=1)
 
     def save(self, step: int) -> str:
@@ -272,14 +311,81 @@ class Checkpoints:
         """Saves ckpt-`step` as the best (the one before it removed once this one is written), as `save`."""
         return self._save(self.best_manager, self.best_directory, step)
 
-    def restore_best(self) -> str:
-        """Restores the best checkpoint into the run's objects; returns its path."""
-        path = self.best_manager.latest_checkpoint
-        if path is None:
-            raise UsageError(f"no best checkpoint in {self.best_directory}: it was removed while the run went on; "
-                             "the last weights' figures are in the metrics")
-        self._read(path)
-        return path
+    # --- the best epoch's checkpoint: always the one the run's history names ---------------------------
+    def settle_best(self, want: Optional[int], known: Sequence[int]) -> Optional[int]:
+        """Makes best/ hold ckpt-`want` (the step of the best epoch in the restored history; None before
+        any), whatever failed or was killed between an epoch's checkpoint and its best save: kept where it
+        is there and reads whole, else copied from checkpoints/ where that step still is. Where it cannot
+        be had, best/ keeps the newest whole checkpoint of a step in `known` (the history's epoch ends)
+        and says so. Partial files and checkpoints of other steps (a history rolled back past them) are
+        removed. Returns the step best/ holds (None: nothing); the notes go to the log."""
+        files = checkpoint_files(self.best_directory)
+        whole = [n for n in sorted(files, reverse=True) if incomplete_reason(files[n]) is None]
+        held = None
+        if want is not None and want in whole and unreadable(self._best_prefix(want)) is None:
+            held = want
+        elif want is not None and self._copy_into_best(want):
+            held = want
+            self.notes.append(f"best/ did not hold the best epoch's checkpoint (step {want}; it held "
+                              f"{', '.join(f'ckpt-{n}' for n in whole) or 'none'}): copied it from checkpoints/")
+        else:
+            held = next((n for n in whole if n in known and unreadable(self._best_prefix(n)) is None), None)
+            if want is not None:
+                self.notes.append(f"the best epoch's weights (step {want}) are in neither best/ nor checkpoints/; "
+                                  f"best/ keeps {f'ckpt-{held}' if held is not None else 'nothing'}, and the run's "
+                                  "best figures describe that")
+        self._keep_only_best(held, files)
+        return held
+
+    def _best_prefix(self, step: int) -> str:
+        return os.path.join(self.best_directory, f"ckpt-{step}")
+
+    def _copy_into_best(self, step: int) -> bool:
+        """checkpoints/ckpt-`step`, where it is whole and reads, copied into best/ (data first, the index
+        last: a copy cut short is a partial checkpoint, removed next time); whether it was."""
+        names = checkpoint_files(self.directory).get(step, [])
+        if incomplete_reason(names) is not None or unreadable(os.path.join(self.directory, f"ckpt-{step}")):
+            return False
+        os.makedirs(self.best_directory, exist_ok=True)
+        for name in sorted((n for n in names if "_temp" not in n), key=lambda n: n.endswith(".index")):
+            source = os.path.join(self.directory, name)
+            try:
+                with replacing(os.path.join(self.best_directory, name)) as tmp:
+                    shutil.copyfile(source, tmp)
+            except SaveFailed:
+                raise SaveFailed(f"could not copy {source} into {self.best_directory} (the best epoch's checkpoint): "
+                                 "free space there, then continue with --resume") from None
+        return True
+
+    def _keep_only_best(self, held: Optional[int], files: Dict[int, List[str]]) -> None:
+        """best/ left holding ckpt-`held` alone, its state file naming it, and the manager opened on that."""
+        for number, names in files.items():
+            if number != held:
+                for name in names:
+                    path = os.path.join(self.best_directory, name)
+                    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        state = os.path.join(self.best_directory, STATE_FILE)
+        if held is None:
+            if os.path.lexists(state):
+                os.remove(state)
+        else:
+            write_text(state, f'model_checkpoint_path: "ckpt-{held}"\nall_model_checkpoint_paths: "ckpt-{held}"\n')
+        self._open_best_manager()
+
+    def restore_best(self, step: int) -> str:
+        """Restores best/ckpt-`step` (what settle_best left) into the run's objects, copied again from
+        checkpoints/ where best/'s was damaged since; returns its path."""
+        try:
+            restore_newest(self.best_directory, self._read, "", numbers=[step])
+        except Unfit:
+            raise
+        except UsageError as e:
+            if not self._copy_into_best(step):
+                raise UsageError(f"{e}, and checkpoints/ no longer holds that step: move {self.best_directory} away "
+                                 "and continue with --resume to finish without the best epoch's figures") from None
+            self.notes.append(f"best/ckpt-{step} could not be read ({e}): copied it again from checkpoints/")
+            restore_newest(self.best_directory, self._read, "", numbers=[step])
+        return self._best_prefix(step)
 
     def _read(self, prefix: str) -> None:
         """Restores `prefix` into the parts it must hold, and the optional ones it has."""
@@ -293,6 +399,7 @@ class Checkpoints:
     def _save(self, manager, directory: str, step: int) -> str:
         import tensorflow as tf
         before = set(os.listdir(directory)) if os.path.isdir(directory) else set()
+        faults.point("best" if directory == self.best_directory else "checkpoint")
         try:
             return manager.save(checkpoint_number=step)
         except BaseException as e:
@@ -351,40 +458,3 @@ def config_mismatch(save_path: str, current: Dict, keys, absent: Optional[Dict] 
     diffs = [f"{k}={shown(saved[k], current[k])} there, {shown(current[k], saved[k])} here"
              for k in keys if k in saved and saved[k] != current[k]]
     return "; ".join(diffs) or None
-
-
-def write_json(path: str, obj) -> None:
-    """JSON written as write_text writes."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def write_text(path: str, text: str) -> None:
-    """Writes atomically, so a reader never sees half a file and a failed write (a full disk) leaves
-    the old file as it was; raises SaveFailed then."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise SaveFailed(f"could not write {path} ({e.strerror}); free space or make it writable (the earlier "
-                         "files are intact)") from None
-
-
-def check_writable(path: Optional[str], flag: str = "--metrics_json", example: str = "metrics.json") -> None:
-    """Fails at start-up, not after hours of work, when the file `flag` names cannot be written (run after
-    the save path exists, so --metrics_json SAVE_PATH/m.json is fine)."""
-    if not path:
-        return
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UsageError(f"{flag} {path} is a directory; name a file in it, e.g. {os.path.join(path, example)}")
-    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-        raise UsageError(f"cannot write {flag} {path}: {directory} is not a writable directory")
-    if os.path.lexists(path) and not os.access(path, os.W_OK):
-        raise UsageError(f"cannot write {flag} {path}: the file is not writable; make it writable or name another "
-                         "file")

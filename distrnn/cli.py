@@ -4,16 +4,19 @@ Every entry point parses flags, then calls a library function inside
 `run_main`, which turns a DistrnnError into one line on stderr and its exit code (2 for bad input).
 """
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import os
 import shlex
+import signal
 import sys
+import threading
 from typing import Callable, Dict, List
 
 from distrnn import compat, cpu
 from distrnn.config import field_types, override
-from distrnn.errors import DistrnnError, UsageError
+from distrnn.errors import DistrnnError, Signalled, UsageError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -133,20 +136,6 @@ def add_saved_run_flags(parser: argparse.ArgumentParser) -> None:
                         "lacks one (a run from before distrnn kept it)")
 
 
-def check_job_flags(args: argparse.Namespace) -> None:
-    """Refuses combinations of the shared flags that cannot run, before TensorFlow is imported."""
-    # Each flag alone is checked where it is parsed (cli.number); here, what they mean together.
-    if args.mem_warn > args.mem_stop:
-        raise UsageError(f"--mem_warn {args.mem_warn:g} is above --mem_stop {args.mem_stop:g}: the warning must "
-                         "come first; lower --mem_warn")
-    if args.recompute and args.swap_memory:
-        raise UsageError("--recompute and --swap_memory are alternatives: recompute keeps less, swap keeps all "
-                         "of it on the host; pass one of them")
-    if args.use_fp16 and args.precision not in ("float32", "float16"):  # float32: the default, not asked for
-        raise UsageError(f"--use_fp16 means --precision float16, and --precision {args.precision} was given too; "
-                         "pass one of them")
-
-
 def job_options(args: argparse.Namespace, options_cls):
     """The run options dataclass filled from the flags of the same names (config_name from --config)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(options_cls) if hasattr(args, f.name)}
@@ -160,20 +149,22 @@ def list_configs(presets, describe: Callable[[str], str]) -> None:
         print(f"{name:9s} {describe(name)}\n          {fields}")
 
 
-def run_training(argv: List[str], build_parser, presets, describe: Callable[[str], str], train_module: str) -> int:
-    """A training entry point: --list_configs, or the flags checked, the preset overridden and
-    `train_module`'s train_and_evaluate run with its RunOptions; returns the exit code."""
+def run_training(argv: List[str], build_parser, presets, describe: Callable[[str], str], train_module: str,
+                 options_cls) -> int:
+    """A training entry point: --list_configs, or the flags checked (options_cls, the job's RunOptions, checks
+    them as they mean together), the preset overridden and `train_module`'s train_and_evaluate run; returns
+    the exit code."""
     parser, names = build_parser()
     args = parser.parse_args(argv)
     if args.list_configs:
         list_configs(presets, describe)
         return 0
-    check_job_flags(args)
+    options = job_options(args, options_cls)
     config = override(presets.get(args.config), config_overrides(args, names))
     load_tensorflow()
     import importlib
     train = importlib.import_module(train_module)  # TensorFlow is imported only once the flags are known to be good
-    return train.train_and_evaluate(config, job_options(args, train.RunOptions))["interrupted"] or 0
+    return train.train_and_evaluate(config, options)["interrupted"] or 0
 
 
 def load_tensorflow() -> None:
@@ -186,17 +177,42 @@ def load_tensorflow() -> None:
 
 def run_main(prog: str, fn: Callable[[], int]) -> int:
     """Runs fn, the one boundary of every entry point: a DistrnnError becomes `prog: error: message` and
-    its exit code (2 for a UsageError), Ctrl-C before a job is running (TensorFlow loading, a download)
-    one line and 130, and a closed output pipe (`| head`) a quiet exit. Anything else is a bug and keeps
-    its traceback."""
+    its exit code (2 for a UsageError); Ctrl-C, SIGTERM or SIGUSR1 before a job's own handling (TensorFlow
+    loading, a download, a model-use command) one line and 128 + the signal; a closed output pipe (`| head`)
+    a quiet exit. Anything else is a bug and keeps its traceback."""
+    with raising_signals():
+        try:
+            return fn() or 0
+        except DistrnnError as e:
+            print(f"{prog}: {e.label}: {e}", file=sys.stderr)
+            return e.exit_code
+        except (KeyboardInterrupt, Signalled) as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            how = " (Ctrl-C)" if signum == signal.SIGINT else ""
+            print(f"{prog}: stopped: interrupted by {signal.Signals(signum).name}{how} before a run began; nothing "
+                  "was saved, nothing partial was written", file=sys.stderr)
+            return 128 + signum
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else flushing stdout at exit fails again
+            return 141  # 128 + SIGPIPE, as a shell reports a command whose reader went away
+
+
+@contextlib.contextmanager
+def raising_signals():
+    """SIGTERM and SIGUSR1 raise Signalled from here on (SIGINT raises KeyboardInterrupt already), unless
+    ignored when the process started (a background command of a script, nohup): their default would kill
+    the process with no word. Put back on the way out where nothing has replaced them since (a stopped
+    run ignores them until it exits: distrnn.stops.ignore_launcher_signals)."""
+    def handler(signum, frame):
+        raise Signalled(signum)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, handler)
     try:
-        return fn() or 0
-    except DistrnnError as e:
-        print(f"{prog}: {e.label}: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"{prog}: stopped: interrupted (Ctrl-C) before a run began; nothing was saved", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else flushing stdout at exit fails again
-        return 141  # 128 + SIGPIPE, as a shell reports a command whose reader went away
+        yield
+    finally:
+        for sig, before in previous.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, before)

@@ -40,7 +40,9 @@ NOTICES = (b"oneDNN supports DT_INT32 only on platforms with AVX-512. Falling ba
 def min_log_level(environ=None) -> int:
     """TF_CPP_MIN_LOG_LEVEL as TensorFlow reads it (0 where unset or not a number)."""
     value = (os.environ if environ is None else environ).get("TF_CPP_MIN_LOG_LEVEL", "0")
-    return int(value) if value.strip().isdigit() else 0
+    value = value.strip()
+    # ASCII digits only: str.isdigit() also passes "²", which int() refuses; TensorFlow reads junk as 0.
+    return int(value) if re.fullmatch(r"[0-9]{1,3}", value) else 0
 
 
 class LogFilter:

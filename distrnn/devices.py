@@ -173,13 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--plan", action="store_true", help="print the placement plan and the estimated memory per "
                                                           "device (no TensorFlow involved)")
     plan.add_argument("--config", default="small", help="PTB preset (default small)")
-    plan.add_argument("--num_gpus", type=options.COUNT, default=0,
+    plan.add_argument("--num_gpus", type=options.DEVICE_COUNT, default=0,
                       help="GPUs of the job (default 0: the host's memory)")
-    plan.add_argument("--gpus_per_rank", type=options.COUNT, default=0, help="GPUs each rank places its layers across")
+    plan.add_argument("--gpus_per_rank", type=options.DEVICE_COUNT, default=0,
+                      help="GPUs each rank places its layers across")
     plan.add_argument("--strategy", default="round_robin", help="placement strategy (round_robin or balanced)")
     plan.add_argument("--recompute", type=options.COUNT, default=0, metavar="K", help="the --recompute K of the job")
     plan.add_argument("--swap_memory", action="store_true", help="the job runs with --swap_memory")
-    plan.add_argument("--precision", default="float32", choices=names.PRECISIONS,
+    plan.add_argument("--precision", default=None, choices=names.PRECISIONS,
                       help="the --precision of the job: activations of bfloat16 and float16 take half (default "
                            "float32)")
     plan.add_argument("--use_fp16", action="store_true", help="the job runs with --use_fp16 (--precision float16)")
@@ -201,7 +202,7 @@ def run(argv) -> int:
         return 0
     if args.plan:
         overrides = {k: getattr(args, k) for k in ("batch_size", "num_steps") if getattr(args, k)}
-        precision = "float16" if args.use_fp16 else args.precision
+        precision = options.precision_of(args.precision, args.use_fp16)
         r = plan.memory_plan(args.config, args.num_gpus, args.gpus_per_rank, args.recompute, args.swap_memory,
                              args.vocab_size, args.strategy, args.gpu_memory_gib * 1024 or None,
                              precision=precision, **overrides)

@@ -20,7 +20,7 @@ import numpy as np
 
 from distrnn import compat, slurm_env, srun
 from distrnn.config import env_number
-from distrnn.errors import RankLost, UsageError
+from distrnn.errors import DistrnnError, RankLost, UsageError
 
 # How the learning rate may follow a global batch larger than the config's batch_size.
 # Set by horovodrun (Gloo), mpirun (Open MPI) or an MPI launcher (srun --mpi=pmi2 / pmix, Intel MPI's PMI).
@@ -167,17 +167,23 @@ def failure_reason(error: BaseException) -> str:
 
 
 def on_chief(world: World, fn):
-    """Runs fn on rank 0 only and returns its result on every rank; a UsageError there is
-    raised on every rank, so no rank is left waiting for the others."""
+    """Runs fn on rank 0 only and returns its result on every rank; a DistrnnError there (bad input, a
+    failed save) is raised on every rank with its message and exit code, so no rank is left waiting for
+    the others."""
     result, error = None, None
     if world.is_chief:
         try:
             result = fn()
-        except UsageError as e:
-            error = str(e)
-    result, error = world.broadcast_object((result, error))
+        except DistrnnError as e:
+            error = (type(e), str(e), e.exit_code)
+    if world.size > 1:
+        result, error = world.broadcast_object((result, error))
     if error:
-        raise UsageError(error)
+        kind, message, code = error
+        raised = kind.__new__(kind)
+        Exception.__init__(raised, message)
+        raised.exit_code = code
+        raise raised
     return result
 
 

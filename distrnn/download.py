@@ -5,14 +5,14 @@ directory: downloaded into a temporary directory beside it, verified, then moved
 """
 import hashlib
 import os
-import shutil
 import tempfile
 import threading
 import urllib.parse
 import urllib.request
 from typing import Callable, Sequence
 
-from distrnn.errors import UsageError
+from distrnn import files
+from distrnn.errors import SaveFailed, UsageError
 
 SCHEMES = ("https", "http", "ftp", "file")  # what urllib.request opens
 
@@ -30,7 +30,14 @@ def fetch(url: str, path: str, what: str, hint: str) -> str:
     def transfer(out):
         try:
             with urllib.request.urlopen(url, timeout=60) as response:
-                shutil.copyfileobj(response, out)
+                while True:
+                    chunk = response.read(1 << 20)
+                    if not chunk:
+                        break
+                    try:
+                        out.write(chunk)
+                    except OSError as e:  # this machine's disk, not the network
+                        raise _LocalWrite(e) from None
         except BaseException as e:  # handed to the main thread
             failure.append(e)
 
@@ -42,12 +49,22 @@ def fetch(url: str, path: str, what: str, hint: str) -> str:
             while worker.is_alive():
                 worker.join(0.2)
     except OSError as e:
-        failure.append(e)
+        failure.append(_LocalWrite(e))
+    if failure and isinstance(failure[0], _LocalWrite):
+        raise files.save_failed(path, failure[0].error, f"the download of {what} to {path}") from None
     if failure and isinstance(failure[0], (OSError, ValueError)):  # URLError, timeouts, refused connections
         raise UsageError(f"could not download {what} from {url} ({failure[0]}); {hint}") from None
     if failure:
         raise failure[0]
     return path
+
+
+class _LocalWrite(Exception):
+    """An OSError of the file a download goes to (a full disk), apart from the network's."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error)
+        self.error = error
 
 
 def hexdigest(data: bytes, algorithm: str) -> str:
@@ -67,16 +84,21 @@ def mirror_url(environment_variable: str, default: str) -> str:
 
 
 def into_cache(directory: str, names: Sequence[str], fill: Callable[[str], None],
-               verify: Callable[[str], None]) -> str:
+               verify: Callable[[str], None], hint: str = "") -> str:
     """Fills `directory` with the files `names`: fill(tmp) writes them into a temporary directory inside
     it, verify(tmp) checks them, and only then are they moved in (os.replace: a reader never sees half
-    a file, an interrupted download leaves nothing)."""
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        fill(tmp)
-        verify(tmp)
-        for name in names:
-            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    a file, an interrupted download leaves nothing). A cache that cannot be written (a read-only home, a
+    full disk) is SaveFailed, saying `hint` (the flag that names data already on disk)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            fill(tmp)
+            verify(tmp)
+            for name in names:
+                os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    except OSError as e:
+        raise SaveFailed(f"could not write the data cache {directory} ({files.os_reason(e)}); make it writable, or "
+                         f"{hint or 'pass --data_path DIR with the files'}") from None
     return directory
 
 

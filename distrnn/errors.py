@@ -71,3 +71,14 @@ class Interrupted(DistrnnError):
     def __init__(self, message: str, exit_code: int = 130):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Signalled(BaseException):
+    """SIGTERM or SIGUSR1 raised where the program is (as SIGINT's KeyboardInterrupt is), by the handlers
+    distrnn.cli.run_main installs first thing and distrnn.stops.SignalsInterrupt around a job's start-up,
+    so that it ends in one line and 128 + the signal, never in a silent death. A BaseException: no
+    `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

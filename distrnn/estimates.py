@@ -163,8 +163,9 @@ def lm_memory(vocab_size: int, hidden_size: int, num_layers: int, batch_size: in
 
 
 def lm_costs(vocab_size: int, hidden_size: int, num_layers: int, batch_size: int, num_steps: int,
-             cell_gates: int = 4, optimizer_slots: int = 0, precision: str = "float32") -> List[float]:
-    """Bytes of each part of a stacked-RNN language model (see lm_memory), what the balanced
-    strategy evens out."""
+             cell_gates: int = 4, optimizer_slots: int = 0, precision: str = "float32", keeps: Memory = Memory(),
+             dropout: bool = False) -> List[float]:
+    """Bytes of each part of a stacked-RNN language model (see lm_memory) in memory mode `keeps`, what the
+    balanced strategy evens out and the host is checked against."""
     return [p.total for p in lm_memory(vocab_size, hidden_size, num_layers, batch_size, num_steps, cell_gates,
-                                       optimizer_slots=optimizer_slots, precision=precision)]
+                                       dropout, keeps.recompute, keeps.swap, optimizer_slots, precision)]

@@ -23,8 +23,11 @@ def setup_virtual_devices(n: int) -> None:
 def canonical(device: str) -> str:
     """'/gpu:1' -> '/device:GPU:1' (job/task parts dropped)."""
     import tensorflow as tf
-    spec = tf.DeviceSpec.from_string(device)
-    if spec.device_type is None:
+    try:
+        spec = tf.DeviceSpec.from_string(device)
+    except (ValueError, TypeError):
+        spec = None
+    if spec is None or spec.device_type is None:
         raise UsageError(f"device {device!r} names no device type; write it like /gpu:0 or /cpu:0")
     return f"/device:{spec.device_type.upper()}:{spec.device_index or 0}"
 

@@ -18,8 +18,9 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from distrnn import compat, cpu, distributed, local_devices, memory, ops, outputs, stops
-from distrnn.checkpoints import Checkpoints, write_json
+from distrnn import compat, cpu, distributed, faults, local_devices, memory, ops, outputs, stops
+from distrnn.checkpoints import Checkpoints
+from distrnn.files import write_json
 from distrnn.errors import OutOfMemory
 from distrnn.memory import ADVICE
 from distrnn.outputs import log
@@ -142,13 +143,16 @@ def train(job: Job, world, options, save_path: str, started: float) -> dict:
     def open_run():
         resumed = checkpoints.open_run(options.resume, job.saved_config, job.shape_fields, job.absent_fields)
         job.write_run_files(save_path)
-        return resumed
+        history = job.trainer.position().history
+        best = best_epoch(job, history)
+        steps = epoch_steps(history, job.steps_per_epoch)
+        return resumed, checkpoints.settle_best(None if best is None else steps[best], steps)
 
-    resumed = distributed.on_chief(world, open_run)
+    resumed, best_step = distributed.on_chief(world, open_run)
     job.trainer.share_from_chief()
     if world.is_chief:
         _log_start(job, options, checkpoints, resumed, save_path)
-    return run(job, world, options, checkpoints, save_path, started)
+    return _Run(job, world, options, checkpoints, save_path, best_step).run(started)
 
 
 def _log_start(job: Job, options, checkpoints, resumed: bool, save_path: str) -> None:
@@ -183,19 +187,14 @@ def _log_start(job: Job, options, checkpoints, resumed: bool, save_path: str) ->
             else f"--resume: no checkpoint in {save_path}, starting fresh")
 
 
-def run(job: Job, world, options, checkpoints, save_path: str, started: float) -> dict:
-    """Trains `job` from the position its trainer holds; returns the metrics (with "interrupted": the exit
-    code of a stop, after its checkpoint)."""
-    return _Run(job, world, options, checkpoints, save_path).run(started)
-
-
 class _Run:
     """One run of the loop: epochs of steps, then the final figures. Every rank runs it in step with the
-    others: each collective (the step's allreduce, a checkpoint's gather, an agreed stop) is met by all."""
+    others: each collective (the step's allreduce, a checkpoint's gather, an agreed stop) is met by all.
+    `best_step`: the step whose checkpoint best/ holds (None: none), which every rank follows alike."""
 
-    def __init__(self, job: Job, world, options, checkpoints: Checkpoints, save_path: str):
+    def __init__(self, job: Job, world, options, checkpoints: Checkpoints, save_path: str, best_step: Optional[int]):
         self.job, self.world, self.options = job, world, options
-        self.checkpoints, self.save_path = checkpoints, save_path
+        self.checkpoints, self.save_path, self.best_step = checkpoints, save_path, best_step
         self.pos = job.trainer.position()
         self.tensorboard = outputs.TensorBoard(save_path, world.is_chief)
         self.speed = outputs.Speed()
@@ -255,6 +254,7 @@ class _Run:
                 lr = job.learning_rate(pos)
                 job.trainer.optimizer.learning_rate.assign(lr)
             t0 = time.perf_counter()
+            faults.point("step")
             try:
                 figures = _step(job, pos, i)
             except OutOfMemory as error:
@@ -292,10 +292,13 @@ class _Run:
                                      **{f"{job.unit}_per_sec": self.speed.rate}, **watch.monitor.scalars())
 
     def end_epoch(self, lr: float) -> None:
-        """Validation, the epoch's checkpoint, the best one when this epoch is the best, early stopping."""
+        """Validation, the epoch's checkpoint, then the best one when this epoch beats the one best/ holds (in
+        that order: a failure or a kill between the two is repaired on resuming, Checkpoints.settle_best),
+        early stopping."""
         job, pos = self.job, self.pos
+        faults.point("eval")
         entry, text, scalars = job.validate(pos, lr)
-        pos.history.append(entry)
+        pos.history.append(dict(entry, step=pos.global_step))
         if self.world.is_chief:
             log(f"epoch {pos.epoch + 1}/{job.max_epochs} | {text}")
             if scalars:
@@ -303,9 +306,11 @@ class _Run:
         job.end_epoch(pos)
         pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
         self.save(end_of_epoch=True)
+        if self.improves(entry[job.best_key]):
+            if self.world.is_chief:
+                self.checkpoints.save_best(pos.global_step)
+            self.best_step = pos.global_step
         best = best_epoch(job, pos.history)
-        if best == len(pos.history) - 1 and self.world.is_chief:
-            self.checkpoints.save_best(pos.global_step)
         if self.patience_spent() and pos.epoch < job.max_epochs and self.world.is_chief:
             log(f"early stopping: no better {job.best_key} in the last {self.options.early_stopping} epochs (best "
                 f"{pos.history[best][job.best_key]:.4g}, epoch {best + 1})")
@@ -314,6 +319,7 @@ class _Run:
         """The final evaluation (of the last weights, then of the best epoch's), the metrics every job reports,
         the done line, the metrics file and plots."""
         job, pos, world, options, speed = self.job, self.pos, self.world, self.options, self.speed
+        faults.point("eval")
         own, text, scalars, rank_figures = job.finish(pos, speed)
         rate = speed.rate if speed.seconds > 0 else None
         # Each rank's share of the speed (a collective: every rank has timed the same steps, or none).
@@ -348,24 +354,33 @@ class _Run:
             shown = f"{rate:.0f}" if rate else "n/a"
             log(f"done: {pos.global_step} steps | {text} | {shown} {job.unit}/sec | "
                 f"{outputs.format_duration(metrics['wall_time_sec'])}")
+            faults.point("metrics")
             if options.metrics_json:  # first: the figures matter more than the plots
                 write_json(options.metrics_json, {k: v for k, v in metrics.items() if k != "interrupted"})
             self.plot()
             self.tensorboard.scalars(pos.global_step, **scalars)
 
+    def improves(self, figure: Optional[float]) -> bool:
+        """Whether an epoch's validation figure beats that of the epoch best/ holds (the first of equals stays)."""
+        if figure is None or not math.isfinite(figure):
+            return False
+        if self.best_step is None:
+            return True
+        held = self.pos.history[epoch_steps(self.pos.history, self.job.steps_per_epoch).index(self.best_step)]
+        return figure > held[self.job.best_key] if self.job.higher_is_better else figure < held[self.job.best_key]
+
     def best_figures(self, last: Dict) -> Dict:
-        """best_epoch (1-based), best_<validation figure> and the test figures of the best epoch's weights
-        (restored from SAVE_PATH/best; the last weights' when they are the best's); all None before the
-        first validation."""
+        """best_epoch (1-based), best_<validation figure> and the test figures of the weights best/ holds
+        (restored from it; the last weights' when it holds them); all None while it holds none."""
         job, pos = self.job, self.pos
-        best = best_epoch(job, pos.history)
         keys = [f"best_{key}" for key in job.test_keys]
-        if best is None:
+        if self.best_step is None:
             return dict({"best_epoch": None, f"best_{job.best_key}": None}, **dict.fromkeys(keys))
-        if best == len(pos.history) - 1 and pos.step_in_epoch == 0:
+        best = epoch_steps(pos.history, job.steps_per_epoch).index(self.best_step)
+        if self.best_step == pos.global_step and pos.step_in_epoch == 0:
             tested = {key: last[key] for key in job.test_keys}
         else:
-            distributed.on_chief(self.world, self.checkpoints.restore_best)
+            distributed.on_chief(self.world, lambda: self.checkpoints.restore_best(self.best_step))
             job.trainer.share_from_chief()
             tested = job.test()
         if self.world.is_chief:
@@ -383,6 +398,12 @@ class _Run:
             outputs.plot_curves(os.path.join(self.save_path, f"{name}.png"), job.curve.title, name,
                                 {split: [h[f"{split}_{name}"] for h in pos.history] for split in ("train", "valid")},
                                 log_scale=job.curve.log_scale)
+
+
+def epoch_steps(history, steps_per_epoch: int):
+    """The global step at the end of each epoch in `history` (the step its checkpoint has in its name); runs
+    saved before history entries held it: the epoch times the steps of one."""
+    return [h.get("step", h.get("epoch", i + 1) * steps_per_epoch) for i, h in enumerate(history)]
 
 
 def best_epoch(job: Job, history) -> Optional[int]:

@@ -21,6 +21,24 @@ from distrnn.nvml import MIB
 
 
 
+def check_host_fits(plan, costs) -> None:
+    """Refuses a job whose estimated memory on the host's devices (the CPU's, and TensorFlow's choice where
+    the process has no GPU) is beyond the host's memory, before anything is allocated: on a CPU,
+    TensorFlow's allocation of a too large tensor succeeds (Linux promises memory it does not have) and
+    the process, or another one, is killed by the kernel once the pages are touched, without a word. A GPU's
+    allocator fails cleanly (ResourceExhaustedError, exit 76), so GPUs are left to it."""
+    import tensorflow as tf
+    host = [d for d in plan.devices if "GPU" not in d and (d or not tf.config.list_logical_devices("GPU"))]
+    need = sum(b for device, b in plan.bytes_on(costs).items() if device in host)
+    total = psutil.virtual_memory().total
+    if need > total:
+        from distrnn.errors import OutOfMemory
+        raise OutOfMemory(f"the model needs about {need / 2**30:,.1f} GiB of host memory by distrnn's estimate "
+                          f"(python -m distrnn.devices --plan), more than this machine's {total / 2**30:.1f} GiB; "
+                          "nothing was allocated: lower --batch_size, --hidden_size or --num_layers, or keep less "
+                          "with --recompute K or --swap_memory")
+
+
 class MemoryMonitor:
     """warn, stop: fractions (0-1] of device or host memory in use that trigger a warning and a stop.
     owned_gpus(num_gpus) -> the NVML indices of the GPUs this process uses, in the order TensorFlow

@@ -7,7 +7,8 @@ import dataclasses
 from typing import Optional
 
 from distrnn import names
-from distrnn.config import read_number
+from distrnn.config import read_number, shown
+from distrnn.errors import UsageError
 from distrnn.estimates import Memory
 
 
@@ -27,11 +28,41 @@ COUNT = number(int, minimum=0)             # 0 meaning none, or not set
 POSITIVE_INT = number(int, positive=True)
 FRACTION = number(float, positive=True, maximum=1)  # of memory in use: (0, 1]
 SAMPLE_SECONDS = number(float, minimum=0.1)  # a shorter interval would keep a core busy sampling
+# Devices of one process: more GPUs than any machine holds (16), more logical devices than are worth
+# their start-up (100,000 took 100 s to create); a typo's two billion would be listed until memory ran out.
+MAX_DEVICES = 64
+DEVICE_COUNT = number(int, minimum=0, maximum=MAX_DEVICES)
 
 
 # The groups flags are shown in (None: the parser's top level).
 DEVICES, RANKS, MEMORY = "devices (model parallelism)", "several processes (under horovodrun or srun)", "memory"
 PRECISION = "precision"
+
+
+def precision_of(precision: Optional[str], use_fp16: bool) -> str:
+    """What a model computes in, from --precision (None: not given) and TensorFlow 1's --use_fp16, refused
+    where they disagree (every entry point and library caller goes through here)."""
+    if use_fp16 and precision not in (None, "float16"):
+        raise UsageError(f"--use_fp16 means --precision float16, and --precision {precision} was given too; pass one "
+                         "of them")
+    return "float16" if use_fp16 else precision or "float32"
+
+
+def check_field(name: str, value, meta, kind) -> None:
+    """A run option's value as the flag --NAME would take it (its parser's range, its choices)."""
+    if kind in (bool, "bool"):
+        if not isinstance(value, bool):
+            raise UsageError(f"--{name} is a switch (True or False), got {shown(repr(value))}")
+        return
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise UsageError(f"--{name} must be one of {', '.join(meta['choices'])}, got {shown(repr(value))}")
+    if meta["type"] is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise UsageError(f"--{name} takes a number, got {shown(repr(value))}")
+        try:
+            meta["type"](str(value))
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"--{name} {e}") from None
 
 
 def flag(default, help: str, type=None, group: Optional[str] = None, choices=None, metavar: Optional[str] = None,
@@ -59,15 +90,14 @@ class JobOptions:
                                metavar="N", default_text="off")
     devices: Optional[str] = flag(None, "comma-separated devices for the model's parts, e.g. /gpu:0,/gpu:1",
                                   group=DEVICES, default_text="")
-    num_gpus: int = flag(0, "use /gpu:0 ... /gpu:N-1", COUNT, DEVICES, default_text="")
-    # More logical devices than model parts only cost start-up time (100,000 took 100 s to create).
+    num_gpus: int = flag(0, "use /gpu:0 ... /gpu:N-1", DEVICE_COUNT, DEVICES, default_text="")
     virtual_devices: int = flag(0, "split the CPU into N logical devices (at most 64) and place the model on them",
-                                number(int, minimum=0, maximum=64), DEVICES, default_text="")
+                                DEVICE_COUNT, DEVICES, default_text="")
     strategy: str = flag("round_robin", "how parts are mapped to devices", group=DEVICES, choices=names.STRATEGIES)
     placement: str = flag("sequential", "sequential: one layer after another; pipeline: a wavefront so all devices "
                           "work at once", group=DEVICES, choices=names.PLACEMENTS)
     gpus_per_rank: int = flag(0, "GPUs each rank owns (rank r: local GPUs r*K ... r*K+K-1), its layers placed across "
-                              "them", COUNT, RANKS, default_text="one GPU per rank")
+                              "them", DEVICE_COUNT, RANKS, default_text="one GPU per rank")
     global_batch_size: int = flag(0, "rows of one step over all ranks, split evenly", COUNT, RANKS,
                                   default_text="batch_size x ranks")
     lr_scaling: str = flag("none", "scale the learning rate with global batch / batch_size (see docs/horovod.md)",
@@ -84,18 +114,38 @@ class JobOptions:
                           metavar="K", default_text="")
     swap_memory: bool = flag(False, "backprop through time keeps the LSTM activations in host memory, fetched back "
                              "segment by segment (GPU memory of about two segments)", group=MEMORY)
-    precision: str = flag("float32", "what the model computes in; the weights and optimizer state stay float32, "
-                          "the loss and the softmax's normaliser are float32; float16 scales the loss dynamically "
-                          "(docs/precision.md)", group=PRECISION, choices=names.PRECISIONS)
+    precision: Optional[str] = flag(None, "what the model computes in; the weights and optimizer state stay float32, "
+                                    "the loss and the softmax's normaliser are float32; float16 scales the loss "
+                                    "dynamically (docs/precision.md)", group=PRECISION, choices=names.PRECISIONS,
+                                    default_text="float32")
     use_fp16: bool = flag(False, "TensorFlow 1's ptb_word_lm.py spelling of --precision float16", group=PRECISION)
     fp16_allreduce: bool = flag(False, "send gradients between ranks in float16 (Horovod's fp16 compression, the "
                                 "embedding's rows included), whatever --precision", group=RANKS)
     config_name: str = "custom"  # from --config
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """The one check of a run's options, for the command line and library callers alike (a dataclass
+        made or replaced runs it): each value as its flag would parse it, then what they mean together.
+        UsageError (exit 2) naming the flags, before anything runs."""
+        for field in dataclasses.fields(self):
+            value, meta = getattr(self, field.name), field.metadata
+            if meta and value is not None:
+                check_field(field.name, value, meta, field.type)
+        if self.mem_warn > self.mem_stop:
+            raise UsageError(f"--mem_warn {self.mem_warn:g} is above --mem_stop {self.mem_stop:g}: the warning must "
+                             "come first; lower --mem_warn")
+        if self.recompute and self.swap_memory:
+            raise UsageError("--recompute and --swap_memory are alternatives: recompute keeps less, swap keeps all "
+                             "of it on the host; pass one of them")
+        precision_of(self.precision, self.use_fp16)
+
     @property
     def compute_precision(self) -> str:
-        """--precision, or float16 for --use_fp16 (cli.check_job_flags refuses the two disagreeing)."""
-        return "float16" if self.use_fp16 else self.precision
+        """--precision, or float16 for --use_fp16 (validate refuses the two disagreeing)."""
+        return precision_of(self.precision, self.use_fp16)
 
     @property
     def memory(self) -> Memory:

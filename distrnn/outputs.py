@@ -7,7 +7,7 @@ from typing import Dict, List, Optional
 
 import tensorflow as tf
 
-from distrnn import compat
+from distrnn import compat, files
 
 
 def log(message: str) -> None:
@@ -113,12 +113,11 @@ def plot_curves(path: str, title: str, ylabel: str, curves: Dict[str, List[float
 
 
 def save_figure(fig, path: str) -> None:
-    """Saves a matplotlib figure as PNG and closes it; a plot that cannot be written (a full disk) is a
-    warning, not the end of a run whose figures are already in its metrics file."""
+    """Saves a matplotlib figure as PNG, whole or not at all (files.replacing: SaveFailed on a full disk),
+    and closes it."""
     import matplotlib.pyplot as plt
     try:
-        fig.savefig(path)
-    except OSError as e:
-        log(f"warning: could not write {path} ({e.strerror or e})")
+        with files.replacing(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)

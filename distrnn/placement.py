@@ -51,6 +51,13 @@ class Plan:
             lines.append(f"  {name:10s} -> {device}{cost}")
         return lines
 
+    def bytes_on(self, costs: Sequence[float]) -> Dict[str, float]:
+        """The estimated bytes each device holds, from `costs` (bytes of [embedding, layers..., softmax])."""
+        held: Dict[str, float] = {}
+        for (_, device), cost in zip(self.parts(), costs):
+            held[device] = held.get(device, 0.0) + cost
+        return held
+
     def as_dict(self) -> Dict:
         d = {"strategy": self.strategy, "embedding": self.embedding, "layers": list(self.layers),
              "softmax": self.softmax, "devices": self.devices}
@@ -111,9 +118,13 @@ def make_plan(num_layers: int, devices: Sequence[str], strategy: str = "round_ro
 
 
 def job_plan(num_layers: int, devices: Sequence[str], strategy: str, costs: Callable[[], Sequence[float]]) -> Plan:
-    """make_plan over the devices a job was given (costs() is asked only then); given none, one device
-    of TensorFlow's choice."""
-    return make_plan(num_layers, devices, strategy, costs()) if devices else single_device(num_layers)
+    """make_plan over the devices a job was given; given none, one device of TensorFlow's choice. Refused
+    (memory.check_host_fits) before anything is allocated where the host cannot hold what the plan puts on it."""
+    from distrnn import memory
+    estimate = tuple(costs())
+    plan = make_plan(num_layers, devices, strategy, estimate) if devices else single_device(num_layers)
+    memory.check_host_fits(plan, estimate)
+    return plan
 
 
 def on_device(device: str, fn):

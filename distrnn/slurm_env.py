@@ -146,13 +146,24 @@ def srun_task(env: Mapping[str, str] = os.environ) -> Optional[SrunTask]:
     if "SLURM_STEP_ID" not in env or env_number(env, "SLURM_STEP_NUM_TASKS", 1, minimum=0) < 2:
         return None
     slots = node_slots(env)
-    node_id, local_rank = int(_need(env, "SLURM_NODEID")), int(_need(env, "SLURM_LOCALID"))
     counts = [count for _, count in slots]
+    node_id = _task_number(env, "SLURM_NODEID", len(counts), "node(s)")
+    local_rank = _task_number(env, "SLURM_LOCALID", counts[node_id], f"task(s) on node {slots[node_id][0]}")
+    rank = _task_number(env, "SLURM_PROCID", sum(counts), "task(s)")
     # Cross rank: among the nodes that run a task with this local rank, this node's index.
     with_local_rank = [i for i, count in enumerate(counts) if count > local_rank]
-    return SrunTask(rank=int(_need(env, "SLURM_PROCID")), size=sum(counts), local_rank=local_rank,
+    return SrunTask(rank=rank, size=sum(counts), local_rank=local_rank,
                     local_size=counts[node_id], cross_rank=with_local_rank.index(node_id),
                     cross_size=len(with_local_rank), node=slots[node_id][0], slots=tuple(slots))
+
+
+def _task_number(env: Mapping[str, str], name: str, count: int, what: str) -> int:
+    """An index Slurm gives a task (0 ... count-1 of the step's `what`), read as every number is."""
+    _need(env, name)
+    try:
+        return env_number(env, name, None, minimum=0, maximum=count - 1)
+    except UsageError as e:
+        raise UsageError(f"{e} (the step has {count} {what}): run distrnn under srun, which sets it") from None
 
 
 # The #SBATCH requests that a script's stated hardware, time and expected figures rest on, and the

@@ -11,7 +11,7 @@ import numpy as np
 
 from distrnn import checkpoints, memory
 from distrnn.checkpoints import Checkpoints
-from distrnn.errors import Diverged, Interrupted, OutOfMemory
+from distrnn.errors import Diverged, Interrupted, OutOfMemory, Signalled
 from distrnn.outputs import log, say
 
 
@@ -132,15 +132,6 @@ class StopSignal:
         return 128 + signum
 
 
-class _Signalled(BaseException):
-    """SIGTERM or SIGUSR1 outside the training loop, raised where the program is (as SIGINT's
-    KeyboardInterrupt is), so it ends in SignalsInterrupt's one line instead of a silent death."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
 class SignalsInterrupt:
     """Turns SIGINT, SIGTERM and SIGUSR1 that arrive outside the training loop (which saves and stops on
     its own: StopSignal) into Interrupted: one line saying what the save path holds, exit 128 + signal."""
@@ -157,13 +148,13 @@ class SignalsInterrupt:
 
     @staticmethod
     def _raise(signum, frame):
-        raise _Signalled(signum)
+        raise Signalled(signum)
 
     def __exit__(self, kind, error, tb):
         for sig, handler in self._previous.items():
             if signal.getsignal(sig) is self._raise:  # not where a stop has since ignored it
                 signal.signal(sig, handler)
-        if kind is KeyboardInterrupt or kind is _Signalled:
+        if kind is KeyboardInterrupt or kind is Signalled:
             signum = signal.SIGINT if kind is KeyboardInterrupt else error.signum
             raise Interrupted(interrupted_message(self.save_path, signum), StopSignal.exit_code(signum)) from None
         return False

@@ -8,7 +8,7 @@ import time
 
 import tensorflow as tf
 
-from distrnn import checkpoints, cpu, distributed, local_devices, loop, memory
+from distrnn import checkpoints, cpu, distributed, faults, files, local_devices, loop, memory
 from distrnn.errors import OutOfMemory
 from distrnn.outputs import log
 from distrnn.options import JobOptions
@@ -29,6 +29,7 @@ def run_job(job: str, config, options: JobOptions, job_cls, world=None) -> dict:
     learning rate was chosen for)) and returns loop.train's metrics; a
     collective broken by a lost rank is turned into RankLost and a signal outside the training loop's
     own handling (start-up, evaluation) into Interrupted."""
+    options.validate()  # a library caller's options may have changed since they were made
     reference_batch = config.batch_size
     world = world or distributed.init(options.gpus_per_rank)
     if world.is_chief:
@@ -44,8 +45,11 @@ def run_job(job: str, config, options: JobOptions, job_cls, world=None) -> dict:
             config = distributed.per_rank_config(config, options.global_batch_size, world)
             config.validate()
             distributed.check_same_run(world, config, options)
+            distributed.on_chief(world, lambda: files.check_save_path(save_path))
             distributed.on_chief(world, lambda: locks.append(checkpoints.SavePathLock(save_path)))
-            distributed.on_chief(world, lambda: checkpoints.check_writable(options.metrics_json))
+            faults.point("start")
+            distributed.on_chief(world, lambda: files.check_output(options.metrics_json, "--metrics_json",
+                                                                   own_run=save_path))
             started = time.time()
             job = job_cls(config, options, world, devices, reference_batch)
             return loop.train(job, world, options, save_path, started)

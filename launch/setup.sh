@@ -137,7 +137,7 @@ fi
 
 # --- distrnn ------------------------------------------------------------------
 # Reinstalled when a dependency is missing (one added to pyproject.toml since the last setup).
-needs='import pytest, pytest_timeout, psutil, pynvml, matplotlib, tensorboard'
+needs='import pytest, pytest_timeout, hypothesis, psutil, pynvml, matplotlib, tensorboard'
 if [[ -z "$(installed distrnn)" ]] || ! "$py" -c "$needs" 2>/dev/null; then
     log "installing distrnn (editable) with dev tools"
     pip install -q -e "$root[dev]"

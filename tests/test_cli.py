@@ -23,7 +23,7 @@ def checkpoint_files(save_path):
 @pytest.mark.parametrize("args, fragments", [
     (["--hidden_size", "0"], ["hidden_size must be positive, got 0"]),
     (["--batch_size", "-2"], ["batch_size must be positive, got -2"]),
-    (["--hidden_size", "big"], ["--hidden_size takes int, got 'big'"]),
+    (["--hidden_size", "big"], ["--hidden_size takes an integer, got 'big'"]),
     (["--hidden_sise", "10"], ["unrecognized arguments: --hidden_sise", "did you mean --hidden_size?"]),
     (["--config", "huge"], ["unknown --config 'huge'"]),
     (["--max_steps", "-1"], ["argument --max_steps: must be >= 0, got '-1'"]),

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 
@@ -31,8 +32,8 @@ def test_override_parses_types():
 
 @pytest.mark.parametrize("overrides, message", [
     ({"hidden_sise": "100"}, "unknown config field 'hidden_sise'"),
-    ({"hidden_size": "1.5"}, "--hidden_size takes int, got '1.5'"),
-    ({"keep_prob": "half"}, "--keep_prob takes float, got 'half'"),
+    ({"hidden_size": "1.5"}, "--hidden_size takes an integer, got '1.5'"),
+    ({"keep_prob": "half"}, "--keep_prob takes a number, got 'half'"),
     ({"hidden_size": "0"}, "hidden_size must be positive, got 0"),
     ({"batch_size": "-3"}, "batch_size must be positive, got -3"),
     ({"keep_prob": "1.5"}, "keep_prob must be in"),
@@ -40,11 +41,11 @@ def test_override_parses_types():
     ({"cell": "gru", "use_peepholes": "true"}, "use_peepholes needs cell lstm"),
     ({"cell": "gru", "rnn_mode": "block"}, "rnn_mode block runs LSTM cells only"),
     ({"use_peepholes": "yes", "rnn_mode": "cudnn"}, "cuDNN has no peephole LSTM"),
-    ({"use_peepholes": "maybe"}, "--use_peepholes takes bool, got 'maybe'"),
+    ({"use_peepholes": "maybe"}, "--use_peepholes takes bool (true or false), got 'maybe'"),
     ({"num_layers": True}, "takes int"),
 ])
 def test_override_errors(overrides, message):
-    with pytest.raises(UsageError, match=message.replace("(", r"\(")):
+    with pytest.raises(UsageError, match=re.escape(message)):
         override(PRESETS.get("small"), overrides)
 
 

@@ -28,8 +28,8 @@ def describe(name: str) -> str:
 
 
 def run(argv) -> int:
-    from distrnn.mnist.configs import PRESETS
-    return cli.run_training(argv, build_parser, PRESETS, describe, "distrnn.mnist.train")
+    from distrnn.mnist.configs import PRESETS, RunOptions
+    return cli.run_training(argv, build_parser, PRESETS, describe, "distrnn.mnist.train", RunOptions)
 
 
 def main(argv=None) -> int:

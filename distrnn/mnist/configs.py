@@ -40,7 +40,7 @@ class MNISTConfig:
             check(value > 0, f"{name} must be positive, got {value}; pass --{name} N with N >= 1")
         check(self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}")
         check(self.validation_size >= 0, f"validation_size must be >= 0, got {self.validation_size}")
-        check_recurrence(self.cell, self.rnn_mode, self.use_peepholes)
+        check_recurrence(self.cell, self.rnn_mode, self.use_peepholes, self.num_layers)
 
 
 PRESETS = Registry()

@@ -199,7 +199,7 @@ def fetch(directory: str, dataset: Dataset) -> str:
             download.fetch(f"{base}/{name}", os.path.join(tmp, name), dataset.title,
                            f"{DATA_PATH_HINT} (or set {dataset.url_variable} to a mirror)")
 
-    return download.into_cache(directory, FILE_NAMES, fill, lambda tmp: verify(tmp, dataset))
+    return download.into_cache(directory, FILE_NAMES, fill, lambda tmp: verify(tmp, dataset), DATA_PATH_HINT)
 
 
 def resolve_data_path(data_path: Optional[str], dataset: str) -> str:

@@ -13,7 +13,7 @@ import math
 import tensorflow as tf
 
 from distrnn.mnist.idx import NUM_CLASSES
-from distrnn.estimates import WEIGHT_BYTES, PartMemory, compute_copy, recurrent_layer
+from distrnn.estimates import WEIGHT_BYTES, Memory, PartMemory, compute_copy, recurrent_layer
 from distrnn.names import PRECISION_BYTES
 from distrnn.ops import matmul
 from distrnn.placement import on_device, single_device
@@ -89,14 +89,15 @@ class RowClassifier(tf.Module):
             return on_device(self.plan.softmax, dense)(h[-1])[0]
 
 
-def part_memory(config, image_shape, batch_size: int, precision: str = "float32"):
-    """Bytes of [input, layer 0 .. L-1, dense] in training (distrnn.estimates; Adam keeps two moments
-    per weight): what the balanced strategy evens."""
+def part_memory(config, image_shape, batch_size: int, precision: str = "float32", keeps: Memory = Memory()):
+    """Bytes of [input, layer 0 .. L-1, dense] in training in memory mode `keeps` (distrnn.estimates; Adam keeps
+    two moments per weight): what the balanced strategy evens."""
     rows, cols = image_shape
     h, gates, act = config.hidden_size, CELLS[config.cell].gates, PRECISION_BYTES[precision]
     parts = [PartMemory("input", 0, 0, batch_size * rows * cols * (4 + act * (precision != "float32")))]
-    parts += [recurrent_layer(f"layer {i}", cols if i == 0 else h, h, batch_size, rows, gates, optimizer_slots=2,
-                              precision=precision) for i in range(config.num_layers)]
+    parts += [recurrent_layer(f"layer {i}", cols if i == 0 else h, h, batch_size, rows, gates,
+                              recompute=keeps.recompute, swap=keeps.swap, optimizer_slots=2, precision=precision)
+              for i in range(config.num_layers)]
     dense = (h + 1) * NUM_CLASSES * WEIGHT_BYTES
     parts.append(PartMemory("dense", dense + compute_copy(dense, precision), 3 * dense,
                             batch_size * NUM_CLASSES * (act + 4 * (precision != "float32"))))  # + a float32 cast

@@ -40,7 +40,8 @@ class MNISTJob(loop.Job):
         self.steps_per_epoch = splits.steps_per_epoch(self.global_batch, self.batch_text)
         self.devices, spread_note = layer_devices(config, devices)
         self.notes = [spread_note] if spread_note else []
-        self.plan = make_model_plan(config, image_shape, B, self.devices, options.strategy, options.compute_precision)
+        self.plan = make_model_plan(config, image_shape, B, self.devices, options.strategy, options.compute_precision,
+                                    options.memory)
         unrolling = unrolling_for(config, image_shape, self.on_gpu, options.placement,
                                   options.memory, options.compute_precision)
         self.trainer = Trainer(config, image_shape, options.seed, unrolling, self.plan, world, options.fp16_allreduce)

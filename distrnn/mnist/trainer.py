@@ -262,6 +262,7 @@ def layer_devices(config, devices):
                      "N, --devices or --virtual_devices N place the layers on N devices")
 
 
-def make_model_plan(config, image_shape, batch_size: int, devices, strategy: str, precision: str = "float32"):
+def make_model_plan(config, image_shape, batch_size: int, devices, strategy: str, precision: str = "float32",
+                    keeps: Memory = KEEP):
     return placement.job_plan(config.num_layers, devices, strategy, lambda: [
-        part.total for part in part_memory(config, image_shape, batch_size, precision)])
+        part.total for part in part_memory(config, image_shape, batch_size, precision, keeps)])

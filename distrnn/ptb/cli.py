@@ -28,8 +28,8 @@ def describe(name: str) -> str:
 
 
 def run(argv) -> int:
-    from distrnn.ptb.configs import PRESETS
-    return cli.run_training(argv, build_parser, PRESETS, describe, "distrnn.ptb.train")
+    from distrnn.ptb.configs import PRESETS, RunOptions
+    return cli.run_training(argv, build_parser, PRESETS, describe, "distrnn.ptb.train", RunOptions)
 
 
 def main(argv=None) -> int:

@@ -50,7 +50,7 @@ class PTBConfig:
         check(0.0 < self.keep_prob <= 1.0,
               f"keep_prob must be in (0, 1], got {self.keep_prob}; pass --keep_prob 1.0 for no dropout")
         check(0.0 < self.lr_decay <= 1.0, f"lr_decay must be in (0, 1], got {self.lr_decay}")
-        check_recurrence(self.cell, self.rnn_mode, self.use_peepholes)
+        check_recurrence(self.cell, self.rnn_mode, self.use_peepholes, self.num_layers)
 
     def learning_rate_at(self, epoch: int) -> float:
         """The reference schedule: constant for max_epoch epochs, then decayed (epoch is 0-based)."""

@@ -13,7 +13,7 @@ The SavedModel needs nothing of distrnn to be loaded (`tf.saved_model.load(DIR)`
 import os
 import sys
 
-from distrnn import cli
+from distrnn import cli, files
 
 
 def build_parser():
@@ -25,14 +25,9 @@ def build_parser():
 
 def export(args) -> str:
     from distrnn.ptb import saved_run
-    target = os.path.abspath(args.export_dir)
-    if os.path.lexists(target) and (not os.path.isdir(target) or os.listdir(target)):
-        raise cli.UsageError(f"--export_dir {args.export_dir} already exists and is not an empty directory: "
-                             "name a new one (a model already there is kept)")
-    if not os.access(os.path.dirname(target), os.W_OK):
-        raise cli.UsageError(f"cannot create --export_dir {args.export_dir}: {os.path.dirname(target)} is not a "
-                             "writable directory")
+    target = files.check_new_directory(args.export_dir, "--export_dir")
     run = saved_run.load(args.save_path, args.checkpoint, args.data_path, num_steps=None)
+    saved_run.say_notes(run, "distrnn.ptb.export")
     saved_run.export(run, target)
     return target
 

@@ -16,8 +16,8 @@ from distrnn.errors import UsageError
 def build_parser():
     parser = cli.ArgumentParser(prog="python -m distrnn.ptb.generate", description=__doc__.split("\n\n")[0])
     cli.add_saved_run_flags(parser)
-    parser.add_argument("--words", type=options.POSITIVE_INT, default=100, help="words to draw, <eos> included "
-                        "(default 100)")
+    parser.add_argument("--words", type=options.number(int, positive=True, maximum=1_000_000), default=100,
+                        help="words to draw, <eos> included, at most a million (default 100)")
     parser.add_argument("--temperature", type=options.number(float, positive=True), default=1.0,
                         help="the logits are divided by it: below 1 safer, above 1 more varied (default 1.0)")
     parser.add_argument("--prompt", default="", help="words the text starts with (default: a sentence's start)")
@@ -29,6 +29,7 @@ def build_parser():
 def generate(args) -> str:
     from distrnn.ptb import reader, saved_run
     run = saved_run.load(args.save_path, args.checkpoint, args.data_path, num_steps=1)
+    saved_run.say_notes(run, "distrnn.ptb.generate")
     prompt = args.prompt.split()
     unknown = sorted({w for w in prompt if w not in run.vocab})
     if prompt and len(unknown) == len(set(prompt)):

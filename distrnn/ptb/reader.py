@@ -8,13 +8,13 @@ Words of valid/test missing from it become `<unk>` and are counted.
 import collections
 import dataclasses
 import os
-import shutil
 import tarfile
 from typing import Dict, Iterator, Tuple
 
 import numpy as np
 
-from distrnn.checkpoints import write_text
+from distrnn import files
+from distrnn.files import write_text
 from distrnn.download import cached, fetch, hexdigest, into_cache, mirror_url
 from distrnn.errors import UsageError
 
@@ -71,8 +71,10 @@ def download(directory: str, url: str = None) -> str:
             with tarfile.open(archive) as tar:
                 for name in CHECKSUMS:
                     member = tar.getmember(f"./simple-examples/data/{name}")
-                    with tar.extractfile(member) as src, open(os.path.join(tmp, name), "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+                    if not member.isfile():
+                        raise tarfile.TarError(f"its {member.name} is not a file")
+                    with tar.extractfile(member) as src:
+                        files.copy_stream(src, os.path.join(tmp, name))
         except tarfile.ReadError:
             raise UsageError(f"{url} is not a tar archive; point DISTRNN_PTB_URL at simple-examples.tgz, or "
                              f"{DATA_PATH_HINT}") from None
@@ -80,7 +82,7 @@ def download(directory: str, url: str = None) -> str:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UsageError(f"{url} is not the simple-examples archive ({first}); {DATA_PATH_HINT}") from None
 
-    return into_cache(directory, CHECKSUMS, extract, verify)
+    return into_cache(directory, CHECKSUMS, extract, verify, DATA_PATH_HINT)
 
 
 def default_dir() -> str:

@@ -7,14 +7,16 @@ The model is rebuilt on one device of TensorFlow's choice, whatever devices and 
 """
 import dataclasses
 import functools
+import json
 import os
+import sys
 from typing import Dict, List, Optional
 
 import numpy as np
 import tensorflow as tf
 
-from distrnn import local_devices
-from distrnn.checkpoints import checkpoint_files, read_config
+from distrnn import files, local_devices
+from distrnn.checkpoints import Unfit, op_error_reason, read_config, restore_newest
 from distrnn.errors import UsageError
 from distrnn.ptb import reader
 from distrnn.ptb.configs import PTBConfig
@@ -34,6 +36,20 @@ class SavedRun:
     model: PTBModel
     checkpoint: str            # the path restored
     eval_batch: int            # rows of the run's evaluation (its global batch)
+    notes: List[str] = dataclasses.field(default_factory=list)  # checkpoints skipped as partial or damaged
+
+    @functools.cached_property
+    def position(self) -> dict:
+        """Where the run stood when the checkpoint was saved: its epoch (0-based, the one in progress),
+        global step and history."""
+        return json.loads(tf.train.load_variable(self.checkpoint, "position/.ATTRIBUTES/VARIABLE_VALUE"))
+
+    def describe(self) -> str:
+        """`ckpt-40 (step 40, after epoch 2)`: which weights these are."""
+        pos = self.position
+        within = f"after epoch {pos['epoch']}" if not pos["step_in_epoch"] else \
+            f"epoch {pos['epoch'] + 1}, step {pos['step_in_epoch']} of it"
+        return f"{self.checkpoint} (step {pos['global_step']}, {within})"
 
     @property
     def eos(self) -> int:
@@ -62,15 +78,26 @@ def load(save_path: str, which: str = "last", data_path: Optional[str] = None, n
     vocab = _vocabulary(save_path, vocab_size, data_path)
     mode = Unrolling.resolve(config.cell, config.use_peepholes, "auto", local_devices.runs_on_gpu([]), num_steps)
     model = PTBModel(config, vocab_size, mode, seed=0)
-    path = _checkpoint(save_path, which)
+    directory = os.path.join(save_path, CHECKPOINTS[which])
     try:
-        tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as e:
-        first = str(e).strip().splitlines()[0][:200]
-        raise UsageError(f"checkpoint {path} does not hold this run's model ({first}); its config.json may have "
-                         "been edited or replaced") from None
+        number, notes = restore_newest(directory, lambda prefix: tf.train.Checkpoint(model=model).restore(
+            prefix).expect_partial().assert_existing_objects_matched(), "its config.json may have been edited or "
+            "replaced: restore the run's own")
+    except Unfit:
+        raise
+    except UsageError as e:
+        hint = " (a best checkpoint is saved after the first epoch's validation)" if which == "best" else ""
+        other = "last" if which == "best" else "best"
+        raise UsageError(f"{e}{hint}; train the run further, or pass --checkpoint {other}") from None
     batch = settings.get("global_batch_size") or config.batch_size
-    return SavedRun(save_path, config, vocab, sorted(vocab, key=vocab.get), model, path, int(batch))
+    return SavedRun(save_path, config, vocab, sorted(vocab, key=vocab.get), model,
+                    os.path.join(directory, f"ckpt-{number}"), int(batch), notes)
+
+
+def say_notes(run: SavedRun, prog: str) -> None:
+    """What load skipped to reach the checkpoint it read, on stderr (the commands' stdout is their output)."""
+    for note in run.notes:
+        print(f"{prog}: note: {note}", file=sys.stderr)
 
 
 def _run_config(save_path: str) -> dict:
@@ -86,24 +113,15 @@ def _run_config(save_path: str) -> dict:
 
 
 def _vocabulary(save_path: str, vocab_size: int, data_path: Optional[str]) -> Dict[str, int]:
+    """The run's vocab.txt, or the vocabulary of the data it trained on (--data_path: rebuilt in memory;
+    the run's own files are written by the run alone)."""
     if data_path is None:
         return reader.read_vocab(save_path, vocab_size)
     vocab = reader.load(data_path).vocab
     if len(vocab) != vocab_size:
         raise UsageError(f"--data_path {data_path} gives a vocabulary of {len(vocab)} words, the run's model has "
                          f"{vocab_size}: pass the data the run trained on")
-    reader.save_vocab(save_path, vocab)
     return vocab
-
-
-def _checkpoint(save_path: str, which: str) -> str:
-    directory = os.path.join(save_path, CHECKPOINTS[which])
-    numbers = sorted(checkpoint_files(directory))
-    if not numbers:
-        hint = " (a best checkpoint is saved after the first epoch's validation)" if which == "best" else ""
-        raise UsageError(f"no checkpoint in {directory}{hint}; train the run further, or pass --checkpoint "
-                         f"{'last' if which == 'best' else 'best'}")
-    return os.path.join(directory, f"ckpt-{numbers[-1]}")
 
 
 # --- scoring ---------------------------------------------------------------------------------------
@@ -158,8 +176,9 @@ def sample(run: SavedRun, prompt: List[int], count: int, temperature: float, see
         logits, state = step(tf.constant([[word]], tf.int32), state)
     drawn = []
     for _ in range(count):
-        scaled = logits.numpy().astype(np.float64)[0] / temperature
-        p = np.exp(scaled - scaled.max())
+        logits64 = logits.numpy().astype(np.float64)[0]
+        # Shifted first: every value <= 0, so a tiny temperature gives -inf (probability 0), never inf - inf.
+        p = np.exp((logits64 - logits64.max()) / temperature)
         word = int(rng.choice(len(p), p=p / p.sum()))
         drawn.append(word)
         logits, state = step(tf.constant([[word]], tf.int32), state)
@@ -177,10 +196,10 @@ class Exported(tf.Module):
     """What the SavedModel holds: the model, its vocabulary, and functions over one flat state tensor
     (layers, S, B, H), since a signature takes tensors, not nested tuples."""
 
-    def __init__(self, run: SavedRun):
+    def __init__(self, run: SavedRun, vocab_file: str):
         super().__init__(name="ptb_language_model")
         self.model = run.model
-        self.vocabulary = tf.saved_model.Asset(os.path.join(run.save_path, reader.VOCAB_FILE))
+        self.vocabulary = tf.saved_model.Asset(vocab_file)  # copied into the SavedModel's assets/
         self.layers = run.config.num_layers
         self.per_layer = len(run.model.zero_state(1)[0])
         self.units = run.config.hidden_size
@@ -205,20 +224,15 @@ class Exported(tf.Module):
 
 
 def export(run: SavedRun, export_dir: str) -> None:
-    """Writes the SavedModel into a temporary directory beside export_dir, then renames it: an export that
-    fails leaves nothing."""
-    import shutil
+    """The SavedModel, complete at export_dir (checked by files.check_new_directory) or absent: written
+    beside it, then renamed; a full disk is SaveFailed (74). Its vocabulary asset is the run's words,
+    written apart from the run's own files."""
     import tempfile
-    module = Exported(run)
-    parent = os.path.dirname(export_dir)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
-        tf.saved_model.save(module, tmp, signatures={"step": module.step, "initial_state": module.initial_state,
-                                                     "serving_default": module.serving_default},
-                            options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
-        if os.path.isdir(export_dir):
-            os.rmdir(export_dir)  # empty, checked before
-        os.replace(tmp, export_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with files.new_directory(export_dir, tf.errors.OpError, op_error_reason) as tmp:
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(export_dir), prefix=".vocab-") as scratch:
+            vocab_file = os.path.join(scratch, reader.VOCAB_FILE)
+            files.write_text(vocab_file, "".join(f"{word}\n" for word in run.words))
+            module = Exported(run, vocab_file)
+            tf.saved_model.save(module, tmp, signatures={"step": module.step, "initial_state": module.initial_state,
+                                                         "serving_default": module.serving_default},
+                                options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))

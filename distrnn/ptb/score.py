@@ -25,13 +25,14 @@ def build_parser():
 
 
 def score(args) -> dict:
-    from distrnn.checkpoints import check_writable, write_json, write_text
+    from distrnn.files import check_output, write_json, write_text
     from distrnn.ptb import reader, saved_run
     from distrnn.ptb.trainer import perplexity
-    check_writable(args.per_line, "--per_line", "lines.jsonl")
-    check_writable(args.metrics_json)
+    check_output(args.per_line, "--per_line", "lines.jsonl")
+    check_output(args.metrics_json, "--metrics_json")
     words = {path: reader.read_words(path, "give text files, one sentence a line") for path in args.files}
     run = saved_run.load(args.save_path, args.checkpoint, args.data_path, num_steps=None)
+    saved_run.say_notes(run, "distrnn.ptb.score")
     results, lines = {}, []
     for path in args.files:
         scored = saved_run.score_words(run, words[path])
@@ -44,7 +45,8 @@ def score(args) -> dict:
     words_in_all = sum(r["words"] for r in results.values())
     log_prob = sum(r["log_prob"] for r in results.values())
     figures = {"files": results, "perplexity": perplexity(-log_prob / words_in_all), "words": words_in_all,
-               "log_prob": log_prob, "checkpoint": run.checkpoint, "save_path": args.save_path}
+               "log_prob": log_prob, "checkpoint": run.checkpoint, "save_path": args.save_path,
+               "checkpoint_step": run.position["global_step"], "checkpoint_epochs": len(run.position["history"])}
     if len(results) > 1:
         print(f"all {len(results)} files: perplexity {figures['perplexity']:.4f} over {words_in_all} words")
     if args.per_line:

@@ -38,7 +38,8 @@ class PTBJob(loop.Job):
         self.batch_text = f"batch_size x num_steps = {B} x {T}{self.on_ranks}"
         self.batches = reader.rank_batches(data, self.global_batch, T, world, self.batch_text)
         self.steps_per_epoch = self.batches.steps_per_epoch
-        self.plan = make_model_plan(config, data.vocab_size, devices, options.strategy, options.compute_precision)
+        self.plan = make_model_plan(config, data.vocab_size, devices, options.strategy, options.compute_precision,
+                                    options.memory)
         self.trainer = Trainer(config, data.vocab_size, options.seed, unrolling_for(
             config, self.on_gpu, options.placement, options.memory, options.compute_precision), self.plan, world,
             options.sparse_as_dense, options.fp16_allreduce)

@@ -215,8 +215,8 @@ def learning_rate(config, epoch: int, step: int, batch_ratio: float, scaling: st
     return config.learning_rate_at(epoch) * distributed.lr_factor(batch_ratio, scaling, step, warmup_steps)
 
 
-def make_model_plan(config, vocab_size: int, devices, strategy: str, precision: str = "float32"):
+def make_model_plan(config, vocab_size: int, devices, strategy: str, precision: str = "float32", keeps: Memory = KEEP):
     """The placement plan of the model's parts over `devices` (one device, TensorFlow's choice, if none)."""
     return placement.job_plan(config.num_layers, devices, strategy, lambda: estimates.lm_costs(
         vocab_size, config.hidden_size, config.num_layers, config.batch_size, config.num_steps,
-        cell_gates=CELLS[config.cell].gates, precision=precision))
+        cell_gates=CELLS[config.cell].gates, precision=precision, keeps=keeps, dropout=config.keep_prob < 1))

@@ -1,0 +1,70 @@
+"""Crash points, for the crash-consistency tests (tests/test_crash.py), as a database's test build has them:
+a run is killed, or its disk filled, at a chosen moment of its life, and then resumed.
+
+    DISTRNN_FAULT=POINT:N:ACTION    the Nth time this process reaches POINT, do ACTION:
+        kill            SIGKILL now
+        kill@SECONDS    SIGKILL from a timer SECONDS later, landing inside what follows (a step, a save)
+        fill@PATH       fill the file system of PATH (a file of zeros until it is full): every write after
+                        fails as on a full disk
+
+Points: start (the save path locked, nothing restored yet), step (a training step begins), checkpoint and
+best (a save begins), eval (a validation or test begins), metrics (the end-of-run figures are written).
+Unset, which it is outside those tests, reaching a point costs one dictionary lookup.
+"""
+import os
+import signal
+import threading
+from typing import Dict, Optional, Tuple
+
+VARIABLE = "DISTRNN_FAULT"
+POINTS = ("start", "step", "checkpoint", "best", "eval", "metrics")
+_seen: Dict[str, int] = {}
+_plan: Optional[Tuple[str, int, str]] = None
+
+
+def point(name: str) -> None:
+    """Marks a crash point; does what DISTRNN_FAULT asks there, if anything."""
+    plan = _planned()
+    if plan is None or plan[0] != name:
+        return
+    _seen[name] = _seen.get(name, 0) + 1
+    if _seen[name] == plan[1]:
+        _act(plan[2])
+
+
+def _planned() -> Optional[Tuple[str, int, str]]:
+    global _plan
+    if _plan is None:
+        text = os.environ.get(VARIABLE, "")
+        name, _, rest = text.partition(":")
+        count, _, action = rest.partition(":")
+        _plan = (name, int(count), action) if name in POINTS and count.isdigit() and action else ("", 0, "")
+    return _plan if _plan[0] else None
+
+
+def _act(action: str) -> None:
+    kind, _, argument = action.partition("@")
+    if kind == "kill" and not argument:
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "kill":
+        timer = threading.Timer(float(argument), os.kill, (os.getpid(), signal.SIGKILL))
+        timer.daemon = True
+        timer.start()
+    elif kind == "fill":
+        fill(argument)
+
+
+def fill(path: str) -> None:
+    """Writes zeros to `path` until its file system has no space left."""
+    with open(path, "wb", buffering=0) as f:
+        block = b"\0" * (1 << 16)
+        try:
+            while True:
+                f.write(block)
+        except OSError:
+            pass
+        try:
+            while True:  # the last blocks' worth
+                f.write(b"\0" * 512)
+        except OSError:
+            pass
