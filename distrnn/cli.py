@@ -180,11 +180,15 @@ def run_main(prog: str, fn: Callable[[], int]) -> int:
     its exit code (2 for a UsageError); Ctrl-C, SIGTERM or SIGUSR1 before a job's own handling (TensorFlow
     loading, a download, a model-use command) one line and 128 + the signal; a closed output pipe (`| head`)
     a quiet exit. Anything else is a bug and keeps its traceback."""
+    # What is printed names the user's paths, which Linux lets be any bytes: shown escaped, never refused
+    # by an encoder (stderr does this already).
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     with raising_signals():
         try:
             return fn() or 0
         except DistrnnError as e:
-            print(f"{prog}: {e.label}: {e}", file=sys.stderr)
+            print(f"{prog}: {e.label}: {one_line(str(e))}", file=sys.stderr)
             return e.exit_code
         except (KeyboardInterrupt, Signalled) as e:
             signum = getattr(e, "signum", signal.SIGINT)
@@ -195,6 +199,14 @@ def run_main(prog: str, fn: Callable[[], int]) -> int:
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else flushing stdout at exit fails again
             return 141  # 128 + SIGPIPE, as a shell reports a command whose reader went away
+
+
+def one_line(text: str) -> str:
+    """`text` with whatever would break it into lines (a newline in a path a user gave) shown escaped."""
+    return "".join(repr(c)[1:-1] if c in _LINE_BREAKS else c for c in text)
+
+
+_LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")  # what str.splitlines splits on
 
 
 @contextlib.contextmanager

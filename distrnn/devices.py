@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(prog="distrnn.devices", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object (one per refresh with --watch)")
-    parser.add_argument("--watch", type=options.number(float, minimum=0), default=0, metavar="SECONDS",
+    parser.add_argument("--watch", type=options.number(float, minimum=0, maximum=86400), default=0, metavar="SECONDS",
                         help="refresh every SECONDS, in place like `watch nvidia-smi` (Ctrl-C stops)")
     parser.add_argument("--count", type=options.COUNT, default=0, help="with --watch: stop after N refreshes")
     parser.add_argument("--device-lib", action="store_true",

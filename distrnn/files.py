@@ -86,9 +86,22 @@ def check_output(path: Optional[str], flag: str, example: str = "metrics.json", 
                          "file")
 
 
+def check_tensorflow_path(path: str, flag: str) -> None:
+    """A path TensorFlow's file functions will open (checkpoints, summaries, a SavedModel): they take UTF-8
+    only, and a name of other bytes (as Linux allows, and Python hands over as surrogate escapes) fails
+    deep inside them."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = os.fsencode(path[e.start])[0]
+        raise UsageError(f"{flag} {path.encode('utf-8', 'backslashreplace').decode()} is not UTF-8 (byte "
+                         f"{byte:#04x}): TensorFlow opens UTF-8 paths only; name a directory whose name is") from None
+
+
 def check_save_path(save_path: str) -> None:
     """A training run's --save_path: a run's own directory (new, or one to resume), not a place inside
     another run's (SAVE_PATH/checkpoints would mix two runs' files)."""
+    check_tensorflow_path(save_path, "--save_path")
     run = save_path_of(save_path)
     if run is not None and run != os.path.realpath(save_path):
         raise UsageError(f"--save_path {save_path} is inside the save path {run} of another run, whose files are its "
@@ -98,6 +111,7 @@ def check_save_path(save_path: str) -> None:
 def check_new_directory(path: str, flag: str) -> str:
     """A directory a command will create whole (an export): not inside a save path, absent or an empty
     directory (through a symlink too), its parent a writable directory; returns its real path."""
+    check_tensorflow_path(path, flag)
     target = os.path.realpath(path)
     run = save_path_of(os.path.dirname(target))
     if run is not None:

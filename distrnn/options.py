@@ -27,7 +27,9 @@ def number(kind=float, minimum=None, positive: bool = False, maximum=None):
 COUNT = number(int, minimum=0)             # 0 meaning none, or not set
 POSITIVE_INT = number(int, positive=True)
 FRACTION = number(float, positive=True, maximum=1)  # of memory in use: (0, 1]
-SAMPLE_SECONDS = number(float, minimum=0.1)  # a shorter interval would keep a core busy sampling
+# Shorter would keep a core busy sampling; longer than an hour samples nothing worth having (and 1e300 s
+# overflows the wait of the sampling thread).
+SAMPLE_SECONDS = number(float, minimum=0.1, maximum=3600)
 # Devices of one process: more GPUs than any machine holds (16), more logical devices than are worth
 # their start-up (100,000 took 100 s to create); a typo's two billion would be listed until memory ran out.
 MAX_DEVICES = 64

@@ -9,7 +9,6 @@ import contextlib
 import io
 import os
 import shutil
-import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -65,7 +64,7 @@ def numbers():
 def texts():
     """What a user can type: any text the terminal passes (no NUL: argv cannot hold it), and bytes that
     are not UTF-8 as Python hands them over (surrogate escapes)."""
-    return st.one_of(st.text(st.characters(blacklist_characters="\x00"), max_size=30),
+    return st.one_of(st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=30),
                      st.binary(max_size=12).filter(lambda b: b"\x00" not in b).map(os.fsdecode),
                      st.sampled_from(["", " ", "-", "--", "@", "nan", "1_000", "0x10", "\u0661\u0662", "1e999"]))
 
@@ -84,10 +83,12 @@ def flags_of(parser: argparse.ArgumentParser, leave_out=()):
     return sorted(found)
 
 
-def call(main, argv):
-    """main(argv) as the process would end: (exit code, stderr)."""
+def call(main, argv, cwd):
+    """main(argv) as the process would end, run in `cwd` (relative paths among the values land there, not in
+    the checkout): (exit code, stderr)."""
     err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+    os.makedirs(cwd, exist_ok=True)
+    with contextlib.chdir(cwd), contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
             code = main(argv)
         except SystemExit as e:  # argparse's --help and --version
@@ -129,7 +130,7 @@ def test_training_takes_any_value_of_any_flag(data, world):
     # --max_steps 2 and the test preset's single epoch bound the work a valid value starts.
     argv = example(data, world, parser, [*TINY, "--data_path", corpus, "--save_path", fresh(root)],
                    leave_out=("--list_configs",))
-    assert_documented(*call(ptb_cli.main, argv), "distrnn.ptb", argv)
+    assert_documented(*call(ptb_cli.main, argv, root / "cwd"), "distrnn.ptb", argv)
 
 
 @settings(max_examples=40, **SETTINGS)
@@ -141,7 +142,7 @@ def test_mnist_takes_any_value_of_any_flag(data, world):
     argv = example(data, world, parser, ["--config", "test", "--hidden_size", "4", "--max_steps", "2",
                                          "--data_path", images, "--save_path", fresh(root, "mnist")],
                    leave_out=("--list_configs",))
-    assert_documented(*call(mnist_cli.main, argv), "distrnn.mnist", argv)
+    assert_documented(*call(mnist_cli.main, argv, root / "cwd"), "distrnn.mnist", argv)
 
 
 @settings(max_examples=50, **SETTINGS)
@@ -151,7 +152,7 @@ def test_score_takes_any_value_of_any_flag(data, world):
     argv = example(data, world, score.build_parser(), ["--save_path", run, os.path.join(corpus, "ptb.test.txt")])
     if data.draw(st.booleans(), label="another file"):
         argv.append(data.draw(values(paths), label="file"))
-    assert_documented(*call(score.main, argv), "distrnn.ptb.score", argv)
+    assert_documented(*call(score.main, argv, root / "cwd"), "distrnn.ptb.score", argv)
     assert sorted(os.listdir(run)) == sorted(world_run_files(run))  # nothing written into the run
 
 
@@ -162,9 +163,9 @@ def world_run_files(run):
 @settings(max_examples=40, **SETTINGS)
 @given(data=st.data())
 def test_generate_takes_any_value_of_any_flag(data, world):
-    _, _, run, _ = world
+    root, _, run, _ = world
     argv = example(data, world, generate.build_parser(), ["--save_path", run, "--words", "3", "--seed", "1"])
-    assert_documented(*call(generate.main, argv), "distrnn.ptb.generate", argv)
+    assert_documented(*call(generate.main, argv, root / "cwd"), "distrnn.ptb.generate", argv)
 
 
 @settings(max_examples=25, **SETTINGS)
@@ -172,15 +173,16 @@ def test_generate_takes_any_value_of_any_flag(data, world):
 def test_export_takes_any_value_of_any_flag(data, world):
     root, _, run, _ = world
     argv = example(data, world, export.build_parser(), ["--save_path", run, "--export_dir", fresh(root, "export")])
-    assert_documented(*call(export.main, argv), "distrnn.ptb.export", argv)
+    assert_documented(*call(export.main, argv, root / "cwd"), "distrnn.ptb.export", argv)
     assert sorted(os.listdir(run)) == sorted(world_run_files(run))
 
 
 @settings(max_examples=60, **SETTINGS)
 @given(data=st.data())
 def test_devices_takes_any_value_of_any_flag(data, world):
+    root = world[0]
     argv = example(data, world, devices.build_parser(), ["--no-tensorflow", "--plan"], leave_out=WAITS)
-    assert_documented(*call(devices.main, argv), "distrnn.devices", argv)
+    assert_documented(*call(devices.main, argv, root / "cwd"), "distrnn.devices", argv)
 
 
 SLURM_VARIABLES = ("SLURM_JOB_NODELIST", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_STEP_NODELIST",
@@ -213,10 +215,10 @@ def test_any_slurm_environment_is_a_task_or_one_line(changes):
 @settings(max_examples=40, **SETTINGS)
 @given(what=st.sampled_from(["hosts", "np"]),
        changes=st.dictionaries(st.sampled_from(SLURM_VARIABLES), slurm_values(), max_size=3))
-def test_the_slurm_command_takes_any_environment(what, changes, monkeypatch):
+def test_the_slurm_command_takes_any_environment(what, changes, monkeypatch, tmp_path):
     for name, value in dict(STEP, **changes).items():
         monkeypatch.setenv(name, value)
-    assert_documented(*call(slurm.main, [what]), "python -m distrnn.slurm", [what, changes])
+    assert_documented(*call(slurm.main, [what], tmp_path), "python -m distrnn.slurm", [what, changes])
 
 
 @settings(max_examples=300, **SETTINGS)

@@ -71,6 +71,7 @@ def load(save_path: str, which: str = "last", data_path: Optional[str] = None, n
     """The run in `save_path` with the weights of its `which` checkpoint (last or best). data_path: the
     data it trained on, to rebuild a vocab.txt it lacks (a run from before distrnn kept one). num_steps:
     the sequence length the model will be run on (None: any; unrolled dynamically)."""
+    files.check_tensorflow_path(save_path, "--save_path")
     settings = _run_config(save_path)
     vocab_size = settings.pop("vocab_size")
     config = PTBConfig(**{f.name: settings[f.name] for f in dataclasses.fields(PTBConfig) if f.name in settings})
