@@ -16,7 +16,7 @@ import os
 import re
 from typing import Dict, List, Mapping, Optional
 
-from distrnn.config import env_number
+from distrnn.config import env_number, read_number, shown
 from distrnn.errors import UsageError
 
 
@@ -91,9 +91,9 @@ def expand_tasks_per_node(counts: str) -> List[int]:
 
 
 def _need(env: Mapping[str, str], *names: str) -> str:
-    """The first of `names` that is set."""
+    """The first of `names` that is set (to more than blanks)."""
     for name in names:
-        if env.get(name):
+        if env.get(name, "").strip():
             return env[name]
     raise UsageError(f"{names[0]} is not set: run this inside a Slurm allocation (sbatch, salloc or srun)")
 
@@ -159,11 +159,12 @@ def srun_task(env: Mapping[str, str] = os.environ) -> Optional[SrunTask]:
 
 def _task_number(env: Mapping[str, str], name: str, count: int, what: str) -> int:
     """An index Slurm gives a task (0 ... count-1 of the step's `what`), read as every number is."""
-    _need(env, name)
+    text = _need(env, name)
     try:
-        return env_number(env, name, None, minimum=0, maximum=count - 1)
-    except UsageError as e:
-        raise UsageError(f"{e} (the step has {count} {what}): run distrnn under srun, which sets it") from None
+        return read_number(text, int, minimum=0, maximum=count - 1)
+    except ValueError as e:
+        raise UsageError(f"environment variable {name}={shown(text)}: {str(e).split(', got')[0]} (the step has {count} "
+                         f"{what}); srun sets it: run distrnn as one of its tasks") from None
 
 
 # The #SBATCH requests that a script's stated hardware, time and expected figures rest on, and the

@@ -61,7 +61,7 @@ if [[ "$stacks" == 2 ]]; then
     # the session inherits SIGINT ignored (what a script's shell does to its background commands):
     # tests/conftest.py gives it back its default, for the tests that send SIGINT.
     echo "[test] stack 2: $("$newest_venv/bin/python" -m distrnn.devices --stack) (beside stack 1; its report follows)"
-    "$newest_venv/bin/python" -m pytest -ra --durations=5 --basetemp="$tmp/stack2" "${second[@]}" \
+    "$newest_venv/bin/python" -m pytest -ra --durations=25 --basetemp="$tmp/stack2" "${second[@]}" \
         > "$tmp/stack2.log" 2>&1 &
     second_pid=$!
 fi
@@ -77,7 +77,7 @@ if [[ $# -eq 0 ]]; then
         > "$tmp/launchers.log" 2>&1 &
     launchers_pid=$!
 fi
-.venv/bin/python -m pytest -ra --durations=10 --basetemp="$tmp/stack1" "${first[@]}" || rc=$?
+.venv/bin/python -m pytest -ra --durations=25 --basetemp="$tmp/stack1" "${first[@]}" || rc=$?
 if [[ -n "$launchers_pid" ]]; then
     r=0
     wait "$launchers_pid" || r=$?

@@ -3,6 +3,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -191,6 +192,65 @@ def run_module(module, *args, timeout=600, check=None, env=None, python=sys.exec
     if check is not None:
         assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
+
+
+def run_here(module, *args, check=None, env=None, cwd=None):
+    """`python -m MODULE ARGS` run in this process (its `main`, which `python -m` calls, with `env` added to
+    the environment and in `cwd`): the same code and exit code without the 5 s of a new process importing
+    TensorFlow. For what does not need a process of its own (a kill, a signal, another stack). Returns a
+    CompletedProcess."""
+    import contextlib
+    import importlib
+    import io
+    main = importlib.import_module(f"{module}.cli" if module in ("distrnn.ptb", "distrnn.mnist") else module).main
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    if cwd is not None:
+        os.makedirs(cwd, exist_ok=True)
+    saved = {name: os.environ.get(name) for name in env or {}}
+    os.environ.update(env or {})
+    try:
+        with contextlib.chdir(cwd or os.getcwd()), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse's --help
+                code = e.code or 0
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+    proc = subprocess.CompletedProcess([module, *argv], code, out.getvalue(), err.getvalue())
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def signalled_while_held(argv, sig, fifo, env, timeout=60):
+    """Starts `python ARGV` (env: its whole environment), which holds itself by opening `fifo` for reading
+    (nobody writes); once it does, sends `sig`. Returns the CompletedProcess: what a signal at that moment
+    does, whatever the machine's speed."""
+    proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    writer = None
+    try:
+        while writer is None:  # the write end opens without blocking once the process holds the read end
+            try:
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.05)
+        proc.send_signal(sig)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"no exit within {timeout} s of the signal:\n" + "\n".join(proc.communicate())) \
+                from None
+    finally:
+        if writer is not None:
+            os.close(writer)
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def too_high_then_settled(train):

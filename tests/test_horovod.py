@@ -181,7 +181,8 @@ def test_bad_splits_and_mismatched_ranks_fail_fast(corpus, tmp_path):
     # horovodrun ends the other rank when the first exits, so one line or two; each names step 2.
     diverged = [line for line in proc.stderr.splitlines() if "so training diverged" in line]
     assert proc.returncode != 0 and diverged and "done:" not in proc.stdout, proc.stderr[-3000:]
-    assert all("step 2: the perplexity is inf" in line for line in diverged), diverged
+    # Which figures are inf or nan first depends on the processor's kernels; the perplexity always is.
+    assert all("step 2: the " in line and "perplexity is inf" in line for line in diverged), diverged
     assert sorted(n for n in os.listdir(tmp_path / "c" / "checkpoints") if n.endswith(".index")) == ["ckpt-1.index"]
 
 

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import (CAPPED, ROOT, assert_one_line, assert_one_line_error, idx_bytes, run_module, run_ptb, write_corpus,
-                      write_images)
+from conftest import (CAPPED, ROOT, assert_one_line, assert_one_line_error, idx_bytes, run_module, run_ptb,
+                      signalled_while_held, write_corpus, write_images)
 
 TINY = ["--config", "test", "--hidden_size", "8", "--batch_size", "4", "--num_steps", "5"]
 
@@ -317,30 +317,8 @@ def test_signal_during_start_up(sig, code, tmp_path):
     """Held in start-up by a download from a FIFO nobody writes to; the signal then ends it in one line."""
     fifo = tmp_path / "archive.tgz"
     os.mkfifo(fifo)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "distrnn.ptb", *TINY, "--save_path", str(tmp_path / "s")], cwd=ROOT,
-        env=dict(os.environ, HOME=str(tmp_path / "home"), DISTRNN_PTB_URL=f"file://{fifo}", TF_CPP_MIN_LOG_LEVEL="2"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    writer = None
-    try:
-        while writer is None:  # opening the write end without blocking succeeds once the run has the read end
-            try:
-                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:
-                assert proc.poll() is None, proc.communicate()
-                time.sleep(0.1)
-        proc.send_signal(sig)
-        try:
-            out, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise AssertionError("no exit within 60 s of the signal:\n" + "\n".join(proc.communicate())) from None
-    finally:
-        if writer is not None:
-            os.close(writer)
-        if proc.poll() is None:
-            proc.kill()
-    proc.stdout, proc.stderr = out, err
+    env = dict(os.environ, HOME=str(tmp_path / "home"), DISTRNN_PTB_URL=f"file://{fifo}", TF_CPP_MIN_LOG_LEVEL="2")
+    proc = signalled_while_held(["-m", "distrnn.ptb", *TINY, "--save_path", tmp_path / "s"], sig, fifo, env)
     assert_one_line(proc, "distrnn.ptb", code, f"interrupted by {signal.Signals(sig).name} before the first "
                     "checkpoint: nothing was saved", label="stopped")
 

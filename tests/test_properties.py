@@ -5,8 +5,6 @@ code, and where it is not 0 in one line on stderr, never in a traceback. The com
 (their `main`, what `python -m` calls), each example on a tiny run, so that hundreds fit in CI's time;
 the examples are drawn in a fixed order (derandomize), so a failure is the same on every machine."""
 import argparse
-import contextlib
-import io
 import os
 import shutil
 
@@ -14,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import write_corpus, write_images
-from distrnn import config, devices, slurm, slurm_env, srun
+from conftest import run_here, write_corpus, write_images
+from distrnn import config, devices, slurm_env, srun
 from distrnn.errors import UsageError
 from distrnn.mnist import cli as mnist_cli
 from distrnn.ptb import cli as ptb_cli, export, generate, score
@@ -33,7 +31,7 @@ def world(tmp_path_factory):
     corpus = write_corpus(root / "data", train_words=400, other_words=120, vocab=20)
     write_images(root / "images", train=60, test=20, rows=12, cols=3)
     run = root / "run"
-    assert ptb_cli.main([*TINY[:-2], "--max_max_epoch", "1", "--data_path", corpus, "--save_path", str(run)]) == 0
+    run_here("distrnn.ptb", *TINY[:-2], "--max_max_epoch", "1", "--data_path", corpus, "--save_path", run, check=0)
     (root / "dir").mkdir()
     (root / "text.txt").write_text("w1 w2 w3\nw4 w5\n")
     (root / "empty.txt").write_text("")
@@ -83,20 +81,8 @@ def flags_of(parser: argparse.ArgumentParser, leave_out=()):
     return sorted(found)
 
 
-def call(main, argv, cwd):
-    """main(argv) as the process would end, run in `cwd` (relative paths among the values land there, not in
-    the checkout): (exit code, stderr)."""
-    err, out = io.StringIO(), io.StringIO()
-    os.makedirs(cwd, exist_ok=True)
-    with contextlib.chdir(cwd), contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            code = main(argv)
-        except SystemExit as e:  # argparse's --help and --version
-            code = e.code or 0
-    return code, err.getvalue()
-
-
-def assert_documented(code, stderr, prog, argv):
+def assert_documented(proc, prog, argv):
+    code, stderr = proc.returncode, proc.stderr
     assert code in DOCUMENTED, f"{argv}: exit {code}\n{stderr}"
     assert "Traceback" not in stderr, f"{argv}:\n{stderr}"
     if code:
@@ -109,6 +95,13 @@ def example(data, world, parser, base, leave_out=()):
     _, _, _, paths = world
     flag, takes_value = data.draw(st.sampled_from(flags_of(parser, leave_out)), label="flag")
     return base + ([flag, data.draw(values(paths), label="value")] if takes_value else [flag])
+
+
+def runs_as_documented(data, world, module, parser, base, leave_out=(), prog=None):
+    """`module` with `base` and one drawn flag ends as documented; returns the argv."""
+    argv = example(data, world, parser, base, leave_out)
+    assert_documented(run_here(module, *argv, cwd=world[0] / "cwd"), prog or module, argv)
+    return argv
 
 
 def fresh(root, name="save"):
@@ -126,23 +119,18 @@ WAITS = ("--watch", "--device-lib")
 @given(data=st.data())
 def test_training_takes_any_value_of_any_flag(data, world):
     root, corpus, _, _ = world
-    parser, _ = ptb_cli.build_parser()
     # --max_steps 2 and the test preset's single epoch bound the work a valid value starts.
-    argv = example(data, world, parser, [*TINY, "--data_path", corpus, "--save_path", fresh(root)],
-                   leave_out=("--list_configs",))
-    assert_documented(*call(ptb_cli.main, argv, root / "cwd"), "distrnn.ptb", argv)
+    runs_as_documented(data, world, "distrnn.ptb", ptb_cli.build_parser()[0],
+                       [*TINY, "--data_path", corpus, "--save_path", fresh(root)], leave_out=("--list_configs",))
 
 
 @settings(max_examples=40, **SETTINGS)
 @given(data=st.data())
 def test_mnist_takes_any_value_of_any_flag(data, world):
-    root, _, _, _ = world
-    images = str(root / "images")
-    parser, _ = mnist_cli.build_parser()
-    argv = example(data, world, parser, ["--config", "test", "--hidden_size", "4", "--max_steps", "2",
-                                         "--data_path", images, "--save_path", fresh(root, "mnist")],
-                   leave_out=("--list_configs",))
-    assert_documented(*call(mnist_cli.main, argv, root / "cwd"), "distrnn.mnist", argv)
+    root = world[0]
+    runs_as_documented(data, world, "distrnn.mnist", mnist_cli.build_parser()[0],
+                       ["--config", "test", "--hidden_size", "4", "--max_steps", "2", "--data_path",
+                        str(root / "images"), "--save_path", fresh(root, "mnist")], leave_out=("--list_configs",))
 
 
 @settings(max_examples=50, **SETTINGS)
@@ -152,7 +140,7 @@ def test_score_takes_any_value_of_any_flag(data, world):
     argv = example(data, world, score.build_parser(), ["--save_path", run, os.path.join(corpus, "ptb.test.txt")])
     if data.draw(st.booleans(), label="another file"):
         argv.append(data.draw(values(paths), label="file"))
-    assert_documented(*call(score.main, argv, root / "cwd"), "distrnn.ptb.score", argv)
+    assert_documented(run_here("distrnn.ptb.score", *argv, cwd=root / "cwd"), "distrnn.ptb.score", argv)
     assert sorted(os.listdir(run)) == sorted(world_run_files(run))  # nothing written into the run
 
 
@@ -163,26 +151,24 @@ def world_run_files(run):
 @settings(max_examples=40, **SETTINGS)
 @given(data=st.data())
 def test_generate_takes_any_value_of_any_flag(data, world):
-    root, _, run, _ = world
-    argv = example(data, world, generate.build_parser(), ["--save_path", run, "--words", "3", "--seed", "1"])
-    assert_documented(*call(generate.main, argv, root / "cwd"), "distrnn.ptb.generate", argv)
+    runs_as_documented(data, world, "distrnn.ptb.generate", generate.build_parser(),
+                       ["--save_path", world[2], "--words", "3", "--seed", "1"])
 
 
 @settings(max_examples=25, **SETTINGS)
 @given(data=st.data())
 def test_export_takes_any_value_of_any_flag(data, world):
     root, _, run, _ = world
-    argv = example(data, world, export.build_parser(), ["--save_path", run, "--export_dir", fresh(root, "export")])
-    assert_documented(*call(export.main, argv, root / "cwd"), "distrnn.ptb.export", argv)
+    runs_as_documented(data, world, "distrnn.ptb.export", export.build_parser(),
+                       ["--save_path", run, "--export_dir", fresh(root, "export")])
     assert sorted(os.listdir(run)) == sorted(world_run_files(run))
 
 
 @settings(max_examples=60, **SETTINGS)
 @given(data=st.data())
 def test_devices_takes_any_value_of_any_flag(data, world):
-    root = world[0]
-    argv = example(data, world, devices.build_parser(), ["--no-tensorflow", "--plan"], leave_out=WAITS)
-    assert_documented(*call(devices.main, argv, root / "cwd"), "distrnn.devices", argv)
+    runs_as_documented(data, world, "distrnn.devices", devices.build_parser(), ["--no-tensorflow", "--plan"],
+                       leave_out=WAITS)
 
 
 SLURM_VARIABLES = ("SLURM_JOB_NODELIST", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_STEP_NODELIST",
@@ -218,7 +204,7 @@ def test_any_slurm_environment_is_a_task_or_one_line(changes):
 def test_the_slurm_command_takes_any_environment(what, changes, monkeypatch, tmp_path):
     for name, value in dict(STEP, **changes).items():
         monkeypatch.setenv(name, value)
-    assert_documented(*call(slurm.main, [what], tmp_path), "python -m distrnn.slurm", [what, changes])
+    assert_documented(run_here("distrnn.slurm", what, cwd=tmp_path), "python -m distrnn.slurm", [what, changes])
 
 
 @settings(max_examples=300, **SETTINGS)

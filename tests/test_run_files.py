@@ -1,20 +1,21 @@
-"""A run's files belong to the run (issue 27's defects, each through the real command line): what a run
-reports of its best epoch and what best/ holds never disagree; no command writes inside a save path it
-does not hold; every checkpoint is read one way; every file is written one way; signals and numbers are
-one line from the first moment; contradicting flags are refused from every entry point."""
+"""A run's files belong to the run (issue 27's defects, each through the command line: in this process,
+conftest.run_here, where no process boundary is at stake; in a process of its own for a kill, a signal or
+what is read before the command's first line): what a run reports of its best epoch and what best/ holds
+never disagree; no command writes inside a save path it does not hold; every checkpoint is read one way;
+every file is written one way; signals and numbers are one line from the first moment; contradicting flags
+are refused from every entry point."""
 import io
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import tarfile
-import time
 
 import pytest
 
-from conftest import ROOT, assert_one_line, assert_one_line_error, run_module, run_ptb, write_corpus
+from conftest import (assert_one_line, assert_one_line_error, run_here, run_module, run_ptb, signalled_while_held,
+                      write_corpus)
 from distrnn import faults
 from test_hostile import snapshot
 
@@ -28,8 +29,8 @@ def finished(tmp_path_factory):
     """A finished two-epoch run: (save path, corpus, metrics); each test takes a copy."""
     root = tmp_path_factory.mktemp("finished")
     corpus = write_corpus(root / "data", train_words=1500, other_words=400)
-    run_ptb(*TWO_EPOCHS, "--data_path", corpus, "--save_path", root / "run", "--metrics_json", root / "m.json",
-            check=0)
+    run_here("distrnn.ptb", *TWO_EPOCHS, "--data_path", corpus, "--save_path", root / "run", "--metrics_json",
+             root / "m.json", check=0)
     metrics = json.loads((root / "m.json").read_text())
     assert metrics["best_epoch"] == 2 and len(metrics["history"]) == 2
     return root / "run", corpus, metrics
@@ -42,9 +43,11 @@ def run(finished, tmp_path):
     return tmp_path / "run", corpus, metrics
 
 
-def score(save, corpus, *args, check=0):
-    return run_module("distrnn.ptb.score", "--save_path", save, os.path.join(corpus, "ptb.test.txt"), *args,
-                      check=check)
+def score(save, corpus, *args, check=0, process=False):
+    """`score` of the run's test file; process: in a process of its own (where what TensorFlow's logging
+    writes to stderr counts: in this process it does not reach the captured stream)."""
+    run = run_module if process else run_here
+    return run("distrnn.ptb.score", "--save_path", save, os.path.join(corpus, "ptb.test.txt"), *args, check=check)
 
 
 def scored(save, corpus, out, *args):
@@ -69,7 +72,7 @@ def test_a_kill_between_the_epochs_checkpoint_and_its_best_save_is_repaired(fini
     assert killed.returncode == -signal.SIGKILL
     steps = expected["steps_per_epoch"]
     assert best_numbers(save) in ([steps], [steps, 2 * steps], [2 * steps])
-    resumed = run_ptb(*args, "--resume", check=0)
+    resumed = run_here("distrnn.ptb", *args, "--resume", check=0)
     if best_numbers(save) != [2 * steps] or "copied it from checkpoints/" in resumed.stdout:
         assert "best/ did not hold the best epoch's checkpoint (step " in resumed.stdout
     metrics = json.loads((tmp_path / "m.json").read_text())
@@ -85,8 +88,8 @@ def test_a_damaged_best_checkpoint_is_copied_again(run, tmp_path):
     steps = expected["steps_per_epoch"]
     data = save / "best" / f"ckpt-{2 * steps}.data-00000-of-00001"
     data.write_bytes(data.read_bytes()[:500])
-    proc = run_ptb(*TWO_EPOCHS, "--data_path", corpus, "--save_path", save, "--resume", "--metrics_json",
-                   tmp_path / "m.json", check=0)
+    proc = run_here("distrnn.ptb", *TWO_EPOCHS, "--data_path", corpus, "--save_path", save, "--resume",
+                    "--metrics_json", tmp_path / "m.json", check=0)
     assert "copied it from checkpoints/" in proc.stdout
     assert json.loads((tmp_path / "m.json").read_text())["best_test_perplexity"] == expected["best_test_perplexity"]
 
@@ -99,19 +102,19 @@ def test_best_weights_that_are_gone_are_said_and_not_reported(tmp_path):
     args = ["--config", "test", "--hidden_size", "64", "--num_steps", "5", "--batch_size", "10", "--max_max_epoch",
             "6", "--max_epoch", "6", "--max_grad_norm", "5", "--data_path", corpus, "--save_path", tmp_path / "run",
             "--metrics_json", tmp_path / "m.json"]
-    run_ptb(*args, check=0)
+    run_here("distrnn.ptb", *args, check=0)
     full = json.loads((tmp_path / "m.json").read_text())
     step = full["history"][full["best_epoch"] - 1]["step"]
     assert full["best_epoch"] < 6 and not (tmp_path / "run" / "checkpoints" / f"ckpt-{step}.index").exists()
     data = tmp_path / "run" / "best" / f"ckpt-{step}.data-00000-of-00001"
     data.write_bytes(data.read_bytes()[:500])
-    proc = run_ptb(*args, "--resume", check=0)
+    proc = run_here("distrnn.ptb", *args, "--resume", check=0)
     assert f"the best epoch's weights (step {step}) are in neither best/ nor checkpoints/" in proc.stdout
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["best_epoch"] is None and metrics["best_test_perplexity"] is None
     assert metrics["history"] == full["history"]
-    assert_one_line_error(run_module("distrnn.ptb.score", "--save_path", tmp_path / "run", "--checkpoint", "best",
-                                     os.path.join(corpus, "ptb.test.txt")),
+    assert_one_line_error(run_here("distrnn.ptb.score", "--save_path", tmp_path / "run", "--checkpoint", "best",
+                                   os.path.join(corpus, "ptb.test.txt")),
                           "distrnn.ptb.score", "no checkpoint in", "best", "--checkpoint last")
 
 
@@ -128,14 +131,14 @@ def test_no_command_writes_into_a_run(run, tmp_path):
         (score(save, corpus, "--metrics_json", save / "new.json", check=None), "distrnn.ptb.score", "new.json"),
         (score(save, corpus, "--per_line", tmp_path / "link", check=None), "distrnn.ptb.score", "link"),
         (score(save, corpus, "--per_line", save / "checkpoints" / "x", check=None), "distrnn.ptb.score", "x"),
-        (run_module("distrnn.ptb.export", "--save_path", save, "--export_dir", save / "export"), "distrnn.ptb.export",
+        (run_here("distrnn.ptb.export", "--save_path", save, "--export_dir", save / "export"), "distrnn.ptb.export",
          "--export_dir"),
-        (run_ptb(*TWO_EPOCHS, "--data_path", corpus, "--save_path", save, "--resume", "--metrics_json",
-                 save / "config.json"), "distrnn.ptb", "is the run's own config.json"),
-        (run_ptb(*TWO_EPOCHS, "--data_path", corpus, "--save_path", save, "--resume", "--metrics_json",
-                 other / "m.json"), "distrnn.ptb", f"inside the save path {other}"),
-        (run_ptb(*TWO_EPOCHS, "--data_path", corpus, "--save_path", save / "checkpoints" / "nested"), "distrnn.ptb",
-         "is inside the save path"),
+        (run_here("distrnn.ptb", *TWO_EPOCHS, "--data_path", corpus, "--save_path", save, "--resume", "--metrics_json",
+                  save / "config.json"), "distrnn.ptb", "is the run's own config.json"),
+        (run_here("distrnn.ptb", *TWO_EPOCHS, "--data_path", corpus, "--save_path", save, "--resume", "--metrics_json",
+                  other / "m.json"), "distrnn.ptb", f"inside the save path {other}"),
+        (run_here("distrnn.ptb", *TWO_EPOCHS, "--data_path", corpus, "--save_path", save / "checkpoints" / "nested"),
+         "distrnn.ptb", "is inside the save path"),
     ]
     for proc, prog, fragment in refusals:
         assert_one_line_error(proc, prog, fragment)
@@ -149,13 +152,13 @@ def test_score_reads_past_a_truncated_checkpoint_and_names_the_files_when_none_r
     numbers = sorted(int(n[5:-6]) for n in os.listdir(save / "checkpoints") if n.endswith(".index"))
     newest = save / "checkpoints" / f"ckpt-{numbers[-1]}.data-00000-of-00001"
     newest.write_bytes(newest.read_bytes()[:700])
-    proc = score(save, corpus)
+    proc = score(save, corpus, process=True)
     assert proc.stderr.strip() == (f"distrnn.ptb.score: note: skipped ckpt-{numbers[-1]} (IndexError: Read less bytes "
                                    f"than requested): read the next older one, ckpt-{numbers[-2]}")
     for number in numbers:
         path = save / "checkpoints" / f"ckpt-{number}.data-00000-of-00001"
         path.write_bytes(path.read_bytes()[:700])
-    proc = score(save, corpus, check=None)
+    proc = score(save, corpus, check=None, process=True)
     assert_one_line_error(proc, "distrnn.ptb.score", "reads whole", *(f"ckpt-{n} (IndexError" for n in numbers))
     assert "config.json" not in proc.stderr  # the real cause, not an edited config
 
@@ -168,7 +171,8 @@ def test_an_edited_config_is_one_line_and_a_leftover_temp_file_no_refusal(run, t
     assert figures["perplexity"] == pytest.approx(expected["best_test_perplexity"], rel=1e-5)
     config = json.loads((save / "config.json").read_text())
     (save / "config.json").write_text(json.dumps(dict(config, hidden_size=9)))
-    assert_one_line_error(score(save, corpus, check=None), "distrnn.ptb.score", "does not fit this model",
+    proc = score(save, corpus, check=None, process=True)
+    assert_one_line_error(proc, "distrnn.ptb.score", "does not fit this model",
                           "its config.json may have been edited")  # one line: no TensorFlow warnings after it
 
 
@@ -177,10 +181,10 @@ def test_export_at_a_symlink_or_under_a_file(run, tmp_path):
     save, _, _ = run
     (tmp_path / "empty").mkdir()
     os.symlink(tmp_path / "empty", tmp_path / "link")
-    run_module("distrnn.ptb.export", "--save_path", save, "--export_dir", tmp_path / "link", check=0)
+    run_here("distrnn.ptb.export", "--save_path", save, "--export_dir", tmp_path / "link", check=0)
     assert (tmp_path / "empty" / "saved_model.pb").is_file() and os.path.islink(tmp_path / "link")
     (tmp_path / "file").write_text("x")
-    proc = run_module("distrnn.ptb.export", "--save_path", save, "--export_dir", tmp_path / "file" / "model")
+    proc = run_here("distrnn.ptb.export", "--save_path", save, "--export_dir", tmp_path / "file" / "model")
     assert_one_line_error(proc, "distrnn.ptb.export", "is not a writable directory")
 
 
@@ -205,14 +209,14 @@ def mount(tmp_path):
 def test_export_onto_a_full_disk_is_74_and_leaves_nothing(run, mount):
     save, _, _ = run
     disk = mount("size=64k")
-    proc = run_module("distrnn.ptb.export", "--save_path", save, "--export_dir", disk / "model")
+    proc = run_here("distrnn.ptb.export", "--save_path", save, "--export_dir", disk / "model")
     assert_one_line(proc, "distrnn.ptb.export", 74, "No space left on device", "nothing partial was left")
     assert os.listdir(disk) == []
 
 
 def test_a_read_only_download_cache_is_74(tmp_path, mount):
     home = mount("ro,size=64k")
-    proc = run_ptb(*TINY, "--save_path", tmp_path / "s", env={"HOME": str(home)})
+    proc = run_here("distrnn.ptb", *TINY, "--save_path", tmp_path / "s", env={"HOME": str(home)})
     assert_one_line(proc, "distrnn.ptb", 74, f"could not write the data cache {home}/.cache/distrnn/ptb "
                     "(Read-only file system)", "--data_path")
 
@@ -227,8 +231,8 @@ def test_a_mirror_archive_with_a_directory_for_a_file(tmp_path):
         info = tarfile.TarInfo("./simple-examples/data/ptb.train.txt")
         info.type = tarfile.DIRTYPE
         tar.addfile(info)
-    proc = run_ptb(*TINY, "--save_path", tmp_path / "s",
-                   env={"HOME": str(tmp_path / "home"), "DISTRNN_PTB_URL": f"file://{archive}"})
+    proc = run_here("distrnn.ptb", *TINY, "--save_path", tmp_path / "s",
+                    env={"HOME": str(tmp_path / "home"), "DISTRNN_PTB_URL": f"file://{archive}"})
     assert_one_line_error(proc, "distrnn.ptb", "is not the simple-examples archive",
                           "simple-examples/data/ptb.train.txt is not a file")
     assert not os.path.exists(tmp_path / "home" / ".cache" / "distrnn" / "ptb" / "ptb.train.txt")
@@ -236,8 +240,8 @@ def test_a_mirror_archive_with_a_directory_for_a_file(tmp_path):
 
 def test_a_temperature_below_the_smallest_double_picks_the_likeliest_word(run):
     save, _, _ = run
-    words = [run_module("distrnn.ptb.generate", "--save_path", save, "--words", "12", "--seed", str(seed),
-                        "--temperature", temperature, check=0).stdout for seed, temperature in
+    words = [run_here("distrnn.ptb.generate", "--save_path", save, "--words", "12", "--seed", str(seed),
+                      "--temperature", temperature, check=0).stdout for seed, temperature in
              ((1, "1e-310"), (2, "1e-310"), (3, "5e-324"))]
     assert words[0] == words[1] == words[2] and len(words[0].split()) >= 5  # greedy: the seed draws nothing
 
@@ -255,25 +259,8 @@ def test_a_signal_while_tensorflow_loads(sig, run, tmp_path):
     (shadow / "__init__.py").write_text(f"open({str(fifo)!r}).read()\n")
     before = snapshot(save)
     env = dict(os.environ, PYTHONPATH=str(shadow.parent), TF_CPP_MIN_LOG_LEVEL="0")
-    proc = subprocess.Popen([sys.executable, "-m", "distrnn.ptb", *TWO_EPOCHS, "--data_path", corpus, "--save_path",
-                             str(save), "--resume"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    writer = None
-    try:
-        while writer is None:  # the write end opens without blocking once the import holds the read end
-            try:
-                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:
-                assert proc.poll() is None, proc.communicate()
-                time.sleep(0.05)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if writer is not None:
-            os.close(writer)
-        if proc.poll() is None:
-            proc.kill()
-    proc.stdout, proc.stderr = out, err
+    proc = signalled_while_held(["-m", "distrnn.ptb", *TWO_EPOCHS, "--data_path", corpus, "--save_path", save,
+                                 "--resume"], sig, fifo, env)
     assert_one_line(proc, "distrnn.ptb", 128 + sig, f"interrupted by {signal.Signals(sig).name}",
                     "nothing was saved", label="stopped")
     assert snapshot(save) == before
@@ -306,7 +293,7 @@ def test_numbers_of_any_size_are_one_line(module, args, fragment, tmp_path):
 def test_srun_task_variables_that_are_junk_or_out_of_range(variables, fragment, tmp_path):
     step = {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "n[1-2]",
             "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_NODEID": "1", "SLURM_LOCALID": "0", "SLURM_PROCID": "1"}
-    proc = run_ptb(*TINY, "--save_path", tmp_path / "s", env=dict(step, **variables))
+    proc = run_here("distrnn.ptb", *TINY, "--save_path", tmp_path / "s", env=dict(step, **variables))
     assert_one_line_error(proc, "distrnn.ptb", fragment)
 
 
@@ -317,7 +304,7 @@ def test_contradicting_flags_from_every_entry_point(tmp_path):
     for module, extra in (("distrnn.ptb", TINY), ("distrnn.mnist", ["--config", "test"]),
                           ("distrnn.devices", ["--plan", "--no-tensorflow"])):
         save = ["--save_path", tmp_path / "s"] if module != "distrnn.devices" else []
-        proc = run_module(module, *extra, *save, "--use_fp16", "--precision", "float32")
+        proc = run_here(module, *extra, *save, "--use_fp16", "--precision", "float32")
         assert_one_line_error(proc, module, "--use_fp16 means --precision float16, and --precision float32 was given")
     assert RunOptions(use_fp16=True, precision="float16").compute_precision == "float16"
     assert RunOptions().compute_precision == "float32" and RunOptions(use_fp16=True).compute_precision == "float16"

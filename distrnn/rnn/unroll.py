@@ -67,6 +67,10 @@ def resolve_mode(kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_st
                              f"(got the {kind} cell, rnn_mode {mode}): fused kernels and TensorFlow's autodiff keep "
                              f"every step's activations themselves; drop --recompute/--swap_memory or change "
                              f"--cell/--rnn_mode")
+        if num_steps is not None and memory.recompute > num_steps:
+            raise ValueError(f"--recompute {memory.recompute} is longer than the sequence ({num_steps} steps): a segment "
+                             f"is at most the whole sequence; about sqrt(steps), --recompute "
+                             f"{max(1, round(num_steps ** 0.5))}, needs least memory")
         return "dynamic", "a memory mode runs segment by segment in while loops"
     mode, reason = _device_mode(kind, use_peepholes, mode, on_gpu, num_steps, precision)
     if placement == "pipeline" and mode not in STEP_MODES:
