@@ -179,7 +179,8 @@ def sample(run: SavedRun, prompt: List[int], count: int, temperature: float, see
     for _ in range(count):
         logits64 = logits.numpy().astype(np.float64)[0]
         # Shifted first: every value <= 0, so a tiny temperature gives -inf (probability 0), never inf - inf.
-        p = np.exp((logits64 - logits64.max()) / temperature)
+        with np.errstate(over="ignore"):
+            p = np.exp((logits64 - logits64.max()) / temperature)
         word = int(rng.choice(len(p), p=p / p.sum()))
         drawn.append(word)
         logits, state = step(tf.constant([[word]], tf.int32), state)
