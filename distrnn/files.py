@@ -79,6 +79,8 @@ def check_output(path: Optional[str], flag: str, example: str = "metrics.json", 
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a directory; name a file in it, e.g. {os.path.join(path, example)}")
     directory = os.path.dirname(os.path.abspath(path))
+    if own and os.path.realpath(directory) == own and not os.path.lexists(directory):
+        return  # checked before the run makes its save path, which says so when it cannot
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
         raise UsageError(f"cannot write {flag} {path}: {directory} is not a writable directory")
     if os.path.lexists(path) and not os.access(path, os.W_OK):

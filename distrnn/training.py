@@ -46,10 +46,11 @@ def run_job(job: str, config, options: JobOptions, job_cls, world=None) -> dict:
             config.validate()
             distributed.check_same_run(world, config, options)
             distributed.on_chief(world, lambda: files.check_save_path(save_path))
-            distributed.on_chief(world, lambda: locks.append(checkpoints.SavePathLock(save_path)))
-            faults.point("start")
+            # Before the lock: a refused flag leaves the save path as it was, its lock file included.
             distributed.on_chief(world, lambda: files.check_output(options.metrics_json, "--metrics_json",
                                                                    own_run=save_path))
+            distributed.on_chief(world, lambda: locks.append(checkpoints.SavePathLock(save_path)))
+            faults.point("start")
             started = time.time()
             job = job_cls(config, options, world, devices, reference_batch)
             return loop.train(job, world, options, save_path, started)

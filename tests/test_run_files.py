@@ -125,6 +125,7 @@ def test_no_command_writes_into_a_run(run, tmp_path):
     shutil.copytree(save, other)
     os.symlink(save / "vocab.txt", tmp_path / "link")
     before = snapshot(save)
+    lock = os.stat(save / ".lock").st_mtime_ns, (save / ".lock").read_bytes()
     refusals = [
         (score(save, corpus, "--per_line", save / "vocab.txt", check=None), "distrnn.ptb.score", "--per_line"),
         (score(save, corpus, "--metrics_json", save / "config.json", check=None), "distrnn.ptb.score", "config.json"),
@@ -143,6 +144,7 @@ def test_no_command_writes_into_a_run(run, tmp_path):
     for proc, prog, fragment in refusals:
         assert_one_line_error(proc, prog, fragment)
     assert snapshot(save) == before
+    assert (os.stat(save / ".lock").st_mtime_ns, (save / ".lock").read_bytes()) == lock  # refused before the lock
     assert not (save / "checkpoints" / "nested").exists()
 
 
