@@ -10,7 +10,7 @@ activation on the device), recompute K (default: the nearest integer to
 sqrt(num_steps)), swap (activations kept on the host device). A `baseline`
 child does the same but the training step: what TensorFlow, the weights and
 the inputs hold, so the activation memory is the peak minus it. Every mode
-runs in float32; keep also in each other of --precisions (distrnn.precision:
+runs in float32; keep also in each other of --precisions (distrnn.numerics.precision:
 inputs and states in that dtype, the float32 weights cast), against a baseline
 of its own, so that the activation memory of each precision is compared.
 
@@ -31,7 +31,7 @@ import machine
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from distrnn.estimates import recompute_segment  # noqa: E402  (imports no TensorFlow)
+from distrnn.memory.estimates import recompute_segment  # noqa: E402  (imports no TensorFlow)
 
 
 def child(args):
@@ -39,7 +39,7 @@ def child(args):
 
     from distrnn.rnn.lstm_sequence import KEEP, Layer, Memory, lstm_stack
 
-    from distrnn.precision import compute_dtype
+    from distrnn.numerics.precision import compute_dtype
 
     memory = {"keep": KEEP, "baseline": KEEP, "recompute": Memory(recompute=args.recompute),
               "swap": Memory(swap=True)}[args.child]

@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 MIB = 1024 * 1024
 
-from distrnn.estimates import recompute_segment  # noqa: E402  (after sys.path points at the checkout)
+from distrnn.memory.estimates import recompute_segment  # noqa: E402  (after sys.path points at the checkout)
 
 
 def peak_mib(config, data_path, max_steps, extra=()):
@@ -50,7 +50,8 @@ def peak_mib(config, data_path, max_steps, extra=()):
 
 def estimate_mib(metrics, recompute=0):
     """The device estimate for the run (all parts on one device) and its parameter bytes, MiB."""
-    from distrnn import estimates, names
+    from distrnn import names
+    from distrnn.memory import estimates
     c = metrics["config"]
     gates = names.CELL_GATES[c["cell"]]
     parts = estimates.lm_memory(metrics["vocab_size"], c["hidden_size"], c["num_layers"], c["batch_size"],

@@ -33,9 +33,9 @@ import machine  # noqa: E402
 MACHINE = machine.start()  # before TensorFlow loads, which fixes the oneDNN setting then
 import tensorflow as tf  # noqa: E402
 
+from distrnn.config import override  # noqa: E402
 from distrnn.ptb import configs, reader  # noqa: E402
 from distrnn.ptb.trainer import Trainer, sum_duplicate_rows  # noqa: E402
-from distrnn.config import override  # noqa: E402
 
 
 def median_ms(fn, repeats: int, calls: int = 30) -> float:

@@ -214,7 +214,7 @@ def raising_signals():
     """SIGTERM and SIGUSR1 raise Signalled from here on (SIGINT raises KeyboardInterrupt already), unless
     ignored when the process started (a background command of a script, nohup): their default would kill
     the process with no word. Put back on the way out where nothing has replaced them since (a stopped
-    run ignores them until it exits: distrnn.stops.ignore_launcher_signals)."""
+    run ignores them until it exits: distrnn.run.stops.ignore_launcher_signals)."""
     def handler(signum, frame):
         raise Signalled(signum)
     previous = {}

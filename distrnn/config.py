@@ -11,7 +11,7 @@ import typing
 from typing import Any, Callable, Dict, Mapping
 
 from distrnn.errors import UsageError
-from distrnn.names import CELLS, RNN_MODES
+from distrnn.names import CELL_KINDS, CELLS, RNN_MODES
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # the weights are float32: a larger init_scale is inf in them
@@ -145,12 +145,8 @@ def check_recurrence(cell: str, rnn_mode: str, use_peepholes: bool, num_layers: 
     check(num_layers <= MAX_LAYERS, f"num_layers must be at most {MAX_LAYERS}, got {num_layers}")
     check(rnn_mode in RNN_MODES, f"rnn_mode must be one of {', '.join(RNN_MODES)}, got {rnn_mode!r}")
     check(cell in CELLS, f"cell must be one of {', '.join(CELLS)}, got {cell!r}")
-    check(not use_peepholes or cell == "lstm",
-          f"use_peepholes needs cell lstm, got cell {cell!r}; drop --use_peepholes")
-    check(rnn_mode not in ("block", "cudnn") or cell == "lstm",
-          f"rnn_mode {rnn_mode} runs LSTM cells only; use --rnn_mode auto, static or dynamic for {cell}")
-    check(not (rnn_mode == "cudnn" and use_peepholes),
-          "cuDNN has no peephole LSTM; use --rnn_mode block, static or dynamic with --use_peepholes")
+    problem = CELL_KINDS[cell].mode_problem(rnn_mode, use_peepholes)
+    check(problem is None, problem)
 
 
 class Registry:

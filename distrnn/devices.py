@@ -29,7 +29,7 @@ from typing import Optional
 import psutil
 
 from distrnn import cli, compat, cpu, names, options
-from distrnn.nvml import MIB, gpu_info
+from distrnn.memory.nvml import MIB, gpu_info
 from distrnn.ptb import plan
 
 def host_info() -> dict:

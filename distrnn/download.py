@@ -11,8 +11,8 @@ import urllib.parse
 import urllib.request
 from typing import Callable, Sequence
 
-from distrnn import files
 from distrnn.errors import SaveFailed, UsageError
+from distrnn.run import files
 
 SCHEMES = ("https", "http", "ftp", "file")  # what urllib.request opens
 

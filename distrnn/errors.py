@@ -75,7 +75,7 @@ class Interrupted(DistrnnError):
 
 class Signalled(BaseException):
     """SIGTERM or SIGUSR1 raised where the program is (as SIGINT's KeyboardInterrupt is), by the handlers
-    distrnn.cli.run_main installs first thing and distrnn.stops.SignalsInterrupt around a job's start-up,
+    distrnn.cli.run_main installs first thing and distrnn.run.stops.SignalsInterrupt around a job's start-up,
     so that it ends in one line and 128 + the signal, never in a silent death. A BaseException: no
     `except Exception` on the way swallows it."""
 

@@ -9,7 +9,7 @@ from typing import Optional
 from distrnn import names
 from distrnn.config import read_number, shown
 from distrnn.errors import UsageError
-from distrnn.estimates import Memory
+from distrnn.memory.estimates import Memory
 
 
 def number(kind=float, minimum=None, positive: bool = False, maximum=None):

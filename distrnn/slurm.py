@@ -4,12 +4,12 @@
     python -m distrnn.slurm np       # 10                       (horovodrun -np)
     python -m distrnn.slurm header "$0" --time_limit LIMIT   # in a batch script: what differs from its header
 
-The reading itself is distrnn.slurm_env (pure functions, imported by the jobs); this is its command line.
+The reading itself is distrnn.parallel.slurm_env (pure functions, imported by the jobs); this is its command line.
 """
 import sys
 
 from distrnn import cli
-from distrnn.slurm_env import header_report, horovod_hosts, node_slots
+from distrnn.parallel.slurm_env import header_report, horovod_hosts, node_slots
 
 
 def main(argv=None) -> int:

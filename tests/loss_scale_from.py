@@ -9,7 +9,7 @@ import sys
 # This checkout's distrnn, wherever an installed one points (a script's own directory comes first on sys.path).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distrnn.precision import LossScale  # noqa: E402
+from distrnn.numerics.precision import LossScale  # noqa: E402
 from distrnn.ptb.cli import main  # noqa: E402
 
 if __name__ == "__main__":

@@ -14,16 +14,16 @@ import numpy as np
 # This checkout's distrnn, wherever an installed one points (a script's own directory comes first on sys.path).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distrnn import distributed  # noqa: E402
+from distrnn import parallel  # noqa: E402
 from distrnn.config import override  # noqa: E402
+from distrnn.parallel import per_rank_config  # noqa: E402
 from distrnn.ptb import reader  # noqa: E402
 from distrnn.ptb.configs import PRESETS  # noqa: E402
-from distrnn.distributed import per_rank_config  # noqa: E402
 from distrnn.ptb.trainer import Trainer  # noqa: E402
 
 
 def main(corpus, out, global_batch, steps):
-    world = distributed.init()
+    world = parallel.init()
     config = override(PRESETS.get("test"), {"hidden_size": "8", "num_layers": "2", "num_steps": "5",
                                             "keep_prob": "1.0", "max_grad_norm": "5"})
     config = per_rank_config(config, global_batch, world)

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from distrnn import compat
-from distrnn.adam import Adam
+from distrnn.numerics.adam import Adam
 
 B1, B2, EPS, LR = 0.9, 0.999, 1e-7, 0.01
 

@@ -8,9 +8,9 @@ import tensorflow as tf
 
 from conftest import assert_one_line, run_ptb
 from distrnn.config import override
-from distrnn.distributed import World
 from distrnn.errors import UsageError
-from distrnn.ops import softmax_cross_entropy
+from distrnn.numerics.ops import softmax_cross_entropy
+from distrnn.parallel import OneProcess
 from distrnn.ptb import reader
 from distrnn.ptb.configs import PRESETS
 from distrnn.ptb.train import RunOptions, train_and_evaluate
@@ -43,8 +43,8 @@ def test_best_checkpoint_and_early_stopping(corpus, tmp_path):
     trainer = Trainer(config, data.vocab_size, seed=1)
     path = tf.train.latest_checkpoint(str(tmp_path / "full" / "best"))
     tf.train.Checkpoint(model=trainer.model).restore(path).expect_partial()
-    batches = reader.rank_batches(data, 10, 5, World(), "batch 10")
-    assert evaluate(trainer, batches.test, World()) == full["best_test_perplexity"]
+    batches = reader.rank_batches(data, 10, 5, OneProcess(), "batch 10")
+    assert evaluate(trainer, batches.test, OneProcess()) == full["best_test_perplexity"]
 
     early = train_and_evaluate(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "early"),
                                                   early_stopping=1))

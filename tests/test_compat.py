@@ -169,7 +169,7 @@ def test_installed_with_no_deps_beside_the_stack_it_finds(tmp_path):
 def test_without_tensorboard_a_run_says_so_once_and_writes_no_logs(tmp_path, monkeypatch, capsys):
     """tensorflow-cpu >= 2.20 without the tensorboard package: tf.summary would raise TBNotInstalledError at
     the first scalar; the run says so at its start and goes on without logs."""
-    from distrnn import outputs
+    from distrnn.run import outputs
     missing = "the tensorboard package is not installed (pip install tensorboard)"
     monkeypatch.setattr(compat, "tensorboard_missing", lambda: missing)
     board = outputs.TensorBoard(str(tmp_path), enabled=True)

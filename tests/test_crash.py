@@ -2,7 +2,7 @@
 seeded generator (start-up, a step, a checkpoint's save, the best's, an evaluation, the end), resumed
 after each until it finishes, ends with the figures of the run that was never interrupted, and
 `score --checkpoint best` gives its best_test_perplexity; then the disk filled at each of those moments:
-one line, exit 74, and the resumed run's figures the same again. The moments are distrnn.faults' points,
+one line, exit 74, and the resumed run's figures the same again. The moments are distrnn.run.faults' points,
 reached by the run itself (DISTRNN_FAULT), so no test waits on a run's speed."""
 import json
 import os
@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from conftest import assert_one_line, run_module, run_ptb, write_corpus
-from distrnn import faults
+from distrnn.run import faults
 
 # At lr 0.2 training is not chaotic (docs/runs.md): a restart that changed anything would show.
 ARGS = ["--config", "test", "--hidden_size", "8", "--batch_size", "4", "--num_steps", "5", "--learning_rate", "0.2",

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT
 from distrnn import compat, cpu, devices
-from distrnn.estimates import GPU_RUNTIME_MIB
+from distrnn.memory.estimates import GPU_RUNTIME_MIB
 
 FAKES = os.path.join(os.path.dirname(__file__), "fakes")
 

@@ -13,8 +13,10 @@ import tensorflow as tf
 
 from conftest import (ROOT, checkpoint_step, run_module, subprocess_env, too_high_then_settled, write_corpus,
                       write_images)
-from distrnn import cli, distributed
+from distrnn import cli, parallel
 from distrnn.errors import UsageError
+from distrnn.parallel import local_devices
+from distrnn.parallel.horovod import HorovodWorld
 
 HOROVODRUN = shutil.which("horovodrun", path=os.path.dirname(sys.executable)) or shutil.which("horovodrun")
 
@@ -227,16 +229,16 @@ def test_sigterm_to_horovodrun_checkpoints_and_resumes_exactly(corpus, tmp_path)
 
 
 def test_each_rank_owns_its_gpus():
-    assert distributed.rank_gpus(0, 2, 4, per_rank=2) == [0, 1]
-    assert distributed.rank_gpus(1, 2, 4, per_rank=2) == [2, 3]
-    assert distributed.rank_gpus(2, 3, 2) == [0]  # one each by default, shared when ranks outnumber GPUs
-    assert distributed.rank_gpus(0, 1, 0) == []
+    assert local_devices.rank_gpus(0, 2, 4, per_rank=2) == [0, 1]
+    assert local_devices.rank_gpus(1, 2, 4, per_rank=2) == [2, 3]
+    assert local_devices.rank_gpus(2, 3, 2) == [0]  # one each by default, shared when ranks outnumber GPUs
+    assert local_devices.rank_gpus(0, 1, 0) == []
     # What init pinned, as the memory monitor asks it: a lone process sees every GPU unless given K.
-    assert distributed.World().owned_gpus(4) is None
-    assert distributed.World(gpus_per_rank=2).owned_gpus(4) == [0, 1]
+    assert parallel.OneProcess().owned_gpus(4) is None
+    assert parallel.OneProcess(gpus_per_rank=2).owned_gpus(4) == [0, 1]
     with pytest.raises(UsageError, match=r"^--gpus_per_rank 2 with 2 rank\(s\) on this node needs 4 GPUs, but it "
                                          r"has 3; lower --gpus_per_rank or start at most 1 rank\(s\) per node$"):
-        distributed.rank_gpus(0, 2, 3, per_rank=2)
+        local_devices.rank_gpus(0, 2, 3, per_rank=2)
 
 
 def test_a_broken_collective_becomes_one_line_with_exit_75(capsys):
@@ -246,7 +248,7 @@ def test_a_broken_collective_becomes_one_line_with_exit_75(capsys):
                                   "[127.0.0.1]:6529: Connection reset by peer\n\t [[{{node HorovodAllgather_0}}]]")
 
     def train():
-        with distributed.stop_if_a_rank_is_lost(distributed.World(rank=1, size=2), "resume later"):
+        with parallel.stop_if_a_rank_is_lost(HorovodWorld(rank=1, size=2), "resume later"):
             raise gloo
 
     assert cli.run_main("distrnn.ptb", train) == 75
@@ -254,9 +256,9 @@ def test_a_broken_collective_becomes_one_line_with_exit_75(capsys):
         "distrnn.ptb: error: rank 1 lost contact with the other ranks (Read error [127.0.0.1]:6529: Connection "
         "reset by peer): another rank died, hung or lost its network; resume later\n")
     # Other errors, and any error of a single process, pass through as they are.
-    for world, error in ((distributed.World(rank=1, size=2), ValueError("x")), (distributed.World(), gloo)):
+    for world, error in ((HorovodWorld(rank=1, size=2), ValueError("x")), (parallel.OneProcess(), gloo)):
         with pytest.raises(type(error)):
-            with distributed.stop_if_a_rank_is_lost(world, ""):
+            with parallel.stop_if_a_rank_is_lost(world, ""):
                 raise error
 
 

@@ -326,7 +326,8 @@ def test_signal_during_start_up(sig, code, tmp_path):
 def test_signals_outside_the_training_loop_become_one_line(tmp_path):
     """SignalsInterrupt (what run_job wraps a job in): Ctrl-C in the final evaluation, or SIGTERM / SIGUSR1
     delivered for real, become Interrupted with 128 + the signal and what the save path holds."""
-    from distrnn import errors, stops
+    from distrnn import errors
+    from distrnn.run import stops
     save = tmp_path / "run"
     (save / "checkpoints").mkdir(parents=True)
     for name in ("ckpt-4.index", "ckpt-4.data-00000-of-00001", "ckpt-7_temp"):
@@ -350,7 +351,7 @@ def test_signals_outside_the_training_loop_become_one_line(tmp_path):
 def test_signals_ignored_at_start_stay_ignored():
     """A background command of a script starts with SIGINT ignored (nohup: SIGHUP): neither the training loop's
     StopSignal nor SignalsInterrupt catches a signal ignored on entry; the others they catch and put back."""
-    from distrnn import stops
+    from distrnn.run import stops
     previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         with stops.SignalsInterrupt("unused"), stops.StopSignal():
@@ -363,7 +364,7 @@ def test_signals_ignored_at_start_stay_ignored():
 
 IGNORED_AFTER_THE_STOP = """
 import os, signal, sys, time
-from distrnn import stops
+from distrnn.run import stops
 with stops.SignalsInterrupt("unused"):
     stops.ignore_launcher_signals(int(sys.argv[1]))
 os.kill(os.getpid(), signal.SIGTERM)
@@ -401,7 +402,8 @@ def test_run_main_is_the_one_boundary(capsys):
 
 
 def test_junk_in_launcher_environment_variables(tmp_path):
-    from distrnn import errors, srun
+    from distrnn import errors
+    from distrnn.parallel import srun
     proc = run_ptb(*TINY, "--data_path", tmp_path, "--save_path", tmp_path / "s",
                    env={"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "two"})
     assert_one_line_error(proc, "distrnn.ptb", "environment variable SLURM_STEP_NUM_TASKS='two': takes an integer")
@@ -427,7 +429,8 @@ def test_weights_that_do_not_fit_in_memory(tmp_path):
 
 
 def test_check_finite_names_the_figure_and_the_last_checkpoint(tmp_path):
-    from distrnn import errors, stops
+    from distrnn import errors
+    from distrnn.run import stops
 
     class Saved:  # what check_finite reads of a Checkpoints
         def __init__(self, latest, manager=True):
@@ -443,7 +446,8 @@ def test_check_finite_names_the_figure_and_the_last_checkpoint(tmp_path):
 
 
 def test_write_json_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
-    from distrnn import errors, files
+    from distrnn import errors
+    from distrnn.run import files
     path = tmp_path / "config.json"
     files.write_json(str(path), {"a": 1})
 

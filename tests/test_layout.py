@@ -2,31 +2,42 @@
 no import cycles, no module importing a command line, options as the one source of the job flags, the
 unrolling mode resolved by the job and never looked up by model code."""
 import ast
+import functools
 import os
+import re
 
 import pytest
 import tensorflow as tf
 
 from conftest import ROOT
-from distrnn import cli, local_devices
+from distrnn import cli
 from distrnn.mnist import cli as mnist_cli
 from distrnn.mnist.configs import RunOptions as MNISTOptions
+from distrnn.parallel import local_devices
 from distrnn.ptb import cli as ptb_cli
 from distrnn.ptb.configs import RunOptions as PTBOptions
 
 PACKAGE = os.path.join(ROOT, "distrnn")
 
 
-def import_graph():
-    """{module: the distrnn modules it imports (at the top or inside functions)}, and the set of modules
-    that are command lines (they define main)."""
-    modules = {}
+@functools.cache
+def sources():
+    """{module: (its parsed tree, its text)} for every module of the package."""
+    found = {}
     for directory, _, files in os.walk(PACKAGE):
         for name in files:
             if name.endswith(".py"):
                 path = os.path.join(directory, name)
                 module = os.path.relpath(path[:-3], ROOT).replace(os.sep, ".").removesuffix(".__init__")
-                modules[module] = ast.parse(open(path, encoding="utf-8").read())
+                text = open(path, encoding="utf-8").read()
+                found[module] = (ast.parse(text), text)
+    return found
+
+
+def import_graph():
+    """{module: the distrnn modules it imports (at the top or inside functions)}, and the set of modules
+    that are command lines (they define main)."""
+    modules = {module: tree for module, (tree, _) in sources().items()}
     graph, commands = {}, set()
     for module, tree in modules.items():
         found = set()
@@ -86,10 +97,47 @@ def test_runs_on_gpu_follows_the_devices_given():
 def test_model_code_never_lists_devices():
     """Only start-up code (the job, the devices command, the World, the memory monitor) asks TensorFlow which
     devices exist; models, cells, stacks and kernels take them as arguments."""
-    for sub in ("rnn", os.path.join("ptb", "model.py"), os.path.join("mnist", "model.py"), "ops.py", "placement.py"):
+    for sub in ("rnn", os.path.join("ptb", "model.py"), os.path.join("mnist", "model.py"), "numerics",
+                os.path.join("parallel", "placement.py")):
         path = os.path.join(PACKAGE, sub)
         files = [os.path.join(path, f) for f in os.listdir(path)] if os.path.isdir(path) else [path]
         for name in files:
             if name.endswith(".py"):
                 text = open(name, encoding="utf-8").read()
                 assert "list_logical_devices" not in text and "list_physical_devices" not in text, name
+
+
+def test_the_folders_draw_the_architecture():
+    """A handful of modules at the top (the command-line plumbing, config, errors, the commands that are not
+    a job's); everything else in a package that opens by saying what it holds."""
+    top = sorted(n for n in os.listdir(PACKAGE) if n.endswith(".py"))
+    assert len(top) <= 11, top
+    packages = [m for m, (tree, _) in sources().items() if os.path.isdir(os.path.join(ROOT, *m.split(".")))]
+    assert {"distrnn.run", "distrnn.parallel", "distrnn.memory", "distrnn.numerics", "distrnn.rnn", "distrnn.ptb",
+            "distrnn.mnist"} <= set(packages)
+    for package in packages:
+        assert len(ast.get_docstring(sources()[package][0]) or "") > 80, f"{package} does not say what it holds"
+
+
+def test_horovod_is_imported_in_one_module_and_nothing_else_knows_the_engine():
+    """The engine is a seam: Horovod is imported in distrnn.parallel.horovod only, and no code outside the
+    engines branches on which one runs (an `hvd` handle, an engine's class or name)."""
+    engines = {"distrnn.parallel.horovod"}
+    for module, (tree, text) in sources().items():
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        if any(name.split(".")[0] == "horovod" for name in imported):
+            assert module in engines, f"{module} imports Horovod"
+        if module not in engines and module != "distrnn.parallel.join":
+            assert "distrnn.parallel.horovod" not in imported and "HorovodWorld" not in text, module
+            assert not re.search(r"\bhvd\b|\.engine\b", text), f"{module} asks which engine runs"
+
+
+def test_the_cell_table_is_the_only_place_cells_are_compared():
+    """What a cell can run (fused kernels, the hand-written backward and its memory modes, peepholes, a forget
+    bias) is read from names.CELL_KINDS; no other code compares a cell's name or class."""
+    compared = re.compile(r"""[!=]= *["'](lstm|gru|rnn)["']|["'](lstm|gru|rnn)["'] *[!=]=|"""
+                          r"""isinstance\([^)]*(LSTMCell|GRUCell|BasicRNNCell)""")
+    for module, (_, text) in sources().items():
+        if module != "distrnn.names":
+            assert not compared.search(text), f"{module}: {compared.search(text).group(0)}"

@@ -6,8 +6,8 @@ import os
 import pytest
 
 from conftest import CAPPED, EIGEN, checkpoint_step, run_ptb, write_corpus
-from distrnn import memory
 from distrnn.errors import OutOfMemory
+from distrnn.memory.monitor import MemoryMonitor
 
 TINY = ["--config", "test", "--num_steps", "5", "--batch_size", "4"]
 
@@ -23,7 +23,7 @@ def fake_nvml(monkeypatch):
 
 
 def test_gpu_readings_thresholds_and_peaks(fake_nvml):
-    monitor = memory.MemoryMonitor(warn=0.7, stop=0.9, nvml=fake_nvml)
+    monitor = MemoryMonitor(warn=0.7, stop=0.9, nvml=fake_nvml)
     reading = monitor.sample()
     gpu0, gpu1 = reading["gpus"]
     assert gpu0 == {"index": 0, "used_mib": 31232, "total_mib": 40960, "used_fraction": 0.7625, "process_mib": 29696}
@@ -35,11 +35,11 @@ def test_gpu_readings_thresholds_and_peaks(fake_nvml):
     assert monitor.summary().startswith("mem host ") and monitor.summary().endswith("% gpu0 76% gpu1 0%")
     assert monitor.scalars()["memory/gpu0_used_fraction"] == 0.7625
 
-    monitor = memory.MemoryMonitor(warn=0.5, stop=0.75, nvml=fake_nvml)
+    monitor = MemoryMonitor(warn=0.5, stop=0.75, nvml=fake_nvml)
     monitor.sample()
     assert monitor.stop_reason == "GPU 0 memory at 76.2% (--mem_stop 0.75)"
     # A rank watches only the GPUs it owns: here GPU 1, which is empty.
-    monitor = memory.MemoryMonitor(warn=0.5, stop=0.75, nvml=fake_nvml, owned_gpus=lambda n: [1])
+    monitor = MemoryMonitor(warn=0.5, stop=0.75, nvml=fake_nvml, owned_gpus=lambda n: [1])
     assert [g["index"] for g in monitor.sample()["gpus"]] == [1] and monitor.stop_reason is None
 
 

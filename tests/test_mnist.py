@@ -11,13 +11,13 @@ import tensorflow as tf
 
 from conftest import CAPPED, assert_one_line_error, checkpoint_step, idx_bytes, run_module, write_images
 from distrnn.config import override
-from distrnn.distributed import World
 from distrnn.errors import UsageError
 from distrnn.mnist import idx
 from distrnn.mnist.configs import PRESETS
 from distrnn.mnist.train import RunOptions, train_and_evaluate
 from distrnn.mnist.trainer import Pixels, Trainer, epoch_order, evaluate, unrolling_for
-from distrnn.placement import make_plan
+from distrnn.parallel import OneProcess
+from distrnn.parallel.placement import make_plan
 
 SMALL = {"hidden_size": "16", "batch_size": "20", "validation_size": "100", "learning_rate": "0.01"}
 
@@ -193,7 +193,7 @@ def test_evaluation_is_exact(images):
     trainer = Trainer(config(), (12, 10), seed=3)
     data = idx.load(images)
     pixels = Pixels(0.25, 0.5)
-    result = evaluate(trainer, data.test, pixels, World())
+    result = evaluate(trainer, data.test, pixels, OneProcess())
     logits = trainer.model(((data.test.images / 255.0 - 0.25) / 0.5).astype(np.float32)).numpy()
     predicted = logits.argmax(1)
     labels = data.test.labels

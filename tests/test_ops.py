@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from distrnn import ops
-from distrnn.ops import matmul, softmax_cross_entropy
+from distrnn.numerics import ops
+from distrnn.numerics.ops import matmul, softmax_cross_entropy
 
 
 def reference(features, weights, bias, labels):

@@ -7,9 +7,9 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_ptb
-from distrnn import local_devices, placement
 from distrnn.config import override
 from distrnn.errors import UsageError
+from distrnn.parallel import local_devices, placement
 from distrnn.ptb.configs import PRESETS
 from distrnn.ptb.trainer import Trainer, unrolling_for
 from distrnn.rnn.lstm_sequence import KEEP, Layer, Memory, lstm_stack

@@ -1,4 +1,4 @@
-"""Reduced precision (distrnn.precision): bfloat16 and float16 against float32 on the same weights,
+"""Reduced precision (distrnn.numerics.precision): bfloat16 and float16 against float32 on the same weights,
 the dtypes a traced step computes, saves and hands the optimizer, float16's loss scaling (an
 overflow skips exactly that step), resume and checkpoints across precisions, and the flags."""
 import json
@@ -13,7 +13,7 @@ from distrnn.config import override
 from distrnn.mnist.configs import PRESETS as MNIST_PRESETS
 from distrnn.mnist.trainer import Trainer as MNISTTrainer
 from distrnn.mnist.trainer import unrolling_for as mnist_unrolling_for
-from distrnn.precision import LossScale
+from distrnn.numerics.precision import LossScale
 from distrnn.ptb.configs import PRESETS
 from distrnn.ptb.train import RunOptions, train_and_evaluate
 from distrnn.ptb.trainer import Trainer, make_model_plan, unrolling_for
@@ -26,7 +26,7 @@ VOCAB = 40
 # (embedding rows, 2 layers x 6 steps forward and back, the softmax), whose errors add up mostly at
 # random; float16's are also amplified by the loss scale's division. Measured maxima over the cases
 # below (tests run with -s print each): bfloat16 1.8e-2 (peepholes), float16 2.5e-3 (peepholes; its matmuls
-# summed in float32 on CPU as on GPUs: distrnn.ops.matmul).
+# summed in float32 on CPU as on GPUs: distrnn.numerics.ops.matmul).
 BOUND = {"bfloat16": 10 * 2.0 ** -8, "float16": 20 * 2.0 ** -11}
 
 PIPELINE = "pipeline"  # in a case's overrides: two layers on two devices, pipelined
@@ -95,7 +95,7 @@ def test_gradients_match_float32_on_the_same_weights(precision, overrides, memor
 
 
 def with_branches(graph):
-    """The graph's ops and those of its tf.cond branches (float16's updates run in one: distrnn.precision)."""
+    """The graph's ops and those of its tf.cond branches (float16's updates run in one: distrnn.numerics.precision)."""
     ops = list(graph.get_operations())
     for op in graph.get_operations():
         if op.type in ("If", "StatelessIf"):

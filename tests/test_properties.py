@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import run_here, write_corpus, write_images
-from distrnn import config, devices, slurm_env, srun
+from distrnn import config, devices
 from distrnn.errors import UsageError
 from distrnn.mnist import cli as mnist_cli
+from distrnn.parallel import slurm_env, srun
 from distrnn.ptb import cli as ptb_cli, export, generate, score
 
 DOCUMENTED = {0, 2, 65, 74, 75, 76, 130, 138, 143}  # docs/runs.md

@@ -236,10 +236,24 @@ def test_state_carries_across_calls():
 
 
 def test_modes_that_do_not_fit_a_cell_are_refused():
-    with pytest.raises(ValueError, match="rnn_mode block does not support the gru cell"):
+    with pytest.raises(ValueError, match="^rnn_mode block runs LSTM cells only; use --rnn_mode auto, static or "
+                                         "dynamic for gru$"):
         unroll(make_cell("gru"), tf.zeros([2, 1, 3]), (tf.zeros([1, 5]),), "block")
-    with pytest.raises(ValueError, match="with peepholes"):
+    with pytest.raises(ValueError, match="^cuDNN has no peephole LSTM; use --rnn_mode block, static or dynamic with "
+                                         "--use_peepholes$"):
         unroll(make_cell("lstm_peep"), tf.zeros([2, 1, 3]), (tf.zeros([1, 5]),) * 2, "cudnn")
+
+
+def test_a_cell_class_names_its_own_kind():
+    """A subclass that changed the math and kept LSTMCell's kind would run the LSTM's fused and hand-written
+    kernels, which do not have its change: it must name a kind of its own, listed in CELL_KINDS."""
+    from distrnn.rnn.cells import LSTMCell
+    with pytest.raises(TypeError, match="^LayerNormLSTMCell must name its own kind, a key of distrnn.names.CELL_KINDS"):
+        class LayerNormLSTMCell(LSTMCell):
+            pass
+    with pytest.raises(TypeError, match="must name its own kind"):
+        class Unlisted(LSTMCell):
+            kind = "layer_norm_lstm"
 
 
 def test_auto_picks_a_mode_and_says_why():

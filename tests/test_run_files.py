@@ -16,7 +16,7 @@ import pytest
 
 from conftest import (assert_one_line, assert_one_line_error, run_here, run_module, run_ptb, signalled_while_held,
                       write_corpus)
-from distrnn import faults
+from distrnn.run import faults
 from test_hostile import snapshot
 
 TINY = ["--config", "test", "--hidden_size", "8", "--batch_size", "4", "--num_steps", "5"]

@@ -13,8 +13,8 @@ import pytest
 
 import slurm_cluster
 from conftest import ROOT, checkpoint_step, run_ptb, subprocess_env, write_corpus, write_images
-from distrnn import distributed, slurm_env, srun
 from distrnn.errors import UsageError
+from distrnn.parallel import horovod, slurm_env, srun
 
 
 
@@ -144,7 +144,7 @@ def test_srun_tasks_are_laid_out_as_horovodrun_lays_out_processes():
 def test_srun_environment_names_the_rendezvous_and_the_interface_towards_it():
     env = step_env(procid=5, nodeid=1, localid=1, DISTRNN_RENDEZVOUS_ADDR="127.0.0.1")
     task = slurm_env.srun_task(env)
-    assert srun.srun_environment(task, env) == {
+    assert horovod.gloo_environment(task, env) == {
         "HOROVOD_GLOO_RENDEZVOUS_ADDR": "127.0.0.1", "HOROVOD_GLOO_RENDEZVOUS_PORT": str(20000 + 1234 * 101 % 10000),
         "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo", "HOROVOD_GLOO_IFACE": "lo",
         "HOROVOD_HOSTNAME": "gpu02", "HOROVOD_RANK": "5", "HOROVOD_SIZE": "10", "HOROVOD_LOCAL_RANK": "1",
@@ -169,8 +169,8 @@ def test_srun_environment_names_the_rendezvous_and_the_interface_towards_it():
 
 TWO_TASKS = """
 import os, sys, time
-from distrnn import distributed
-world = distributed.init()
+from distrnn import parallel
+world = parallel.init()
 total = world.allreduce_sum([world.rank + 1])
 print(world.rank, world.size, world.local_rank, int(total[0]), os.environ["HOROVOD_GLOO_IFACE"], flush=True)
 """
@@ -195,7 +195,7 @@ def test_srun_tasks_join_without_a_launcher_in_any_order(mpi):
 
 def test_an_mpi_launch_without_mpi_in_horovod_is_refused(corpus, tmp_path):
     """mpirun (or srun --mpi outside a step) with a Horovod without MPI would start N jobs of one."""
-    if not distributed.horovod_version():
+    if not horovod.version():
         pytest.skip("Horovod is not installed")
     import horovod.tensorflow as hvd
     if hvd.mpi_built():
@@ -361,7 +361,7 @@ def test_sbatch_ptb_large_stops_before_its_time_limit_requeues_and_resumes(clust
 
     assert [int(n) for n in re.findall(r"\[slurm\] job \d+ \(ptb_large\) start (\d+)", log)] == [1, 2, 3]
     # srun's own report of the tasks' 138: one line for both, or one each when rank 0 outlives rank 1's exit
-    # (its SIGTERM from --kill-on-bad-exit is ignored once the stop is saved: distrnn.stops).
+    # (its SIGTERM from --kill-on-bad-exit is ignored once the stop is saved: distrnn.run.stops).
     assert re.search(r"tasks? [0-9-]+: Exited with exit code 138", log), log[-3000:]
     assert "[slurm] stopped ahead of the time limit with a checkpoint; requeueing job" in log
     # Both stops were distrnn's own: a checkpoint, then the exit (srun's line for the SIGTERM one may be missing:

@@ -12,18 +12,20 @@ import math
 
 import tensorflow as tf
 
+from distrnn.memory.estimates import WEIGHT_BYTES, Memory, PartMemory, compute_copy, recurrent_layer
 from distrnn.mnist.idx import NUM_CLASSES
-from distrnn.estimates import WEIGHT_BYTES, Memory, PartMemory, compute_copy, recurrent_layer
 from distrnn.names import PRECISION_BYTES
-from distrnn.ops import matmul
-from distrnn.placement import on_device, single_device
-from distrnn.rnn import CELLS, LSTMCell, Unrolling
+from distrnn.numerics.ops import matmul
+from distrnn.parallel.placement import on_device, single_device
+from distrnn.names import CELL_KINDS
+from distrnn.rnn import Unrolling
+from distrnn.rnn.cells import make_cell
 from distrnn.rnn.stack import run_stack
 
 
 class RowClassifier(tf.Module):
     """unrolling: how the stack runs (distrnn.rnn.Unrolling, resolved by the job); plan: the device
-    of each part (distrnn.placement)."""
+    of each part (distrnn.parallel.placement)."""
 
     def __init__(self, config, image_shape, unrolling: Unrolling, seed: int = 0, plan=None,
                  name: str = "row_classifier"):
@@ -60,11 +62,9 @@ class RowClassifier(tf.Module):
             for i, device in enumerate(self.plan.layers):
                 inputs = self.cols if i == 0 else h
                 with tf.device(device):
-                    if config.cell == "lstm":  # forget bias 1, as TensorFlow 1's LSTM cells and Keras's
-                        cell = LSTMCell(inputs, h, forget_bias=1.0, use_peepholes=config.use_peepholes,
-                                        initializer=kernel_init(inputs), name=f"lstm_{i}")
-                    else:
-                        cell = CELLS[config.cell](inputs, h, initializer=kernel_init(inputs), name=f"{config.cell}_{i}")
+                    # forget bias 1, as TensorFlow 1's LSTM cells and Keras's
+                    cell = make_cell(config.cell, inputs, h, forget_bias=1.0, use_peepholes=config.use_peepholes,
+                                     initializer=kernel_init(inputs), name=f"{config.cell}_{i}")
                 self.cells.append(cell)
             with tf.device(self.plan.softmax):
                 self.dense_w = tf.Variable(glorot([h, NUM_CLASSES]), name="dense_w")
@@ -75,7 +75,7 @@ class RowClassifier(tf.Module):
 
     def __call__(self, images):
         """images (B, R, C) float32 (standardised pixels) -> logits (B, 10), float32: the model computes in
-        its Unrolling's precision (distrnn.precision), the loss is taken in float32."""
+        its Unrolling's precision (distrnn.numerics.precision), the loss is taken in float32."""
         dtype = self.unrolling.dtype
         with tf.device(self.plan.embedding):
             x = tf.cast(tf.transpose(images, [1, 0, 2]), dtype)  # (R, B, C): time-major, one row a step
@@ -90,10 +90,10 @@ class RowClassifier(tf.Module):
 
 
 def part_memory(config, image_shape, batch_size: int, precision: str = "float32", keeps: Memory = Memory()):
-    """Bytes of [input, layer 0 .. L-1, dense] in training in memory mode `keeps` (distrnn.estimates; Adam keeps
+    """Bytes of [input, layer 0 .. L-1, dense] in training in memory mode `keeps` (distrnn.memory.estimates; Adam keeps
     two moments per weight): what the balanced strategy evens."""
     rows, cols = image_shape
-    h, gates, act = config.hidden_size, CELLS[config.cell].gates, PRECISION_BYTES[precision]
+    h, gates, act = config.hidden_size, CELL_KINDS[config.cell].gates, PRECISION_BYTES[precision]
     parts = [PartMemory("input", 0, 0, batch_size * rows * cols * (4 + act * (precision != "float32")))]
     parts += [recurrent_layer(f"layer {i}", cols if i == 0 else h, h, batch_size, rows, gates,
                               recompute=keeps.recompute, swap=keeps.swap, optimizer_slots=2, precision=precision)

@@ -5,10 +5,11 @@ only parses flags and calls it, and the tests call it the same way. How
 batches are drawn: distrnn.mnist.trainer.Splits.
 """
 
-from distrnn import distributed, loop, training
+from distrnn import parallel
 from distrnn.mnist import idx, plots
 from distrnn.mnist.configs import RunOptions
 from distrnn.mnist.trainer import Splits, Trainer, epoch_order, evaluate, layer_devices, make_model_plan, unrolling_for
+from distrnn.run import loop, start
 
 # Fields that fix variable shapes or the meaning of a saved position (with the global batch and the
 # image size): a checkpoint cannot be resumed under different values.
@@ -18,7 +19,7 @@ SHAPE_FIELDS = ("cell", "num_layers", "hidden_size", "use_peepholes", "validatio
 def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
     """Trains, validates every epoch, tests at the end; returns the metrics dict (with
     metrics["interrupted"] the exit code of a stop, after its checkpoint)."""
-    return training.run_job("mnist", config, options, MNISTJob, world)
+    return start.run_job("mnist", config, options, MNISTJob, world)
 
 
 class MNISTJob(loop.Job):
@@ -31,7 +32,7 @@ class MNISTJob(loop.Job):
 
     def __init__(self, config, options: RunOptions, world, devices, reference_batch: int):
         super().__init__(config, options, world, devices, reference_batch)
-        self.data_path = distributed.chief_first(world, lambda: idx.resolve_data_path(options.data_path,
+        self.data_path = parallel.chief_first(world, lambda: idx.resolve_data_path(options.data_path,
                                                                                          options.dataset))
         self.splits = splits = Splits.of(idx.load(self.data_path), config.validation_size)
         B, image_shape = config.batch_size, splits.data.image_shape  # B on each rank; B * world.size a step
@@ -54,7 +55,7 @@ class MNISTJob(loop.Job):
         return f"data {self.data_path}: {self.splits.describe()}"
 
     def learning_rate(self, pos) -> float:
-        return self.config.learning_rate * distributed.lr_factor(self.lr_ratio, self.options.lr_scaling,
+        return self.config.learning_rate * parallel.lr_factor(self.lr_ratio, self.options.lr_scaling,
                                                                  pos.global_step, self.options.lr_warmup_steps)
 
     def begin_epoch(self, pos) -> None:

@@ -7,12 +7,13 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from distrnn import distributed, local_devices, placement
-from distrnn.adam import Adam
+from distrnn import parallel
 from distrnn.errors import UsageError
 from distrnn.mnist import idx
 from distrnn.mnist.model import RowClassifier, part_memory
-from distrnn.precision import LossScale
+from distrnn.numerics.adam import Adam
+from distrnn.numerics.precision import LossScale
+from distrnn.parallel import local_devices, placement
 from distrnn.rnn import KEEP, Memory, Unrolling
 
 
@@ -47,7 +48,7 @@ class Trainer(tf.Module):
     def __init__(self, config, image_shape, seed: int, unrolling: Unrolling = None, plan=None, world=None,
                  fp16_allreduce: bool = False):
         super().__init__(name="trainer")
-        self.world, self.fp16_allreduce = world or distributed.World(), fp16_allreduce
+        self.world, self.fp16_allreduce = world or parallel.OneProcess(), fp16_allreduce
         self.model = RowClassifier(config, image_shape, unrolling or unrolling_for(config, image_shape), seed=seed,
                                    plan=plan)
         self.optimizer = Adam(config.learning_rate)
@@ -64,7 +65,7 @@ class Trainer(tf.Module):
         return self.model.unrolling
 
     def checkpoint_parts(self) -> dict:
-        """What a checkpoint holds, by name (distrnn.checkpoints.Checkpoints)."""
+        """What a checkpoint holds, by name (distrnn.run.checkpoints.Checkpoints)."""
         return {"model": self.model, "optimizer": self.optimizer, "position": self._position,
                 LossScale.PART: self.loss_scale}
 

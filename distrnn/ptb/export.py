@@ -13,7 +13,8 @@ The SavedModel needs nothing of distrnn to be loaded (`tf.saved_model.load(DIR)`
 import os
 import sys
 
-from distrnn import cli, files
+from distrnn import cli
+from distrnn.run import files
 
 
 def build_parser():

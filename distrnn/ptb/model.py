@@ -3,32 +3,25 @@
 Shapes: B batch rows, T time steps, H hidden units, V vocabulary. The stack
 runs time-major, (T, B, H), so each time step is a contiguous slice.
 
-The model takes a placement Plan (distrnn.placement): each part's variables
+The model takes a placement Plan (distrnn.parallel.placement): each part's variables
 are created, and its computation runs, on the plan's device for it.
 
-It computes in its Unrolling's precision (distrnn.precision): the embedding's rows are cast after
+It computes in its Unrolling's precision (distrnn.numerics.precision): the embedding's rows are cast after
 the lookup (only the rows a step reads), the layers and the softmax cast their weights, and the
-softmax's normaliser and the loss are float32 (distrnn.ops).
+softmax's normaliser and the loss are float32 (distrnn.numerics.ops).
 """
 import tensorflow as tf
 
-from distrnn.ops import matmul, softmax_cross_entropy
-from distrnn.placement import on_device, single_device
-from distrnn.rnn import CELLS, LSTMCell, Unrolling
+from distrnn.numerics.ops import matmul, softmax_cross_entropy
+from distrnn.parallel.placement import on_device, single_device
+from distrnn.rnn import Unrolling
+from distrnn.rnn.cells import make_cell
 from distrnn.rnn.stack import run_stack
-
-
-def make_cell(config, initializer, name):
-    size = config.hidden_size
-    if config.cell == "lstm":  # forget_bias 0 as in the reference implementation
-        return LSTMCell(size, size, forget_bias=0.0, use_peepholes=config.use_peepholes, initializer=initializer,
-                        name=name)
-    return CELLS[config.cell](size, size, initializer=initializer, name=name)
 
 
 class PTBModel(tf.Module):
     """unrolling: how the stack runs (distrnn.rnn.Unrolling, resolved by the job), read when a step
-    is traced; plan: the device of each part (distrnn.placement)."""
+    is traced; plan: the device of each part (distrnn.parallel.placement)."""
 
     def __init__(self, config, vocab_size: int, unrolling: Unrolling, seed: int = 0, plan=None, name: str = "ptb_lm"):
         super().__init__(name=name)
@@ -51,7 +44,10 @@ class PTBModel(tf.Module):
             self.cells = []
             for i, device in enumerate(self.plan.layers):
                 with tf.device(device):
-                    self.cells.append(make_cell(config, uniform, name=f"{config.cell}_{i}"))
+                    # forget_bias 0 as in the reference implementation
+                    self.cells.append(make_cell(config.cell, config.hidden_size, config.hidden_size, forget_bias=0.0,
+                                                use_peepholes=config.use_peepholes, initializer=uniform,
+                                                name=f"{config.cell}_{i}"))
             with tf.device(self.plan.softmax):
                 if not config.tie_embeddings:  # tied: the softmax reads the embedding's rows
                     self.softmax_w = tf.Variable(uniform([h, vocab_size]), name="softmax_w")

@@ -5,10 +5,12 @@ from typing import Optional
 
 import psutil
 
-from distrnn import estimates, names, placement
+from distrnn import names
 from distrnn.errors import UsageError
-from distrnn.estimates import GPU_RUNTIME_MIB
-from distrnn.nvml import MIB, gpu_info
+from distrnn.memory import estimates
+from distrnn.memory.estimates import GPU_RUNTIME_MIB
+from distrnn.memory.nvml import MIB, gpu_info
+from distrnn.parallel import placement
 from distrnn.ptb.configs import PRESETS
 
 
@@ -28,7 +30,7 @@ def memory_plan(config_name: str = "small", num_gpus: int = 0, gpus_per_rank: in
         raise UsageError(f"--gpus_per_rank {gpus_per_rank} needs --num_gpus N, a multiple of it")
     per_rank = gpus_per_rank or num_gpus
     devices = [f"/device:GPU:{i}" for i in range(per_rank)] or ["/device:CPU:0"]
-    gates = names.CELL_GATES[config.cell]
+    gates = names.CELL_KINDS[config.cell].gates
 
     def parts_for(recompute, swap):
         return estimates.lm_memory(vocab_size, config.hidden_size, config.num_layers, config.batch_size,
@@ -56,7 +58,7 @@ def memory_plan(config_name: str = "small", num_gpus: int = 0, gpus_per_rank: in
 
     need = needs(parts)
     options = {}
-    if config.cell == "lstm":  # what the memory modes would need instead, for the advice
+    if names.CELL_KINDS[config.cell].own_backward:  # what the memory modes would need instead, for the advice
         k = estimates.recompute_segment(config.num_steps)
         options = {f"--recompute {k}": max(needs(parts_for(k, False)).values()),
                    "--swap_memory": max(needs(parts_for(0, True)).values())}

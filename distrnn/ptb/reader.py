@@ -13,10 +13,10 @@ from typing import Dict, Iterator, Tuple
 
 import numpy as np
 
-from distrnn import files
-from distrnn.files import write_text
 from distrnn.download import cached, fetch, hexdigest, into_cache, mirror_url
 from distrnn.errors import UsageError
+from distrnn.run import files
+from distrnn.run.files import write_text
 
 SPLITS = ("train", "valid", "test")
 EOS, UNK = "<eos>", "<unk>"

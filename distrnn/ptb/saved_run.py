@@ -15,14 +15,15 @@ from typing import Dict, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from distrnn import files, local_devices
-from distrnn.checkpoints import Unfit, op_error_reason, read_config, restore_newest
 from distrnn.errors import UsageError
+from distrnn.parallel import local_devices
 from distrnn.ptb import reader
 from distrnn.ptb.configs import PTBConfig
 from distrnn.ptb.model import PTBModel
 from distrnn.ptb.trainer import perplexity
 from distrnn.rnn import Unrolling
+from distrnn.run import files
+from distrnn.run.checkpoints import Unfit, op_error_reason, read_config, restore_newest
 
 CHECKPOINTS = {"last": "checkpoints", "best": "best"}  # --checkpoint: the directory in the save path
 

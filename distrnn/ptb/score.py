@@ -25,7 +25,7 @@ def build_parser():
 
 
 def score(args) -> dict:
-    from distrnn.files import check_output, write_json, write_text
+    from distrnn.run.files import check_output, write_json, write_text
     from distrnn.ptb import reader, saved_run
     from distrnn.ptb.trainer import perplexity
     check_output(args.per_line, "--per_line", "lines.jsonl")

@@ -4,9 +4,10 @@
 only parses flags and calls it, and the tests call it the same way.
 """
 
-from distrnn import distributed, loop, training
+from distrnn import parallel
 from distrnn.ptb import reader
 from distrnn.ptb.configs import RunOptions
+from distrnn.run import loop, start
 from distrnn.ptb.trainer import (LeanerOnOOM, Trainer, evaluate, learning_rate, make_model_plan, perplexity,
                                  unrolling_for)
 
@@ -18,7 +19,7 @@ SHAPE_FIELDS = ("num_layers", "hidden_size", "batch_size", "num_steps", "tie_emb
 def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
     """Trains, validates every epoch, tests at the end; returns the metrics dict (with
     metrics["interrupted"] the exit code of a stop, after its checkpoint)."""
-    return training.run_job("ptb", config, options, PTBJob, world)
+    return start.run_job("ptb", config, options, PTBJob, world)
 
 
 class PTBJob(loop.Job):
@@ -31,7 +32,7 @@ class PTBJob(loop.Job):
 
     def __init__(self, config, options: RunOptions, world, devices, reference_batch: int):
         super().__init__(config, options, world, devices, reference_batch)
-        self.data_path = distributed.chief_first(world, lambda: reader.resolve_data_path(options.data_path))
+        self.data_path = parallel.chief_first(world, lambda: reader.resolve_data_path(options.data_path))
         self.data = data = reader.load(self.data_path)
         B, T = config.batch_size, config.num_steps  # B rows on each rank; B * world.size rows in all
         self.units_per_step = self.global_batch * T

@@ -7,12 +7,17 @@ from typing import Optional
 
 import tensorflow as tf
 
-from distrnn import distributed, estimates, memory, outputs, placement, sgd
-from distrnn.precision import LossScale
+from distrnn import parallel
 from distrnn.errors import OutOfMemory, UsageError
+from distrnn.memory import estimates, monitor
+from distrnn.numerics import sgd
+from distrnn.numerics.precision import LossScale
+from distrnn.parallel import placement
 from distrnn.ptb import reader
 from distrnn.ptb.model import PTBModel
-from distrnn.rnn import CELLS, KEEP, Memory, Unrolling
+from distrnn.names import CELL_KINDS
+from distrnn.rnn import KEEP, Memory, Unrolling
+from distrnn.run import outputs
 
 
 def sum_duplicate_rows(grad):
@@ -59,7 +64,7 @@ class Trainer(tf.Module):
                  sparse_as_dense: bool = False, fp16_allreduce: bool = False):
         super().__init__(name="trainer")
         self.config = config
-        self.world = world or distributed.World()
+        self.world = world or parallel.OneProcess()
         self.sparse_as_dense, self.fp16_allreduce = sparse_as_dense, fp16_allreduce
         self.model = PTBModel(config, vocab_size, unrolling or unrolling_for(config), seed=seed, plan=plan)
         self.train_step = tf.function(self._train_step)
@@ -73,7 +78,7 @@ class Trainer(tf.Module):
                          for t in tf.nest.flatten(self.model.zero_state(config.batch_size * self.world.size))]
 
     def checkpoint_parts(self) -> dict:
-        """What a checkpoint holds, by name (distrnn.checkpoints.Checkpoints)."""
+        """What a checkpoint holds, by name (distrnn.run.checkpoints.Checkpoints)."""
         return {"model": self.model, "optimizer": self.optimizer, "position": self._position,
                 "carried_state": self._carried, LossScale.PART: self.loss_scale}
 
@@ -158,7 +163,7 @@ def unrolling_for(config, on_gpu: bool = False, schedule: str = "sequential", ke
 
 class LeanerOnOOM:
     """trainer.train_step, run again where it fails: a float16 overflow at the halved loss scale
-    (distrnn.precision.LossScale.until_applied), and a step that runs out of memory in the next leaner
+    (distrnn.numerics.precision.LossScale.until_applied), and a step that runs out of memory in the next leaner
     memory mode (--on_oom retry) while there is one, else OutOfMemory is raised. A failed step has
     changed no weight: every update waits for the clipping factor, which needs every gradient. The
     dropout generator, which the forward pass advances, is put back."""
@@ -172,7 +177,7 @@ class LeanerOnOOM:
 
     def leaner(self) -> Optional[Unrolling]:
         config, unrolling = self.trainer.config, self.trainer.unrolling
-        keeps = unrolling.memory.leaner(config.num_steps) if self.retry and config.cell == "lstm" else None
+        keeps = unrolling.memory.leaner(config.num_steps) if self.retry and CELL_KINDS[config.cell].own_backward else None
         # A memory mode runs the dynamic loop, whatever rnn_mode asked for.
         return keeps and Unrolling.resolve(config.cell, config.use_peepholes, "auto", self.on_gpu, config.num_steps,
                                            unrolling.placement, keeps, unrolling.precision)
@@ -186,7 +191,7 @@ class LeanerOnOOM:
                                                         lambda outputs: bool(outputs[2]), rewind)
             except tf.errors.ResourceExhaustedError as error:
                 rewind()
-                what = f"step {step} ran out of memory ({memory.oom_reason(error)})"
+                what = f"step {step} ran out of memory ({monitor.oom_reason(error)})"
                 leaner = self.leaner()
                 if leaner is None:
                     raise OutOfMemory(what) from None
@@ -211,12 +216,12 @@ def evaluate(trainer: Trainer, batches: reader.EvalBatches, world) -> float:
 
 def learning_rate(config, epoch: int, step: int, batch_ratio: float, scaling: str = "none",
                   warmup_steps: int = 0) -> float:
-    """The reference schedule, times distributed.lr_factor for a larger global batch."""
-    return config.learning_rate_at(epoch) * distributed.lr_factor(batch_ratio, scaling, step, warmup_steps)
+    """The reference schedule, times parallel.lr_factor for a larger global batch."""
+    return config.learning_rate_at(epoch) * parallel.lr_factor(batch_ratio, scaling, step, warmup_steps)
 
 
 def make_model_plan(config, vocab_size: int, devices, strategy: str, precision: str = "float32", keeps: Memory = KEEP):
     """The placement plan of the model's parts over `devices` (one device, TensorFlow's choice, if none)."""
     return placement.job_plan(config.num_layers, devices, strategy, lambda: estimates.lm_costs(
         vocab_size, config.hidden_size, config.num_layers, config.batch_size, config.num_steps,
-        cell_gates=CELLS[config.cell].gates, precision=precision, keeps=keeps, dropout=config.keep_prob < 1))
+        cell_gates=CELL_KINDS[config.cell].gates, precision=precision, keeps=keeps, dropout=config.keep_prob < 1))

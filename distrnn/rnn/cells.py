@@ -9,21 +9,29 @@ checkpoint has one shape whichever mode computes the recurrence.
 
 States are tuples: (c, h) for the LSTM, (h,) for the others.
 
-A cell computes in the dtype of its inputs (distrnn.precision): its float32 variables are cast to
+A cell computes in the dtype of its inputs (distrnn.numerics.precision): its float32 variables are cast to
 it where they are read, and the cast's gradient is float32 again.
 """
 import tensorflow as tf
 
-from distrnn.names import CELL_GATES
-from distrnn.ops import matmul
+from distrnn.names import CELL_KINDS
+from distrnn.numerics.ops import matmul
 
 
 class RecurrentCell(tf.Module):
     """Common parts: `gates` blocks of `units` columns in one kernel over [inputs, h]."""
 
-    gates = 1
-    kind = None  # the name in CELLS
+    kind = None  # its CellKind's name (distrnn.names.CELL_KINDS): every class names its own
     use_peepholes = False
+
+    def __init_subclass__(cls, **kwargs):
+        # A subclass that changes the math (a layer-normalised LSTM, say) and kept its parent's kind would
+        # run the parent's fused and hand-written kernels, silently computing something else.
+        super().__init_subclass__(**kwargs)
+        if "kind" not in cls.__dict__ or cls.kind not in CELL_KINDS:
+            raise TypeError(f"{cls.__name__} must name its own kind, a key of distrnn.names.CELL_KINDS (add one "
+                            f"there saying what kernels can run it)")
+        cls.gates = CELL_KINDS[cls.kind].gates
 
     def __init__(self, input_size: int, units: int, initializer=None, name: str = None):
         super().__init__(name=name)
@@ -83,7 +91,6 @@ class LSTMCell(RecurrentCell):
         o = sigmoid(o + w_o_diag * c')       h' = o * tanh(c')
     """
 
-    gates = 4
     kind = "lstm"
 
     def __init__(self, input_size: int, units: int, forget_bias: float = 1.0, use_peepholes: bool = False,
@@ -127,7 +134,6 @@ class GRUCell(RecurrentCell):
         h' = u * h + (1 - u) * n
     """
 
-    gates = 3
     kind = "gru"
 
     def __init__(self, input_size: int, units: int, initializer=None, name: str = None):
@@ -145,6 +151,16 @@ class GRUCell(RecurrentCell):
 
 
 CELLS = {cls.kind: cls for cls in (LSTMCell, GRUCell, BasicRNNCell)}
-# The names and gate counts the command line offers before TensorFlow loads are these cells'.
-if {name: cls.gates for name, cls in CELLS.items()} != CELL_GATES:
-    raise ImportError("distrnn.names.CELL_GATES does not list the cells of distrnn.rnn.cells")
+if set(CELLS) != set(CELL_KINDS):  # the command line offers CELL_KINDS before TensorFlow loads
+    raise ImportError("distrnn.names.CELL_KINDS does not list the cells of distrnn.rnn.cells")
+
+
+def make_cell(kind: str, input_size: int, units: int, forget_bias: float, use_peepholes: bool = False,
+              initializer=None, name: str = None) -> RecurrentCell:
+    """A cell of `kind`, given a forget bias and peepholes where its kind has them."""
+    extra = {}
+    if CELL_KINDS[kind].forget_gate:
+        extra["forget_bias"] = forget_bias
+    if CELL_KINDS[kind].peepholes:
+        extra["use_peepholes"] = use_peepholes
+    return CELLS[kind](input_size, units, initializer=initializer, name=name, **extra)

@@ -63,8 +63,6 @@ def _cudnn_lstm_params(cell, dtype=tf.float32):
 def cudnn_lstm(cell, inputs, state, sequence_length=None):
     """cuDNN's fused LSTM on a GPU; same math as the other modes (no peepholes in cuDNN), in the inputs'
     dtype (float32, or float16 on tensor cores: cuDNN's RNN ops have no bfloat16, see unroll.supported)."""
-    if cell.use_peepholes:
-        raise ValueError("cuDNN has no peephole LSTM; use rnn_mode block, dynamic or static")
     c0, h0 = state
     weights, biases = _cudnn_lstm_params(cell, inputs.dtype)
     params = tf.raw_ops.CudnnRNNCanonicalToParamsV2(

@@ -34,7 +34,7 @@ Gates are in i, j, f, o order:
 With a mask m (1 while t < sequence_length): c_t = m c_new + (1 - m) c_prev, likewise h_t;
 the output is m h_new.
 
-Both passes compute in the dtype of the inputs and states (distrnn.precision): the weights, float32
+Both passes compute in the dtype of the inputs and states (distrnn.numerics.precision): the weights, float32
 variables, are cast to it once per call, and their gradients are returned as float32 (a memory
 mode sums its segments' weight gradients in float32).
 """
@@ -44,8 +44,8 @@ from typing import List, NamedTuple, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from distrnn.estimates import KEEP, Memory
-from distrnn.ops import matmul
+from distrnn.memory.estimates import KEEP, Memory
+from distrnn.numerics.ops import matmul
 
 
 class Layer(NamedTuple):

@@ -26,9 +26,9 @@ schedule uses the same ones.
 """
 import tensorflow as tf
 
-from distrnn.ops import matmul
-from distrnn.placement import on_device
-from distrnn.rnn.cells import LSTMCell
+from distrnn.names import CELL_KINDS
+from distrnn.numerics.ops import matmul
+from distrnn.parallel.placement import on_device
 from distrnn.rnn.lstm_sequence import KEEP, lstm_stack
 from distrnn.rnn.unroll import STEP_MODES, Unrolling, lstm_layer, unroll
 
@@ -38,7 +38,7 @@ def run_stack(cells, devices, inputs, states, unrolling: Unrolling, masks=None):
     (T, B, I): every model's one way to run its layers. devices: one per layer; unrolling: the
     mode, schedule and memory mode the job resolved (see distrnn.rnn.unroll.Unrolling)."""
     mode, memory = unrolling.mode, unrolling.memory
-    lstm_loop = mode in STEP_MODES and all(isinstance(cell, LSTMCell) for cell in cells)
+    lstm_loop = mode in STEP_MODES and all(CELL_KINDS[cell.kind].own_backward for cell in cells)
     # lstm_stack runs all layers in one loop; on one device it interleaves them whatever the schedule.
     if lstm_loop and (unrolling.placement == "pipeline" or len(set(devices)) == 1):
         layers = [lstm_layer(cell, device) for cell, device in zip(cells, devices)]

@@ -8,7 +8,7 @@
 | cudnn   | cuDNN on a GPU                                            | LSTM, no peepholes |
 | auto    | the fastest of these for the device and options           | all              |
 
-Every mode computes in float32, bfloat16 or float16 (the precision, distrnn.precision) except
+Every mode computes in float32, bfloat16 or float16 (the precision, distrnn.numerics.precision) except
 block and cudnn in bfloat16: the BlockLSTM and cuDNN RNN ops are defined for half and float only.
 
 LSTM cells in static and dynamic mode run through `lstm_stack`, whose
@@ -21,10 +21,9 @@ import logging
 
 import tensorflow as tf
 
-from distrnn import precision
-from distrnn.names import RNN_MODES
+from distrnn.names import CELL_KINDS, FUSED_MODES, RNN_MODES
+from distrnn.numerics import precision
 from distrnn.rnn import fused
-from distrnn.rnn.cells import LSTMCell
 from distrnn.rnn.lstm_sequence import KEEP, Layer, Memory, lstm_stack
 
 UNROLL_MODES = RNN_MODES  # the names, defined TensorFlow-free in distrnn.names
@@ -35,16 +34,10 @@ FUSED_PRECISIONS = ("float32", "float16")  # the T attribute of BlockLSTM and Cu
 
 
 def supported(kind: str, use_peepholes: bool, mode: str, precision: str = "float32") -> bool:
-    """Whether `mode` can run a cell of `kind` (a key of CELLS) in `precision`."""
-    if mode in ("static", "dynamic", "auto"):
-        return True
-    if precision not in FUSED_PRECISIONS:
+    """Whether `mode` can run a cell of `kind` (a key of CELL_KINDS) in `precision`."""
+    if CELL_KINDS[kind].mode_problem(mode, use_peepholes):
         return False
-    if mode == "block":
-        return kind == "lstm"
-    if mode == "cudnn":
-        return kind == "lstm" and not use_peepholes
-    return False
+    return mode not in FUSED_MODES or precision in FUSED_PRECISIONS
 
 
 STATIC_MAX_STEPS = 64  # beyond this a Python-unrolled graph grows slow to build and run
@@ -62,7 +55,7 @@ def resolve_mode(kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_st
     if mode not in UNROLL_MODES:
         raise ValueError(f"unknown rnn_mode {mode!r}; use one of {', '.join(UNROLL_MODES)}")
     if memory.segmented:
-        if kind != "lstm" or mode not in ("static", "dynamic", "auto"):
+        if not CELL_KINDS[kind].own_backward or mode not in ("static", "dynamic", "auto"):
             raise ValueError(f"memory mode {memory.describe()} needs LSTM cells and rnn_mode auto, static or dynamic "
                              f"(got the {kind} cell, rnn_mode {mode}): fused kernels and TensorFlow's autodiff keep "
                              f"every step's activations themselves; drop --recompute/--swap_memory or change "
@@ -85,9 +78,9 @@ def _device_mode(kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_st
             raise ValueError(f"rnn_mode {mode} has no {precision} kernel (TensorFlow's {mode} op takes float32 and "
                              f"float16); use --rnn_mode dynamic (or auto, which picks one that runs) with "
                              f"--precision {precision}, or --precision float16 with rnn_mode {mode}")
-        if not supported(kind, use_peepholes, mode):
-            raise ValueError(f"rnn_mode {mode} does not support the {kind} cell"
-                             f"{' with peepholes' if use_peepholes else ''}; use static or dynamic")
+        problem = CELL_KINDS[kind].mode_problem(mode, use_peepholes)
+        if problem:
+            raise ValueError(problem)
         if mode == "cudnn" and not (on_gpu and fused.built_with_cudnn()):
             # TensorFlow would fail inside the first step, with a traceback about a missing gradient.
             raise ValueError("rnn_mode cudnn needs a GPU with cuDNN and this process has none; use --rnn_mode auto, "
@@ -112,7 +105,7 @@ class Unrolling:
     reason: str                    # why that mode (the job logs it)
     placement: str = "sequential"  # sequential or pipeline (distrnn.rnn.stack)
     memory: Memory = KEEP          # what an LSTM stack's backward pass keeps
-    precision: str = "float32"     # what the model computes in (distrnn.precision): float32, bfloat16, float16
+    precision: str = "float32"     # what the model computes in (distrnn.numerics.precision): float32, bfloat16, float16
 
     @property
     def dtype(self) -> tf.DType:
@@ -142,7 +135,7 @@ def unroll(cell, inputs, state, mode: str = "dynamic", sequence_length=None, mem
         return fused.block_lstm(cell, inputs, state, sequence_length)
     if mode == "cudnn":
         return fused.cudnn_lstm(cell, inputs, state, sequence_length)
-    if not isinstance(cell, LSTMCell):
+    if not CELL_KINDS[cell.kind].own_backward:
         return unroll_autodiff(cell, inputs, state, mode, sequence_length)
     mask = None
     if sequence_length is not None:

@@ -5,7 +5,7 @@ figures. The loop owns the rest: epochs and steps, the learning rate's applicati
 (the cadence, and the one saved on a stop), the stops every rank agrees on (signals, memory,
 divergence), progress lines, TensorBoard, the end-of-run metrics, plots and the metrics file.
 
-    job = PTBJob(...)                       # distrnn/ptb/train.py, made by distrnn.training.run_job
+    job = PTBJob(...)                       # distrnn/ptb/train.py, made by distrnn.run.start.run_job
     metrics = loop.train(job, world, options, save_path, start_time)
 """
 import dataclasses
@@ -18,13 +18,17 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from distrnn import compat, cpu, distributed, faults, local_devices, memory, ops, outputs, stops
-from distrnn.checkpoints import Checkpoints
-from distrnn.files import write_json
+from distrnn import compat, cpu, parallel
 from distrnn.errors import OutOfMemory
-from distrnn.memory import ADVICE
-from distrnn.outputs import log
-from distrnn.precision import LossScale
+from distrnn.memory import monitor
+from distrnn.memory.monitor import ADVICE
+from distrnn.numerics import ops
+from distrnn.numerics.precision import LossScale
+from distrnn.parallel import local_devices
+from distrnn.run import faults, outputs, stops
+from distrnn.run.checkpoints import Checkpoints
+from distrnn.run.files import write_json
+from distrnn.run.outputs import log
 
 
 class Curve(NamedTuple):
@@ -63,7 +67,7 @@ class Job:
         distrnn.options.JobOptions); devices: the layers' ([]: TensorFlow's choice); reference_batch:
         the batch the config's learning rate was chosen for."""
         self.config, self.options, self.world, self.devices = config, options, world, devices
-        # Once for the job: its models' matmuls (distrnn.ops), its unrolling mode and start-up note read it.
+        # Once for the job: its models' matmuls (distrnn.numerics.ops), its unrolling mode and start-up note read it.
         self.on_gpu = local_devices.runs_on_gpu(devices)
         ops.float16_matmuls_on_gpu(self.on_gpu)
         self.global_batch = config.batch_size * world.size
@@ -148,7 +152,7 @@ def train(job: Job, world, options, save_path: str, started: float) -> dict:
         steps = epoch_steps(history, job.steps_per_epoch)
         return resumed, checkpoints.settle_best(None if best is None else steps[best], steps)
 
-    resumed, best_step = distributed.on_chief(world, open_run)
+    resumed, best_step = parallel.on_chief(world, open_run)
     job.trainer.share_from_chief()
     if world.is_chief:
         _log_start(job, options, checkpoints, resumed, save_path)
@@ -380,7 +384,7 @@ class _Run:
         if self.best_step == pos.global_step and pos.step_in_epoch == 0:
             tested = {key: last[key] for key in job.test_keys}
         else:
-            distributed.on_chief(self.world, lambda: self.checkpoints.restore_best(self.best_step))
+            parallel.on_chief(self.world, lambda: self.checkpoints.restore_best(self.best_step))
             job.trainer.share_from_chief()
             tested = job.test()
         if self.world.is_chief:
@@ -423,9 +427,9 @@ def _step(job: Job, pos, i: int) -> Dict[str, float]:
         return job.train_step(pos, i)
     except tf.errors.ResourceExhaustedError as error:
         # A failed step changed no weight: every update comes after every gradient.
-        raise OutOfMemory(f"step {pos.global_step + 1} ran out of memory ({memory.oom_reason(error)})") from None
+        raise OutOfMemory(f"step {pos.global_step + 1} ran out of memory ({monitor.oom_reason(error)})") from None
 
 
 def versions() -> Dict[str, Optional[str]]:
     """The stack this run ran on; Horovod's version only where it loads."""
-    return dict(compat.stack(), tensorflow=tf.__version__, horovod=distributed.horovod_version())
+    return dict(compat.stack(), tensorflow=tf.__version__)

@@ -79,7 +79,7 @@ _float16_on_gpu = False  # until the job says where it runs
 
 
 def float16_matmuls_on_gpu(on_gpu: bool) -> None:
-    """Start-up code (distrnn.training) tells where the job's matmuls run, from the devices it was given:
+    """Start-up code (distrnn.run.start) tells where the job's matmuls run, from the devices it was given:
     on GPUs, TensorFlow's float16 kernel; elsewhere, and until told, float32 sums. A process-wide choice made
     before the first trace, like oneDNN's (distrnn.cpu), so that models and kernels never look at devices."""
     global _float16_on_gpu

@@ -1,41 +1,19 @@
-"""srun's tasks as one Horovod job without horovodrun: each task's Slurm environment turned into what
-Horovod's Gloo launcher would set (srun_environment), and rank 0 serving Horovod's rendezvous in a thread
-(serve_rendezvous) that the others wait for (wait_for_rendezvous). distrnn.distributed.init uses it."""
+"""srun's tasks as one job without a launcher: where they meet (rank 0's node and a port, the network
+interface that leads there), and the other tasks waiting until rank 0 serves the rendezvous. The engine
+(distrnn.parallel.horovod) turns this into its own variables and serves its own rendezvous."""
 import os
 import re
 import socket
-import threading
 import time
 
-from distrnn import slurm_env
 from distrnn.config import env_number
 from distrnn.errors import RankLost, UsageError
+from distrnn.parallel import slurm_env
 
 # srun tasks meet at a Gloo rendezvous that rank 0 serves, on DISTRNN_RENDEZVOUS_PORT, else the first of
 # the step's reserved ports (srun --resv-ports), else a port derived from the job and step ids in
 # 20000-29999 (below Linux's ephemeral ports, so no outgoing connection holds it).
 RENDEZVOUS_PORTS = range(20000, 30000)
-
-
-def srun_environment(task: slurm_env.SrunTask, env=os.environ) -> dict:
-    """What horovodrun's Gloo launcher would set for this process, made from what srun set: its
-    rank, local and cross rank, and where the rendezvous is (rank 0's node) and which network
-    interface leads there. No ssh and no launcher process: the tasks srun started are the job."""
-    address = rendezvous_address(task, env)
-    return {
-        "HOROVOD_GLOO_RENDEZVOUS_ADDR": address,
-        "HOROVOD_GLOO_RENDEZVOUS_PORT": str(rendezvous_port(env)),
-        "HOROVOD_CONTROLLER": "gloo",
-        "HOROVOD_CPU_OPERATIONS": "gloo",
-        "HOROVOD_GLOO_IFACE": interface_towards(address),
-        "HOROVOD_HOSTNAME": task.node,
-        "HOROVOD_RANK": str(task.rank),
-        "HOROVOD_SIZE": str(task.size),
-        "HOROVOD_LOCAL_RANK": str(task.local_rank),
-        "HOROVOD_LOCAL_SIZE": str(task.local_size),
-        "HOROVOD_CROSS_RANK": str(task.cross_rank),
-        "HOROVOD_CROSS_SIZE": str(task.cross_size),
-    }
 
 
 def rendezvous_address(task: slurm_env.SrunTask, env=os.environ) -> str:
@@ -96,21 +74,6 @@ def check_own_name_resolves() -> None:
     except OSError:
         raise UsageError(f"this host's name {name!r} does not resolve (Horovod's Gloo looks it up): add it to "
                          f"/etc/hosts or DNS") from None
-
-
-def serve_rendezvous(task: slurm_env.SrunTask, port: int):
-    """Rank 0: Horovod's own rendezvous server (what horovodrun runs), for the step's layout, in a
-    thread of this process; the other tasks retry until it answers."""
-    from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
-    from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
-    try:
-        server = RendezvousHTTPServer(("", port), RendezvousHandler, False)  # Horovod:
-    except OSError as error:
-        raise UsageError(f"cannot serve Horovod's rendezvous on port {port} of {task.node} ({error.strerror}): "
-                         f"set DISTRNN_RENDEZVOUS_PORT to a free port") from None
-    server.init(get_host_assignments(parse_hosts(task.hosts), task.size))  # Horovod:
-    threading.Thread(target=server.serve_forever, name="horovod-rendezvous", daemon=True).start()
-    return server
 
 
 def wait_for_rendezvous(address: str, port: int, timeout: float, rank: int) -> None:

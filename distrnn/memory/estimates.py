@@ -156,7 +156,7 @@ def lm_memory(vocab_size: int, hidden_size: int, num_layers: int, batch_size: in
                               optimizer_slots, precision) for l in range(num_layers)]
     softmax = (h * v + v) * w
     # The logits' softmax, kept for the backward pass, and the gradient built from it: T*B x V each, both
-    # float32 in every precision (distrnn.ops), and in 16 bits the gradient's cast for the matmuls.
+    # float32 in every precision (distrnn.numerics.ops), and in 16 bits the gradient's cast for the matmuls.
     logits = tokens * v * (2 * w + (act if precision != "float32" else 0))
     parts.append(PartMemory("softmax", softmax + compute_copy(softmax, precision), softmax * grads, logits))
     return parts

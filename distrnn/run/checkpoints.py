@@ -7,7 +7,7 @@ what is on disk, and nothing in it lost to a crash, a full disk or a mistake.
         ...
         checkpoints.save(step)                   # SaveFailed, partial files removed, on a full disk
 
-Only the chief process calls these (see distrnn.training.run_job).
+Only the chief process calls these (see distrnn.run.start.run_job).
 """
 import errno
 import fcntl
@@ -20,9 +20,9 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from distrnn import faults
 from distrnn.errors import SaveFailed, UsageError
-from distrnn.files import LOCK, replacing, write_json, write_text
+from distrnn.run import faults
+from distrnn.run.files import LOCK, replacing, write_json, write_text
 
 STATE_FILE = "checkpoint"  # tf.train.CheckpointManager's name for it
 _CHECKPOINT_FILE = re.compile(r"ckpt-(\d+)(?:\.index|\.data-\d+-of-\d+|_temp.*)$")

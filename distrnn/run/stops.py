@@ -9,10 +9,11 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from distrnn import checkpoints, memory
-from distrnn.checkpoints import Checkpoints
 from distrnn.errors import Diverged, Interrupted, OutOfMemory, Signalled
-from distrnn.outputs import log, say
+from distrnn.memory import monitor
+from distrnn.run import checkpoints
+from distrnn.run.checkpoints import Checkpoints
+from distrnn.run.outputs import log, say
 
 
 class Watch:
@@ -31,7 +32,7 @@ class Watch:
     def __init__(self, world, options):  # a distrnn.options.JobOptions
         self.world = world
         self.signals = StopSignal()
-        self.monitor = memory.MemoryMonitor(options.mem_warn, options.mem_stop, options.mem_interval,
+        self.monitor = monitor.MemoryMonitor(options.mem_warn, options.mem_stop, options.mem_interval,
                                             owned_gpus=world.owned_gpus)
 
     def __enter__(self) -> "Watch":
@@ -65,7 +66,7 @@ class Watch:
         where = f"checkpoint saved in {checkpoints.directory}"
         if code == OutOfMemory.exit_code:
             reason = out_of_memory or f"memory ran short ({self.monitor.stop_reason or 'on another rank'})"
-            self.say(f"stopped: {reason}; {where}. {memory.ADVICE} Then continue with --resume --save_path {save_path}")
+            self.say(f"stopped: {reason}; {where}. {monitor.ADVICE} Then continue with --resume --save_path {save_path}")
         elif self.world.is_chief:
             log(f"stopped by signal: {where}; continue with --resume --save_path {save_path}")
 

@@ -9,7 +9,7 @@ cell is first called; distrnn creates them inside the block). Gradients are
 built colocated with their forward ops, so the backward pass runs where the
 forward did.
 
-Strategies (the bytes each part needs come from distrnn.estimates):
+Strategies (the bytes each part needs come from distrnn.memory.estimates):
   round_robin  layer i on device i mod N; the embedding with the first layer,
                the softmax with the last (the classic multi-GPU LSTM layout)
   balanced     the parts, in order, cut into N contiguous groups so that the
@@ -119,11 +119,11 @@ def make_plan(num_layers: int, devices: Sequence[str], strategy: str = "round_ro
 
 def job_plan(num_layers: int, devices: Sequence[str], strategy: str, costs: Callable[[], Sequence[float]]) -> Plan:
     """make_plan over the devices a job was given; given none, one device of TensorFlow's choice. Refused
-    (memory.check_host_fits) before anything is allocated where the host cannot hold what the plan puts on it."""
-    from distrnn import memory
+    (monitor.check_host_fits) before anything is allocated where the host cannot hold what the plan puts on it."""
+    from distrnn.memory import monitor
     estimate = tuple(costs())
     plan = make_plan(num_layers, devices, strategy, estimate) if devices else single_device(num_layers)
-    memory.check_host_fits(plan, estimate)
+    monitor.check_host_fits(plan, estimate)
     return plan
 
 

@@ -1,18 +1,21 @@
 """How a training job starts (run_job: the World, devices, save path and its lock, each rank's batch,
 same-run checks, then the job and the loop). The options every job shares are distrnn.options; the
-loop is distrnn.loop; the save path distrnn.checkpoints; stops distrnn.stops; what a run shows
-distrnn.outputs.
+loop is distrnn.run.loop; the save path distrnn.run.checkpoints; stops distrnn.run.stops; what a run shows
+distrnn.run.outputs.
 """
 import os
 import time
 
 import tensorflow as tf
 
-from distrnn import checkpoints, cpu, distributed, faults, files, local_devices, loop, memory
+from distrnn import cpu, parallel
 from distrnn.errors import OutOfMemory
-from distrnn.outputs import log
+from distrnn.memory import monitor
 from distrnn.options import JobOptions
-from distrnn.stops import SignalsInterrupt
+from distrnn.parallel import local_devices
+from distrnn.run import checkpoints, faults, files, loop
+from distrnn.run.outputs import log
+from distrnn.run.stops import SignalsInterrupt
 
 
 def default_save_path(job: str, config_name: str) -> str:
@@ -20,7 +23,7 @@ def default_save_path(job: str, config_name: str) -> str:
 
 
 def run_job(job: str, config, options: JobOptions, job_cls, world=None) -> dict:
-    """What starts every job: joins the World (distributed.init), sets up the devices asked for (before
+    """What starts every job: joins the World (parallel.init), sets up the devices asked for (before
     anything runs on TensorFlow's devices, which a collective does), agrees on the save path (a default
     has the start time in it: every rank takes rank 0's), gives each rank its share of
     --global_batch_size, checks that every rank runs the same config and options, takes the save path's
@@ -31,31 +34,31 @@ def run_job(job: str, config, options: JobOptions, job_cls, world=None) -> dict:
     own handling (start-up, evaluation) into Interrupted."""
     options.validate()  # a library caller's options may have changed since they were made
     reference_batch = config.batch_size
-    world = world or distributed.init(options.gpus_per_rank)
+    world = world or parallel.init(options.gpus_per_rank)
     if world.is_chief:
         log(f"machine: {cpu.describe_machine()}")
     devices = local_devices.job_devices(options.devices, options.num_gpus, options.virtual_devices,
                                         options.gpus_per_rank)
     save_path = world.broadcast_object(options.save_path or default_save_path(job, options.config_name))
     locks = []
-    with distributed.stop_if_a_rank_is_lost(
+    with parallel.stop_if_a_rank_is_lost(
             world, f"the checkpoints in {save_path} are intact: start the whole job again with --resume"), \
             SignalsInterrupt(save_path):
         try:
-            config = distributed.per_rank_config(config, options.global_batch_size, world)
+            config = parallel.per_rank_config(config, options.global_batch_size, world)
             config.validate()
-            distributed.check_same_run(world, config, options)
-            distributed.on_chief(world, lambda: files.check_save_path(save_path))
+            parallel.check_same_run(world, config, options)
+            parallel.on_chief(world, lambda: files.check_save_path(save_path))
             # Before the lock: a refused flag leaves the save path as it was, its lock file included.
-            distributed.on_chief(world, lambda: files.check_output(options.metrics_json, "--metrics_json",
-                                                                   own_run=save_path))
-            distributed.on_chief(world, lambda: locks.append(checkpoints.SavePathLock(save_path)))
+            parallel.on_chief(world, lambda: files.check_output(options.metrics_json, "--metrics_json",
+                                                                own_run=save_path))
+            parallel.on_chief(world, lambda: locks.append(checkpoints.SavePathLock(save_path)))
             faults.point("start")
             started = time.time()
             job = job_cls(config, options, world, devices, reference_batch)
             return loop.train(job, world, options, save_path, started)
         except tf.errors.ResourceExhaustedError as error:  # a training step's own is handled in the loop
-            raise OutOfMemory(f"ran out of memory outside a training step ({memory.oom_reason(error)}): where the "
+            raise OutOfMemory(f"ran out of memory outside a training step ({monitor.oom_reason(error)}): where the "
                               "model's weights do not fit, lower --hidden_size or --num_layers, or spread the layers "
                               "over more devices (--num_gpus N); python -m distrnn.devices --plan estimates what "
                               "each device needs") from None

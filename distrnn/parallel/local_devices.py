@@ -1,9 +1,50 @@
-"""The devices of this process as a job's flags name them: --devices, --num_gpus, --virtual_devices
-(the CPU split into logical devices, so placement runs on a machine without GPUs), checked against
-those TensorFlow has, in canonical names."""
+"""The devices of this process: the GPUs a rank owns and is pinned to, the host's cores it shares, and
+the devices a job's flags name (--devices, --num_gpus, --virtual_devices: the CPU split into logical
+devices, so placement runs on a machine without GPUs), checked against those TensorFlow has, in
+canonical names."""
+import os
 from typing import List, Optional
 
+from distrnn.config import env_number
 from distrnn.errors import UsageError
+
+
+def rank_gpus(local_rank: int, local_size: int, num_gpus: int, per_rank: int = 0) -> list:
+    """Indices of the node's GPUs that a rank owns. per_rank 0: one, by local rank (ranks
+    share GPUs round-robin when they outnumber them); per_rank K: rank r owns GPUs
+    r*K ... r*K+K-1, across which it places its model (model parallel inside the rank)."""
+    if per_rank == 0:
+        return [local_rank % num_gpus] if num_gpus else []
+    if num_gpus == 0:
+        raise UsageError(f"--gpus_per_rank {per_rank}: this machine has no GPU; on CPUs, --virtual_devices N "
+                         f"gives each rank N logical devices instead")
+    if local_size * per_rank > num_gpus:
+        raise UsageError(f"--gpus_per_rank {per_rank} with {local_size} rank(s) on this node needs "
+                         f"{local_size * per_rank} GPUs, but it has {num_gpus}; lower --gpus_per_rank or start at "
+                         f"most {num_gpus // per_rank} rank(s) per node")
+    return list(range(local_rank * per_rank, (local_rank + 1) * per_rank))
+
+
+def pin_gpus(world) -> None:
+    """Makes this process see only the GPUs its World owns (as /gpu:0, /gpu:1, ...), with memory growth
+    on. Must run before TensorFlow starts its devices."""
+    import tensorflow as tf
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
+    owned = world.owned_gpus(len(gpus))  # raises when --gpus_per_rank asks for GPUs that are not there
+    if gpus and owned is not None:
+        tf.config.set_visible_devices([gpus[i] for i in owned], "GPU")
+
+
+def share_cores(local_size: int, by_srun: bool) -> None:
+    """N processes on one host share its cores instead of each starting a pool as large as the host;
+    an srun task has the cores Slurm gave it (--cpus-per-task)."""
+    import tensorflow as tf
+    threads = env_number(os.environ, "SLURM_CPUS_PER_TASK", 0, minimum=0) if by_srun else 0
+    threads = threads or max(1, (os.cpu_count() or 1) // local_size)
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
 
 
 def setup_virtual_devices(n: int) -> None:
@@ -65,7 +106,7 @@ def resolve_devices(devices: Optional[str] = None, num_gpus: int = 0, virtual_de
 
 def job_devices(devices: Optional[str], num_gpus: int, virtual_devices: int, gpus_per_rank: int) -> List[str]:
     """resolve_devices for a job's flags: with --gpus_per_rank K and no other device flag, the
-    layers go across the rank's K GPUs (which distributed.init made /gpu:0 ... /gpu:K-1)."""
+    layers go across the rank's K GPUs (which parallel.init made /gpu:0 ... /gpu:K-1)."""
     if not (num_gpus or devices or virtual_devices):
         num_gpus = gpus_per_rank
     return resolve_devices(devices, num_gpus, virtual_devices)

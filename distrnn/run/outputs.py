@@ -7,7 +7,8 @@ from typing import Dict, List, Optional
 
 import tensorflow as tf
 
-from distrnn import compat, files
+from distrnn import compat
+from distrnn.run import files
 
 
 def log(message: str) -> None:

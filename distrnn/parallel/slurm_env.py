@@ -9,7 +9,7 @@ SLURM_PROCID, local rank from SLURM_LOCALID, and the cross rank (this task's
 index among the tasks with the same local rank on other nodes).
 
 Pure functions over an environment mapping: nothing here imports Horovod or
-TensorFlow (distrnn.distributed joins the step).
+TensorFlow (distrnn.parallel joins the step).
 """
 import dataclasses
 import os

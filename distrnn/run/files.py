@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 from distrnn.errors import SaveFailed, UsageError
 
 LOCK = ".lock"
-# What a training run writes in its save path (distrnn.checkpoints, distrnn.outputs, the jobs' plots):
+# What a training run writes in its save path (distrnn.run.checkpoints, distrnn.run.outputs, the jobs' plots):
 # no other command, and no other output of the run itself, may write these.
 RUN_FILES = (LOCK, "config.json", "vocab.txt", "checkpoints", "best", "tensorboard",
              "perplexity.png", "accuracy.png", "confusion_matrix.png", "misclassified.png")

@@ -16,8 +16,8 @@ from typing import Callable, Dict, List, Optional
 
 import psutil
 
-from distrnn import nvml as nvml_reader
-from distrnn.nvml import MIB
+from distrnn.memory import nvml as nvml_reader
+from distrnn.memory.nvml import MIB
 
 
 

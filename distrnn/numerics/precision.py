@@ -3,7 +3,7 @@
 The variables stay float32 (so do the optimizer's slots, and so checkpoints are the same in every
 precision); a model casts what it reads of them to the compute dtype once a step, and the gradient
 of that cast brings every gradient back to float32 before it reaches the optimizer. What sums over
-many terms stays float32: the softmax's normaliser and the loss (distrnn.ops), the gradient norm
+many terms stays float32: the softmax's normaliser and the loss (distrnn.numerics.ops), the gradient norm
 used for clipping, the weight gradients that a memory mode sums over segments.
 
 float16 has 5 exponent bits: gradients below 6e-8 become 0. LossScale multiplies the loss by a
@@ -74,7 +74,7 @@ class LossScale(tf.Module):
 
     def gradients(self, tape, loss, variables, average=None):
         """The gradients of `loss`, averaged over ranks by `average` (a function of the list, as
-        distributed.World.average_gradients) when given, unscaled, and whether they are all finite
+        parallel.World.average_gradients) when given, unscaled, and whether they are all finite
         (always true without loss scaling: a float32 or bfloat16 step is never skipped)."""
         with tape:  # the scaling is part of what the tape differentiates
             target = self.scaled(loss)
