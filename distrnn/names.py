@@ -1,6 +1,6 @@
 """The names distrnn's parts choose among, defined once, in a module that imports nothing (the cells'
-capabilities included): the command line offers them before TensorFlow loads, and the parts that implement them are built from
-(or checked against) them at import.
+capabilities included): the command line offers them before TensorFlow loads, and the parts that
+implement them are built from (or checked against) them at import.
 """
 
 import dataclasses

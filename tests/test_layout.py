@@ -141,3 +141,10 @@ def test_the_cell_table_is_the_only_place_cells_are_compared():
     for module, (_, text) in sources().items():
         if module != "distrnn.names":
             assert not compared.search(text), f"{module}: {compared.search(text).group(0)}"
+
+
+def test_the_loop_asks_the_trainer_not_its_fields():
+    """The loop talks to run.trainer.Trainer's methods (set the learning rate, the weights' norm, the checkpoint's
+    parts), never to a job's model or optimizer, so a job may hold them as it likes."""
+    _, text = sources()["distrnn.run.loop"]
+    assert not re.search(r"trainer\.(model|optimizer)\b", text)

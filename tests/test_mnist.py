@@ -15,9 +15,10 @@ from distrnn.errors import UsageError
 from distrnn.mnist import idx
 from distrnn.mnist.configs import PRESETS
 from distrnn.mnist.train import RunOptions, train_and_evaluate
-from distrnn.mnist.trainer import Pixels, Trainer, epoch_order, evaluate, unrolling_for
+from distrnn.mnist.trainer import Pixels, Trainer, epoch_order, evaluate
 from distrnn.parallel import OneProcess
 from distrnn.parallel.placement import make_plan
+from distrnn.rnn import Unrolling
 
 SMALL = {"hidden_size": "16", "batch_size": "20", "validation_size": "100", "learning_rate": "0.01"}
 
@@ -172,7 +173,7 @@ def test_layers_on_three_devices_compute_what_one_device_does(schedule):
     images = np.random.default_rng(1).random((4, 12, 10), dtype=np.float32)
     one = Trainer(cfg, (12, 10), seed=2)
     devices = [f"/device:CPU:{i}" for i in range(3)]
-    three = Trainer(cfg, (12, 10), seed=2, unrolling=unrolling_for(cfg, (12, 10), schedule=schedule),
+    three = Trainer(cfg, (12, 10), seed=2, unrolling=Unrolling.for_config(cfg, 12, placement=schedule),
                     plan=make_plan(3, devices))
     assert [c.kernel.device.split("/")[-1] for c in three.model.cells] == ["device:CPU:0", "device:CPU:1",
                                                                             "device:CPU:2"]

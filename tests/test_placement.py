@@ -11,7 +11,8 @@ from distrnn.config import override
 from distrnn.errors import UsageError
 from distrnn.parallel import local_devices, placement
 from distrnn.ptb.configs import PRESETS
-from distrnn.ptb.trainer import Trainer, unrolling_for
+from distrnn.ptb.trainer import Trainer
+from distrnn.rnn import Unrolling
 from distrnn.rnn.lstm_sequence import KEEP, Layer, Memory, lstm_stack
 
 CPU = [f"/device:CPU:{i}" for i in range(4)]
@@ -74,7 +75,7 @@ def all_ops(graph):
 def test_variables_and_ops_land_where_the_plan_says(rnn_mode, schedule):
     config = small_config(rnn_mode=rnn_mode, keep_prob="0.5")
     plan = placement.make_plan(3, CPU[1:4])  # layers on CPU:1, 2, 3; embedding with the first, softmax the last
-    trainer = Trainer(config, vocab_size=20, seed=0, unrolling=unrolling_for(config, schedule=schedule), plan=plan)
+    trainer = Trainer(config, vocab_size=20, seed=0, unrolling=Unrolling.for_config(config, config.num_steps, placement=schedule), plan=plan)
     model = trainer.model
     assert model.embedding.device.endswith(CPU[1]) and model.softmax_w.device.endswith(CPU[3])
     for cell, device in zip(model.cells, plan.layers):
@@ -118,7 +119,7 @@ def test_pipeline_equals_sequential(rnn_mode, cell):
     y = rng.integers(0, 20, (3, 5)).astype(np.int32)
     results = {}
     for schedule in ("sequential", "pipeline"):
-        trainer = Trainer(config, vocab_size=20, seed=4, unrolling=unrolling_for(config, schedule=schedule),
+        trainer = Trainer(config, vocab_size=20, seed=4, unrolling=Unrolling.for_config(config, config.num_steps, placement=schedule),
                           plan=plan)  # same weights, same masks
         results[schedule] = [t.numpy() for t in tf.function(lambda a, b: grads_of(trainer, a, b))(x, y)]
     for a, b in zip(results["sequential"], results["pipeline"]):

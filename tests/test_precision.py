@@ -12,12 +12,11 @@ from distrnn import cpu
 from distrnn.config import override
 from distrnn.mnist.configs import PRESETS as MNIST_PRESETS
 from distrnn.mnist.trainer import Trainer as MNISTTrainer
-from distrnn.mnist.trainer import unrolling_for as mnist_unrolling_for
 from distrnn.numerics.precision import LossScale
 from distrnn.ptb.configs import PRESETS
 from distrnn.ptb.train import RunOptions, train_and_evaluate
-from distrnn.ptb.trainer import Trainer, make_model_plan, unrolling_for
-from distrnn.rnn import Memory
+from distrnn.ptb.trainer import Trainer, make_model_plan
+from distrnn.rnn import Memory, Unrolling
 
 SMALL = {"hidden_size": "16", "num_steps": "6", "batch_size": "4", "num_layers": "2", "max_grad_norm": "5"}
 VOCAB = 40
@@ -48,8 +47,8 @@ def ptb_trainer(overrides, memory, precision):
     pipelined = overrides.pop(PIPELINE, False)
     config = override(PRESETS.get("test"), dict(SMALL, **overrides))
     plan = make_model_plan(config, VOCAB, ["/device:CPU:0", "/device:CPU:1"], "round_robin") if pipelined else None
-    unrolling = unrolling_for(config, schedule=PIPELINE if pipelined else "sequential", keeps=memory,
-                              precision=precision)
+    unrolling = Unrolling.for_config(config, config.num_steps, placement=PIPELINE if pipelined else "sequential",
+                                     memory=memory, precision=precision)
     return Trainer(config, VOCAB, seed=3, unrolling=unrolling, plan=plan)
 
 
@@ -191,7 +190,7 @@ def test_running_a_step_again_ends_where_halving_cannot_help():
 
 def test_mnist_skips_an_overflowed_step_without_moving_adam():
     config = override(MNIST_PRESETS.get("test"), {"hidden_size": "8"})
-    trainer = MNISTTrainer(config, (6, 5), seed=1, unrolling=mnist_unrolling_for(config, (6, 5), precision="float16"))
+    trainer = MNISTTrainer(config, (6, 5), seed=1, unrolling=Unrolling.for_config(config, 6, precision="float16"))
     images = np.random.default_rng(0).normal(size=(8, 6, 5)).astype(np.float32)
     labels = np.arange(8, dtype=np.int32) % 10
     trainer.loss_scale.scale.assign(2.0 ** 40)

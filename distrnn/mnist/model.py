@@ -15,9 +15,9 @@ import tensorflow as tf
 from distrnn.memory.estimates import WEIGHT_BYTES, Memory, PartMemory, compute_copy, recurrent_layer
 from distrnn.mnist.idx import NUM_CLASSES
 from distrnn.names import PRECISION_BYTES
+from distrnn.names import CELL_KINDS
 from distrnn.numerics.ops import matmul
 from distrnn.parallel.placement import on_device, single_device
-from distrnn.names import CELL_KINDS
 from distrnn.rnn import Unrolling
 from distrnn.rnn.cells import make_cell
 from distrnn.rnn.stack import run_stack

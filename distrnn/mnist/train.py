@@ -8,7 +8,8 @@ batches are drawn: distrnn.mnist.trainer.Splits.
 from distrnn import parallel
 from distrnn.mnist import idx, plots
 from distrnn.mnist.configs import RunOptions
-from distrnn.mnist.trainer import Splits, Trainer, epoch_order, evaluate, layer_devices, make_model_plan, unrolling_for
+from distrnn.mnist.trainer import Splits, Trainer, epoch_order, evaluate, make_model_plan
+from distrnn.parallel import local_devices
 from distrnn.run import loop, start
 
 # Fields that fix variable shapes or the meaning of a saved position (with the global batch and the
@@ -39,13 +40,14 @@ class MNISTJob(loop.Job):
         self.units_per_step = self.global_batch
         self.batch_text = f"batch_size {B}{self.on_ranks}"
         self.steps_per_epoch = splits.steps_per_epoch(self.global_batch, self.batch_text)
-        self.devices, spread_note = layer_devices(config, devices)
+        spread_note = None
+        if config.spread_layers:
+            self.devices, spread_note = local_devices.spread_layers(devices, config.num_layers)
         self.notes = [spread_note] if spread_note else []
         self.plan = make_model_plan(config, image_shape, B, self.devices, options.strategy, options.compute_precision,
                                     options.memory)
-        unrolling = unrolling_for(config, image_shape, self.on_gpu, options.placement,
-                                  options.memory, options.compute_precision)
-        self.trainer = Trainer(config, image_shape, options.seed, unrolling, self.plan, world, options.fp16_allreduce)
+        self.trainer = Trainer(config, image_shape, options.seed, self.unrolling(image_shape[0]), self.plan, world,
+                               options.fp16_allreduce)
         self.saved_extra = {"global_batch_size": self.global_batch, "image_shape": list(image_shape)}
         self.max_epochs = options.max_epochs or config.num_epochs
         self.curve = loop.Curve("accuracy", f"{splits.title} {options.config_name}", log_scale=False)

@@ -1,7 +1,6 @@
 """The row-by-row classifier as it trains: its Trainer (model, Adam, the position a checkpoint holds),
 the step, standardised pixels, the epoch order, the validation split, exact evaluation and placement."""
 import dataclasses
-import json
 from typing import Optional
 
 import numpy as np
@@ -12,9 +11,9 @@ from distrnn.errors import UsageError
 from distrnn.mnist import idx
 from distrnn.mnist.model import RowClassifier, part_memory
 from distrnn.numerics.adam import Adam
-from distrnn.numerics.precision import LossScale
-from distrnn.parallel import local_devices, placement
+from distrnn.parallel import placement
 from distrnn.rnn import KEEP, Memory, Unrolling
+from distrnn.run import trainer as base
 
 
 EVAL_BATCH = 1000      # images an evaluation step
@@ -24,14 +23,10 @@ MISCLASSIFIED_SHOWN = 24
 
 
 @dataclasses.dataclass
-class Position:
-    """Where a run stands; saved with every checkpoint so --resume continues exactly."""
-    epoch: int = 0             # 0-based epoch in progress
-    step_in_epoch: int = 0     # next batch of that epoch
-    global_step: int = 0       # training steps done in all
+class Position(base.Position):
+    """Where an MNIST run stands (step_in_epoch: the next batch); history: losses and accuracies."""
     epoch_loss: float = 0.0    # sum of the steps' mean losses this epoch
     epoch_accuracy: float = 0.0  # sum of the steps' accuracies this epoch
-    history: list = dataclasses.field(default_factory=list)  # per finished epoch: losses and accuracies
 
     @property
     def train_loss(self) -> Optional[float]:
@@ -42,47 +37,23 @@ class Position:
         return self.epoch_accuracy / self.step_in_epoch if self.step_in_epoch else None
 
 
-class Trainer(tf.Module):
-    """The model, its optimizer and the run's position: everything a checkpoint holds."""
+class Trainer(base.Trainer):
+    """The model, Adam and the run's position: everything a checkpoint holds."""
+
+    position_cls = Position
 
     def __init__(self, config, image_shape, seed: int, unrolling: Unrolling = None, plan=None, world=None,
                  fp16_allreduce: bool = False):
-        super().__init__(name="trainer")
-        self.world, self.fp16_allreduce = world or parallel.OneProcess(), fp16_allreduce
-        self.model = RowClassifier(config, image_shape, unrolling or unrolling_for(config, image_shape), seed=seed,
-                                   plan=plan)
-        self.optimizer = Adam(config.learning_rate)
-        self.optimizer.build(self.model.trainable_variables)  # the moments exist before a restore fills them
-        self.loss_scale = LossScale.for_precision(self.model.unrolling.precision)
-        self._position = tf.Variable(json.dumps(dataclasses.asdict(Position())), dtype=tf.string, trainable=False)
+        model = RowClassifier(config, image_shape, unrolling or Unrolling.for_config(config, image_shape[0]), seed=seed,
+                              plan=plan)
+        optimizer = Adam(config.learning_rate)
+        optimizer.build(model.trainable_variables)  # the moments exist before a restore fills them
+        super().__init__(model, optimizer, world or parallel.OneProcess())
+        self.fp16_allreduce = fp16_allreduce
         images = tf.TensorSpec([None, *image_shape], tf.float32)
         labels = tf.TensorSpec([None], tf.int32)
         self.train_step = tf.function(self._train_step, input_signature=[images, labels])
         self.eval_step = tf.function(self._eval_step, input_signature=[images, labels])
-
-    @property
-    def unrolling(self) -> Unrolling:
-        return self.model.unrolling
-
-    def checkpoint_parts(self) -> dict:
-        """What a checkpoint holds, by name (distrnn.run.checkpoints.Checkpoints)."""
-        return {"model": self.model, "optimizer": self.optimizer, "position": self._position,
-                LossScale.PART: self.loss_scale}
-
-    def record(self, position: Position) -> None:
-        self._position.assign(json.dumps(dataclasses.asdict(position)))
-
-    def position(self) -> Position:
-        return Position(**json.loads(self._position.numpy().decode()))
-
-    def share_from_chief(self) -> None:
-        """After rank 0 restored (or initialised) the run: every rank takes its weights, Adam's
-        moments and step count, and the position."""
-        if self.world.size == 1:
-            return
-        self.world.broadcast_variables(list(self.model.variables) + list(self.optimizer.variables) +
-                                       list(self.loss_scale.variables))
-        self._position.assign(self.world.broadcast_object(self._position.numpy()))
 
     def _train_step(self, images, labels):
         """One Adam step on this rank's images (B, R, C); returns the global batch's mean loss and accuracy,
@@ -239,28 +210,6 @@ class Splits:
                 "images": {"train": len(self.train.labels), "valid": len(self.valid.labels),
                            "test": len(data.test.labels)},
                 "pixels": dataclasses.asdict(self.pixels)}
-
-
-def unrolling_for(config, image_shape, on_gpu: bool = False, schedule: str = "sequential",
-                  keeps: Memory = KEEP, precision: str = "float32") -> Unrolling:
-    """How the classifier's stack runs (one image row a time step) on a GPU or not."""
-    try:
-        return Unrolling.resolve(config.cell, config.use_peepholes, config.rnn_mode, on_gpu, image_shape[0],
-                                 schedule, keeps, precision)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-
-
-def layer_devices(config, devices):
-    """The devices the layers go on, and a line saying why when the preset asked to spread them."""
-    if devices or not config.spread_layers or config.num_layers < 2:
-        return devices, None
-    gpus = [local_devices.canonical(d.name) for d in tf.config.list_logical_devices("GPU")]
-    if len(gpus) > 1:
-        used = min(len(gpus), config.num_layers)
-        return gpus[:config.num_layers], f"spread_layers: the layers spread over {used} GPUs, one layer per GPU"
-    return devices, ("spread_layers: this process has fewer than 2 GPUs, so every layer is on one device; --num_gpus "
-                     "N, --devices or --virtual_devices N place the layers on N devices")
 
 
 def make_model_plan(config, image_shape, batch_size: int, devices, strategy: str, precision: str = "float32",

@@ -10,8 +10,8 @@
 - placement: a model's parts mapped to a process's devices (model parallelism).
 """
 from distrnn.parallel.batch import lr_factor, per_rank_config
-from distrnn.parallel.join import init
+from distrnn.parallel.join import engine_versions, init
 from distrnn.parallel.world import OneProcess, World, check_same_run, chief_first, on_chief, stop_if_a_rank_is_lost
 
-__all__ = ["World", "OneProcess", "init", "on_chief", "chief_first", "check_same_run", "stop_if_a_rank_is_lost",
-           "per_rank_config", "lr_factor"]
+__all__ = ["World", "OneProcess", "init", "engine_versions", "on_chief", "chief_first", "check_same_run",
+           "stop_if_a_rank_is_lost", "per_rank_config", "lr_factor"]

@@ -78,7 +78,8 @@ class HorovodWorld(World):
 
     def average_gradients(self, grads, sparse_as_dense: bool = False, fp16: bool = False) -> list:
         """Dense gradients in one grouped allreduce, an embedding's IndexedSlices by allgathering its rows
-        (or as a dense tensor with sparse_as_dense), as Horovod's DistributedGradientTape does; fp16: sent as float16 (Horovod's fp16 compression).
+        (or as a dense tensor with sparse_as_dense), as Horovod's DistributedGradientTape does; fp16: sent
+        as float16 (Horovod's fp16 compression).
         Written here rather than through that tape because Horovod leaves IndexedSlices uncompressed
         (horovod/tensorflow/__init__.py, 0.28.1: its allgather branch never calls the compressor), and
         the embedding's rows are most of what the PTB step sends."""

@@ -1,4 +1,4 @@
-"""Joining a job: the one place that picks the engine a process runs."""
+"""Joining a job: the one place that picks the engine a process runs (and knows which engines there are)."""
 from distrnn.parallel import horovod, local_devices
 from distrnn.parallel.world import OneProcess, World
 
@@ -13,3 +13,9 @@ def init(gpus_per_rank: int = 0) -> World:
         if gpus_per_rank:
             local_devices.pin_gpus(world)
     return world
+
+
+def engine_versions() -> dict:
+    """The version of each engine's library as this process can load it (None: it cannot), for a run's
+    metrics."""
+    return {"horovod": horovod.version()}

@@ -119,3 +119,17 @@ def runs_on_gpu(devices: List[str]) -> bool:
     if devices:
         return any("GPU" in device for device in devices)
     return bool(tf.config.list_logical_devices("GPU"))
+
+
+def spread_layers(devices: List[str], num_layers: int):
+    """A preset's spread_layers: with no device flag, the layers go one per GPU over this process's GPUs
+    (when it has two or more). Returns (the layers' devices, a start-up line saying what was done)."""
+    if devices or num_layers < 2:
+        return devices, None
+    import tensorflow as tf
+    gpus = [canonical(d.name) for d in tf.config.list_logical_devices("GPU")]
+    if len(gpus) > 1:
+        used = min(len(gpus), num_layers)
+        return gpus[:num_layers], f"spread_layers: the layers spread over {used} GPUs, one layer per GPU"
+    return devices, ("spread_layers: this process has fewer than 2 GPUs, so every layer is on one device; --num_gpus "
+                     "N, --devices or --virtual_devices N place the layers on N devices")

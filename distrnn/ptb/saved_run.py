@@ -78,7 +78,7 @@ def load(save_path: str, which: str = "last", data_path: Optional[str] = None, n
     config = PTBConfig(**{f.name: settings[f.name] for f in dataclasses.fields(PTBConfig) if f.name in settings})
     config.validate()
     vocab = _vocabulary(save_path, vocab_size, data_path)
-    mode = Unrolling.resolve(config.cell, config.use_peepholes, "auto", local_devices.runs_on_gpu([]), num_steps)
+    mode = Unrolling.for_config(config, num_steps, local_devices.runs_on_gpu([]), mode="auto")
     model = PTBModel(config, vocab_size, mode, seed=0)
     directory = os.path.join(save_path, CHECKPOINTS[which])
     try:

@@ -7,9 +7,8 @@ only parses flags and calls it, and the tests call it the same way.
 from distrnn import parallel
 from distrnn.ptb import reader
 from distrnn.ptb.configs import RunOptions
+from distrnn.ptb.trainer import LeanerOnOOM, Trainer, evaluate, learning_rate, make_model_plan, perplexity
 from distrnn.run import loop, start
-from distrnn.ptb.trainer import (LeanerOnOOM, Trainer, evaluate, learning_rate, make_model_plan, perplexity,
-                                 unrolling_for)
 
 # Fields that fix variable shapes or the meaning of a saved data position: a
 # checkpoint cannot be resumed under different values.
@@ -41,9 +40,8 @@ class PTBJob(loop.Job):
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.plan = make_model_plan(config, data.vocab_size, devices, options.strategy, options.compute_precision,
                                     options.memory)
-        self.trainer = Trainer(config, data.vocab_size, options.seed, unrolling_for(
-            config, self.on_gpu, options.placement, options.memory, options.compute_precision), self.plan, world,
-            options.sparse_as_dense, options.fp16_allreduce)
+        self.trainer = Trainer(config, data.vocab_size, options.seed, self.unrolling(config.num_steps), self.plan,
+                               world, options.sparse_as_dense, options.fp16_allreduce)
         self.step = LeanerOnOOM(self.trainer, self.on_gpu, world, retry=options.on_oom == "retry")
         self.memory_note = ", leaner on running out of memory (--on_oom retry)" * self.step.retry
         self.saved_extra = {"vocab_size": data.vocab_size, "global_batch_size": self.global_batch}
@@ -80,7 +78,8 @@ class PTBJob(loop.Job):
                 f"({c.init_scale:g})")
 
     def record(self, pos, end_of_epoch: bool) -> None:
-        self.trainer.record(pos, self.trainer.model.zero_state(self.config.batch_size) if end_of_epoch else self.state)
+        self.trainer.record(pos)
+        self.trainer.record_state(self.trainer.model.zero_state(self.config.batch_size) if end_of_epoch else self.state)
 
     def validate(self, pos, lr: float):
         valid_ppl = evaluate(self.trainer, self.batches.valid, self.world)

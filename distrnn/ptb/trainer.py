@@ -1,7 +1,6 @@
 """The PTB model as it trains: its Trainer (model, optimizer, the position a checkpoint holds), the
 step, exact evaluation, the learning-rate schedule and the placement plan."""
 import dataclasses
-import json
 import math
 from typing import Optional
 
@@ -10,14 +9,14 @@ import tensorflow as tf
 from distrnn import parallel
 from distrnn.errors import OutOfMemory, UsageError
 from distrnn.memory import estimates, monitor
+from distrnn.names import CELL_KINDS
 from distrnn.numerics import sgd
-from distrnn.numerics.precision import LossScale
 from distrnn.parallel import placement
 from distrnn.ptb import reader
 from distrnn.ptb.model import PTBModel
-from distrnn.names import CELL_KINDS
 from distrnn.rnn import KEEP, Memory, Unrolling
 from distrnn.run import outputs
+from distrnn.run import trainer as base
 
 
 def sum_duplicate_rows(grad):
@@ -41,14 +40,10 @@ def perplexity(mean_loss: float) -> float:
 
 
 @dataclasses.dataclass
-class Position:
-    """Where a run stands; saved with every checkpoint so --resume continues exactly."""
-    epoch: int = 0            # 0-based epoch in progress
-    step_in_epoch: int = 0    # next training window of that epoch
-    global_step: int = 0      # training steps done in all
+class Position(base.Position):
+    """Where a PTB run stands (step_in_epoch: the next training window); history: perplexities, lr."""
     epoch_cost: float = 0.0   # sum of step losses this epoch (for train perplexity)
     epoch_iters: int = 0      # time steps trained this epoch
-    history: list = dataclasses.field(default_factory=list)  # per finished epoch: perplexities, lr
 
     @property
     def train_perplexity(self) -> Optional[float]:
@@ -57,59 +52,42 @@ class Position:
         return self.history[-1]["train_perplexity"] if self.history else None
 
 
-class Trainer(tf.Module):
-    """The model, its optimizer and everything a checkpoint must hold to resume exactly."""
+class Trainer(base.Trainer):
+    """The model, SGD and everything a checkpoint must hold to resume exactly, the carried LSTM state
+    included."""
+
+    position_cls = Position
 
     def __init__(self, config, vocab_size: int, seed: int, unrolling: Unrolling = None, plan=None, world=None,
                  sparse_as_dense: bool = False, fp16_allreduce: bool = False):
-        super().__init__(name="trainer")
+        world = world or parallel.OneProcess()
+        unrolling = unrolling or Unrolling.for_config(config, config.num_steps)
+        super().__init__(PTBModel(config, vocab_size, unrolling, seed=seed, plan=plan), sgd.SGD(config.learning_rate),
+                         world)
         self.config = config
-        self.world = world or parallel.OneProcess()
         self.sparse_as_dense, self.fp16_allreduce = sparse_as_dense, fp16_allreduce
-        self.model = PTBModel(config, vocab_size, unrolling or unrolling_for(config), seed=seed, plan=plan)
         self.train_step = tf.function(self._train_step)
-        self.optimizer = sgd.SGD(config.learning_rate)
-        self.loss_scale = LossScale.for_precision(self.model.unrolling.precision)
-        # The Position as JSON, and the carried LSTM state of the whole global batch (every
-        # rank's rows): resuming mid-epoch continues from the state the last window left.
-        self._position = tf.Variable(json.dumps(dataclasses.asdict(Position())), dtype=tf.string, trainable=False)
-        # float32 in every precision, so that a checkpoint resumes in any.
+        # The carried LSTM state of the whole global batch (every rank's rows): resuming mid-epoch continues
+        # from the state the last window left. float32 in every precision, so that a checkpoint resumes in any.
         self._carried = [tf.Variable(tf.cast(t, tf.float32), trainable=False)
-                         for t in tf.nest.flatten(self.model.zero_state(config.batch_size * self.world.size))]
+                         for t in tf.nest.flatten(self.model.zero_state(config.batch_size * world.size))]
 
-    def checkpoint_parts(self) -> dict:
-        """What a checkpoint holds, by name (distrnn.run.checkpoints.Checkpoints)."""
-        return {"model": self.model, "optimizer": self.optimizer, "position": self._position,
-                "carried_state": self._carried, LossScale.PART: self.loss_scale}
+    def own_parts(self) -> dict:
+        return {"carried_state": self._carried}
 
-    def record(self, position: Position, state) -> None:
-        """Copies the run's position and carried state into the checkpointed variables.
-        A collective: every rank calls it (each contributes its rows of the state)."""
-        self._position.assign(json.dumps(dataclasses.asdict(position)))
+    def shared_variables(self) -> list:
+        return [self.model.dropout_rng.state] + self._carried
+
+    def record_state(self, state) -> None:
+        """Copies the carried state into the checkpointed variables. A collective: every rank calls it (each
+        contributes its rows of the state)."""
         for variable, value in zip(self._carried, tf.nest.flatten(state)):  # float32 in every precision
             variable.assign(self.world.allgather(tf.cast(value, tf.float32)))
-
-    def position(self) -> Position:
-        return Position(**json.loads(self._position.numpy().decode()))
 
     def carried_state(self):
         """This rank's rows of the LSTM state saved with the run, structured as the model's state."""
         return tf.nest.pack_sequence_as(self.model.zero_state(1), [
             tf.cast(self.world.stripe(v.numpy()), self.model.dtype) for v in self._carried])
-
-    def share_from_chief(self) -> None:
-        """After rank 0 restored (or initialised) the run: every rank takes its weights,
-        optimizer slots, dropout generator, position and carried state."""
-        if self.world.size == 1:
-            return
-        self.world.broadcast_variables(list(self.model.variables) + list(self.optimizer.variables) +
-                                       [self.model.dropout_rng.state] + self._carried +
-                                       list(self.loss_scale.variables))
-        self._position.assign(self.world.broadcast_object(self._position.numpy()))
-
-    @property
-    def unrolling(self) -> Unrolling:
-        return self.model.unrolling
 
     def rewind_point(self):
         """A function that puts the dropout generator back where it stands now, so that a step run again
@@ -151,16 +129,6 @@ class Trainer(tf.Module):
         return tf.reduce_sum(self.model.token_losses(features, y, weights)), state
 
 
-def unrolling_for(config, on_gpu: bool = False, schedule: str = "sequential", keeps: Memory = KEEP,
-                  precision: str = "float32") -> Unrolling:
-    """How the model's stack runs for `config` on a GPU or not (see distrnn.rnn.resolve_mode)."""
-    try:
-        return Unrolling.resolve(config.cell, config.use_peepholes, config.rnn_mode, on_gpu, config.num_steps,
-                                 schedule, keeps, precision)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-
-
 class LeanerOnOOM:
     """trainer.train_step, run again where it fails: a float16 overflow at the halved loss scale
     (distrnn.numerics.precision.LossScale.until_applied), and a step that runs out of memory in the next leaner
@@ -177,10 +145,11 @@ class LeanerOnOOM:
 
     def leaner(self) -> Optional[Unrolling]:
         config, unrolling = self.trainer.config, self.trainer.unrolling
-        keeps = unrolling.memory.leaner(config.num_steps) if self.retry and CELL_KINDS[config.cell].own_backward else None
+        leaner = self.retry and CELL_KINDS[config.cell].own_backward
+        keeps = unrolling.memory.leaner(config.num_steps) if leaner else None
         # A memory mode runs the dynamic loop, whatever rnn_mode asked for.
-        return keeps and Unrolling.resolve(config.cell, config.use_peepholes, "auto", self.on_gpu, config.num_steps,
-                                           unrolling.placement, keeps, unrolling.precision)
+        return keeps and Unrolling.for_config(config, config.num_steps, self.on_gpu, unrolling.placement, keeps,
+                                              unrolling.precision, mode="auto")
 
     def __call__(self, step: int, x, y, state):
         trainer = self.trainer

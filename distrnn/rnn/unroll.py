@@ -21,6 +21,7 @@ import logging
 
 import tensorflow as tf
 
+from distrnn.errors import UsageError
 from distrnn.names import CELL_KINDS, FUSED_MODES, RNN_MODES
 from distrnn.numerics import precision
 from distrnn.rnn import fused
@@ -117,6 +118,17 @@ class Unrolling:
         """resolve_mode's choice, with the schedule, memory mode and precision it was made for."""
         return cls(*resolve_mode(kind, use_peepholes, mode, on_gpu, num_steps, memory, placement, precision),
                    placement, memory, precision)
+
+    @classmethod
+    def for_config(cls, config, num_steps: int, on_gpu: bool = False, placement: str = "sequential",
+                   memory: Memory = KEEP, precision: str = "float32", mode: str = None) -> "Unrolling":
+        """How a job's stack runs: resolve for its config's cell, use_peepholes and rnn_mode (or `mode`), a
+        combination that cannot run refused as bad input (UsageError, one line)."""
+        try:
+            return cls.resolve(config.cell, config.use_peepholes, mode or config.rnn_mode, on_gpu, num_steps,
+                               placement, memory, precision)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
 
 
 def unroll(cell, inputs, state, mode: str = "dynamic", sequence_length=None, memory: Memory = KEEP):

@@ -25,10 +25,12 @@ from distrnn.memory.monitor import ADVICE
 from distrnn.numerics import ops
 from distrnn.numerics.precision import LossScale
 from distrnn.parallel import local_devices
+from distrnn.rnn import Unrolling
 from distrnn.run import faults, outputs, stops
 from distrnn.run.checkpoints import Checkpoints
 from distrnn.run.files import write_json
 from distrnn.run.outputs import log
+from distrnn.run.trainer import Trainer
 
 
 class Curve(NamedTuple):
@@ -52,8 +54,8 @@ class Job:
     global_batch: int
     batch_text: str          # "batch_size 128", for the start-up line
     saved_extra: dict        # what config.json holds besides the config's fields and name
-    trainer: tf.Module       # .model, .unrolling, .optimizer, .loss_scale, .position(), .checkpoint_parts(),
-                             # .share_from_chief()
+    trainer: Trainer         # distrnn.run.trainer: what the loop asks of it (position, checkpoint parts,
+                             # learning rate, weights' norm, loss scale, unrolling, sharing from the chief)
     plan: object             # the placement plan (describe, as_dict)
     best_key: str            # the validation figure that picks the best epoch: "valid_perplexity"
     higher_is_better: bool   # of best_key
@@ -73,6 +75,12 @@ class Job:
         self.global_batch = config.batch_size * world.size
         self.lr_ratio = self.global_batch / reference_batch
         self.on_ranks = f" on each of {world.size} ranks" if world.size > 1 else ""  # for batch_text
+
+    def unrolling(self, num_steps: int) -> Unrolling:
+        """How the job's stack runs over sequences of num_steps, from its config, devices and flags."""
+        options = self.options
+        return Unrolling.for_config(self.config, num_steps, self.on_gpu, options.placement, options.memory,
+                                    options.compute_precision)
 
     @property
     def saved_config(self) -> dict:
@@ -256,7 +264,7 @@ class _Run:
         for i in range(pos.step_in_epoch, job.steps_per_epoch):
             if lr is None or pos.global_step <= options.lr_warmup_steps:
                 lr = job.learning_rate(pos)
-                job.trainer.optimizer.learning_rate.assign(lr)
+                job.trainer.set_learning_rate(lr)
             t0 = time.perf_counter()
             faults.point("step")
             try:
@@ -341,7 +349,7 @@ class _Run:
             # What each rank holds at the end, to see every node took part and the replicas agree.
             "ranks": world.allgather_object(dict(
                 rank=world.rank, host=platform.node(), **rank_figures,
-                weights_norm=float(tf.linalg.global_norm(job.trainer.model.trainable_variables)))),
+                weights_norm=job.trainer.weights_norm())),
             "config_name": options.config_name,
             "rnn_mode": job.trainer.unrolling.mode,
             "precision": job.trainer.unrolling.precision,
@@ -432,4 +440,4 @@ def _step(job: Job, pos, i: int) -> Dict[str, float]:
 
 def versions() -> Dict[str, Optional[str]]:
     """The stack this run ran on; Horovod's version only where it loads."""
-    return dict(compat.stack(), tensorflow=tf.__version__)
+    return dict(compat.stack(), tensorflow=tf.__version__, **parallel.engine_versions())
