@@ -53,7 +53,7 @@ def estimate_mib(metrics, recompute=0):
     from distrnn import names
     from distrnn.memory import estimates
     c = metrics["config"]
-    gates = names.CELL_GATES[c["cell"]]
+    gates = names.CELL_KINDS[c["cell"]].gates
     parts = estimates.lm_memory(metrics["vocab_size"], c["hidden_size"], c["num_layers"], c["batch_size"],
                                 c["num_steps"], gates, c["keep_prob"] < 1.0, recompute)
     return sum(p.total for p in parts) / MIB, sum(p.parameters for p in parts) / MIB
