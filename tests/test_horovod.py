@@ -210,10 +210,11 @@ def test_sigterm_to_horovodrun_checkpoints_and_resumes_exactly(corpus, tmp_path)
     finally:
         if proc.poll() is None:
             proc.kill()
-    # Not the ranks' exit code: horovodrun gives them 5 s after its SIGTERM (Horovod's
-    # GRACEFUL_TERMINATION_TIME_S) and then kills them, so whether it reports their 143 depends on how fast a
-    # loaded machine tears TensorFlow down (docs/horovod.md). test_cli checks the code of a run that stops.
-    assert "stopped by signal: checkpoint saved" in output and proc.returncode != 0, output[-2000:]
+    # Not horovodrun's exit code: it gives the ranks 5 s after its SIGTERM (Horovod's GRACEFUL_TERMINATION_TIME_S),
+    # then stops and kills what is left, so what it reports depends on how fast a loaded machine tears TensorFlow
+    # down (docs/horovod.md; seen in CI: no code at all, and once 0 after the ranks had saved). test_cli and
+    # test_slurm check the code of a run that stops; here, that the save happened and resumes exactly.
+    assert "stopped by signal: checkpoint saved" in output, output[-2000:]
     stopped_at = checkpoint_step(tmp_path / "b")
     assert stopped_at > 0
     end = ["--max_steps", stopped_at + 100]
