@@ -75,13 +75,13 @@ def resolve_mode(kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_st
 def _device_mode(kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_steps: int,
                  precision: str = "float32") -> tuple:
     if mode != "auto":
-        if supported(kind, use_peepholes, mode) and not supported(kind, use_peepholes, mode, precision):
-            raise ValueError(f"rnn_mode {mode} has no {precision} kernel (TensorFlow's {mode} op takes float32 and "
-                             f"float16); use --rnn_mode dynamic (or auto, which picks one that runs) with "
-                             f"--precision {precision}, or --precision float16 with rnn_mode {mode}")
         problem = CELL_KINDS[kind].mode_problem(mode, use_peepholes)
         if problem:
             raise ValueError(problem)
+        if not supported(kind, use_peepholes, mode, precision):
+            raise ValueError(f"rnn_mode {mode} has no {precision} kernel (TensorFlow's {mode} op takes float32 and "
+                             f"float16); use --rnn_mode dynamic (or auto, which picks one that runs) with "
+                             f"--precision {precision}, or --precision float16 with rnn_mode {mode}")
         if mode == "cudnn" and not (on_gpu and fused.built_with_cudnn()):
             # TensorFlow would fail inside the first step, with a traceback about a missing gradient.
             raise ValueError("rnn_mode cudnn needs a GPU with cuDNN and this process has none; use --rnn_mode auto, "
