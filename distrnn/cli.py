@@ -149,22 +149,21 @@ def list_configs(presets, describe: Callable[[str], str]) -> None:
         print(f"{name:9s} {describe(name)}\n          {fields}")
 
 
-def run_training(argv: List[str], build_parser, presets, describe: Callable[[str], str], train_module: str,
-                 options_cls) -> int:
-    """A training entry point: --list_configs, or the flags checked (options_cls, the job's RunOptions, checks
-    them as they mean together), the preset overridden and `train_module`'s train_and_evaluate run; returns
-    the exit code."""
+def train_command(argv: List[str], build_parser, describe: Callable[[str], str], package: str) -> int:
+    """A training entry point: --list_configs, or the flags checked (the job's RunOptions, from
+    `package`.configs, checks them as they mean together), the preset overridden and `package`.job's run
+    called; returns the exit code. TensorFlow is imported only once the flags are known to be good."""
+    import importlib
+    configs = importlib.import_module(f"{package}.configs")
     parser, names = build_parser()
     args = parser.parse_args(argv)
     if args.list_configs:
-        list_configs(presets, describe)
+        list_configs(configs.PRESETS, describe)
         return 0
-    options = job_options(args, options_cls)
-    config = override(presets.get(args.config), config_overrides(args, names))
+    options = job_options(args, configs.RunOptions)
+    config = override(configs.PRESETS.get(args.config), config_overrides(args, names))
     load_tensorflow()
-    import importlib
-    train = importlib.import_module(train_module)  # TensorFlow is imported only once the flags are known to be good
-    return train.train_and_evaluate(config, options)["interrupted"] or 0
+    return importlib.import_module(f"{package}.job").run(config, options)["interrupted"] or 0
 
 
 def load_tensorflow() -> None:

@@ -13,7 +13,8 @@ from distrnn.numerics.ops import softmax_cross_entropy
 from distrnn.parallel import OneProcess
 from distrnn.ptb import reader
 from distrnn.ptb.configs import PRESETS
-from distrnn.ptb.train import RunOptions, train_and_evaluate
+from distrnn.ptb import job as ptb_job
+from distrnn.ptb.configs import RunOptions
 from distrnn.ptb.trainer import Trainer, evaluate
 
 # Enough units for the synthetic corpus to be overfitted within six epochs: the validation perplexity
@@ -28,7 +29,7 @@ def ckpt_numbers(directory):
 
 def test_best_checkpoint_and_early_stopping(corpus, tmp_path):
     config = override(PRESETS.get("test"), OVERFITS)
-    full = train_and_evaluate(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "full")))
+    full = ptb_job.run(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "full")))
     valid = [h["valid_perplexity"] for h in full["history"]]
     best = int(np.argmin(valid))
     assert best < len(valid) - 1, "the corpus no longer overfits: the test needs a best epoch before the last"
@@ -46,19 +47,19 @@ def test_best_checkpoint_and_early_stopping(corpus, tmp_path):
     batches = reader.rank_batches(data, 10, 5, OneProcess(), "batch 10")
     assert evaluate(trainer, batches.test, OneProcess()) == full["best_test_perplexity"]
 
-    early = train_and_evaluate(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "early"),
+    early = ptb_job.run(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "early"),
                                                   early_stopping=1))
     assert early["stopped_early"] is True and early["history"] == full["history"][:best + 2]
     assert (early["best_epoch"], early["best_test_perplexity"]) == (best + 1, full["best_test_perplexity"])
     # Patience is read from the history: resuming a run that stopped early trains nothing more.
-    again = train_and_evaluate(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "early"),
+    again = ptb_job.run(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "early"),
                                                   early_stopping=1, resume=True))
     assert again["steps"] == early["steps"] and again["best_test_perplexity"] == full["best_test_perplexity"]
 
 
 def test_a_run_saves_its_vocabulary_and_refuses_a_wrong_one(corpus, tmp_path):
     save = tmp_path / "run"
-    train_and_evaluate(PRESETS.get("test"), RunOptions(data_path=corpus, save_path=str(save), max_steps=3))
+    ptb_job.run(PRESETS.get("test"), RunOptions(data_path=corpus, save_path=str(save), max_steps=3))
     vocab = reader.load(corpus).vocab
     lines = (save / "vocab.txt").read_text().splitlines()
     assert lines == sorted(vocab, key=vocab.get) and reader.read_vocab(str(save), len(vocab)) == vocab
@@ -100,7 +101,7 @@ def test_tied_embeddings_train_and_refuse_an_untied_checkpoint(corpus, tmp_path)
     assert not hasattr(trainer.model, "softmax_w")
     untied = Trainer(PRESETS.get("test"), 30, 0)
     assert len(trainer.model.trainable_variables) == len(untied.model.trainable_variables) - 1
-    m = train_and_evaluate(tied, RunOptions(data_path=corpus, save_path=str(tmp_path / "tied"), max_steps=80))
+    m = ptb_job.run(tied, RunOptions(data_path=corpus, save_path=str(tmp_path / "tied"), max_steps=80))
     assert m["config"]["tie_embeddings"] is True and m["test_perplexity"] < 0.8 * reader.load(corpus).vocab_size
     run_ptb("--config", "test", "--data_path", corpus, "--save_path", str(tmp_path / "untied"), "--max_steps", "2",
             check=0)
@@ -122,7 +123,8 @@ def test_a_best_checkpoint_alone_is_not_overwritten_by_a_new_run(corpus, tmp_pat
 
 def test_mnist_keeps_its_best_epoch_by_validation_accuracy(images, tmp_path):
     from distrnn.mnist.configs import PRESETS as MNIST
-    from distrnn.mnist.train import RunOptions as MNISTOptions, train_and_evaluate as train_mnist
+    from distrnn.mnist.configs import RunOptions as MNISTOptions
+    from distrnn.mnist.job import run as train_mnist
     config = override(MNIST.get("test"), {"num_epochs": "3", "validation_size": "100"})
     m = train_mnist(config, MNISTOptions(data_path=images, save_path=str(tmp_path / "m")))
     accuracy = [h["valid_accuracy"] for h in m["history"]]

@@ -324,7 +324,7 @@ def test_signal_during_start_up(sig, code, tmp_path):
 
 
 def test_signals_outside_the_training_loop_become_one_line(tmp_path):
-    """SignalsInterrupt (what run_job wraps a job in): Ctrl-C in the final evaluation, or SIGTERM / SIGUSR1
+    """SignalsInterrupt (what start.run wraps a job in): Ctrl-C in the final evaluation, or SIGTERM / SIGUSR1
     delivered for real, become Interrupted with 128 + the signal and what the save path holds."""
     from distrnn import errors
     from distrnn.run import stops

@@ -148,3 +148,39 @@ def test_the_loop_asks_the_trainer_not_its_fields():
     parts), never to a job's model or optimizer, so a job may hold them as it likes."""
     _, text = sources()["distrnn.run.loop"]
     assert not re.search(r"trainer\.(model|optimizer)\b", text)
+
+
+def test_the_loop_knows_no_job_model_or_engine():
+    """distrnn.run.loop is the one loop for every job: what a model is (config, unrolling, placement) is the
+    job's to say (run.job.Job.start_lines, model_metrics), what it measures its Measures'; it names no job."""
+    tree, _ = sources()["distrnn.run.loop"]
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    words = {w for name in names for w in re.split(r"[._]", name)}
+    assert not words & {"ptb", "mnist", "perplexity", "accuracy", "unrolling", "plan", "rnn", "precision"}
+    assert not names & {"config", "model", "optimizer", "devices", "on_gpu", "memory_note"}
+
+
+def test_every_job_is_a_job_module_run_through_start():
+    """A job is a package with a job.py: one run.job.Job subclass and a `run` that hands it to run.start.run,
+    the one start every command and library caller goes through."""
+    from distrnn.run import job as base
+    for package in ("distrnn.ptb", "distrnn.mnist"):
+        tree, _ = sources()[f"{package}.job"]
+        jobs = [n.name for n in tree.body if isinstance(n, ast.ClassDef) and any(
+            getattr(b, "id", None) == "Job" for b in n.bases)]
+        run, = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run"]
+        calls = [ast.unparse(n.func) for n in ast.walk(run) if isinstance(n, ast.Call)]
+        assert len(jobs) == 1 and calls == ["start.run"], (package, jobs, calls)
+    undefined = [name for name in ("data_line", "learning_rate", "step", "figures", "divergence_advice",
+                                   "validate", "finish", "test") if name not in vars(base.Job)]
+    assert not undefined
+
+
+def test_where_float16_sums_is_no_process_wide_setting():
+    """How float16 products are summed travels with the Unrolling a model is given (numerics.ops.matmul_for):
+    no module keeps a setting it changes at run time, but for oneDNN's choice (made once, before TensorFlow
+    loads), the warning filter of compat and the crash points of the tests."""
+    changed = {m for m, (tree, _) in sources().items() if any(isinstance(n, ast.Global) for n in ast.walk(tree))}
+    assert changed <= {"distrnn.cpu", "distrnn.compat", "distrnn.run.faults"}, changed

@@ -14,7 +14,8 @@ from distrnn.config import override
 from distrnn.errors import UsageError
 from distrnn.mnist import idx
 from distrnn.mnist.configs import PRESETS
-from distrnn.mnist.train import RunOptions, train_and_evaluate
+from distrnn.mnist import job as mnist_job
+from distrnn.mnist.configs import RunOptions
 from distrnn.mnist.trainer import Pixels, Trainer, epoch_order, evaluate
 from distrnn.parallel import OneProcess
 from distrnn.parallel.placement import make_plan
@@ -214,7 +215,7 @@ def test_evaluation_is_exact(images):
 
 def test_run_writes_metrics_plots_and_tensorboard(images, tmp_path):
     metrics_path = tmp_path / "m.json"
-    m = train_and_evaluate(config(num_epochs=3), RunOptions(data_path=images, save_path=str(tmp_path / "run"),
+    m = mnist_job.run(config(num_epochs=3), RunOptions(data_path=images, save_path=str(tmp_path / "run"),
                                                               metrics_json=str(metrics_path)))
     assert m["steps_per_epoch"] == 500 // 20 and m["steps"] == 75 and m["epochs"] == 3
     assert m["images"] == {"train": 500, "valid": 100, "test": 200}
@@ -233,10 +234,10 @@ def test_run_writes_metrics_plots_and_tensorboard(images, tmp_path):
 
 def test_resume_continues_exactly(images, tmp_path):
     cfg = config(num_epochs=2)
-    straight = train_and_evaluate(cfg, RunOptions(data_path=images, save_path=str(tmp_path / "a"), max_steps=37))
-    first = train_and_evaluate(cfg, RunOptions(data_path=images, save_path=str(tmp_path / "b"), max_steps=31))
+    straight = mnist_job.run(cfg, RunOptions(data_path=images, save_path=str(tmp_path / "a"), max_steps=37))
+    first = mnist_job.run(cfg, RunOptions(data_path=images, save_path=str(tmp_path / "b"), max_steps=31))
     assert first["steps"] == 31  # stopped in the second epoch, mid-way through its order of images
-    resumed = train_and_evaluate(cfg, RunOptions(data_path=images, save_path=str(tmp_path / "b"), max_steps=37,
+    resumed = mnist_job.run(cfg, RunOptions(data_path=images, save_path=str(tmp_path / "b"), max_steps=37,
                                                  resume=True))
     assert resumed["steps"] == 37
     for key in ("test_loss", "test_accuracy", "valid_loss", "train_accuracy"):

@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 
 import numpy as np
@@ -53,14 +54,25 @@ def test_float16_matmul_sums_in_float32_on_cpu():
     ones = tf.ones([1, 4096], tf.float16)
     total = matmul(ones, tf.transpose(ones))
     assert total.dtype == tf.float16 and float(total[0, 0]) == 4096.0
-    ops.float16_matmuls_on_gpu(True)  # what a job on GPUs says at start-up: TensorFlow's kernel itself
-    try:
-        assert float(matmul(ones, tf.transpose(ones))[0, 0]) == float(tf.matmul(ones, tf.transpose(ones))[0, 0])
-    finally:
-        ops.float16_matmuls_on_gpu(False)
+    on_gpu = ops.matmul_for(True)  # a stack on GPUs: TensorFlow's kernel itself
+    assert float(on_gpu(ones, tf.transpose(ones))[0, 0]) == float(tf.matmul(ones, tf.transpose(ones))[0, 0])
+    assert ops.matmul_for(False) is matmul
 
 
-@pytest.mark.parametrize("transpose_a, transpose_b", itertools.product([False, True], repeat=2))
+def test_the_unrolling_carries_the_matmul_to_every_cell_and_the_output_layer():
+    """Where float16 sums is part of the unrolling a model is given, not of the process: two models in one
+    process, one resolved for GPUs and one for CPUs, each use their own, cells and output layer alike."""
+    from distrnn.mnist.configs import PRESETS
+    from distrnn.mnist.model import RowClassifier
+    from distrnn.rnn import Unrolling
+    config = dataclasses.replace(PRESETS.get("test"), num_layers=2)
+    for on_gpu in (False, True):
+        model = RowClassifier(config, (6, 5), Unrolling.for_config(config, 6, on_gpu=on_gpu, precision="float16"))
+        assert model.unrolling.matmul is ops.matmul_for(on_gpu)
+        assert {cell.matmul for cell in model.cells} == {ops.matmul_for(on_gpu)}
+
+
+@pytest.mark.parametrize("transpose_a, transpose_b", list(itertools.product([False, True], repeat=2)))
 def test_float16_matmul_gradients_are_matmuls(transpose_a, transpose_b):
     """Values and both gradients against float64 products of the same float16 numbers, for every pair of
     transpositions: within float16's rounding of each result (2^-11 relative, a few units), and float16."""

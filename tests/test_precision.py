@@ -14,7 +14,8 @@ from distrnn.mnist.configs import PRESETS as MNIST_PRESETS
 from distrnn.mnist.trainer import Trainer as MNISTTrainer
 from distrnn.numerics.precision import LossScale
 from distrnn.ptb.configs import PRESETS
-from distrnn.ptb.train import RunOptions, train_and_evaluate
+from distrnn.ptb import job as ptb_job
+from distrnn.ptb.configs import RunOptions
 from distrnn.ptb.trainer import Trainer, make_model_plan
 from distrnn.rnn import Memory, Unrolling
 
@@ -217,14 +218,15 @@ def test_an_overflowed_step_runs_again_on_the_same_batch_with_the_same_dropout(c
     again, drawing the same dropout masks, so the run is exactly the one that started at the scale it
     came down to (skipping the window, or drawing new masks, would change every figure)."""
     config = override(PRESETS.get("test"), dict(SMALL, keep_prob="0.8"))
-    high, low = too_high_then_settled(from_initial(monkeypatch, lambda name: train_and_evaluate(config, RunOptions(
+    high, low = too_high_then_settled(from_initial(monkeypatch, lambda name: ptb_job.run(config, RunOptions(
         data_path=corpus, precision="float16", max_steps=5, save_path=str(tmp_path / name)))))
     for key in ("train_perplexity", "valid_perplexity", "test_perplexity"):
         assert high[key] == low[key], key
 
 
 def test_mnist_runs_an_overflowed_step_again(images, tmp_path, monkeypatch):
-    from distrnn.mnist.train import RunOptions as MNISTOptions, train_and_evaluate as train_mnist
+    from distrnn.mnist.configs import RunOptions as MNISTOptions
+    from distrnn.mnist.job import run as train_mnist
     config = override(MNIST_PRESETS.get("test"), {"hidden_size": "8", "validation_size": "100"})
     high, low = too_high_then_settled(from_initial(monkeypatch, lambda name: train_mnist(config, MNISTOptions(
         data_path=images, precision="float16", max_steps=4, save_path=str(tmp_path / name)))))
@@ -239,9 +241,9 @@ def test_float16_resumes_exactly_with_its_loss_scale(corpus, tmp_path, monkeypat
     monkeypatch.setattr(LossScale, "GROWTH_STEPS", 4)
     config = override(PRESETS.get("test"), dict(SMALL, keep_prob="0.8"))
     options = dict(data_path=corpus, precision="float16")
-    straight = train_and_evaluate(config, RunOptions(save_path=str(tmp_path / "a"), max_steps=12, **options))
-    train_and_evaluate(config, RunOptions(save_path=str(tmp_path / "b"), max_steps=7, **options))
-    resumed = train_and_evaluate(config, RunOptions(save_path=str(tmp_path / "b"), max_steps=12, resume=True,
+    straight = ptb_job.run(config, RunOptions(save_path=str(tmp_path / "a"), max_steps=12, **options))
+    ptb_job.run(config, RunOptions(save_path=str(tmp_path / "b"), max_steps=7, **options))
+    resumed = ptb_job.run(config, RunOptions(save_path=str(tmp_path / "b"), max_steps=12, resume=True,
                                                     **options))
     assert resumed["loss_scale"] == straight["loss_scale"]
     assert straight["loss_scale"]["overflows"] > 0 and straight["loss_scale"]["scale"] < 2.0 ** 40
@@ -254,11 +256,11 @@ def test_a_checkpoint_resumes_in_another_precision(corpus, tmp_path, first, then
     """The variables are float32 in every precision: the checkpoint is the same; the figures after the
     switch are those of the run in `then` (or float32) to the 16-bit type's tolerance."""
     config = override(PRESETS.get("test"), SMALL)
-    train_and_evaluate(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "run"), max_steps=6,
+    ptb_job.run(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "run"), max_steps=6,
                                           precision=first))
-    switched = train_and_evaluate(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "run"),
+    switched = ptb_job.run(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "run"),
                                                      max_steps=12, resume=True, precision=then))
-    straight = train_and_evaluate(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "straight"),
+    straight = ptb_job.run(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "straight"),
                                                      max_steps=12))
     assert switched["steps"] == 12 and switched["precision"] == then
     assert switched["test_perplexity"] == pytest.approx(straight["test_perplexity"], rel=0.02)
@@ -307,9 +309,9 @@ def test_a_run_saved_before_the_loss_scale_existed_resumes_in_float16(corpus, tm
     with monkeypatch.context() as patch:  # what an earlier distrnn saved
         patch.setattr(Trainer, "checkpoint_parts", lambda self: {k: v for k, v in parts(self).items()
                                                                  if k != "loss_scale"})
-        train_and_evaluate(config, RunOptions(max_steps=5, **options))
+        ptb_job.run(config, RunOptions(max_steps=5, **options))
     names = {n.split("/")[0] for n, _ in tf.train.list_variables(str(tmp_path / "run" / "checkpoints"))}
     assert "loss_scale" not in names and "model" in names
-    resumed = train_and_evaluate(config, RunOptions(max_steps=9, resume=True, precision="float16", **options))
+    resumed = ptb_job.run(config, RunOptions(max_steps=9, resume=True, precision="float16", **options))
     assert resumed["steps"] == 9
     assert resumed["loss_scale"] == {"scale": LossScale.INITIAL, "overflows": 0, "good_steps": 4}

@@ -321,9 +321,9 @@ def test_contradicting_flags_from_every_entry_point(tmp_path):
         with pytest.raises(UsageError, match=fragment):
             RunOptions(**wrong)
     options = RunOptions()
-    options.precision, options.use_fp16 = "float32", True  # changed after it was made: run_job checks again
+    options.precision, options.use_fp16 = "float32", True  # changed after it was made: start.run checks again
     from distrnn.config import override
     from distrnn.ptb.configs import PRESETS
-    from distrnn.ptb.train import train_and_evaluate
+    from distrnn.ptb import job as ptb_job
     with pytest.raises(UsageError, match="--use_fp16 means --precision float16"):
-        train_and_evaluate(override(PRESETS.get("test"), {}), options)
+        ptb_job.run(override(PRESETS.get("test"), {}), options)

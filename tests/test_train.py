@@ -9,7 +9,8 @@ import tensorflow as tf
 from distrnn.config import override
 from distrnn.ptb import reader
 from distrnn.ptb.configs import PRESETS
-from distrnn.ptb.train import RunOptions, train_and_evaluate
+from distrnn.ptb import job as ptb_job
+from distrnn.ptb.configs import RunOptions
 from distrnn.ptb.trainer import Trainer, sum_duplicate_rows
 
 SMALLISH = {"hidden_size": "16", "num_steps": "5", "batch_size": "4", "num_layers": "2"}
@@ -53,10 +54,10 @@ def test_dropout_applies_only_in_training():
 
 def test_resume_gives_the_same_next_step_loss(corpus, tmp_path):
     config = override(PRESETS.get("test"), dict(SMALLISH, keep_prob="0.8"))
-    straight = train_and_evaluate(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "a"), max_steps=12))
-    first = train_and_evaluate(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "b"), max_steps=7))
+    straight = ptb_job.run(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "a"), max_steps=12))
+    first = ptb_job.run(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "b"), max_steps=7))
     assert first["steps"] == 7
-    resumed = train_and_evaluate(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "b"), max_steps=12,
+    resumed = ptb_job.run(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "b"), max_steps=12,
                                                     resume=True))
     assert resumed["steps"] == 12
     # Train perplexity of the epoch so far, valid and test: the same figures as without the break.
@@ -67,7 +68,7 @@ def test_resume_gives_the_same_next_step_loss(corpus, tmp_path):
 def test_epochs_history_plot_and_metrics(corpus, tmp_path):
     config = override(PRESETS.get("test"), dict(SMALLISH, max_max_epoch="2", max_epoch="1"))
     metrics_path = tmp_path / "m.json"
-    m = train_and_evaluate(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "run"),
+    m = ptb_job.run(config, RunOptions(data_path=corpus, save_path=str(tmp_path / "run"),
                                               metrics_json=str(metrics_path)))
     data = reader.load(corpus)
     steps = reader.epoch_size(len(data.train), 4, 5)
@@ -89,7 +90,7 @@ def test_epochs_history_plot_and_metrics(corpus, tmp_path):
 @pytest.mark.parametrize("cell", ["gru", "rnn"])
 def test_other_cells_train(corpus, tmp_path, cell):
     config = override(PRESETS.get("test"), dict(SMALLISH, cell=cell, max_grad_norm="5", learning_rate="0.3"))
-    m = train_and_evaluate(config, RunOptions(data_path=corpus, save_path=str(tmp_path / cell), max_steps=60))
+    m = ptb_job.run(config, RunOptions(data_path=corpus, save_path=str(tmp_path / cell), max_steps=60))
     assert m["steps"] == 60 and m["test_perplexity"] < 0.8 * reader.load(corpus).vocab_size
 
 
@@ -98,9 +99,9 @@ def test_checkpoints_move_between_modes(corpus, tmp_path, trained, restored):
     """A model trained in one mode restores in another and gives the same loss."""
     base = dict(SMALLISH, use_peepholes="true", max_grad_norm="5")
     save = str(tmp_path / "run")
-    first = train_and_evaluate(override(PRESETS.get("test"), dict(base, rnn_mode=trained)),
+    first = ptb_job.run(override(PRESETS.get("test"), dict(base, rnn_mode=trained)),
                                RunOptions(data_path=corpus, save_path=save, max_steps=8))
-    again = train_and_evaluate(override(PRESETS.get("test"), dict(base, rnn_mode=restored)),
+    again = ptb_job.run(override(PRESETS.get("test"), dict(base, rnn_mode=restored)),
                                RunOptions(data_path=corpus, save_path=save, max_steps=8, resume=True))
     assert (first["rnn_mode"], again["rnn_mode"]) == (trained, restored)
     assert again["steps"] == 8

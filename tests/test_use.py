@@ -10,7 +10,8 @@ import pytest
 from conftest import assert_one_line, run_module, subprocess_env, write_corpus
 from distrnn.config import override
 from distrnn.ptb.configs import PRESETS
-from distrnn.ptb.train import RunOptions, train_and_evaluate
+from distrnn.ptb import job as ptb_job
+from distrnn.ptb.configs import RunOptions
 
 CONFIG = {"hidden_size": "16", "num_steps": "5", "batch_size": "6", "num_layers": "2", "max_max_epoch": "2",
           "max_epoch": "1", "max_grad_norm": "5"}
@@ -22,7 +23,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("use")
     data = write_corpus(root / "data")
     save = str(root / "run")
-    metrics = train_and_evaluate(override(PRESETS.get("test"), CONFIG),
+    metrics = ptb_job.run(override(PRESETS.get("test"), CONFIG),
                                  RunOptions(data_path=data, save_path=save, devices="/cpu:0,/cpu:1"))
     assert metrics["placement"]["devices"] == ["/device:CPU:0", "/device:CPU:1"]
     return save, data, metrics

@@ -1,4 +1,4 @@
-"""`python -m distrnn.mnist`: flags in, `train.train_and_evaluate` out.
+"""`python -m distrnn.mnist`: flags in, `job.run` out.
 
     python -m distrnn.mnist --config lstm --data_path DIR [--cell gru --num_layers 2 ...]
 """
@@ -27,11 +27,7 @@ def describe(name: str) -> str:
     return MEASURED[name]
 
 
-def run(argv) -> int:
-    from distrnn.mnist.configs import PRESETS, RunOptions
-    return cli.run_training(argv, build_parser, PRESETS, describe, "distrnn.mnist.train", RunOptions)
-
-
 def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # hide TensorFlow's C++ start-up chatter
-    return cli.run_main("distrnn.mnist", lambda: run(sys.argv[1:] if argv is None else argv))
+    return cli.run_main("distrnn.mnist", lambda: cli.train_command(
+        sys.argv[1:] if argv is None else argv, build_parser, describe, "distrnn.mnist"))

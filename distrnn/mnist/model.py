@@ -16,7 +16,6 @@ from distrnn.memory.estimates import WEIGHT_BYTES, Memory, PartMemory, compute_c
 from distrnn.mnist.idx import NUM_CLASSES
 from distrnn.names import PRECISION_BYTES
 from distrnn.names import CELL_KINDS
-from distrnn.numerics.ops import matmul
 from distrnn.parallel.placement import on_device, single_device
 from distrnn.rnn import Unrolling
 from distrnn.rnn.cells import make_cell
@@ -64,7 +63,8 @@ class RowClassifier(tf.Module):
                 with tf.device(device):
                     # forget bias 1, as TensorFlow 1's LSTM cells and Keras's
                     cell = make_cell(config.cell, inputs, h, forget_bias=1.0, use_peepholes=config.use_peepholes,
-                                     initializer=kernel_init(inputs), name=f"{config.cell}_{i}")
+                                     initializer=kernel_init(inputs), name=f"{config.cell}_{i}",
+                                     matmul=unrolling.matmul)
                 self.cells.append(cell)
             with tf.device(self.plan.softmax):
                 self.dense_w = tf.Variable(glorot([h, NUM_CLASSES]), name="dense_w")
@@ -83,7 +83,8 @@ class RowClassifier(tf.Module):
         h, _ = run_stack(self.cells, self.plan.layers, x, state, self.unrolling)
 
         def dense(last):
-            return [tf.cast(matmul(last, tf.cast(self.dense_w, dtype)) + tf.cast(self.dense_b, dtype), tf.float32)]
+            logits = self.unrolling.matmul(last, tf.cast(self.dense_w, dtype)) + tf.cast(self.dense_b, dtype)
+            return [tf.cast(logits, tf.float32)]
 
         with tf.device(self.plan.softmax), tf.name_scope("dense"):
             return on_device(self.plan.softmax, dense)(h[-1])[0]

@@ -8,7 +8,55 @@ import tensorflow as tf
 _TINY = 1e-30
 
 
-def softmax_cross_entropy(features, weights, bias, labels, class_rows: bool = False):
+def matmul(a, b, transpose_a: bool = False, transpose_b: bool = False):
+    """tf.matmul for 2-D a and b, with float16 products summed in float32, as they are on GPUs: there cuBLAS
+    multiplies half inputs with float32 accumulation (TensorFlow's TF_FP16_MATMUL_USE_FP32_COMPUTE, on by
+    default), while TensorFlow 2.15's CPU kernel for half accumulates in half, 4096 ones summing to 2048, and
+    runs about 400 times slower than float32 (400 x 650 by 650 x 2600: 1.2 s against 3 ms). 2.21's CPU kernel
+    sums in float32; this path is kept on every version, so that every stack sums alike. There the product is
+    taken of float32 copies and rounded to float16 once; inputs, output and what the backward keeps stay
+    float16. A stack on GPUs takes TensorFlow's kernel instead (`matmul_for`)."""
+    if a.dtype != tf.float16:
+        return tf.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+    return _float32_sums(transpose_a, transpose_b)(a, b)
+
+
+def gpu_matmul(a, b, transpose_a: bool = False, transpose_b: bool = False):
+    """TensorFlow's own kernel in every dtype: on a GPU cuBLAS already sums float16 in float32."""
+    return tf.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+def matmul_for(on_gpu: bool):
+    """The matmul a stack uses where it runs (distrnn.rnn.Unrolling carries the choice to its cells, kernels
+    and output layer, so that models never look at devices, and two models in one process may differ)."""
+    return gpu_matmul if on_gpu else matmul
+
+
+def _product(a, b, transpose_a, transpose_b):
+    """a @ b (each transposed as asked) of float16 a and b, summed in float32, rounded once to float16."""
+    return tf.cast(tf.matmul(tf.cast(a, tf.float32), tf.cast(b, tf.float32), transpose_a=transpose_a,
+                             transpose_b=transpose_b), tf.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def _float32_sums(transpose_a: bool, transpose_b: bool):
+    """_product with its gradients taken the same way, from the float16 a, b and upstream gradient (autodiff
+    of the float32 copies would keep a float32 copy of every activation for the backward)."""
+    @tf.custom_gradient
+    def product(a, b):
+        def grad(g):  # TensorFlow's MatMul gradients, one case per pair of transpositions
+            if not transpose_a and not transpose_b:
+                return _product(g, b, False, True), _product(a, g, True, False)
+            if not transpose_a:
+                return _product(g, b, False, False), _product(g, a, True, False)
+            if not transpose_b:
+                return _product(b, g, False, True), _product(a, g, False, False)
+            return _product(b, g, True, True), _product(g, a, True, True)
+        return _product(a, b, transpose_a, transpose_b), grad
+    return product
+
+
+def softmax_cross_entropy(features, weights, bias, labels, class_rows: bool = False, matmul=matmul):
     """The cross-entropy of softmax(features @ weights + bias) against integer
     `labels`: features (N, H), weights (H, V), bias (V,), labels (N,) -> (N,).
     class_rows: weights are (V, H), one row a class (an embedding tied to the
@@ -32,7 +80,8 @@ def softmax_cross_entropy(features, weights, bias, labels, class_rows: bool = Fa
     In bfloat16 or float16 (features, weights and bias of that dtype) the matmuls run in it and
     the softmax, its normaliser and the loss in float32 (a sum over V = 10,000 classes of 16-bit
     terms loses the small ones); G is cast back to the 16-bit dtype for the backward matmuls and
-    d_bias is summed in float32. The loss is float32 whatever the precision.
+    d_bias is summed in float32. The loss is float32 whatever the precision. matmul: the stack's
+    (`matmul_for`).
     """
     labels = tf.cast(labels, tf.int32)
 
@@ -60,51 +109,3 @@ def softmax_cross_entropy(features, weights, bias, labels, class_rows: bool = Fa
         return loss, grad
 
     return layer(features, weights, bias)
-
-
-def matmul(a, b, transpose_a: bool = False, transpose_b: bool = False):
-    """tf.matmul for 2-D a and b, with float16 products summed in float32 where the job runs on CPUs, as they
-    are on GPUs: there cuBLAS multiplies half inputs with float32 accumulation (TensorFlow's
-    TF_FP16_MATMUL_USE_FP32_COMPUTE, on by default), while TensorFlow 2.15's CPU kernel for half accumulates
-    in half, 4096 ones summing to 2048, and runs about 400 times slower than float32 (400 x 650 by 650 x 2600:
-    1.2 s against 3 ms). 2.21's CPU kernel sums in float32; this path is kept on every version, so that every
-    stack sums alike. There the product is taken of float32 copies and rounded to float16 once; inputs,
-    output and what the backward keeps stay float16."""
-    if a.dtype != tf.float16 or _float16_on_gpu:
-        return tf.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
-    return _float32_sums(transpose_a, transpose_b)(a, b)
-
-
-_float16_on_gpu = False  # until the job says where it runs
-
-
-def float16_matmuls_on_gpu(on_gpu: bool) -> None:
-    """Start-up code (distrnn.run.start) tells where the job's matmuls run, from the devices it was given:
-    on GPUs, TensorFlow's float16 kernel; elsewhere, and until told, float32 sums. A process-wide choice made
-    before the first trace, like oneDNN's (distrnn.cpu), so that models and kernels never look at devices."""
-    global _float16_on_gpu
-    _float16_on_gpu = on_gpu
-
-
-def _product(a, b, transpose_a, transpose_b):
-    """a @ b (each transposed as asked) of float16 a and b, summed in float32, rounded once to float16."""
-    return tf.cast(tf.matmul(tf.cast(a, tf.float32), tf.cast(b, tf.float32), transpose_a=transpose_a,
-                             transpose_b=transpose_b), tf.float16)
-
-
-@functools.lru_cache(maxsize=None)
-def _float32_sums(transpose_a: bool, transpose_b: bool):
-    """_product with its gradients taken the same way, from the float16 a, b and upstream gradient (autodiff
-    of the float32 copies would keep a float32 copy of every activation for the backward)."""
-    @tf.custom_gradient
-    def product(a, b):
-        def grad(g):  # TensorFlow's MatMul gradients, one case per pair of transpositions
-            if not transpose_a and not transpose_b:
-                return _product(g, b, False, True), _product(a, g, True, False)
-            if not transpose_a:
-                return _product(g, b, False, False), _product(g, a, True, False)
-            if not transpose_b:
-                return _product(b, g, False, True), _product(a, g, False, False)
-            return _product(b, g, True, True), _product(g, a, True, True)
-        return _product(a, b, transpose_a, transpose_b), grad
-    return product

@@ -1,4 +1,4 @@
-"""`python -m distrnn.ptb`: flags in, `train.train_and_evaluate` out.
+"""`python -m distrnn.ptb`: flags in, `job.run` out.
 
     python -m distrnn.ptb --config small --data_path DIR [--hidden_size 100 ...]
 """
@@ -27,11 +27,7 @@ def describe(name: str) -> str:
     return f"published test ppl {ppl if ppl else '-'}; {cost}"
 
 
-def run(argv) -> int:
-    from distrnn.ptb.configs import PRESETS, RunOptions
-    return cli.run_training(argv, build_parser, PRESETS, describe, "distrnn.ptb.train", RunOptions)
-
-
 def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # hide TensorFlow's C++ start-up chatter
-    return cli.run_main("distrnn.ptb", lambda: run(sys.argv[1:] if argv is None else argv))
+    return cli.run_main("distrnn.ptb", lambda: cli.train_command(
+        sys.argv[1:] if argv is None else argv, build_parser, describe, "distrnn.ptb"))

@@ -12,7 +12,7 @@ softmax's normaliser and the loss are float32 (distrnn.numerics.ops).
 """
 import tensorflow as tf
 
-from distrnn.numerics.ops import matmul, softmax_cross_entropy
+from distrnn.numerics.ops import softmax_cross_entropy
 from distrnn.parallel.placement import on_device, single_device
 from distrnn.rnn import Unrolling
 from distrnn.rnn.cells import make_cell
@@ -47,7 +47,7 @@ class PTBModel(tf.Module):
                     # forget_bias 0 as in the reference implementation
                     self.cells.append(make_cell(config.cell, config.hidden_size, config.hidden_size, forget_bias=0.0,
                                                 use_peepholes=config.use_peepholes, initializer=uniform,
-                                                name=f"{config.cell}_{i}"))
+                                                name=f"{config.cell}_{i}", matmul=unrolling.matmul))
             with tf.device(self.plan.softmax):
                 if not config.tie_embeddings:  # tied: the softmax reads the embedding's rows
                     self.softmax_w = tf.Variable(uniform([h, vocab_size]), name="softmax_w")
@@ -94,7 +94,7 @@ class PTBModel(tf.Module):
             tied = self.config.tie_embeddings
             kernel = tf.cast(self.embedding if tied else self.softmax_w, features.dtype)
             loss = softmax_cross_entropy(features, kernel, tf.cast(self.softmax_b, features.dtype), targets,
-                                         class_rows=tied)
+                                         class_rows=tied, matmul=self.unrolling.matmul)
             return [loss if weights is None else loss * tf.reshape(tf.transpose(weights), [-1])]
 
         with tf.device(self.plan.softmax), tf.name_scope("softmax"):
@@ -105,5 +105,5 @@ class PTBModel(tf.Module):
         with tf.device(self.plan.softmax):
             features = tf.cast(features, tf.float32)
             if self.config.tie_embeddings:
-                return tf.nn.bias_add(matmul(features, self.embedding, transpose_b=True), self.softmax_b)
-            return tf.nn.bias_add(matmul(features, self.softmax_w), self.softmax_b)
+                return tf.nn.bias_add(tf.matmul(features, self.embedding, transpose_b=True), self.softmax_b)
+            return tf.nn.bias_add(tf.matmul(features, self.softmax_w), self.softmax_b)

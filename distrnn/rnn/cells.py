@@ -23,6 +23,7 @@ class RecurrentCell(tf.Module):
 
     kind = None  # its CellKind's name (distrnn.names.CELL_KINDS): every class names its own
     use_peepholes = False
+    matmul = staticmethod(matmul)  # the stack's (distrnn.rnn.Unrolling.matmul): make_cell sets it
 
     def __init_subclass__(cls, **kwargs):
         # A subclass that changes the math (a layer-normalised LSTM, say) and kept its parent's kind would
@@ -67,7 +68,7 @@ class RecurrentCell(tf.Module):
         """inputs (T, B, I) -> the input half of every gate, (T, B, G*H), bias included."""
         t, b = tf.shape(inputs)[0], tf.shape(inputs)[1]
         flat = tf.reshape(inputs, [-1, self.input_size])                 # (T*B, I)
-        z = matmul(flat, input_kernel) + tf.cast(self.bias, inputs.dtype)  # (T*B, G*H)
+        z = self.matmul(flat, input_kernel) + tf.cast(self.bias, inputs.dtype)  # (T*B, G*H)
         return tf.reshape(z, [t, b, self.gates * self.units])
 
 
@@ -77,7 +78,7 @@ class BasicRNNCell(RecurrentCell):
     kind = "rnn"
 
     def step(self, projected, state, recurrent_kernel):
-        h = tf.tanh(projected + matmul(state[0], recurrent_kernel))
+        h = tf.tanh(projected + self.matmul(state[0], recurrent_kernel))
         return h, (h,)
 
 
@@ -113,7 +114,7 @@ class LSTMCell(RecurrentCell):
 
     def step(self, projected, state, recurrent_kernel):
         c, h = state
-        z = projected + matmul(h, recurrent_kernel)
+        z = projected + self.matmul(h, recurrent_kernel)
         i, j, f, o = tf.split(z, 4, axis=1)
         if self.use_peepholes:
             w_i, w_f, w_o = (tf.cast(w, c.dtype) for w in (self.w_i_diag, self.w_f_diag, self.w_o_diag))
@@ -144,7 +145,7 @@ class GRUCell(RecurrentCell):
     def step(self, projected, state, recurrent_kernel):
         h = state[0]
         xr, xu, xn = tf.split(projected, 3, axis=1)
-        hr, hu, hn = tf.split(matmul(h, recurrent_kernel) + tf.cast(self.recurrent_bias, h.dtype), 3, axis=1)
+        hr, hu, hn = tf.split(self.matmul(h, recurrent_kernel) + tf.cast(self.recurrent_bias, h.dtype), 3, axis=1)
         r, u = tf.sigmoid(xr + hr), tf.sigmoid(xu + hu)
         h = u * h + (1.0 - u) * tf.tanh(xn + r * hn)
         return h, (h,)
@@ -156,11 +157,14 @@ if set(CELLS) != set(CELL_KINDS):  # the command line offers CELL_KINDS before T
 
 
 def make_cell(kind: str, input_size: int, units: int, forget_bias: float, use_peepholes: bool = False,
-              initializer=None, name: str = None) -> RecurrentCell:
-    """A cell of `kind`, given a forget bias and peepholes where its kind has them."""
+              initializer=None, name: str = None, matmul=matmul) -> RecurrentCell:
+    """A cell of `kind`, given a forget bias and peepholes where its kind has them; matmul: its stack's
+    (distrnn.rnn.Unrolling.matmul)."""
     extra = {}
     if CELL_KINDS[kind].forget_gate:
         extra["forget_bias"] = forget_bias
     if CELL_KINDS[kind].peepholes:
         extra["use_peepholes"] = use_peepholes
-    return CELLS[kind](input_size, units, initializer=initializer, name=name, **extra)
+    cell = CELLS[kind](input_size, units, initializer=initializer, name=name, **extra)
+    cell.matmul = matmul
+    return cell

@@ -39,7 +39,7 @@ variables, are cast to it once per call, and their gradients are returned as flo
 mode sums its segments' weight gradients in float32).
 """
 import contextlib
-from typing import List, NamedTuple, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -55,6 +55,7 @@ class Layer(NamedTuple):
     forget_bias: float
     peepholes: Optional[tf.Tensor] = None  # (3, H): i, f, o
     device: Optional[str] = None
+    matmul: Callable = matmul            # the stack's (distrnn.rnn.Unrolling.matmul): every layer's the same
 
 
 class State(NamedTuple):
@@ -215,7 +216,7 @@ def _backward_factors(acts, js, cells, c0, peep, units):
     return pd, q, fc, c_prev
 
 
-def _backward_step(d_out, q, pd, fc, m, dc_next, dh_next, w_h):
+def _backward_step(d_out, q, pd, fc, m, dc_next, dh_next, w_h, matmul):
     """One step back through one layer; d_out, q, pd, fc, m: the step's slices.
     Returns dz (the gradient of the step's gate pre-activations), dc and dh of the state before."""
     dh = d_out + dh_next
@@ -245,8 +246,9 @@ class _Passes:
     sequence, or in a memory mode one segment of it. `params`: one Params per layer;
     a carry is one State per layer."""
 
-    def __init__(self, params: List[Params], has_drop: bool, has_mask: bool, static: bool):
+    def __init__(self, params: List[Params], has_drop: bool, has_mask: bool, static: bool, matmul):
         self.params, self.has_drop, self.has_mask, self.static = params, has_drop, has_mask, static
+        self.matmul = matmul
         self.num_layers = len(params)
         self.kept = [Records.kept(p.peep is not None, has_drop) for p in params]
         self.output = "y" if has_drop else "out"  # the record a layer passes up (and the stack returns)
@@ -290,7 +292,7 @@ class _Passes:
         first = self.params[0]
         with self.scope(0):  # the first layer's input matmul, once for all steps
             n, batch = tf.shape(inputs)[0], tf.shape(inputs)[1]
-            x = tf.reshape(tf.nn.bias_add(matmul(tf.reshape(inputs, [n * batch, -1]), first.w_x),
+            x = tf.reshape(tf.nn.bias_add(self.matmul(tf.reshape(inputs, [n * batch, -1]), first.w_x),
                                           first.bias_fb), [n, batch, 4 * first.units])
 
         def step(slices, carry):
@@ -299,8 +301,8 @@ class _Passes:
             for l, (p, state) in enumerate(zip(self.params, carry)):
                 with self.scope(l):
                     if l:
-                        x_t = tf.nn.bias_add(matmul(x_t, p.w_x), p.bias_fb)
-                    z = x_t + matmul(state.h, p.w_h)
+                        x_t = tf.nn.bias_add(self.matmul(x_t, p.w_x), p.bias_fb)
+                    z = x_t + self.matmul(state.h, p.w_h)
                     c, h, out, a, j = _forward_step(z, now.mask, state.c, state.h, p.peep, p.units)
                     new_carry.append(State(c, h))
                     x_t = out * now.drops[l] if self.has_drop else out
@@ -330,10 +332,10 @@ class _Passes:
                     d_out = d_y * now.drops[l] if self.has_drop else d_y
                     pd_t, q_t, fc_t = now.factors[l]
                     d_z[l], d_c, d_h = _backward_step(d_out, q_t, pd_t, fc_t, now.mask, d_carry[l].c, d_carry[l].h,
-                                                      p.w_h)
+                                                      p.w_h, self.matmul)
                     d_carry[l] = State(d_c, d_h)
                     if l:  # the gradient of this step's input, for the layer below
-                        d_y = matmul(d_z[l], p.w_x, transpose_b=True)
+                        d_y = self.matmul(d_z[l], p.w_x, transpose_b=True)
             return d_carry, d_z
 
         sequences = self.sequences(d_outputs, drops, mask, [(pd, q, fc) for pd, q, fc, _ in factors])
@@ -357,7 +359,7 @@ class _Passes:
         d_inputs = None
         if l == 0:
             below = tf.reshape(inputs, [-1, tf.shape(inputs)[2]])
-            d_inputs = tf.reshape(matmul(flat_dz, p.w_x, transpose_b=True), tf.shape(inputs))
+            d_inputs = tf.reshape(self.matmul(flat_dz, p.w_x, transpose_b=True), tf.shape(inputs))
         else:
             below = tf.reshape(getattr(saved[l - 1], self.output), [-1, self.params[l - 1].units])
         d_peep = None
@@ -365,7 +367,7 @@ class _Passes:
             d_zi, _, d_zf, d_zo = tf.split(d_z, 4, axis=2)
             d_peep = tf.stack([tf.reduce_sum(d_zi * c_prev, [0, 1]), tf.reduce_sum(d_zf * c_prev, [0, 1]),
                                tf.reduce_sum(d_zo * s.c, [0, 1])])
-        return Grads(matmul(below, flat_dz, transpose_a=True), matmul(h_prev, flat_dz, transpose_a=True),
+        return Grads(self.matmul(below, flat_dz, transpose_a=True), self.matmul(h_prev, flat_dz, transpose_a=True),
                      tf.reduce_sum(flat_dz, 0), d_peep), d_inputs
 
 
@@ -505,7 +507,7 @@ def lstm_stack(inputs, states, layers, dropout=None, mask=None, static: bool = F
     @tf.custom_gradient
     def run(*args):
         inputs, start, params, drops, mask = unflatten(args)
-        passes = _Passes(params, has_drop, has_mask, static and not memory.segmented)
+        passes = _Passes(params, has_drop, has_mask, static and not memory.segmented, layers[0].matmul)
         if memory.segmented:
             segments = _Segments(passes, memory, inputs, drops, mask)
             outputs, final = segments.forward(start)

@@ -27,7 +27,6 @@ schedule uses the same ones.
 import tensorflow as tf
 
 from distrnn.names import CELL_KINDS
-from distrnn.numerics.ops import matmul
 from distrnn.parallel.placement import on_device
 from distrnn.rnn.lstm_sequence import KEEP, lstm_stack
 from distrnn.rnn.unroll import STEP_MODES, Unrolling, lstm_layer, unroll
@@ -85,7 +84,7 @@ def pipeline_stack(cells, devices, inputs, states, static: bool, masks=None):
         # inside, so that on_device can build its gradient on the layer's device.
         def compute(x_t, mask_t, *state):
             w_x, w_h = cell.split_kernel(mask_t.dtype)
-            z = x_t if l == 0 else matmul(x_t, w_x) + tf.cast(cell.bias, x_t.dtype)
+            z = x_t if l == 0 else cell.matmul(x_t, w_x) + tf.cast(cell.bias, x_t.dtype)
             out, state = cell.step(z, state, w_h)
             return [out * mask_t, *state]
 

@@ -24,6 +24,7 @@ import tensorflow as tf
 from distrnn.errors import UsageError
 from distrnn.names import CELL_KINDS, FUSED_MODES, RNN_MODES
 from distrnn.numerics import precision
+from distrnn.numerics.ops import matmul_for
 from distrnn.rnn import fused
 from distrnn.rnn.lstm_sequence import KEEP, Layer, Memory, lstm_stack
 
@@ -107,17 +108,23 @@ class Unrolling:
     placement: str = "sequential"  # sequential or pipeline (distrnn.rnn.stack)
     memory: Memory = KEEP          # what an LSTM stack's backward pass keeps
     precision: str = "float32"     # what the model computes in (distrnn.numerics.precision): float32, bfloat16, float16
+    on_gpu: bool = False           # where the stack runs, which decides how float16 products are summed
 
     @property
     def dtype(self) -> tf.DType:
         return precision.compute_dtype(self.precision)
+
+    @property
+    def matmul(self):
+        """The matmul of the stack's cells, kernels and output layer (distrnn.numerics.ops.matmul_for)."""
+        return matmul_for(self.on_gpu)
 
     @classmethod
     def resolve(cls, kind: str, use_peepholes: bool, mode: str, on_gpu: bool, num_steps: int,
                 placement: str = "sequential", memory: Memory = KEEP, precision: str = "float32") -> "Unrolling":
         """resolve_mode's choice, with the schedule, memory mode and precision it was made for."""
         return cls(*resolve_mode(kind, use_peepholes, mode, on_gpu, num_steps, memory, placement, precision),
-                   placement, memory, precision)
+                   placement, memory, precision, on_gpu)
 
     @classmethod
     def for_config(cls, config, num_steps: int, on_gpu: bool = False, placement: str = "sequential",
@@ -159,7 +166,7 @@ def unroll(cell, inputs, state, mode: str = "dynamic", sequence_length=None, mem
 
 def lstm_layer(cell, device: str = None) -> Layer:
     """An LSTMCell's weights as `lstm_stack` takes them."""
-    return Layer(cell.kernel, cell.bias, cell.forget_bias, cell.peepholes(), device)
+    return Layer(cell.kernel, cell.bias, cell.forget_bias, cell.peepholes(), device, cell.matmul)
 
 
 def unroll_autodiff(cell, inputs, state, mode: str = "dynamic", sequence_length=None):

@@ -7,7 +7,7 @@ what is on disk, and nothing in it lost to a crash, a full disk or a mistake.
         ...
         checkpoints.save(step)                   # SaveFailed, partial files removed, on a full disk
 
-Only the chief process calls these (see distrnn.run.start.run_job).
+Only the chief process calls these (see distrnn.run.start.run).
 """
 import errno
 import fcntl

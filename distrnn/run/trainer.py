@@ -18,11 +18,21 @@ class Position:
     global_step: int = 0      # training steps done in all
     history: list = dataclasses.field(default_factory=list)  # per finished epoch: its figures and step
 
+    def next_epoch(self) -> None:
+        """On to the next epoch's first step, the job's own sums back to their start."""
+        shared = {field.name for field in dataclasses.fields(Position)}
+        for field in dataclasses.fields(self):
+            if field.name not in shared:
+                setattr(self, field.name, field.default)
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+
 
 class Trainer(tf.Module):
     """A job's model, optimizer and loss scale, and its position; `position_cls` is the job's Position."""
 
     position_cls = Position
+    # The loss scale came after runs were saved without one: those resume with its initial value.
+    optional_parts = (LossScale.PART,)
 
     def __init__(self, model, optimizer, world):
         super().__init__(name="trainer")

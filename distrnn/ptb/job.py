@@ -1,33 +1,33 @@
-"""Training and evaluation of the PTB word language model.
-
-`train_and_evaluate(config, options)` is the whole job; `python -m distrnn.ptb`
-only parses flags and calls it, and the tests call it the same way.
+"""The PTB word language model as a training job: `run(config, options)` is the whole of it;
+`python -m distrnn.ptb` only parses flags and calls it, and the tests call it the same way.
 """
 
 from distrnn import parallel
 from distrnn.ptb import reader
 from distrnn.ptb.configs import RunOptions
 from distrnn.ptb.trainer import LeanerOnOOM, Trainer, evaluate, learning_rate, make_model_plan, perplexity
-from distrnn.run import loop, start
+from distrnn.run import start
+from distrnn.run.job import Curve, Job, Measures
 
 # Fields that fix variable shapes or the meaning of a saved data position: a
 # checkpoint cannot be resumed under different values.
 SHAPE_FIELDS = ("num_layers", "hidden_size", "batch_size", "num_steps", "tie_embeddings")
 
 
-def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
-    """Trains, validates every epoch, tests at the end; returns the metrics dict (with
-    metrics["interrupted"] the exit code of a stop, after its checkpoint)."""
-    return start.run_job("ptb", config, options, PTBJob, world)
+def run(config, options: RunOptions, world=None) -> dict:
+    """A run of this job: trains, validates every epoch, tests at the end; returns the metrics dict (with
+    metrics["interrupted"] the exit code of a stop, after its checkpoint). See distrnn.run.start.run."""
+    return start.run(PTBJob, config, options, world)
 
 
-class PTBJob(loop.Job):
+class PTBJob(Job):
     """The PTB language model as the training loop sees it: windows of the token stream, the LSTM state
     carried from one window to the next, perplexities."""
 
-    unit, rate_key, shape_fields = "words", "words_per_sec", SHAPE_FIELDS + ("vocab_size",)
+    name, shape_fields = "ptb", SHAPE_FIELDS + ("vocab_size",)
     absent_fields = {"tie_embeddings": False}  # config.json of runs from before the field
-    best_key, higher_is_better, test_keys = "valid_perplexity", False, ("test_perplexity",)
+    measures = Measures("words", "words_per_sec", "valid_perplexity", higher_is_better=False,
+                        test_keys=("test_perplexity",))
 
     def __init__(self, config, options: RunOptions, world, devices, reference_batch: int):
         super().__init__(config, options, world, devices, reference_batch)
@@ -42,11 +42,11 @@ class PTBJob(loop.Job):
                                     options.memory)
         self.trainer = Trainer(config, data.vocab_size, options.seed, self.unrolling(config.num_steps), self.plan,
                                world, options.sparse_as_dense, options.fp16_allreduce)
-        self.step = LeanerOnOOM(self.trainer, self.on_gpu, world, retry=options.on_oom == "retry")
-        self.memory_note = ", leaner on running out of memory (--on_oom retry)" * self.step.retry
+        self.guarded_step = LeanerOnOOM(self.trainer, self.on_gpu, world, retry=options.on_oom == "retry")
+        self.memory_note = ", leaner on running out of memory (--on_oom retry)" * self.guarded_step.retry
         self.saved_extra = {"vocab_size": data.vocab_size, "global_batch_size": self.global_batch}
         self.max_epochs = min(options.max_epochs or config.max_max_epoch, config.max_max_epoch)
-        self.curve = loop.Curve("perplexity", f"PTB {options.config_name}")
+        self.curve = Curve("perplexity", f"PTB {options.config_name}")
         self.state, self.loss = None, None
 
     def data_line(self) -> str:
@@ -60,9 +60,9 @@ class PTBJob(loop.Job):
         self.state = (self.trainer.carried_state() if pos.step_in_epoch
                       else self.trainer.model.zero_state(self.config.batch_size))
 
-    def train_step(self, pos, i: int):
+    def step(self, pos, i: int):
         x, y = reader.train_window(self.batches.train_rows, self.config.num_steps, i)
-        loss, norm, _, self.state = self.step(pos.global_step + 1, x, y, self.state)  # applied, or diverged
+        loss, norm, _, self.state = self.guarded_step(pos.global_step + 1, x, y, self.state)  # applied, or diverged
         self.loss = loss = float(loss)
         pos.epoch_cost += loss
         pos.epoch_iters += self.config.num_steps
@@ -88,9 +88,6 @@ class PTBJob(loop.Job):
         text = f"train ppl {pos.train_perplexity:.2f} | valid ppl {valid_ppl:.2f}"
         return entry, text, {"valid_perplexity": valid_ppl}
 
-    def end_epoch(self, pos) -> None:
-        pos.epoch_cost, pos.epoch_iters = 0.0, 0
-
     def finish(self, pos, speed):
         # At an epoch's end (this run's, or the checkpoint's it resumed from) the last validation figure
         # describes these weights; after a part of an epoch they have moved on.
@@ -111,4 +108,4 @@ class PTBJob(loop.Job):
         reader.save_vocab(save_path, self.data.vocab)
 
     def memory_metrics(self, monitor):
-        return dict(monitor, mode=self.trainer.unrolling.memory.describe(), changes=self.step.changes)
+        return dict(monitor, mode=self.trainer.unrolling.memory.describe(), changes=self.guarded_step.changes)

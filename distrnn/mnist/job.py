@@ -1,7 +1,5 @@
-"""Training and evaluation of the row-by-row image classifier.
-
-`train_and_evaluate(config, options)` is the whole job; `python -m distrnn.mnist`
-only parses flags and calls it, and the tests call it the same way. How
+"""The row-by-row image classifier as a training job: `run(config, options)` is the whole of it;
+`python -m distrnn.mnist` only parses flags and calls it, and the tests call it the same way. How
 batches are drawn: distrnn.mnist.trainer.Splits.
 """
 
@@ -10,26 +8,27 @@ from distrnn.mnist import idx, plots
 from distrnn.mnist.configs import RunOptions
 from distrnn.mnist.trainer import Splits, Trainer, epoch_order, evaluate, make_model_plan
 from distrnn.parallel import local_devices
-from distrnn.run import loop, start
+from distrnn.run import start
+from distrnn.run.job import Curve, Job, Measures
 
 # Fields that fix variable shapes or the meaning of a saved position (with the global batch and the
 # image size): a checkpoint cannot be resumed under different values.
 SHAPE_FIELDS = ("cell", "num_layers", "hidden_size", "use_peepholes", "validation_size")
 
 
-def train_and_evaluate(config, options: RunOptions, world=None) -> dict:
-    """Trains, validates every epoch, tests at the end; returns the metrics dict (with
-    metrics["interrupted"] the exit code of a stop, after its checkpoint)."""
-    return start.run_job("mnist", config, options, MNISTJob, world)
+def run(config, options: RunOptions, world=None) -> dict:
+    """A run of this job: trains, validates every epoch, tests at the end; returns the metrics dict (with
+    metrics["interrupted"] the exit code of a stop, after its checkpoint). See distrnn.run.start.run."""
+    return start.run(MNISTJob, config, options, world)
 
 
-class MNISTJob(loop.Job):
+class MNISTJob(Job):
     """The row-by-row classifier as the training loop sees it: batches of images in an order fixed by
     (seed, epoch), losses and accuracies."""
 
-    unit, rate_key = "images", "examples_per_sec"
-    shape_fields = SHAPE_FIELDS + ("global_batch_size", "image_shape")
-    best_key, higher_is_better, test_keys = "valid_accuracy", True, ("test_accuracy", "test_loss")
+    name, shape_fields = "mnist", SHAPE_FIELDS + ("global_batch_size", "image_shape")
+    measures = Measures("images", "examples_per_sec", "valid_accuracy", higher_is_better=True,
+                        test_keys=("test_accuracy", "test_loss"))
 
     def __init__(self, config, options: RunOptions, world, devices, reference_batch: int):
         super().__init__(config, options, world, devices, reference_batch)
@@ -50,7 +49,7 @@ class MNISTJob(loop.Job):
                                options.fp16_allreduce)
         self.saved_extra = {"global_batch_size": self.global_batch, "image_shape": list(image_shape)}
         self.max_epochs = options.max_epochs or config.num_epochs
-        self.curve = loop.Curve("accuracy", f"{splits.title} {options.config_name}", log_scale=False)
+        self.curve = Curve("accuracy", f"{splits.title} {options.config_name}", log_scale=False)
         self.order = None
 
     def data_line(self) -> str:
@@ -63,7 +62,7 @@ class MNISTJob(loop.Job):
     def begin_epoch(self, pos) -> None:
         self.order = epoch_order(self.options.seed, pos.epoch, len(self.splits.train.labels))
 
-    def train_step(self, pos, i: int):
+    def step(self, pos, i: int):
         images, labels = self.splits.train_batch(self.order, i, self.global_batch, self.world)
         loss, accuracy, norm, _ = self.trainer.loss_scale.until_applied(  # applied, or diverged
             lambda: self.trainer.train_step(images, labels).numpy(), lambda outputs: outputs[3] == 1.0)
@@ -78,9 +77,6 @@ class MNISTJob(loop.Job):
     def divergence_advice(self, lr: float) -> str:
         return f"lower --learning_rate (now {lr:g})"
 
-    def record(self, pos, end_of_epoch: bool) -> None:
-        self.trainer.record(pos)
-
     def validate(self, pos, lr: float):
         checked = evaluate(self.trainer, self.splits.valid, self.splits.pixels, self.world)
         valid = {"valid_loss": checked.loss, "valid_accuracy": checked.accuracy} if checked else {}
@@ -89,9 +85,6 @@ class MNISTJob(loop.Job):
         text = (f"train loss {pos.train_loss:.4f} accuracy {100 * pos.train_accuracy:.2f}%" +
                 (f" | valid loss {checked.loss:.4f} accuracy {100 * checked.accuracy:.2f}%" if checked else ""))
         return entry, text, valid
-
-    def end_epoch(self, pos) -> None:
-        pos.epoch_loss, pos.epoch_accuracy = 0.0, 0.0
 
     def finish(self, pos, speed):
         splits = self.splits
