@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import importlib
 import os
 import shlex
 import signal
@@ -149,11 +150,27 @@ def list_configs(presets, describe: Callable[[str], str]) -> None:
         print(f"{name:9s} {describe(name)}\n          {fields}")
 
 
+def job_parser(package: str, description: str, default_config: str, data_help: str, config_cls):
+    """A training command's parser (`python -m package`): --config and --list_configs over `package`.configs'
+    PRESETS, a flag for every field of its RunOptions and of config_cls; returns (parser, the config's flag
+    names)."""
+    configs = importlib.import_module(f"{package}.configs")
+    parser = ArgumentParser(prog=f"python -m {package}", description=description)
+    add_job_flags(parser, package.rsplit(".", 1)[-1], configs.PRESETS, default_config, data_help, configs.RunOptions)
+    return parser, add_config_flags(parser, config_cls, field_comments(config_cls))
+
+
+def train_main(package: str, build_parser, describe: Callable[[str], str], argv=None) -> int:
+    """A training command's main: train_command inside run_main, TensorFlow's C++ start-up chatter hidden."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    return run_main(package, lambda: train_command(sys.argv[1:] if argv is None else argv, build_parser, describe,
+                                                   package))
+
+
 def train_command(argv: List[str], build_parser, describe: Callable[[str], str], package: str) -> int:
     """A training entry point: --list_configs, or the flags checked (the job's RunOptions, from
     `package`.configs, checks them as they mean together), the preset overridden and `package`.job's run
     called; returns the exit code. TensorFlow is imported only once the flags are known to be good."""
-    import importlib
     configs = importlib.import_module(f"{package}.configs")
     parser, names = build_parser()
     args = parser.parse_args(argv)

@@ -44,6 +44,7 @@ CELLS = tuple(CELL_KINDS)
 STRATEGIES = ("round_robin", "balanced")   # how model parts are mapped to devices (distrnn.parallel.placement)
 PLACEMENTS = ("sequential", "pipeline")    # how the layers' devices take turns
 LR_SCALINGS = ("none", "linear", "sqrt")   # the learning rate against global batch / batch_size
+ENGINES = ("auto", "horovod", "tensorflow")  # what runs the collectives among processes (distrnn.parallel.join)
 DATASETS = ("mnist", "fashion_mnist")      # the published image data sets (distrnn.mnist.idx)
 PRECISIONS = ("float32", "bfloat16", "float16")  # what a model computes in (distrnn.numerics.precision)
 PRECISION_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -37,7 +37,8 @@ DEVICE_COUNT = number(int, minimum=0, maximum=MAX_DEVICES)
 
 
 # The groups flags are shown in (None: the parser's top level).
-DEVICES, RANKS, MEMORY = "devices (model parallelism)", "several processes (under horovodrun or srun)", "memory"
+DEVICES, RANKS, MEMORY = ("devices (model parallelism)", "several processes (horovodrun, TF_CONFIG, srun, "
+                           "launch/one_node.sh)", "memory")
 PRECISION = "precision"
 
 
@@ -98,6 +99,11 @@ class JobOptions:
     strategy: str = flag("round_robin", "how parts are mapped to devices", group=DEVICES, choices=names.STRATEGIES)
     placement: str = flag("sequential", "sequential: one layer after another; pipeline: a wavefront so all devices "
                           "work at once", group=DEVICES, choices=names.PLACEMENTS)
+    engine: str = flag("auto", "what joins the processes and runs their collectives: horovod (horovodrun, MPI, srun "
+                       "where Horovod loads), tensorflow (TensorFlow's own collectives: TF_CONFIG, srun, "
+                       "launch/one_node.sh; every TensorFlow version), auto: horovod where it launched the processes "
+                       "or runs the srun step, tensorflow where TF_CONFIG is set or Horovod does not load "
+                       "(docs/engines.md)", group=RANKS, choices=names.ENGINES)
     gpus_per_rank: int = flag(0, "GPUs each rank owns (rank r: local GPUs r*K ... r*K+K-1), its layers placed across "
                               "them", DEVICE_COUNT, RANKS, default_text="one GPU per rank")
     global_batch_size: int = flag(0, "rows of one step over all ranks, split evenly", COUNT, RANKS,

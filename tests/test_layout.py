@@ -122,15 +122,19 @@ def test_the_folders_draw_the_architecture():
 def test_horovod_is_imported_in_one_module_and_nothing_else_knows_the_engine():
     """The engine is a seam: Horovod is imported in distrnn.parallel.horovod only, and no code outside the
     engines branches on which one runs (an `hvd` handle, an engine's class or name)."""
-    engines = {"distrnn.parallel.horovod"}
+    engines = {"distrnn.parallel.horovod", "distrnn.parallel.collective"}
     for module, (tree, text) in sources().items():
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         if any(name.split(".")[0] == "horovod" for name in imported):
-            assert module in engines, f"{module} imports Horovod"
-        if module not in engines and module != "distrnn.parallel.join":
-            assert "distrnn.parallel.horovod" not in imported and "HorovodWorld" not in text, module
-            assert not re.search(r"\bhvd\b|\.engine\b", text), f"{module} asks which engine runs"
+            assert module == "distrnn.parallel.horovod", f"{module} imports Horovod"
+        if any(name.startswith("tensorflow.python.distribute") for name in imported):
+            assert module == "distrnn.parallel.collective", f"{module} imports tf.distribute's internals"
+        # The interface names the engine a World is (for the log and the metrics); join picks one.
+        if module not in engines | {"distrnn.parallel.join", "distrnn.parallel.world"}:
+            assert not imported & {f"distrnn.parallel.{e}" for e in ("horovod", "collective")}, module
+            assert not re.search(r"HorovodWorld|CollectiveWorld", text), module
+            assert not re.search(r"\bhvd\b|(?<!options)\.engine\b", text), f"{module} asks which engine runs"
 
 
 def test_the_cell_table_is_the_only_place_cells_are_compared():

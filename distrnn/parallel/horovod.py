@@ -168,17 +168,20 @@ def serve_rendezvous(task: SrunTask, port: int):
 
 
 
-def join(gpus_per_rank: int = 0) -> Optional[HorovodWorld]:
+def join(gpus_per_rank: int = 0, required: bool = False) -> Optional[HorovodWorld]:
     """This process's place in a Horovod job, when a launcher started it as one (horovodrun, an MPI
     launcher, or an srun step of several tasks, which meet through Gloo unless srun --mpi=pmix started
     them and Horovod has MPI): Horovod initialised, the process pinned to its GPU(s) (by local rank,
     memory growth on; see local_devices.rank_gpus) and given its share of the host's cores. None when no
-    launcher started it. Must run before TensorFlow starts its devices."""
+    launcher started it (required, --engine horovod: after checking that Horovod loads). Must run before
+    TensorFlow starts its devices."""
     by_horovodrun = "HOROVOD_RANK" in os.environ
     task = None if by_horovodrun or mpi_joins_ranks() else slurm_env.srun_task()
     if task is not None:
         os.environ.update(gloo_environment(task))
     if not launched():
+        if required:
+            _load()
         return None
     hvd = _load()
     if task is not None:

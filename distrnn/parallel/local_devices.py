@@ -37,6 +37,12 @@ def pin_gpus(world) -> None:
         tf.config.set_visible_devices([gpus[i] for i in owned], "GPU")
 
 
+def owns_gpus() -> bool:
+    """Whether this process sees a GPU, asked without starting TensorFlow's devices (which would fix them)."""
+    import tensorflow as tf
+    return bool(tf.config.get_visible_devices("GPU"))
+
+
 def share_cores(local_size: int, by_srun: bool) -> None:
     """N processes on one host share its cores instead of each starting a pool as large as the host;
     an srun task has the cores Slurm gave it (--cpus-per-task)."""

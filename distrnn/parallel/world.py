@@ -35,6 +35,14 @@ class World(abc.ABC):
     def is_chief(self) -> bool:
         return self.rank == 0
 
+    def describe(self) -> str:
+        """The engine and the job's shape, for the start-up line."""
+        return f"{self.engine}, {self.size} process(es)" if self.size > 1 else self.engine
+
+    def report(self) -> dict:
+        """The engine, for a run's metrics."""
+        return {"engine": self.engine}
+
     def owned_gpus(self, num_gpus: int) -> Optional[list]:
         """Indices of the node's GPUs this process uses, in the order TensorFlow numbers them
         (what joining pinned); None when it was left to see all of them."""

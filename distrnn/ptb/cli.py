@@ -2,23 +2,15 @@
 
     python -m distrnn.ptb --config small --data_path DIR [--hidden_size 100 ...]
 """
-import os
-import sys
-
 from distrnn import cli
 
 
 def build_parser():
-    from distrnn.ptb.configs import PRESETS, PTBConfig, RunOptions
-    parser = cli.ArgumentParser(
-        prog="python -m distrnn.ptb",
-        description="Train the PTB word language model of Zaremba et al. 2014 with distrnn's stacked LSTM.")
-    cli.add_job_flags(
-        parser, "ptb", PRESETS, "small",
-        "directory with ptb.train.txt, ptb.valid.txt, ptb.test.txt, read as it is; default: ~/.cache/distrnn/ptb, "
-        "downloaded and checksummed when missing", RunOptions)
-    names = cli.add_config_flags(parser, PTBConfig, cli.field_comments(PTBConfig))
-    return parser, names
+    from distrnn.ptb.configs import PTBConfig
+    return cli.job_parser(
+        "distrnn.ptb", "Train the PTB word language model of Zaremba et al. 2014 with distrnn's stacked LSTM.",
+        "small", "directory with ptb.train.txt, ptb.valid.txt, ptb.test.txt, read as it is; default: "
+        "~/.cache/distrnn/ptb, downloaded and checksummed when missing", PTBConfig)
 
 
 def describe(name: str) -> str:
@@ -28,6 +20,4 @@ def describe(name: str) -> str:
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # hide TensorFlow's C++ start-up chatter
-    return cli.run_main("distrnn.ptb", lambda: cli.train_command(
-        sys.argv[1:] if argv is None else argv, build_parser, describe, "distrnn.ptb"))
+    return cli.train_main("distrnn.ptb", build_parser, describe, argv)

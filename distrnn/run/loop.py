@@ -210,6 +210,7 @@ class _Loop:
             "epochs": round(pos.global_step / job.steps_per_epoch, 4),
             "steps_per_epoch": job.steps_per_epoch,
             "world_size": world.size,
+            **world.report(),
             "global_batch_size": job.global_batch,
             # What each rank holds at the end, to see every node took part and the replicas agree.
             "ranks": world.allgather_object(dict(

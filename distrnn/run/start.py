@@ -37,9 +37,10 @@ def run(job_cls, config, options: JobOptions, world=None) -> dict:
     handling (start-up, evaluation) into Interrupted."""
     options.validate()  # a library caller's options may have changed since they were made
     reference_batch = config.batch_size
-    world = world or parallel.init(options.gpus_per_rank)
+    world = world or parallel.init(options.engine, options.gpus_per_rank, options.virtual_devices)
     if world.is_chief:
         log(f"machine: {cpu.describe_machine()}")
+        log(f"engine: {world.describe()}")
     devices = local_devices.job_devices(options.devices, options.num_gpus, options.virtual_devices,
                                         options.gpus_per_rank)
     save_path = world.broadcast_object(options.save_path or default_save_path(job_cls.name, options.config_name))

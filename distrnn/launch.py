@@ -1,0 +1,134 @@
+"""`python -m distrnn.launch`: N processes of a distrnn job on this machine, joined by TensorFlow's own
+collectives (each started with its TF_CONFIG, as tf.distribute and Kubeflow's TFJob set it), where
+horovodrun is not needed or not there (TensorFlow 2.19 and newer have no Horovod).
+
+    python -m distrnn.launch --nproc 2 -m distrnn.ptb --config small --global_batch_size 40
+    bash launch/one_node.sh 2 -m distrnn.ptb ...      # horovodrun where the stack has Horovod, else this
+
+Each worker listens on its own port of localhost: --port P gives the first (P, P+1, ...), else free ports
+are taken from the system. Ctrl-C, SIGTERM and SIGUSR1 are passed to every worker, which stop together at
+the same step with a checkpoint (distrnn.run.stops). When a worker fails, the others end with exit 75 on
+their own (the collective runtime's heartbeats notice a dead worker in about ten seconds); any still
+running a minute later are killed, so the launcher never hangs. The exit code is the first failing
+worker's (0 when all succeeded).
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import List
+
+from distrnn import cli
+from distrnn.errors import UsageError
+from distrnn.options import number
+
+GRACE_SECONDS = 60  # after a worker fails, how long the others have to end by themselves
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def free_ports(count: int, first: int = 0) -> List[int]:
+    """`count` ports of localhost: first, first + 1, ... when given (each checked free), else the system's."""
+    ports, sockets = [], []
+    try:
+        for i in range(count):
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(probe)
+            try:
+                probe.bind(("127.0.0.1", first + i if first else 0))
+            except OSError as error:
+                raise UsageError(f"port {first + i} of localhost is taken ({error.strerror}): give --port a range of "
+                                 f"{count} free ports, or leave --port out") from None
+            ports.append(probe.getsockname()[1])
+    finally:
+        for probe in sockets:
+            probe.close()
+    return ports
+
+
+def tf_configs(ports: List[int]) -> List[str]:
+    """Each worker's TF_CONFIG: the same cluster of localhost workers, its own index."""
+    cluster = {"worker": [f"localhost:{port}" for port in ports]}
+    return [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(len(ports))]
+
+
+def start_workers(workers: List[subprocess.Popen], command: List[str], nproc: int, first_port: int = 0) -> None:
+    """Starts the workers into `workers`, each in a session of its own: a signal reaches them through this
+    launcher (once), not also from the terminal."""
+    for config in tf_configs(free_ports(nproc, first_port)):
+        workers.append(subprocess.Popen(command, env=dict(os.environ, TF_CONFIG=config), start_new_session=True))
+
+
+def wait(workers: List[subprocess.Popen]) -> int:
+    """Waits for every worker; the first failure's exit code (a signal as 128 + its number), else 0. Workers
+    still running GRACE_SECONDS after one failed are killed."""
+    failed_at, code = None, 0
+    while any(w.poll() is None for w in workers):
+        for w in workers:
+            rc = w.poll()
+            if rc not in (None, 0) and failed_at is None:
+                failed_at, code = time.monotonic(), rc if rc > 0 else 128 - rc
+        if failed_at is not None and time.monotonic() - failed_at > GRACE_SECONDS:
+            for w in workers:
+                if w.poll() is None:
+                    print(f"distrnn.launch: worker pid {w.pid} still running {GRACE_SECONDS} s after another "
+                          f"failed: killed", file=sys.stderr)
+                    w.kill()
+        time.sleep(0.2)
+    if code == 0:
+        for w in workers:
+            if w.returncode != 0:
+                return w.returncode if w.returncode > 0 else 128 - w.returncode
+    return code
+
+
+def forward_signals(workers: List[subprocess.Popen]) -> None:
+    """Ctrl-C, SIGTERM and SIGUSR1 to the launcher are passed to every worker, which stop together."""
+    def handler(signum, frame):
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signum)
+    for sig in FORWARDED:
+        signal.signal(sig, handler)
+
+
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(prog="python -m distrnn.launch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nproc", type=number(int, minimum=1, maximum=1024), required=True,
+                        help="workers to start on this machine")
+    parser.add_argument("--port", type=number(int, minimum=1, maximum=65535), default=0,
+                        help="the first worker's port (default: free ports)")
+    parser.usage = "python -m distrnn.launch --nproc N [--port P] -m distrnn.ptb FLAGS... (or -- SCRIPT ARGS...)"
+    return parser
+
+
+def split_command(argv: List[str]):
+    """(the launcher's own flags, what each worker runs after python): the command starts at the first -m,
+    or after a `--`."""
+    for i, arg in enumerate(argv):
+        if arg == "-m":
+            return argv[:i], argv[i:]
+        if arg == "--":
+            return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def run(argv) -> int:
+    own, command = split_command(list(argv))
+    args = build_parser().parse_args(own)
+    if not command:
+        raise UsageError("give the command each worker runs after python, e.g. -m distrnn.ptb --config small")
+    workers = []
+    forward_signals(workers)
+    start_workers(workers, [sys.executable, *command], args.nproc, args.port)
+    return wait(workers)
+
+
+def main(argv=None) -> int:
+    return cli.run_main("distrnn.launch", lambda: run(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""TensorFlow's own collective runtime as distrnn's engine (`--engine tensorflow`): the one that runs on
+every TensorFlow distrnn supports, 2.19 and newer included, where Horovod does not build.
+
+A process joins from `TF_CONFIG` (tf.distribute's convention, which Kubeflow's TFJob sets: a cluster of
+`chief` and `worker` tasks and this process's task), which distrnn writes itself for an srun step of
+several tasks (`srun_tf_config`) and launch/one_node.sh for N processes on one machine. The runtime is
+TensorFlow's: creating a `tf.distribute.MultiWorkerMirroredStrategy` starts the gRPC server, the
+collective executor and the coordination service, whose heartbeats tell a dead or frozen peer in about
+ten seconds (measured: a killed worker fails the others' collective with UnavailableError after 10.4 s,
+on 2.15 and 2.21). The collectives themselves go through the strategy's replica launcher
+(`cross_device_utils.CollectiveReplicaLauncher`: RING on CPUs, NCCL on GPUs, instance keys fed at call
+time so that workers tracing at different moments still agree, an ordering token per launcher) rather
+than `strategy.run`: distrnn's loop owns its variables and tf.functions, which tf.distribute's public
+API would have it hand over (MirroredVariables, replica contexts). That launcher is TensorFlow-internal;
+its methods are the same in 2.15 and 2.21, and the tests run both.
+"""
+import dataclasses
+import json
+import os
+import pickle
+import re
+import socket
+from typing import Any, ClassVar, Optional
+
+import numpy as np
+
+from distrnn.errors import UsageError
+from distrnn.parallel import local_devices, slurm_env, srun
+from distrnn.parallel.world import World
+
+ROLES = ("chief", "worker")  # in rank order: a TFJob's chief is rank 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """This process's place in a TF_CONFIG cluster, ranked chief first, then workers."""
+    rank: int
+    addresses: tuple   # every task's host:port, in rank order
+    role: str
+    index: int
+
+    @property
+    def size(self) -> int:
+        return len(self.addresses)
+
+    @property
+    def host(self) -> str:
+        return self.addresses[self.rank].rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.addresses[self.rank].rsplit(":", 1)[1])
+
+    @property
+    def local_rank(self) -> int:
+        return [a.rsplit(":", 1)[0] for a in self.addresses[:self.rank]].count(self.host)
+
+    @property
+    def local_size(self) -> int:
+        return [a.rsplit(":", 1)[0] for a in self.addresses].count(self.host)
+
+
+def read_tf_config(text: str) -> Task:
+    """TF_CONFIG's cluster and task, checked: one line naming what is wrong otherwise (UsageError)."""
+    fix = ('TF_CONFIG must be JSON like {"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": '
+           '"worker", "index": 0}}')
+    try:
+        spec = json.loads(text)
+    except ValueError as error:
+        raise UsageError(f"TF_CONFIG is not JSON ({error}); {fix}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("cluster"), dict) or not isinstance(spec.get("task"), dict):
+        raise UsageError(f"TF_CONFIG has no cluster or no task; {fix}")
+    cluster, task = spec["cluster"], spec["task"]
+    other = sorted(set(cluster) - set(ROLES) - {"evaluator"})
+    if other:
+        raise UsageError(f"TF_CONFIG's cluster has {', '.join(other)} tasks: distrnn trains with chief and worker "
+                         f"tasks only (all-reduce, no parameter servers)")
+    addresses = []
+    for role in ROLES:
+        listed = cluster.get(role, [])
+        if not isinstance(listed, list) or not all(isinstance(a, str) and _address_ok(a) for a in listed):
+            raise UsageError(f"TF_CONFIG's cluster.{role} must be a list of \"host:port\" strings; {fix}")
+        addresses += listed
+    if len(set(addresses)) != len(addresses):
+        raise UsageError("TF_CONFIG's cluster names one host:port twice: give every task its own port")
+    role, index = task.get("type"), task.get("index")
+    if role not in ROLES:
+        raise UsageError(f"TF_CONFIG's task type is {role!r}: distrnn runs as a chief or worker task")
+    count = len(cluster.get(role, []))
+    if type(index) is not int or not 0 <= index < count:
+        raise UsageError(f"TF_CONFIG's task index {index!r} is not one of the cluster's {count} {role} task(s) "
+                         f"(0 to {count - 1})")
+    rank = index + (len(cluster.get("chief", [])) if role == "worker" else 0)
+    return Task(rank, tuple(addresses), role, index)
+
+
+def _address_ok(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isascii() and port.isdigit() and 0 < int(port) < 65536
+
+
+def srun_tf_config(task: slurm_env.SrunTask, env=os.environ) -> str:
+    """TF_CONFIG for a task of an srun step: every task a worker on its node, at the step's port (see
+    srun.rendezvous_port: from the job and step ids, or the ports srun reserved) plus its local rank, so
+    that two steps sharing a node never take the same port."""
+    base = srun.rendezvous_port(env)
+    if base + max(count for _, count in task.slots) > 65536:
+        raise UsageError(f"the step's port {base} leaves too few ports above it for its tasks: set "
+                         f"DISTRNN_RENDEZVOUS_PORT lower")
+    workers = [f"{node}:{base + i}" for node, count in task.slots for i in range(count)]
+    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": task.rank}})
+
+
+def check_port_free(task: Task) -> None:
+    """The gRPC server binds this task's port; a port another process holds is one line, not TensorFlow's
+    abort."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", task.port))
+        except OSError as error:
+            raise UsageError(f"port {task.port} of this host ({task.role} {task.index} in TF_CONFIG) is taken "
+                             f"({error.strerror}): give the task a free port, or stop what holds it") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectiveWorld(World):
+    """The World over TensorFlow's collective runtime (started by join)."""
+    launcher: Any = dataclasses.field(default=None, repr=False, compare=False)  # CollectiveReplicaLauncher
+    implementation: str = "RING"   # RING between CPUs, NCCL between GPUs
+    gather: Any = dataclasses.field(default=None, repr=False, compare=False)    # tf.function: all-gather, axis 0
+    engine: ClassVar[str] = "tensorflow"
+    pins_gpus: ClassVar[bool] = True
+
+    def describe(self) -> str:
+        return f"{self.engine} ({self.implementation} collectives), {self.size} process(es)"
+
+    def report(self) -> dict:
+        return {"engine": self.engine, "collectives": self.implementation}
+
+    def allreduce_sum(self, values) -> np.ndarray:
+        import tensorflow as tf
+        return self.launcher.all_reduce(tf.constant(np.asarray(values, dtype=np.float64))).numpy()
+
+    def allgather(self, array) -> np.ndarray:
+        import tensorflow as tf
+        return self.gather(tf.constant(np.asarray(array))).numpy()
+
+    def allgather_object(self, obj) -> list:
+        data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8).astype(np.int32)
+        lengths = self.allgather(np.array([len(data)], dtype=np.int64))
+        padded = np.zeros(int(lengths.max()), dtype=np.int32)
+        padded[:len(data)] = data
+        rows = self.allgather(padded[None]).astype(np.uint8)
+        return [pickle.loads(row[:length].tobytes()) for row, length in zip(rows, lengths)]
+
+    def broadcast_object(self, obj):
+        return self.allgather_object(obj if self.is_chief else None)[0]
+
+    def broadcast_variables(self, variables) -> None:
+        """Every rank's variables take rank 0's: a sum to which the other ranks add zeros (exact)."""
+        import tensorflow as tf
+        variables = list(variables)
+        if variables:
+            values = [v if self.is_chief else tf.zeros_like(v) for v in variables]
+            for variable, value in zip(variables, self.launcher.batch_all_reduce([values])):
+                variable.assign(value)
+
+    def average(self, tensor):
+        return self.launcher.all_reduce(tensor) / self.size
+
+    def average_gradients(self, grads, sparse_as_dense: bool = False, fp16: bool = False) -> list:
+        """Dense gradients packed into one all-reduce (fp16: sent as float16), an embedding's IndexedSlices
+        by all-gathering its rows and their indices (or as a dense tensor with sparse_as_dense), as the
+        Horovod engine does."""
+        import tensorflow as tf
+        grads = [tf.convert_to_tensor(g) if sparse_as_dense and isinstance(g, tf.IndexedSlices) else g
+                 for g in grads]
+        dense = [i for i, g in enumerate(grads) if g is not None and not isinstance(g, tf.IndexedSlices)]
+        if dense:
+            sent = [tf.cast(grads[i], tf.float16) if fp16 else grads[i] for i in dense]
+            for i, total in zip(dense, self.launcher.batch_all_reduce([sent])):
+                grads[i] = tf.cast(total, grads[i].dtype) / self.size
+        for i, g in enumerate(grads):
+            if isinstance(g, tf.IndexedSlices):
+                rows = tf.cast(g.values, tf.float16) if fp16 else g.values
+                rows = tf.cast(self.launcher.all_gather(rows, axis=0), g.values.dtype) / self.size
+                grads[i] = tf.IndexedSlices(rows, self.launcher.all_gather(g.indices, axis=0), g.dense_shape)
+        return grads
+
+    def lost(self, error: BaseException) -> Optional[str]:
+        import tensorflow as tf
+        if not isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                                  tf.errors.CancelledError, tf.errors.AbortedError, tf.errors.InternalError)):
+            return None
+        text = getattr(error, "message", str(error))
+        for mark in ("heartbeat timeout", "is down", "Collective ops is aborted", "timed out", "Deadline Exceeded",
+                     "failed to connect", "Socket closed", "Connection reset"):
+            if mark in text:
+                return _reason(text, mark)
+        return None
+
+
+def _reason(text: str, mark: str) -> str:
+    """The sentence of a runtime error that says what happened, without TensorFlow's node names."""
+    text = re.sub(r"\{\{[^}]*\}\}\s*", "", text.splitlines()[0] if text else "")
+    start = text.find("Task /job:")
+    sentence = text[start:] if start >= 0 and mark == "heartbeat timeout" else text
+    return sentence.split(". ")[0].rstrip(".") or mark
+
+
+def _start_runtime(size: int, on_gpus: bool) -> dict:
+    """TensorFlow's collective runtime for this process (from TF_CONFIG): the launcher of collectives among
+    the workers' first devices, its implementation, and an all-gather function (the launcher gathers
+    inside functions only)."""
+    import tensorflow as tf
+    from tensorflow.python.distribute import collective_util, cross_device_utils
+    kinds = tf.distribute.experimental.CommunicationImplementation
+    implementation = kinds.NCCL if on_gpus else kinds.RING
+    options = tf.distribute.experimental.CommunicationOptions(implementation=implementation)
+    extended = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options).extended
+    device = extended.worker_devices[0]
+    keys = extended._collective_keys  # the strategy's: the group of the workers' first devices is its own
+    launcher = cross_device_utils.CollectiveReplicaLauncher(
+        keys.get_group_key([device]), size, keys, device, collective_util.Options(implementation=implementation))
+    return {"launcher": launcher, "implementation": implementation.value,
+            "gather": tf.function(lambda x: launcher.all_gather(x, axis=0))}
+
+
+def join(gpus_per_rank: int = 0, virtual_devices: int = 0) -> Optional[CollectiveWorld]:
+    """This process's place in a job of TensorFlow's engine: from TF_CONFIG, or from Slurm's variables in
+    an srun step of several tasks. None when neither applies. Pins the process to its GPUs and shares the
+    host's cores as the other engine does, splits the CPU into `virtual_devices` (the runtime fixes the
+    devices when it starts), then starts the collective runtime."""
+    text = os.environ.get("TF_CONFIG")
+    if text is None:
+        task = slurm_env.srun_task()
+        if task is None:
+            return None
+        text = os.environ["TF_CONFIG"] = srun_tf_config(task)
+    task = read_tf_config(text)
+    check_port_free(task)
+    shape = CollectiveWorld(task.rank, task.size, task.local_rank, task.local_size, gpus_per_rank)
+    local_devices.pin_gpus(shape)
+    local_devices.share_cores(shape.local_size, by_srun="SLURM_STEP_ID" in os.environ)
+    if virtual_devices:
+        local_devices.setup_virtual_devices(virtual_devices)
+    return dataclasses.replace(shape, **_start_runtime(task.size, local_devices.owns_gpus()))
