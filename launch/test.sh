@@ -43,7 +43,8 @@ fi
 cd "$root"
 STACK_TESTS=(tests/test_compat.py tests/test_adam.py tests/test_rnn.py tests/test_ops.py tests/test_placement.py
              tests/test_train.py tests/test_best.py tests/test_use.py tests/test_mnist.py tests/test_memory.py
-             tests/test_devices.py tests/test_cli.py tests/test_hostile.py tests/test_precision.py)
+             tests/test_devices.py tests/test_cli.py tests/test_hostile.py tests/test_precision.py
+             tests/test_collective.py)
 # Each stack has a temporary directory of its own: two pytest sessions at once never share one.
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/distrnn-test.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT

@@ -35,6 +35,15 @@ def version() -> Optional[str]:
     return horovod.__version__
 
 
+def loads() -> bool:
+    """Whether Horovod's TensorFlow module can be loaded here (installed, and built against this TensorFlow)."""
+    try:
+        _load()
+    except UsageError:
+        return False
+    return True
+
+
 def launched() -> bool:
     return any(name in os.environ for name in LAUNCH_VARIABLES)
 

@@ -29,11 +29,10 @@ def init(engine: str = "auto", gpus_per_rank: int = 0, virtual_devices: int = 0)
 
 def _horovod_runs() -> bool:
     """Whether Horovod's launcher started this process, or an srun step (with no TF_CONFIG set) runs it and
-    Horovod can be imported."""
+    Horovod loads."""
     if horovod.launched():
         return True
-    return ("TF_CONFIG" not in os.environ and slurm_env.srun_task() is not None
-            and horovod.version() is not None)
+    return "TF_CONFIG" not in os.environ and slurm_env.srun_task() is not None and horovod.loads()
 
 
 def engine_versions() -> dict:

@@ -1,0 +1,221 @@
+"""TensorFlow's own collectives as the engine (`--engine tensorflow`): real worker processes joined by
+TF_CONFIG through `python -m distrnn.launch`, on whichever stack runs the test (both in CI: this is the one
+way distrnn trains on several processes on TensorFlow 2.19 and newer)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, assert_one_line_error, checkpoint_step, run_module, subprocess_env, write_corpus
+from distrnn.errors import UsageError
+from distrnn.parallel import collective, slurm_env
+
+PTB = ["--config", "test", "--hidden_size", "8", "--num_layers", "2", "--num_steps", "5", "--max_max_epoch", "2",
+       "--max_epoch", "1", "--keep_prob", "1.0", "--max_grad_norm", "5", "--learning_rate", "0.2", "--seed", "3"]
+
+
+def tf_config(workers, index, role="worker", **more):
+    return json.dumps({"cluster": dict({"worker": workers}, **more), "task": {"type": role, "index": index}})
+
+
+def test_tf_config_as_tf_distribute_and_kubeflow_write_it():
+    task = collective.read_tf_config(tf_config(["a:1000", "b:1000", "a:1001"], 2))
+    assert (task.rank, task.size, task.host, task.port, task.local_rank, task.local_size) == (2, 3, "a", 1001, 1, 2)
+    # A TFJob's chief is rank 0, its workers follow.
+    task = collective.read_tf_config(tf_config(["w0:2222", "w1:2222"], 0, chief=["c0:2222"]))
+    assert (task.rank, task.size, task.role) == (1, 3, "worker")
+    assert collective.read_tf_config(tf_config(["w0:2222"], 0, role="chief", chief=["c0:2222"])).rank == 0
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("{not json", "TF_CONFIG is not JSON"),
+    ('{"cluster": {"worker": ["a:1"]}}', "TF_CONFIG has no cluster or no task"),
+    (tf_config(["a:1"], 0, ps=["p:1"]), "TF_CONFIG's cluster has ps tasks: distrnn trains with chief and worker"),
+    (tf_config(["a:1", "b:1"], 2), "TF_CONFIG's task index 2 is not one of the cluster's 2 worker task(s) (0 to 1)"),
+    (tf_config(["a:1"], True), "TF_CONFIG's task index True is not one of"),
+    (tf_config(["a:1"], 0, role="evaluator"), "TF_CONFIG's task type is 'evaluator'"),
+    (tf_config(["a"], 0), 'cluster.worker must be a list of "host:port" strings'),
+    (tf_config(["a:99999"], 0), 'cluster.worker must be a list of "host:port" strings'),
+    (tf_config(["a:1", "a:1"], 0), "names one host:port twice"),
+])
+def test_a_malformed_tf_config_is_one_line(text, fragment):
+    with pytest.raises(UsageError) as raised:
+        collective.read_tf_config(text)
+    assert fragment in str(raised.value)
+
+
+def test_srun_tasks_get_a_cluster_whose_ports_two_steps_on_a_node_do_not_share():
+    env = {"SLURM_STEP_ID": "0", "SLURM_JOB_ID": "77", "SLURM_STEP_NUM_TASKS": "3", "SLURM_STEP_NODELIST": "n[1-2]",
+           "SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_NODEID": "1", "SLURM_LOCALID": "0", "SLURM_PROCID": "2"}
+    config = json.loads(collective.srun_tf_config(slurm_env.srun_task(env), env))
+    base = int(config["cluster"]["worker"][0].split(":")[1])
+    assert config == {"cluster": {"worker": [f"n1:{base}", f"n1:{base + 1}", f"n2:{base}"]},
+                      "task": {"type": "worker", "index": 2}}
+    other = json.loads(collective.srun_tf_config(slurm_env.srun_task(env), dict(env, SLURM_JOB_ID="78")))
+    assert {a.split(":")[1] for a in other["cluster"]["worker"]}.isdisjoint({str(base), str(base + 1)})
+
+
+def launch(nproc, *args, module="distrnn.ptb", timeout=300, python=sys.executable):
+    proc = subprocess.run([python, "-m", "distrnn.launch", "--nproc", str(nproc), "-m", module, *map(str, args)],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ptb_corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("collective") / "corpus", train_words=2000, other_words=600)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_equal_one_process_with_the_whole_batch(ptb_corpus, tmp_path, workers):
+    """N workers of --global_batch_size 6 compute what one process of batch 6 does, at a learning rate where
+    training is not chaotic: train perplexity to 1e-5, valid and test to 1e-4 (float32 sums in another
+    order), two epochs (the learning rate's decay in the second)."""
+    common = [*PTB, "--data_path", ptb_corpus]
+    proc = launch(workers, *common, "--global_batch_size", 6, "--save_path", tmp_path / "n",
+                  "--metrics_json", tmp_path / "n.json")
+    run_module("distrnn.ptb", *common, "--batch_size", 6, "--save_path", tmp_path / "one",
+               "--metrics_json", tmp_path / "one.json", check=0)
+    many, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("n", "one"))
+    assert (many["engine"], many["collectives"], many["world_size"]) == ("tensorflow", "RING", workers)
+    assert (one["engine"], one["world_size"]) == ("one process", 1)
+    assert many["steps"] == one["steps"] > 0 and len(many["history"]) == len(one["history"]) == 2
+    for a, b in zip(many["history"], one["history"]):
+        assert a["train_perplexity"] == pytest.approx(b["train_perplexity"], rel=1e-5)
+        assert a["valid_perplexity"] == pytest.approx(b["valid_perplexity"], rel=1e-4)
+    assert many["test_perplexity"] == pytest.approx(one["test_perplexity"], rel=1e-4)
+    assert len({rank["weights_norm"] for rank in many["ranks"]}) == 1  # every replica holds the same weights
+    assert f"engine: tensorflow (RING collectives), {workers} process(es)" in proc.stdout
+    assert proc.stdout.count("done:") == 1  # rank 0 alone reports
+
+
+def test_mnist_two_workers_equal_one_process(tmp_path):
+    from conftest import write_images
+    images = write_images(tmp_path / "images")
+    common = ["--config", "stacked", "--hidden_size", "8", "--validation_size", "100", "--num_epochs", "1",
+              "--data_path", images, "--seed", "3", "--virtual_devices", "2"]
+    launch(2, *common, "--global_batch_size", 20, "--save_path", tmp_path / "two",
+           "--metrics_json", tmp_path / "two.json", module="distrnn.mnist")
+    run_module("distrnn.mnist", *common, "--batch_size", 20, "--save_path", tmp_path / "one",
+               "--metrics_json", tmp_path / "one.json", check=0)
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert two["steps"] == one["steps"] == 25
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-5)
+    assert two["confusion_matrix"] == one["confusion_matrix"]
+
+
+def test_the_engine_is_chosen_as_asked(tmp_path, ptb_corpus):
+    """--engine tensorflow with nothing to join, a malformed TF_CONFIG, a task's port already taken: one line,
+    exit 2, before any training."""
+    base = ["--config", "test", "--data_path", ptb_corpus, "--max_steps", "1", "--save_path", tmp_path / "run"]
+    proc = run_module("distrnn.ptb", *base, "--engine", "tensorflow")
+    assert_one_line_error(proc, "distrnn.ptb", "--engine tensorflow: no TF_CONFIG and no srun step")
+    proc = run_module("distrnn.ptb", *base, env={"TF_CONFIG": '{"cluster": {"worker": ["localhost:1"]}, "task": 3}'})
+    assert_one_line_error(proc, "distrnn.ptb", "TF_CONFIG has no cluster or no task")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = run_module("distrnn.ptb", *base, env={"TF_CONFIG": tf_config([f"localhost:{port}"], 0)})
+    assert_one_line_error(proc, "distrnn.ptb", f"port {port} of this host (worker 0 in TF_CONFIG) is taken")
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_a_killed_worker_ends_the_others_with_75_and_the_run_resumes(ptb_corpus, tmp_path):
+    """kill -9 of one of two workers mid-run: the other ends within 60 s with one line and exit 75 (the
+    runtime's heartbeats, not a hang), the checkpoints stay as they were, and --resume goes on from the last."""
+    common = [*PTB, "--max_max_epoch", "1000", "--data_path", ptb_corpus, "--batch_size", "2",
+              "--checkpoint_every", "100", "--save_path", tmp_path / "run"]
+    command = [sys.executable, "-m", "distrnn.launch", "--nproc", "2", "-m", "distrnn.ptb", *map(str, common)]
+    proc = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "run" / "checkpoints" / "checkpoint").exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        victim = worker_pid(proc.pid, 1)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = proc.communicate(timeout=150)
+        stopped_after = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert stopped_after < 60, stopped_after
+    errors = [line for line in stderr.splitlines() if line.startswith("distrnn.ptb: error:")]
+    assert len(errors) == 1 and "rank 0 lost contact with the other ranks" in errors[0], stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert proc.returncode in (75, 137), proc.returncode  # the first to fail: the survivor's 75 or the victim's kill
+    last = checkpoint_step(tmp_path / "run")
+    resumed = launch(2, *common, "--resume", "--max_steps", last + 10, "--metrics_json", tmp_path / "m.json")
+    assert f"ckpt-{last}" in resumed.stdout
+    assert json.loads((tmp_path / "m.json").read_text())["steps"] == last + 10
+
+
+def worker_pid(launcher: int, index: int) -> int:
+    """The pid of the launcher's child whose TF_CONFIG has task index `index`."""
+    import psutil
+    for child in psutil.Process(launcher).children():
+        config = json.loads(child.environ().get("TF_CONFIG", "{}"))
+        if config.get("task", {}).get("index") == index:
+            return child.pid
+    raise AssertionError(f"no worker {index} under pid {launcher}")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_every_worker_at_one_step_and_resumes_exactly(ptb_corpus, tmp_path):
+    """A scheduler's SIGTERM to python -m distrnn.launch reaches every worker once; they agree on the step,
+    rank 0 saves (every worker's carried LSTM state and the dropout generator included), each exits 143, and
+    --resume continues as the uninterrupted run."""
+    common = [*PTB, "--keep_prob", "0.8", "--batch_size", "2", "--max_max_epoch", "1000000", "--data_path",
+              ptb_corpus, "--checkpoint_every", "100000"]
+    command = [sys.executable, "-m", "distrnn.launch", "--nproc", "2", "-m", "distrnn.ptb", *map(str, common),
+               "--save_path", str(tmp_path / "b")]
+    proc = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if "words/sec" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        output = proc.stdout.read()
+        proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and "stopped by signal: checkpoint saved" in output, output[-2000:]
+    stopped_at = checkpoint_step(tmp_path / "b")
+    end = ["--max_steps", stopped_at + 60]
+    resumed = launch(2, *common, *end, "--save_path", tmp_path / "b", "--resume", "--metrics_json", tmp_path / "b.json")
+    assert f"ckpt-{stopped_at}" in resumed.stdout
+    launch(2, *common, *end, "--save_path", tmp_path / "a", "--metrics_json", tmp_path / "a.json")
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("a", "b"))
+    assert a["steps"] == b["steps"] == stopped_at + 60
+    for key in ("train_perplexity", "valid_perplexity", "test_perplexity"):
+        assert b[key] == pytest.approx(a[key], rel=1e-6), key
+
+
+@pytest.mark.slow
+def test_the_two_engines_compute_the_same(ptb_corpus, tmp_path):
+    """The same job under horovodrun and under TensorFlow's collectives, 2 processes each: the same
+    perplexities to 1e-5 (measured: the same bits)."""
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    if not os.path.exists(horovodrun):
+        pytest.skip("horovodrun not found: Horovod is not installed on this stack (TensorFlow 2.19 and newer)")
+    common = [*PTB, "--data_path", ptb_corpus, "--global_batch_size", 4]
+    launch(2, *common, "--save_path", tmp_path / "tf", "--metrics_json", tmp_path / "tf.json")
+    subprocess.run([horovodrun, "--gloo", "-np", "2", "-H", "localhost:2", sys.executable, "-m", "distrnn.ptb",
+                    *map(str, common), "--save_path", str(tmp_path / "hvd"), "--metrics_json",
+                    str(tmp_path / "hvd.json")], cwd=ROOT, env=subprocess_env(), check=True, capture_output=True,
+                   timeout=300)
+    tf_run, hvd_run = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("tf", "hvd"))
+    assert (tf_run["engine"], hvd_run["engine"]) == ("tensorflow", "horovod")
+    for key in ("train_perplexity", "valid_perplexity", "test_perplexity"):
+        assert tf_run[key] == pytest.approx(hvd_run[key], rel=1e-5), key
