@@ -1,4 +1,4 @@
-"""`python -m distrnn.launch`: N processes of a distrnn job on this machine, joined by TensorFlow's own
+"""`python -m distrnn.launch` (distrnn/launch/__main__.py): N processes of a distrnn job on this machine, joined by TensorFlow's own
 collectives (each started with its TF_CONFIG, as tf.distribute and Kubeflow's TFJob set it), where
 horovodrun is not needed or not there (TensorFlow 2.19 and newer have no Horovod).
 
@@ -128,7 +128,3 @@ def run(argv) -> int:
 
 def main(argv=None) -> int:
     return cli.run_main("distrnn.launch", lambda: run(sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from distrnn.launch.local import main
+
+sys.exit(main())
