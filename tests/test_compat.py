@@ -114,11 +114,13 @@ def test_horovod_missing_names_the_stack_that_has_it(monkeypatch):
     fake_stack(monkeypatch, "2.21.0", None)
     assert compat.horovod_missing() == (
         "launched as several ranks, but there is no Horovod for TensorFlow 2.21.0: Horovod 0.28.1, its last release, "
-        f"builds against TensorFlow <= 2.18; {USE}, or start the job as one process")
+        f"builds against TensorFlow <= 2.18; {USE}, or start it on TensorFlow's own collectives (--engine "
+        "tensorflow, docs/engines.md)")
     fake_stack(monkeypatch, "2.16.2", None)
     assert compat.horovod_missing() == (
         "launched as several ranks, but Horovod is not installed; run bash launch/setup.sh (it builds Horovod against "
-        f"TensorFlow 2.16.2), or {USE}, or start the job as one process")
+        f"TensorFlow 2.16.2), or {USE}, or start it on TensorFlow's own collectives (--engine tensorflow, "
+        "docs/engines.md)")
     fake_stack(monkeypatch, "2.21.0", "0.28.1")
     error = ImportError("/x/mpi_lib.so: undefined symbol: _ZN10tensorflow8OpKernel\nsecond line")
     assert compat.horovod_missing(error) == (
@@ -136,12 +138,15 @@ LAUNCHES = {"horovodrun": {"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2", "HOROVOD_LO
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHES))
 def test_a_launch_of_several_ranks_without_a_loadable_horovod_is_one_line(launcher, corpus, tmp_path, monkeypatch):
-    """A rank as horovodrun or a 2-task srun step starts it, with Horovod unimportable (as on a TensorFlow it
-    cannot build against): one line naming the stack that has Horovod, before anything is saved."""
+    """A rank as horovodrun starts it, or a 2-task srun step with --engine horovod (without it, srun's tasks
+    join through TensorFlow's collectives where Horovod does not load: test_collective), with Horovod
+    unimportable (as on a TensorFlow it cannot build against): one line naming the stack that has Horovod,
+    before anything is saved."""
     hide_horovod(tmp_path, monkeypatch)
     for name, value in LAUNCHES[launcher].items():
         monkeypatch.setenv(name, value)
-    proc = run_ptb("--config", "test", "--data_path", corpus, "--save_path", tmp_path / "s", check=2)
+    engine = ["--engine", "horovod"] if launcher == "srun" else []
+    proc = run_ptb("--config", "test", "--data_path", corpus, "--save_path", tmp_path / "s", *engine, check=2)
     assert_one_line_error(proc, "distrnn.ptb", "launched as several ranks, but", USE)
     assert not (tmp_path / "s").exists()
 

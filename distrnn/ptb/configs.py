@@ -47,8 +47,10 @@ class PTBConfig:
         for name in ("init_scale", "learning_rate", "max_grad_norm"):
             value = getattr(self, name)
             check(value > 0, f"{name} must be positive, got {value}; pass --{name} X with X > 0")
-        check(0.0 < self.keep_prob <= 1.0,
-              f"keep_prob must be in (0, 1], got {self.keep_prob}; pass --keep_prob 1.0 for no dropout")
+        # 1 - keep_prob must stay below 1 in float: 5e-324 is in (0, 1] but drops everything (rate 1.0).
+        check(0.0 < self.keep_prob <= 1.0 and 1.0 - self.keep_prob < 1.0,
+              f"keep_prob must be in (0, 1] and leave 1 - keep_prob below 1 in float, got {self.keep_prob}; pass "
+              "--keep_prob 1.0 for no dropout")
         check(0.0 < self.lr_decay <= 1.0, f"lr_decay must be in (0, 1], got {self.lr_decay}")
         check_recurrence(self.cell, self.rnn_mode, self.use_peepholes, self.num_layers)
 
