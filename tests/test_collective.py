@@ -127,6 +127,38 @@ def test_the_engine_is_chosen_as_asked(tmp_path, ptb_corpus):
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+@pytest.mark.parametrize("who", ["chief", "worker", "srun"])
+def test_a_job_whose_other_tasks_never_start_ends_in_one_line_not_a_hang(ptb_corpus, tmp_path, who, monkeypatch):
+    """TensorFlow's runtime waits for every task of the cluster without end; distrnn gives the job
+    DISTRNN_JOIN_TIMEOUT seconds to meet, then one line and exit 75, nothing written. srun: a task of a
+    2-task step where Horovod does not load joins through TensorFlow's collectives (auto)."""
+    from conftest import hide_horovod
+    ports = [free_port(), free_port()]
+    env = {"DISTRNN_JOIN_TIMEOUT": "8"}
+    if who == "srun":
+        hide_horovod(tmp_path, monkeypatch)
+        env.update({"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "localhost",
+                    "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_NODEID": "0", "SLURM_LOCALID": "1",
+                    "SLURM_PROCID": "1", "SLURM_JOB_ID": "7", "DISTRNN_RENDEZVOUS_PORT": str(ports[0])})
+    else:
+        env["TF_CONFIG"] = tf_config([f"localhost:{p}" for p in ports], 0 if who == "chief" else 1)
+    started = time.monotonic()
+    proc = run_module("distrnn.ptb", "--config", "test", "--data_path", ptb_corpus, "--save_path", tmp_path / "run",
+                      env=env, timeout=120)
+    assert time.monotonic() - started < 60
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 75 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("distrnn.ptb: error: worker ") and "did not meet 1 of the other 1 task(s)" in lines[0]
+    assert "within 8 s" in lines[0] and "DISTRNN_JOIN_TIMEOUT" in lines[0]
+    assert not os.path.exists(tmp_path / "run")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_a_killed_worker_ends_the_others_with_75_and_the_run_resumes(ptb_corpus, tmp_path):
     """kill -9 of one of two workers mid-run: the other ends within 60 s with one line and exit 75 (the

@@ -20,11 +20,14 @@ import os
 import pickle
 import re
 import socket
+import struct
+import time
 from typing import Any, ClassVar, Optional
 
 import numpy as np
 
-from distrnn.errors import UsageError
+from distrnn.config import env_number
+from distrnn.errors import RankLost, UsageError
 from distrnn.parallel import local_devices, slurm_env, srun
 from distrnn.parallel.world import World
 
@@ -111,16 +114,63 @@ def srun_tf_config(task: slurm_env.SrunTask, env=os.environ) -> str:
     return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": task.rank}})
 
 
-def check_port_free(task: Task) -> None:
-    """The gRPC server binds this task's port; a port another process holds is one line, not TensorFlow's
-    abort."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def meet(task: Task, seconds: float) -> None:
+    """Waits until every task of the cluster is up, before TensorFlow's runtime starts: that runtime waits for
+    the cluster without end and holds the interpreter while it does (measured: the first worker of a
+    2-worker cluster whose other worker never started still waited after 13 minutes, deaf to SIGTERM), so
+    the tasks first meet here, on the ports TF_CONFIG gives them: each listens on its own and connects to
+    every other's, saying its rank, until it has reached all and heard from all (then each of the others has
+    reached it too: none stops listening before all have arrived). A port another process holds is bad input
+    (UsageError); a task that does not come within `seconds`, a lost rank (RankLost, exit 75)."""
+    others = {i: address for i, address in enumerate(task.addresses) if i != task.rank}
+    deadline = time.monotonic() + seconds
+    reached, heard = set(), set()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(("", task.port))
+            listener.bind(("", task.port))
         except OSError as error:
             raise UsageError(f"port {task.port} of this host ({task.role} {task.index} in TF_CONFIG) is taken "
                              f"({error.strerror}): give the task a free port, or stop what holds it") from None
+        listener.listen(max(8, len(others)))
+        listener.settimeout(0.1)
+        while reached != others.keys() or heard != others.keys():
+            if time.monotonic() > deadline:
+                missing = [others[i] for i in sorted(others.keys() - (reached & heard))]
+                raise RankLost(f"{task.role} {task.index} of TF_CONFIG did not meet {len(missing)} of the other "
+                               f"{len(others)} task(s) ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}) "
+                               f"within {seconds:g} s: start every task of the cluster, check that their hosts and "
+                               f"ports are reachable, or raise DISTRNN_JOIN_TIMEOUT")
+            reached |= {i for i in others.keys() - reached if _say_rank(others[i], task.rank)}
+            heard |= _listen(listener)
+
+
+def _say_rank(address: str, rank: int) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.5) as connection:
+            connection.sendall(struct.pack("!I", rank))
+        return True
+    except OSError:
+        return False
+
+
+def _listen(listener: socket.socket) -> set:
+    """The ranks of the tasks that connected since the last call."""
+    heard = set()
+    while True:
+        try:
+            connection, _ = listener.accept()
+        except OSError:  # the timeout: none waiting
+            return heard
+        with connection:
+            connection.settimeout(2.0)
+            try:
+                data = connection.recv(4)
+            except OSError:
+                continue
+            if len(data) == 4:
+                heard.add(struct.unpack("!I", data)[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +273,7 @@ def _start_runtime(size: int, on_gpus: bool) -> dict:
     keys = extended._collective_keys  # the strategy's: the group of the workers' first devices is its own
     launcher = cross_device_utils.CollectiveReplicaLauncher(
         keys.get_group_key([device]), size, keys, device, collective_util.Options(implementation=implementation))
+    launcher.all_reduce(tf.constant(0.0))  # the job meets: every worker's runtime is up
     return {"launcher": launcher, "implementation": implementation.value,
             "gather": tf.function(lambda x: launcher.all_gather(x, axis=0))}
 
@@ -239,7 +290,7 @@ def join(gpus_per_rank: int = 0, virtual_devices: int = 0) -> Optional[Collectiv
             return None
         text = os.environ["TF_CONFIG"] = srun_tf_config(task)
     task = read_tf_config(text)
-    check_port_free(task)
+    meet(task, env_number(os.environ, "DISTRNN_JOIN_TIMEOUT", 120.0, float, positive=True, maximum=86400))
     shape = CollectiveWorld(task.rank, task.size, task.local_rank, task.local_size, gpus_per_rank)
     local_devices.pin_gpus(shape)
     local_devices.share_cores(shape.local_size, by_srun="SLURM_STEP_ID" in os.environ)
