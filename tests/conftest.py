@@ -265,3 +265,23 @@ def too_high_then_settled(train):
     assert high["loss_scale"]["overflows"] == low["loss_scale"]["overflows"] + halvings
     assert high["steps"] == low["steps"]
     return high, low
+
+
+def signalled_at_first_progress(command, sig=signal.SIGTERM, timeout=90):
+    """Starts `command` (a launcher of a training job), sends it `sig` once its first progress line is out,
+    and returns (its exit code, everything it printed, stdout and stderr together)."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        printed = []
+        for line in proc.stdout:
+            printed.append(line)
+            if "words/sec" in line:
+                break
+        proc.send_signal(sig)
+        printed.append(proc.stdout.read())
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, "".join(printed)

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from conftest import ROOT, assert_one_line_error, checkpoint_step, run_module, subprocess_env, write_corpus
+from conftest import (ROOT, assert_one_line_error, checkpoint_step, run_module, signalled_at_first_progress,
+                      subprocess_env, write_corpus)
 from distrnn.errors import UsageError
 from distrnn.parallel import collective, slurm_env
 
@@ -208,21 +209,10 @@ def test_sigterm_to_the_launcher_stops_every_worker_at_one_step_and_resumes_exac
     --resume continues as the uninterrupted run."""
     common = [*PTB, "--keep_prob", "0.8", "--batch_size", "2", "--max_max_epoch", "1000000", "--data_path",
               ptb_corpus, "--checkpoint_every", "100000"]
-    command = [sys.executable, "-m", "distrnn.launch", "--nproc", "2", "-m", "distrnn.ptb", *map(str, common),
-               "--save_path", str(tmp_path / "b")]
-    proc = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in proc.stdout:
-            if "words/sec" in line:
-                break
-        proc.send_signal(signal.SIGTERM)
-        output = proc.stdout.read()
-        proc.wait(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143 and "stopped by signal: checkpoint saved" in output, output[-2000:]
+    code, output = signalled_at_first_progress(
+        [sys.executable, "-m", "distrnn.launch", "--nproc", "2", "-m", "distrnn.ptb", *map(str, common),
+         "--save_path", str(tmp_path / "b")])
+    assert code == 143 and "stopped by signal: checkpoint saved" in output, output[-2000:]
     stopped_at = checkpoint_step(tmp_path / "b")
     end = ["--max_steps", stopped_at + 60]
     resumed = launch(2, *common, *end, "--save_path", tmp_path / "b", "--resume", "--metrics_json", tmp_path / "b.json")

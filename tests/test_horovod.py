@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (ROOT, checkpoint_step, run_module, subprocess_env, too_high_then_settled, write_corpus,
-                      write_images)
+from conftest import (ROOT, checkpoint_step, run_module, signalled_at_first_progress, subprocess_env,
+                      too_high_then_settled, write_corpus, write_images)
 from distrnn import cli, parallel
 from distrnn.errors import UsageError
 from distrnn.parallel import local_devices
@@ -198,18 +198,7 @@ def test_sigterm_to_horovodrun_checkpoints_and_resumes_exactly(corpus, tmp_path)
     common = ["--config", "test", "--hidden_size", "8", "--num_steps", "3", "--batch_size", "2", "--keep_prob", "0.8",
               "--max_grad_norm", "5", "--max_max_epoch", "1000000", "--data_path", corpus,
               "--checkpoint_every", "100000"]
-    proc = subprocess.Popen(horovodrun_command(2, *common, "--save_path", tmp_path / "b"), cwd=ROOT,
-                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in proc.stdout:
-            if "words/sec" in line:
-                break
-        proc.send_signal(signal.SIGTERM)
-        output = proc.stdout.read()
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _, output = signalled_at_first_progress(horovodrun_command(2, *common, "--save_path", tmp_path / "b"), timeout=60)
     # Not horovodrun's exit code: it gives the ranks 5 s after its SIGTERM (Horovod's GRACEFUL_TERMINATION_TIME_S),
     # then stops and kills what is left, so what it reports depends on how fast a loaded machine tears TensorFlow
     # down (docs/horovod.md; seen in CI: no code at all, and once 0 after the ranks had saved). test_cli and
