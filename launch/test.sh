@@ -9,7 +9,8 @@
 #      TensorFlow-free ones (flags, config, processor, reader, layout, the launchers' plumbing), so that both
 #      stacks fit in CI's time. It runs beside stack 1 (two pytest sessions, each with its own temporary
 #      directory). DISTRNN_STACK2=all runs the whole suite there too, as do pytest arguments (what they
-#      name, on both stacks). Stack 1's launcher tests (Horovod, Slurm) run as a third session beside the others.
+#      name, on both stacks). Stack 1's launcher tests (Horovod, Slurm, TensorFlow's engine) run as a third
+#      session beside the others.
 # Both stacks' results are printed; the exit code is the first failure's.
 #   bash launch/test.sh [pytest args]
 #   bash launch/test.sh --quick [pytest args]   # a developer's inner loop: leaves out the tests marked slow
@@ -70,9 +71,10 @@ echo "[test] stack 1: $(.venv/bin/python -m distrnn.devices --stack)"
 first=("${quick[@]}" "$@")
 launchers_pid=
 if [[ $# -eq 0 ]]; then
-    # Stack 1's launcher tests (horovodrun; a Slurm cluster) spend most of their time waiting on the processes
-    # they start: a session of their own, beside the rest of stack 1 (and stack 2), its report printed after.
-    launchers=(tests/test_horovod.py tests/test_slurm.py)
+    # Stack 1's launcher tests (horovodrun; a Slurm cluster; TensorFlow's engine under distrnn.launch) spend
+    # most of their time waiting on the processes they start: a session of their own, beside the rest of
+    # stack 1 (and stack 2), its report printed after.
+    launchers=(tests/test_horovod.py tests/test_slurm.py tests/test_collective.py)
     first=("${quick[@]}" "${launchers[@]/#/--ignore=}")
     .venv/bin/python -m pytest -ra --durations=5 --basetemp="$tmp/stack1-launchers" "${quick[@]}" "${launchers[@]}" \
         > "$tmp/launchers.log" 2>&1 &
