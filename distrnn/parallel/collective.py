@@ -275,7 +275,8 @@ def _start_runtime(size: int, on_gpus: bool) -> dict:
         keys.get_group_key([device]), size, keys, device, collective_util.Options(implementation=implementation))
     launcher.all_reduce(tf.constant(0.0))  # the job meets: every worker's runtime is up
     return {"launcher": launcher, "implementation": implementation.value,
-            "gather": tf.function(lambda x: launcher.all_gather(x, axis=0))}
+            # reduce_retracing: objects of every size are gathered through it (pickled, padded)
+            "gather": tf.function(lambda x: launcher.all_gather(x, axis=0), reduce_retracing=True)}
 
 
 def join(gpus_per_rank: int = 0, virtual_devices: int = 0) -> Optional[CollectiveWorld]:
