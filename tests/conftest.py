@@ -285,3 +285,26 @@ def signalled_at_first_progress(command, sig=signal.SIGTERM, timeout=90):
         if proc.poll() is None:
             proc.kill()
     return proc.returncode, "".join(printed)
+
+
+def killed_after_first_checkpoint(command, save_path, victim, timeout=150):
+    """Starts `command` (a launcher of a training job that saves to save_path), kill -9s the process
+    `victim(launcher_pid)` names once the first checkpoint is written, and returns (the launcher's exit code,
+    its stdout, its stderr, seconds from the kill to the launcher's end)."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not os.path.exists(os.path.join(save_path, "checkpoints", "checkpoint")) \
+                and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        pid = victim(proc.pid)
+        assert pid, "the process to kill was not found"
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return proc.returncode, stdout, stderr, time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+

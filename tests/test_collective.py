@@ -3,7 +3,6 @@ TF_CONFIG through `python -m distrnn.launch`, on whichever stack runs the test (
 way distrnn trains on several processes on TensorFlow 2.19 and newer)."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -11,8 +10,8 @@ import time
 
 import pytest
 
-from conftest import (ROOT, assert_one_line_error, checkpoint_step, run_module, signalled_at_first_progress,
-                      subprocess_env, write_corpus)
+from conftest import (ROOT, assert_one_line_error, checkpoint_step, killed_after_first_checkpoint, run_module,
+                      signalled_at_first_progress, subprocess_env, write_corpus)
 from distrnn.errors import UsageError
 from distrnn.parallel import collective, slurm_env
 
@@ -166,26 +165,14 @@ def test_a_killed_worker_ends_the_others_with_75_and_the_run_resumes(ptb_corpus,
     runtime's heartbeats, not a hang), the checkpoints stay as they were, and --resume goes on from the last."""
     common = [*PTB, "--max_max_epoch", "1000", "--data_path", ptb_corpus, "--batch_size", "2",
               "--checkpoint_every", "100", "--save_path", tmp_path / "run"]
-    command = [sys.executable, "-m", "distrnn.launch", "--nproc", "2", "-m", "distrnn.ptb", *map(str, common)]
-    proc = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not (tmp_path / "run" / "checkpoints" / "checkpoint").exists() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        victim = worker_pid(proc.pid, 1)
-        os.kill(victim, signal.SIGKILL)
-        killed = time.monotonic()
-        _, stderr = proc.communicate(timeout=150)
-        stopped_after = time.monotonic() - killed
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    code, _, stderr, stopped_after = killed_after_first_checkpoint(
+        [sys.executable, "-m", "distrnn.launch", "--nproc", "2", "-m", "distrnn.ptb", *map(str, common)],
+        tmp_path / "run", lambda launcher: worker_pid(launcher, 1))
     assert stopped_after < 60, stopped_after
     errors = [line for line in stderr.splitlines() if line.startswith("distrnn.ptb: error:")]
     assert len(errors) == 1 and "rank 0 lost contact with the other ranks" in errors[0], stderr[-3000:]
     assert "Traceback" not in stderr
-    assert proc.returncode in (75, 137), proc.returncode  # the first to fail: the survivor's 75 or the victim's kill
+    assert code in (75, 137), code  # the first to fail: the survivor's 75 or the victim's kill
     last = checkpoint_step(tmp_path / "run")
     resumed = launch(2, *common, "--resume", "--max_steps", last + 10, "--metrics_json", tmp_path / "m.json")
     assert f"ckpt-{last}" in resumed.stdout

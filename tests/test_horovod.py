@@ -2,17 +2,15 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (ROOT, checkpoint_step, run_module, signalled_at_first_progress, subprocess_env,
-                      too_high_then_settled, write_corpus, write_images)
+from conftest import (ROOT, checkpoint_step, killed_after_first_checkpoint, run_module,
+                      signalled_at_first_progress, subprocess_env, too_high_then_settled, write_corpus, write_images)
 from distrnn import cli, parallel
 from distrnn.errors import UsageError
 from distrnn.parallel import local_devices
@@ -275,22 +273,9 @@ def test_a_dead_rank_stops_the_others_clearly_and_the_checkpoint_resumes(corpus,
     common = ["--config", "test", "--hidden_size", "8", "--num_steps", "3", "--batch_size", "2",
               "--max_max_epoch", "1000", "--data_path", corpus, "--checkpoint_every", "200",
               "--save_path", tmp_path / "run"]
-    checkpoints = tmp_path / "run" / "checkpoints"
-    proc = subprocess.Popen(horovodrun_command(2, *common), cwd=ROOT, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not (checkpoints / "checkpoint").exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-        victim = rank_pid(proc.pid, 1)
-        assert victim, "rank 1 not found"
-        os.kill(victim, signal.SIGKILL)
-        killed = time.monotonic()
-        output, _ = proc.communicate(timeout=120)
-        stopped_after = time.monotonic() - killed
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _, stdout, stderr, stopped_after = killed_after_first_checkpoint(
+        horovodrun_command(2, *common), tmp_path / "run", lambda launcher: rank_pid(launcher, 1), timeout=120)
+    output = stdout + stderr
     assert stopped_after < 60, stopped_after
     rank0 = [line[len("[0]<stderr>:"):] for line in output.splitlines() if line.startswith("[0]<stderr>:")]
     errors = [line for line in rank0 if line.startswith("distrnn.ptb: error:")]

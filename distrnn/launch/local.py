@@ -66,10 +66,8 @@ def wait(workers: List[subprocess.Popen]) -> int:
     still running GRACE_SECONDS after one failed are killed."""
     failed_at, code = None, 0
     while any(w.poll() is None for w in workers):
-        for w in workers:
-            rc = w.poll()
-            if rc not in (None, 0) and failed_at is None:
-                failed_at, code = time.monotonic(), rc if rc > 0 else 128 - rc
+        if failed_at is None and _failure(workers):
+            failed_at, code = time.monotonic(), _failure(workers)
         if failed_at is not None and time.monotonic() - failed_at > GRACE_SECONDS:
             for w in workers:
                 if w.poll() is None:
@@ -77,11 +75,17 @@ def wait(workers: List[subprocess.Popen]) -> int:
                           f"failed: killed", file=sys.stderr)
                     w.kill()
         time.sleep(0.2)
-    if code == 0:
-        for w in workers:
-            if w.returncode != 0:
-                return w.returncode if w.returncode > 0 else 128 - w.returncode
-    return code
+    return code or _failure(workers)
+
+
+def _failure(workers: List[subprocess.Popen]) -> int:
+    """The exit code of the first worker (in order) that ended with one other than 0, as a shell reports it
+    (killed by signal N: 128 + N); 0 when none has."""
+    for w in workers:
+        rc = w.poll()
+        if rc:
+            return rc if rc > 0 else 128 - rc
+    return 0
 
 
 def forward_signals(workers: List[subprocess.Popen]) -> None:
