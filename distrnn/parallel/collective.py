@@ -253,7 +253,9 @@ class CollectiveWorld(World):
 
 def _reason(text: str, mark: str) -> str:
     """The sentence of a runtime error that says what happened, without TensorFlow's node names."""
-    text = re.sub(r"\{\{[^}]*\}\}\s*", "", text.splitlines()[0] if text else "")
+    # The line that holds the mark ("Graph execution error:" heads the error of a stopped peer's collective).
+    line = next((line for line in text.splitlines() if mark in line), text.splitlines()[0] if text else "")
+    text = re.sub(r"\{\{[^}]*\}\}\s*", "", line)
     start = text.find("Task /job:")
     sentence = text[start:] if start >= 0 and mark == "heartbeat timeout" else text
     return sentence.split(". ")[0].rstrip(".") or mark
