@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from conftest import (ROOT, assert_one_line_error, checkpoint_step, killed_after_first_checkpoint, run_module,
                       signalled_at_first_progress, subprocess_env, write_corpus)
 from distrnn.errors import UsageError
+from distrnn.launch.local import free_ports
 from distrnn.parallel import collective, slurm_env
 
 PTB = ["--config", "test", "--hidden_size", "8", "--num_layers", "2", "--num_steps", "5", "--max_max_epoch", "2",
@@ -47,6 +49,43 @@ def test_a_malformed_tf_config_is_one_line(text, fragment):
     with pytest.raises(UsageError) as raised:
         collective.read_tf_config(text)
     assert fragment in str(raised.value)
+
+
+def test_tasks_meet_though_other_callers_dial_their_ports_first():
+    """A task that has met all starts TensorFlow's gRPC at once, whose client dials the tasks still meeting
+    (HTTP/2 opens with "PRI * HTTP/2.0"): the slower task reads only greetings, and still meets (a CI run read
+    those bytes as a rank and waited out DISTRNN_JOIN_TIMEOUT)."""
+    ports = free_ports(3)
+    tasks = [collective.Task(rank, tuple(f"127.0.0.1:{p}" for p in ports), "worker", rank) for rank in range(3)]
+    errors = []
+
+    def meet(task):
+        try:
+            collective.meet(task, seconds=10)
+        except Exception as error:  # noqa: BLE001 (reported by the assertion below)
+            errors.append(error)
+
+    # The stranger dials task 0's port before task 0 listens, so it is in the queue with the greetings.
+    junk = threading.Thread(target=_dial_until_heard, args=(ports[0], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"))
+    threads = [junk, *(threading.Thread(target=meet, args=(task,)) for task in tasks[1:])]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    meet(tasks[0])
+    for thread in threads:
+        thread.join(timeout=40)
+    assert errors == []
+
+
+def _dial_until_heard(port, data, seconds=10):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as connection:
+                connection.sendall(data)
+                return
+        except OSError:
+            time.sleep(0.05)
 
 
 def test_srun_tasks_get_a_cluster_whose_ports_two_steps_on_a_node_do_not_share():

@@ -114,6 +114,9 @@ def srun_tf_config(task: slurm_env.SrunTask, env=os.environ) -> str:
     return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": task.rank}})
 
 
+GREETING = b"distrnn meet v1 "  # what a task says before its rank, so other callers are ignored
+
+
 def meet(task: Task, seconds: float) -> None:
     """Waits until every task of the cluster is up, before TensorFlow's runtime starts: that runtime waits for
     the cluster without end and holds the interpreter while it does (measured: the first worker of a
@@ -121,7 +124,9 @@ def meet(task: Task, seconds: float) -> None:
     the tasks first meet here, on the ports TF_CONFIG gives them: each listens on its own and connects to
     every other's, saying its rank, until it has reached all and heard from all (then each of the others has
     reached it too: none stops listening before all have arrived). A port another process holds is bad input
-    (UsageError); a task that does not come within `seconds`, a lost rank (RankLost, exit 75)."""
+    (UsageError); a task that does not come within `seconds`, a lost rank (RankLost, exit 75). A task that has
+    met all starts TensorFlow's gRPC at once, which also dials the tasks still meeting: a greeting is read as
+    a rank only after distrnn's own prefix (a CI run once read gRPC's "PRI " as rank 1,347,569,952 and waited)."""
     others = {i: address for i, address in enumerate(task.addresses) if i != task.rank}
     deadline = time.monotonic() + seconds
     reached, heard = set(), set()
@@ -134,7 +139,7 @@ def meet(task: Task, seconds: float) -> None:
                              f"({error.strerror}): give the task a free port, or stop what holds it") from None
         listener.listen(max(8, len(others)))
         listener.settimeout(0.1)
-        while reached != others.keys() or heard != others.keys():
+        while not (others.keys() <= reached and others.keys() <= heard):
             if time.monotonic() > deadline:
                 missing = [others[i] for i in sorted(others.keys() - (reached & heard))]
                 raise RankLost(f"{task.role} {task.index} of TF_CONFIG did not meet {len(missing)} of the other "
@@ -149,7 +154,7 @@ def _say_rank(address: str, rank: int) -> bool:
     host, port = address.rsplit(":", 1)
     try:
         with socket.create_connection((host, int(port)), timeout=0.5) as connection:
-            connection.sendall(struct.pack("!I", rank))
+            connection.sendall(GREETING + struct.pack("!I", rank))
         return True
     except OSError:
         return False
@@ -166,11 +171,11 @@ def _listen(listener: socket.socket) -> set:
         with connection:
             connection.settimeout(2.0)
             try:
-                data = connection.recv(4)
+                data = connection.recv(len(GREETING) + 4, socket.MSG_WAITALL)
             except OSError:
                 continue
-            if len(data) == 4:
-                heard.add(struct.unpack("!I", data)[0])
+            if len(data) == len(GREETING) + 4 and data.startswith(GREETING):
+                heard.add(struct.unpack("!I", data[len(GREETING):])[0])
 
 
 @dataclasses.dataclass(frozen=True)
