@@ -12,7 +12,7 @@ import time
 import pytest
 
 import slurm_cluster
-from conftest import ROOT, checkpoint_step, run_ptb, subprocess_env, write_corpus, write_images
+from conftest import ROOT, checkpoint_step, run_module, run_ptb, subprocess_env, write_corpus, write_images
 from distrnn.errors import UsageError
 from distrnn.parallel import horovod, slurm_env, srun
 
@@ -280,12 +280,13 @@ def job_dir(tmp_path_factory):
     return path
 
 
-def reference_run(job_dir, steps, *flags):
+def reference_run(job_dir, steps, *flags, python=sys.executable, name="reference"):
     """The metrics of one process training what the jobs train (the large preset, global batch 20,
-    TINY and `flags`) for `steps` steps, uninterrupted."""
-    out = job_dir / f"reference-{steps}.json"
-    run_ptb("--config", "large", "--global_batch_size", "20", *TINY, *flags, "--data_path", job_dir / "data",
-            "--max_steps", steps, "--save_path", job_dir / f"reference-{steps}", "--metrics_json", out, check=0)
+    TINY and `flags`) for `steps` steps, uninterrupted (on the stack of `python`)."""
+    out = job_dir / f"{name}-{steps}.json"
+    run_module("distrnn.ptb", "--config", "large", "--global_batch_size", "20", *TINY, *flags, "--data_path",
+               job_dir / "data", "--max_steps", steps, "--save_path", job_dir / f"{name}-{steps}", "--metrics_json",
+               out, check=0, python=python)
     return json.loads(out.read_text())
 
 
@@ -428,6 +429,41 @@ def test_two_nodes_train_together_through_srun(two_node_cluster, job_dir, refere
     assert ranks[0]["weights_norm"] == ranks[1]["weights_norm"]  # the replicas agree to the bit
     assert metrics["steps"] == STEPS and len(metrics["words_per_sec_per_rank"]) == 2
     assert metrics["test_perplexity"] == pytest.approx(reference["test_perplexity"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_nodes_train_on_tensorflows_collectives_and_requeue(two_node_cluster, job_dir):
+    """The same script on the newest TensorFlow (no Horovod there: srun's two tasks join through TensorFlow's
+    collectives, the cluster read from Slurm's variables), stopped by the time limit's SIGUSR1 and requeued:
+    it ends where one process ends. Without the second stack, stack 1 is told --engine tensorflow."""
+    python = os.environ.get("DISTRNN_OTHER_PYTHON") or sys.executable
+    engine = [] if python != sys.executable else ["--engine", "tensorflow"]
+    directory, flags = job_dir / "two_nodes", job_dir / "two_nodes" / "requeue.flags"
+    flags.write_text("--max_steps 100000000  # until the test sets the end\n")
+    job = two_node_cluster.sbatch(*CPU_JOB, "--nodes=2", "--ntasks-per-node=1",
+                                  os.path.join(ROOT, "slurm", "ptb_large.sh"), "--data_path", job_dir / "data",
+                                  *TINY, *engine, "--max_max_epoch", "1000000", f"@{flags}",
+                                  env=dict(job_env(), DISTRNN_PYTHON=python), cwd=directory)
+    wait_for_progress(two_node_cluster, directory, job, start=1)
+    two_node_cluster.command("scancel", "--signal=USR1", job)
+    wait_until_requeued(two_node_cluster, job, restarts=1)
+    save_path = directory / "runs" / f"ptb_large-{job}"
+    steps = checkpoint_step(save_path) + 40
+    flags.write_text(f"--max_steps {steps}\n")
+    release(two_node_cluster, job)
+    info = two_node_cluster.wait_for_state(job, ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"], 600)
+    log = log_of(directory, "ptb_large", job)
+    assert (info["JobState"], info["ExitCode"], info["NodeList"]) == ("COMPLETED", "0:0", "n[1-2]"), log[-3000:]
+    assert log.count("engine: tensorflow (RING collectives), 2 process(es)") == 2, log[-3000:]  # both starts
+    assert log.count("stopped by signal: checkpoint saved in") == 1 and "Traceback" not in log, log[-3000:]
+    metrics = json.loads((save_path / "metrics.json").read_text())
+    assert (metrics["engine"], metrics["collectives"], metrics["steps"]) == ("tensorflow", "RING", steps)
+    assert [(r["rank"], r["host"]) for r in metrics["ranks"]] == [(0, "n1"), (1, "n2")]
+    assert metrics["ranks"][0]["weights_norm"] == metrics["ranks"][1]["weights_norm"]  # the replicas agree
+    reference = reference_run(job_dir, steps, "--max_max_epoch", "1000000", python=python, name="reference-tf")
+    assert metrics["test_perplexity"] == pytest.approx(reference["test_perplexity"], rel=1e-5)
+    for a, b in zip(metrics["history"], reference["history"], strict=True):
+        assert a["valid_perplexity"] == pytest.approx(b["valid_perplexity"], rel=1e-5)
 
 
 @pytest.mark.slow
