@@ -14,8 +14,9 @@ import pytest
 from conftest import (ROOT, assert_one_line_error, checkpoint_step, killed_after_first_checkpoint, run_module,
                       signalled_at_first_progress, subprocess_env, write_corpus)
 from distrnn.errors import UsageError
-from distrnn.launch.local import free_ports
+from distrnn.launch.local import free_ports, tf_configs
 from distrnn.parallel import collective, slurm_env
+from distrnn.run import faults
 
 PTB = ["--config", "test", "--hidden_size", "8", "--num_layers", "2", "--num_steps", "5", "--max_max_epoch", "2",
        "--max_epoch", "1", "--keep_prob", "1.0", "--max_grad_norm", "5", "--learning_rate", "0.2", "--seed", "3"]
@@ -190,6 +191,46 @@ def test_a_job_whose_other_tasks_never_start_ends_in_one_line_not_a_hang(ptb_cor
     assert lines[0].startswith("distrnn.ptb: error: worker ") and "did not meet 1 of the other 1 task(s)" in lines[0]
     assert "within 8 s" in lines[0] and "DISTRNN_JOIN_TIMEOUT" in lines[0]
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_worker_that_hangs_alive_ends_the_others_in_one_line(ptb_corpus, tmp_path):
+    """A worker stuck alive (a read that never returns, a deadlock) still answers the heartbeats: the others'
+    collective times out (DISTRNN_COLLECTIVE_TIMEOUT) and they end with exit 75 and one line of distrnn's,
+    the last checkpoint intact, instead of waiting for ever."""
+    save_path = tmp_path / "run"
+    command = [sys.executable, "-m", "distrnn.ptb", *PTB, "--data_path", ptb_corpus, "--save_path", save_path,
+               "--checkpoint_every", "2", "--max_steps", "50"]
+    workers = []
+    try:
+        for rank, config in enumerate(tf_configs(free_ports(2))):
+            env = subprocess_env(TF_CONFIG=config, DISTRNN_COLLECTIVE_TIMEOUT="8",
+                                 **({faults.VARIABLE: "step:5:hang"} if rank == 1 else {}))
+            workers.append(subprocess.Popen(list(map(str, command)), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True))
+        _, stderr = workers[0].communicate(timeout=240)
+        assert workers[1].poll() is None  # still stuck: a launcher or srun ends it
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.communicate()
+    lines = [line for line in stderr.splitlines() if line.startswith("distrnn")]
+    assert workers[0].returncode == 75 and "Traceback" not in stderr, stderr[-3000:]
+    assert lines == [f"distrnn.ptb: error: rank 0 lost contact with the other ranks (Collective has timed out during "
+                     f"execution): another rank died, hung or lost its network; the checkpoints in {save_path} are "
+                     f"intact: start the whole job again with --resume"]
+    assert checkpoint_step(save_path) == 4  # the 5th step never ran
+
+
+def test_rank_0s_slow_save_is_waited_for_not_taken_for_a_hang(ptb_corpus, tmp_path):
+    """Rank 0 saves while the others wait: a save slower than the collective timeout (a slow disk) is waited
+    for at a barrier of its own, not counted as a hung worker."""
+    proc = subprocess.run([sys.executable, "-m", "distrnn.launch", "--nproc", "2", "-m", "distrnn.ptb",
+                           *map(str, PTB), "--data_path", str(ptb_corpus), "--save_path", str(tmp_path / "run"),
+                           "--checkpoint_every", "2", "--max_steps", "4"], cwd=ROOT, capture_output=True, text=True,
+                          env=subprocess_env(DISTRNN_COLLECTIVE_TIMEOUT="8", **{faults.VARIABLE: "checkpoint:1:sleep@20"}),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert checkpoint_step(tmp_path / "run") == 4
 
 
 def free_port() -> int:

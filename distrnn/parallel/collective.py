@@ -114,6 +114,11 @@ def srun_tf_config(task: slurm_env.SrunTask, env=os.environ) -> str:
     return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": task.rank}})
 
 
+# A collective that waits longer than DISTRNN_COLLECTIVE_TIMEOUT (45 s, so that the line comes within a minute
+# of the hang) for a peer ends the run with exit 75: a worker that hangs alive (a stuck read, a deadlock) still
+# answers the coordination service's heartbeats, so only this timeout tells. Rank 0's one-off work (a checkpoint, a restore, a download) is waited for at a
+# barrier of its own, for up to an hour: a slow disk is not a hung worker.
+CHIEF_WORK_SECONDS = 3600.0
 GREETING = b"distrnn meet v1 "  # what a task says before its rank, so other callers are ignored
 
 
@@ -197,6 +202,9 @@ class CollectiveWorld(World):
         import tensorflow as tf
         return self.launcher.all_reduce(tf.constant(np.asarray(values, dtype=np.float64))).numpy()
 
+    def barrier(self) -> None:
+        _patient_barrier(self.launcher)
+
     def allgather(self, array) -> np.ndarray:
         import tensorflow as tf
         return self.gather(tf.constant(np.asarray(array))).numpy()
@@ -266,10 +274,17 @@ def _reason(text: str, mark: str) -> str:
     return sentence.split(". ")[0].rstrip(".") or mark
 
 
-def _start_runtime(size: int, on_gpus: bool) -> dict:
+def _patient_barrier(launcher) -> None:
+    """Every worker here, waiting up to CHIEF_WORK_SECONDS (not the collectives' timeout)."""
+    import tensorflow as tf
+    from tensorflow.python.distribute import collective_util
+    launcher.all_reduce(tf.constant(0.0), options=collective_util.Options(timeout_seconds=CHIEF_WORK_SECONDS))
+
+
+def _start_runtime(size: int, on_gpus: bool, timeout: float) -> dict:
     """TensorFlow's collective runtime for this process (from TF_CONFIG): the launcher of collectives among
-    the workers' first devices, its implementation, and an all-gather function (the launcher gathers
-    inside functions only)."""
+    the workers' first devices (each collective aborted after `timeout` seconds), its implementation, and
+    an all-gather function (the launcher gathers inside functions only)."""
     import tensorflow as tf
     from tensorflow.python.distribute import collective_util, cross_device_utils
     kinds = tf.distribute.experimental.CommunicationImplementation
@@ -279,8 +294,9 @@ def _start_runtime(size: int, on_gpus: bool) -> dict:
     device = extended.worker_devices[0]
     keys = extended._collective_keys  # the strategy's: the group of the workers' first devices is its own
     launcher = cross_device_utils.CollectiveReplicaLauncher(
-        keys.get_group_key([device]), size, keys, device, collective_util.Options(implementation=implementation))
-    launcher.all_reduce(tf.constant(0.0))  # the job meets: every worker's runtime is up
+        keys.get_group_key([device]), size, keys, device,
+        collective_util.Options(implementation=implementation, timeout_seconds=timeout))
+    _patient_barrier(launcher)  # the job meets: every worker's runtime is up
     return {"launcher": launcher, "implementation": implementation.value,
             # reduce_retracing: objects of every size are gathered through it (pickled, padded)
             "gather": tf.function(lambda x: launcher.all_gather(x, axis=0), reduce_retracing=True)}
@@ -299,9 +315,10 @@ def join(gpus_per_rank: int = 0, virtual_devices: int = 0) -> Optional[Collectiv
         text = os.environ["TF_CONFIG"] = srun_tf_config(task)
     task = read_tf_config(text)
     meet(task, env_number(os.environ, "DISTRNN_JOIN_TIMEOUT", 120.0, float, positive=True, maximum=86400))
+    timeout = env_number(os.environ, "DISTRNN_COLLECTIVE_TIMEOUT", 45.0, float, positive=True, maximum=86400)
     shape = CollectiveWorld(task.rank, task.size, task.local_rank, task.local_size, gpus_per_rank)
     local_devices.pin_gpus(shape)
     local_devices.share_cores(shape.local_size, by_srun="SLURM_STEP_ID" in os.environ)
     if virtual_devices:
         local_devices.setup_virtual_devices(virtual_devices)
-    return dataclasses.replace(shape, **_start_runtime(task.size, local_devices.owns_gpus()))
+    return dataclasses.replace(shape, **_start_runtime(task.size, local_devices.owns_gpus(), timeout))

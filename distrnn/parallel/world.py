@@ -56,6 +56,12 @@ class World(abc.ABC):
         return rows[self.rank * per_rank:(self.rank + 1) * per_rank]
 
     # --- collectives ---------------------------------------------------------------
+    def barrier(self) -> None:
+        """Waits until every rank is here, for as long as rank 0's one-off work takes (a checkpoint, a
+        restore, a download): an engine whose collectives time out (a hung rank) waits longer here."""
+        if self.size > 1:
+            self.allreduce_sum([0.0])
+
     @abc.abstractmethod
     def allreduce_sum(self, values) -> np.ndarray:
         """Sums `values` (numbers) over ranks, as float64; identical on every rank."""
@@ -122,7 +128,7 @@ class OneProcess(World):
 def on_chief(world: World, fn):
     """Runs fn on rank 0 only and returns its result on every rank; a DistrnnError there (bad input, a
     failed save) is raised on every rank with its message and exit code, so no rank is left waiting for
-    the others."""
+    the others. They wait at a barrier (World.barrier), however long fn takes."""
     result, error = None, None
     if world.is_chief:
         try:
@@ -130,6 +136,7 @@ def on_chief(world: World, fn):
         except DistrnnError as e:
             error = (type(e), str(e), e.exit_code)
     if world.size > 1:
+        world.barrier()
         result, error = world.broadcast_object((result, error))
     if error:
         kind, message, code = error

@@ -6,6 +6,9 @@ a run is killed, or its disk filled, at a chosen moment of its life, and then re
         kill@SECONDS    SIGKILL from a timer SECONDS later, landing inside what follows (a step, a save)
         fill@PATH       fill the file system of PATH (a file of zeros until it is full): every write after
                         fails as on a full disk
+        sleep@SECONDS   pause SECONDS here (a slow disk, a slow download)
+        hang            stop here for good, alive (a worker stuck in a read or a deadlock: its runtime's
+                        threads still answer, so only the other workers' collective timeout notices)
 
 Points: start (the save path locked, nothing restored yet), step (a training step begins), checkpoint and
 best (a save begins), eval (a validation or test begins), metrics (the end-of-run figures are written).
@@ -14,6 +17,7 @@ Unset, which it is outside those tests, reaching a point costs one dictionary lo
 import os
 import signal
 import threading
+import time
 from typing import Dict, Optional, Tuple
 
 VARIABLE = "DISTRNN_FAULT"
@@ -52,6 +56,10 @@ def _act(action: str) -> None:
         timer.start()
     elif kind == "fill":
         fill(argument)
+    elif kind == "sleep":
+        time.sleep(float(argument))
+    elif kind == "hang":
+        threading.Event().wait()
 
 
 def fill(path: str) -> None:

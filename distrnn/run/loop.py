@@ -91,8 +91,7 @@ class _Loop:
 
     def save(self, end_of_epoch: bool = False) -> None:
         self.job.record(self.pos, end_of_epoch)  # every rank: PTB gathers the carried state
-        if self.world.is_chief:
-            self.checkpoints.save(self.pos.global_step)
+        parallel.on_chief(self.world, lambda: self.checkpoints.save(self.pos.global_step))
 
     def done(self) -> bool:
         pos, options = self.pos, self.options
@@ -183,8 +182,7 @@ class _Loop:
         pos.next_epoch()
         self.save(end_of_epoch=True)
         if self.improves(entry[job.measures.best_key]):
-            if self.world.is_chief:
-                self.checkpoints.save_best(pos.global_step)
+            parallel.on_chief(self.world, lambda: self.checkpoints.save_best(pos.global_step))
             self.best_step = pos.global_step
         best = job.measures.best_epoch(pos.history)
         if self.patience_spent() and pos.epoch < job.max_epochs and self.world.is_chief:

@@ -61,8 +61,7 @@ class Watch:
         until then (a launcher that sees one rank exit non-zero stops the others: srun --kill-on-bad-exit,
         horovodrun) and says why it stopped and how to continue. out_of_memory: what a failed step said."""
         ignore_launcher_signals(code)
-        if self.world.size > 1:
-            self.world.allreduce_sum([0.0])  # the barrier
+        self.world.barrier()
         where = f"checkpoint saved in {checkpoints.directory}"
         if code == OutOfMemory.exit_code:
             reason = out_of_memory or f"memory ran short ({self.monitor.stop_reason or 'on another rank'})"
