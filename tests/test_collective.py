@@ -3,6 +3,7 @@ TF_CONFIG through `python -m distrnn.launch`, on whichever stack runs the test (
 way distrnn trains on several processes on TensorFlow 2.19 and newer)."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -193,32 +194,49 @@ def test_a_job_whose_other_tasks_never_start_ends_in_one_line_not_a_hang(ptb_cor
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_a_worker_that_hangs_alive_ends_the_others_in_one_line(ptb_corpus, tmp_path):
-    """A worker stuck alive (a read that never returns, a deadlock) still answers the heartbeats: the others'
-    collective times out (DISTRNN_COLLECTIVE_TIMEOUT) and they end with exit 75 and one line of distrnn's,
-    the last checkpoint intact, instead of waiting for ever."""
+@pytest.mark.parametrize("frozen, how", [(1, "hang"), (1, "SIGSTOP"), (0, "SIGSTOP")])
+def test_a_worker_that_hangs_or_is_stopped_ends_the_others_in_one_line(ptb_corpus, tmp_path, frozen, how):
+    """A worker stuck alive (a read that never returns, a deadlock: DISTRNN_FAULT's hang) still answers the
+    heartbeats, so the others' collective times out (DISTRNN_COLLECTIVE_TIMEOUT); a stopped one (kill -STOP,
+    rank 0 holding the coordination service or not) misses them. Either way the others end with exit 75 and
+    one line of distrnn's, the last checkpoint intact, instead of waiting for ever."""
     save_path = tmp_path / "run"
     command = [sys.executable, "-m", "distrnn.ptb", *PTB, "--data_path", ptb_corpus, "--save_path", save_path,
-               "--checkpoint_every", "2", "--max_steps", "50"]
+               "--checkpoint_every", "2", "--max_steps", "100000"]
     workers = []
     try:
         for rank, config in enumerate(tf_configs(free_ports(2))):
-            env = subprocess_env(TF_CONFIG=config, DISTRNN_COLLECTIVE_TIMEOUT="8",
-                                 **({faults.VARIABLE: "step:5:hang"} if rank == 1 else {}))
+            fault = {faults.VARIABLE: "step:5:hang"} if rank == frozen and how == "hang" else {}
+            env = subprocess_env(TF_CONFIG=config, DISTRNN_COLLECTIVE_TIMEOUT="8", **fault)
             workers.append(subprocess.Popen(list(map(str, command)), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                             stderr=subprocess.PIPE, text=True))
-        _, stderr = workers[0].communicate(timeout=240)
-        assert workers[1].poll() is None  # still stuck: a launcher or srun ends it
+        if how == "SIGSTOP":
+            wait_for_file(save_path / "checkpoints" / "checkpoint", workers)
+            os.kill(workers[frozen].pid, signal.SIGSTOP)
+        _, stderr = workers[1 - frozen].communicate(timeout=240)
+        assert workers[frozen].poll() is None  # still stuck: a launcher or srun ends it
     finally:
         for worker in workers:
             worker.kill()
             worker.communicate()
     lines = [line for line in stderr.splitlines() if line.startswith("distrnn")]
-    assert workers[0].returncode == 75 and "Traceback" not in stderr, stderr[-3000:]
-    assert lines == [f"distrnn.ptb: error: rank 0 lost contact with the other ranks (Collective has timed out during "
-                     f"execution): another rank died, hung or lost its network; the checkpoints in {save_path} are "
-                     f"intact: start the whole job again with --resume"]
-    assert checkpoint_step(save_path) == 4  # the 5th step never ran
+    assert workers[1 - frozen].returncode == 75 and "Traceback" not in stderr, stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"distrnn.ptb: error: rank {1 - frozen} lost contact with the "
+                                                   f"other ranks ("), stderr[-3000:]
+    assert lines[0].endswith(f"): another rank died, hung or lost its network; the checkpoints in {save_path} are "
+                             f"intact: start the whole job again with --resume")
+    if how == "hang":
+        assert "(Collective has timed out during execution)" in lines[0]
+        assert checkpoint_step(save_path) == 4  # the 5th step never ran
+    else:
+        assert checkpoint_step(save_path) >= 2
+
+
+def wait_for_file(path, processes, seconds=180):
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in processes), f"no {path}"
+        time.sleep(0.2)
 
 
 def test_rank_0s_slow_save_is_waited_for_not_taken_for_a_hang(ptb_corpus, tmp_path):
