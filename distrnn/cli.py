@@ -197,9 +197,12 @@ def run_main(prog: str, fn: Callable[[], int]) -> int:
     loading, a download, a model-use command) one line and 128 + the signal; a closed output pipe (`| head`)
     a quiet exit. Anything else is a bug and keeps its traceback."""
     # What is printed names the user's paths, which Linux lets be any bytes: shown escaped, never refused
-    # by an encoder (stderr does this already).
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(errors="backslashreplace")
+    # by an encoder (stderr does this already). Each line leaves in one write, flushed at its end: unbuffered
+    # (python -u, PYTHONUNBUFFERED, as the launchers run it) print writes a line and its newline apart, and
+    # ranks sharing a terminal or a log merged their lines ("rank 1: ...rank 0: ...", then two newlines).
+    for stream, errors in ((sys.stdout, "backslashreplace"), (sys.stderr, None)):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=errors, line_buffering=True, write_through=False)
     with raising_signals():
         try:
             return fn() or 0

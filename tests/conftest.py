@@ -1,5 +1,6 @@
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +107,34 @@ def hide_horovod(tmp_path, monkeypatch):
 def run_ptb(*args, timeout=600, check=None, env=None):
     """Runs `python -m distrnn.ptb ARGS` as a user would; see run_module."""
     return run_module("distrnn.ptb", *args, timeout=timeout, check=check, env=env)
+
+
+HOROVODRUN = shutil.which("horovodrun", path=os.path.dirname(sys.executable)) or shutil.which("horovodrun")
+ENGINES = ("horovod", "tensorflow")
+
+
+def launcher_command(engine, nproc, command):
+    """The command line that starts `command` (python, or another program, and its arguments) as `nproc`
+    processes of one job on this machine: `horovodrun --gloo -H localhost:N` (horovod), or `python -m
+    distrnn.launch --nproc N` (tensorflow: each worker with its TF_CONFIG). Skips where Horovod is missing."""
+    if engine == "horovod":
+        if HOROVODRUN is None:
+            pytest.skip("horovodrun not found: Horovod is not installed on this stack (TensorFlow 2.19 and newer)")
+        return [HOROVODRUN, "--gloo", "-np", str(nproc), "-H", f"localhost:{nproc}", *map(str, command)]
+    own, program = ([], command[1:]) if command[0] == sys.executable else (["--no_python"], command)
+    return [sys.executable, "-m", "distrnn.launch", "--nproc", str(nproc), *own, "--", *map(str, program)]
+
+
+def launched(engine, nproc, *args, command=None, module="distrnn.ptb", timeout=300, check=0, env=None):
+    """Runs `python -m MODULE ARGS` (or `command`) as `nproc` processes on `engine` (launcher_command), with
+    `env` added to the environment, and returns the CompletedProcess; check: the exit code it must have
+    (None: any)."""
+    command = command or [sys.executable, "-m", module, *args]
+    proc = subprocess.run(launcher_command(engine, nproc, command), cwd=ROOT, env=subprocess_env(**(env or {})),
+                          capture_output=True, text=True, timeout=timeout)
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
 
 
 def checkpoint_step(save_path) -> int:

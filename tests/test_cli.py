@@ -2,10 +2,12 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
-from conftest import assert_one_line_error, checkpoint_step, hide_horovod, run_ptb
+from conftest import ROOT, assert_one_line_error, checkpoint_step, hide_horovod, run_ptb, subprocess_env
 from distrnn import cli
 
 TINY = ["--config", "test", "--hidden_size", "8", "--batch_size", "4", "--num_steps", "5"]
@@ -184,3 +186,20 @@ def test_default_data_offline_and_corrupt(tmp_path, monkeypatch):
     assert_usage_error(run_ptb(*TINY, "--save_path", tmp_path / "s"),
                        "ptb.train.txt does not match the standard PTB file", "--data_path")
     assert (cache / "ptb.train.txt").read_text() == "a b c\n"  # the user's files are left alone
+
+
+def test_ranks_sharing_an_output_never_merge_their_lines():
+    """Launchers run ranks unbuffered (PYTHONUNBUFFERED) into one terminal or log: every line a command
+    prints leaves in one write, so two ranks printing at once never make one line of two (measured before:
+    1,808 of 40,000 lines merged or empty)."""
+    program = ("import sys; from distrnn import cli; "
+               "cli.run_main('x', lambda: [print(f'rank {sys.argv[1]}: line {i} ' + 'x' * 200) for i in range(20000)])")
+    env = subprocess_env()  # PYTHONUNBUFFERED=1
+    read, write = os.pipe()
+    ranks = [subprocess.Popen([sys.executable, "-c", program, str(rank)], cwd=ROOT, env=env, stdout=write)
+             for rank in (0, 1)]
+    os.close(write)
+    with os.fdopen(read) as shared:
+        lines = shared.read().splitlines()
+    assert [rank.wait() for rank in ranks] == [0, 0]
+    assert len(lines) == 40000 and all(line.count("rank ") == 1 for line in lines)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import (ROOT, assert_one_line_error, checkpoint_step, killed_after_first_checkpoint, run_module,
+from conftest import (ROOT, assert_one_line_error, checkpoint_step, killed_after_first_checkpoint, launched, run_module,
                       signalled_at_first_progress, subprocess_env, write_corpus)
 from distrnn.errors import UsageError
 from distrnn.launch.local import free_ports, tf_configs
@@ -101,11 +101,8 @@ def test_srun_tasks_get_a_cluster_whose_ports_two_steps_on_a_node_do_not_share()
     assert {a.split(":")[1] for a in other["cluster"]["worker"]}.isdisjoint({str(base), str(base + 1)})
 
 
-def launch(nproc, *args, module="distrnn.ptb", timeout=300, python=sys.executable):
-    proc = subprocess.run([python, "-m", "distrnn.launch", "--nproc", str(nproc), "-m", module, *map(str, args)],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+def launch(nproc, *args, module="distrnn.ptb"):
+    return launched("tensorflow", nproc, *args, module=module)
 
 
 @pytest.fixture(scope="module")
@@ -242,12 +239,8 @@ def wait_for_file(path, processes, seconds=180):
 def test_rank_0s_slow_save_is_waited_for_not_taken_for_a_hang(ptb_corpus, tmp_path):
     """Rank 0 saves while the others wait: a save slower than the collective timeout (a slow disk) is waited
     for at a barrier of its own, not counted as a hung worker."""
-    proc = subprocess.run([sys.executable, "-m", "distrnn.launch", "--nproc", "2", "-m", "distrnn.ptb",
-                           *map(str, PTB), "--data_path", str(ptb_corpus), "--save_path", str(tmp_path / "run"),
-                           "--checkpoint_every", "2", "--max_steps", "4"], cwd=ROOT, capture_output=True, text=True,
-                          env=subprocess_env(DISTRNN_COLLECTIVE_TIMEOUT="8", **{faults.VARIABLE: "checkpoint:1:sleep@20"}),
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launched("tensorflow", 2, *PTB, "--data_path", ptb_corpus, "--save_path", tmp_path / "run", "--checkpoint_every", 2,
+             "--max_steps", 4, env={"DISTRNN_COLLECTIVE_TIMEOUT": "8", faults.VARIABLE: "checkpoint:1:sleep@20"})
     assert checkpoint_step(tmp_path / "run") == 4
 
 
@@ -313,15 +306,9 @@ def test_sigterm_to_the_launcher_stops_every_worker_at_one_step_and_resumes_exac
 def test_the_two_engines_compute_the_same(ptb_corpus, tmp_path):
     """The same job under horovodrun and under TensorFlow's collectives, 2 processes each: the same
     perplexities to 1e-5 (measured: the same bits)."""
-    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    if not os.path.exists(horovodrun):
-        pytest.skip("horovodrun not found: Horovod is not installed on this stack (TensorFlow 2.19 and newer)")
     common = [*PTB, "--data_path", ptb_corpus, "--global_batch_size", 4]
-    launch(2, *common, "--save_path", tmp_path / "tf", "--metrics_json", tmp_path / "tf.json")
-    subprocess.run([horovodrun, "--gloo", "-np", "2", "-H", "localhost:2", sys.executable, "-m", "distrnn.ptb",
-                    *map(str, common), "--save_path", str(tmp_path / "hvd"), "--metrics_json",
-                    str(tmp_path / "hvd.json")], cwd=ROOT, env=subprocess_env(), check=True, capture_output=True,
-                   timeout=300)
+    for engine, name in (("horovod", "hvd"), ("tensorflow", "tf")):  # skipped at once where Horovod is missing
+        launched(engine, 2, *common, "--save_path", tmp_path / name, "--metrics_json", tmp_path / f"{name}.json")
     tf_run, hvd_run = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("tf", "hvd"))
     assert (tf_run["engine"], hvd_run["engine"]) == ("tensorflow", "horovod")
     for key in ("train_perplexity", "valid_perplexity", "test_perplexity"):

@@ -1,7 +1,7 @@
-"""Data parallelism under a real `horovodrun --gloo -np 2 -H localhost:2`."""
+"""Data parallelism under a real `horovodrun --gloo -np 2 -H localhost:2` (what every engine does, run on
+each engine, is in tests/test_engines.py)."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -9,32 +9,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (ROOT, checkpoint_step, killed_after_first_checkpoint, run_module,
-                      signalled_at_first_progress, subprocess_env, too_high_then_settled, write_corpus, write_images)
+from conftest import (ROOT, checkpoint_step, killed_after_first_checkpoint, launched, launcher_command, run_module,
+                      signalled_at_first_progress, subprocess_env, write_corpus, write_images)
 from distrnn import cli, parallel
 from distrnn.errors import UsageError
 from distrnn.parallel import local_devices
 from distrnn.parallel.horovod import HorovodWorld
 
-HOROVODRUN = shutil.which("horovodrun", path=os.path.dirname(sys.executable)) or shutil.which("horovodrun")
-
-
-
 
 def horovodrun_command(np_, *args, command=None):
     """`horovodrun --gloo -np N -H localhost:N python -m distrnn.ptb ARGS` (or `command`)."""
-    if HOROVODRUN is None:
-        pytest.skip("horovodrun not found: Horovod is not installed (bash launch/setup.sh installs it)")
-    command = command or [sys.executable, "-m", "distrnn.ptb", *map(str, args)]
-    return [HOROVODRUN, "--gloo", "-np", str(np_), "-H", f"localhost:{np_}", *command]
-
-
-def horovodrun(np_, *args, timeout=300, check=True, command=None):
-    proc = subprocess.run(horovodrun_command(np_, *args, command=command), cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+    return launcher_command("horovod", np_, command or [sys.executable, "-m", "distrnn.ptb", *args])
 
 
 def weights(save_path):
@@ -72,7 +57,7 @@ PTB_SPLIT = ["--config", "test", "--hidden_size", "8", "--num_layers", "2", "--n
                          ids=["batch_per_rank", "global_batch_dense_embedding", "layers_on_2_devices_per_rank"])
 def test_two_ranks_equal_one_process_with_twice_the_batch(shared, tmp_path, split):
     common = [*PTB_SPLIT, "--data_path", shared["corpus"]]
-    proc = horovodrun(2, *common, *split, "--save_path", tmp_path / "two",
+    proc = launched("horovod", 2, *common, *split, "--save_path", tmp_path / "two",
                       "--metrics_json", tmp_path / "two.json")
     one, one_path = one_process(shared, "ptb_batch_4", "distrnn.ptb", *common, "--batch_size", "4")
     two = json.loads((tmp_path / "two.json").read_text())
@@ -96,56 +81,11 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(shared, tmp_path, spli
 
 
 @pytest.mark.slow
-def test_fp16_allreduce_is_close_to_float32_on_the_wire(shared, tmp_path):
-    """2 ranks sending gradients in float16 (the embedding's rows too) against 2 ranks sending float32:
-    float16 rounds each averaged gradient to 2^-11 relative; 300 steps of SGD carried that into the
-    perplexities at 8.0e-7 (train), 3.6e-6 (valid), 1.9e-6 (test) relative (pytest -s prints them), bounded
-    here at 1e-4; not bit-identical, so the rounding happened."""
-    common = [*PTB_SPLIT, "--data_path", shared["corpus"], "--batch_size", "2"]
-    runs = {}
-    for name, extra in (("float32", []), ("float16", ["--fp16_allreduce"])):
-        horovodrun(2, *common, *extra, "--save_path", tmp_path / name, "--metrics_json", tmp_path / f"{name}.json")
-        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
-    wire16, wire32 = runs["float16"], runs["float32"]
-    assert (wire16["fp16_allreduce"], wire32["fp16_allreduce"]) == (True, False)
-    assert wire16["steps"] == wire32["steps"] == 300
-    for key in ("train_perplexity", "valid_perplexity", "test_perplexity"):
-        print(f"--fp16_allreduce {key}: {wire16[key]:.6f} against {wire32[key]:.6f}, relative difference "
-              f"{abs(wire16[key] - wire32[key]) / wire32[key]:.2e}")  # pytest -s shows it
-        assert wire16[key] == pytest.approx(wire32[key], rel=1e-4), key
-    assert wire16["test_perplexity"] != wire32["test_perplexity"]
-    ranks = wire16["ranks"]
-    assert ranks[0]["weights_norm"] == ranks[1]["weights_norm"]  # both ranks applied the same decoded gradients
-
-
-@pytest.mark.slow
-def test_an_overflow_runs_the_step_again_on_every_rank(shared, tmp_path):
-    """float16 from a loss scale of 2^40: the averaged gradients overflow on every rank at once, so all
-    halve the scale and run the window again together (a rank going on alone would wait for ever in the
-    next allreduce), each drawing its dropout masks again; the run is exactly the one that started at
-    the scale they came down to (scaling by a power of 2 is exact)."""
-    script = os.path.join(ROOT, "tests", "loss_scale_from.py")
-    common = [*PTB_SPLIT, "--data_path", shared["corpus"], "--batch_size", "2", "--keep_prob", "0.8",
-              "--precision", "float16", "--max_steps", "8"]
-
-    def train(name, scale):
-        horovodrun(2, command=[sys.executable, script, str(scale), *map(str, common), "--save_path",
-                               str(tmp_path / name), "--metrics_json", str(tmp_path / f"{name}.json")])
-        return json.loads((tmp_path / f"{name}.json").read_text())
-
-    high, low = too_high_then_settled(train)
-    assert high["steps"] == 8
-    for key in ("valid_perplexity", "test_perplexity"):
-        assert high[key] == low[key], key
-    assert high["ranks"][0]["weights_norm"] == high["ranks"][1]["weights_norm"]
-
-
-@pytest.mark.slow
 def test_every_step_two_ranks_match_one_process_and_each_other(corpus, tmp_path):
     """Step by step: the loss of 2 ranks x 2 rows equals that of 1 process x 4 rows, and after every
     step both ranks hold bit-identical weights."""
     script = os.path.join(ROOT, "tests", "replica_steps.py")
-    horovodrun(2, command=[sys.executable, script, corpus, str(tmp_path / "two.json"), "4", "12"])
+    launched("horovod", 2, command=[sys.executable, script, corpus, str(tmp_path / "two.json"), "4", "12"])
     subprocess.run([sys.executable, script, corpus, str(tmp_path / "one.json"), "4", "12"], cwd=ROOT,
                    env=subprocess_env(), check=True, capture_output=True)
     two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
@@ -156,34 +96,6 @@ def test_every_step_two_ranks_match_one_process_and_each_other(corpus, tmp_path)
         assert a["max_replica_difference"] == 0.0, step                # allreduced: the same bits everywhere
     for name, values in one["weights"].items():
         np.testing.assert_allclose(two["weights"][name], values, rtol=1e-4, atol=1e-6, err_msg=name)
-
-
-@pytest.mark.slow
-def test_bad_splits_and_mismatched_ranks_fail_fast(corpus, tmp_path):
-    """Clear errors on every rank, and no rank left waiting."""
-    base = ["--config", "test", "--data_path", corpus, "--max_steps", "3"]
-    proc = horovodrun(2, *base, "--global_batch_size", "3", "--save_path", tmp_path / "a", check=False, timeout=120)
-    assert proc.returncode != 0
-    assert "--global_batch_size 3 cannot be split evenly over 2 ranks; use a multiple of 2" in proc.stderr
-    # horovodrun prints its own traceback when a rank exits non-zero; the ranks print none.
-    assert not [line for line in proc.stderr.splitlines() if line.startswith("[") and "Traceback" in line]
-    # Rank 1 started with another hidden size: refused before any training step.
-    args = " ".join(map(str, base + ["--save_path", tmp_path / "b"]))
-    script = (f'extra=""; [ "$HOROVOD_RANK" = 1 ] && extra="--hidden_size 9"; '
-              f'exec {sys.executable} -m distrnn.ptb {args} $extra')
-    proc = horovodrun(2, command=["bash", "-c", script], check=False, timeout=120)
-    assert proc.returncode != 0
-    assert "1 of 2 ranks started with a config or flags different from rank 0's" in proc.stderr
-    assert "done:" not in proc.stdout
-    # A run that diverges stops on every rank at the same step, with nothing of that step saved.
-    proc = horovodrun(2, *base, "--learning_rate", "1e30", "--checkpoint_every", "1", "--save_path", tmp_path / "c",
-                      check=False, timeout=120)
-    # horovodrun ends the other rank when the first exits, so one line or two; each names step 2.
-    diverged = [line for line in proc.stderr.splitlines() if "so training diverged" in line]
-    assert proc.returncode != 0 and diverged and "done:" not in proc.stdout, proc.stderr[-3000:]
-    # Which figures are inf or nan first depends on the processor's kernels; the perplexity always is.
-    assert all("step 2: the " in line and "perplexity is inf" in line for line in diverged), diverged
-    assert sorted(n for n in os.listdir(tmp_path / "c" / "checkpoints") if n.endswith(".index")) == ["ckpt-1.index"]
 
 
 @pytest.mark.slow
@@ -206,10 +118,10 @@ def test_sigterm_to_horovodrun_checkpoints_and_resumes_exactly(corpus, tmp_path)
     assert stopped_at > 0
     end = ["--max_steps", stopped_at + 100]
 
-    proc = horovodrun(2, *common, *end, "--save_path", tmp_path / "b", "--resume",
+    proc = launched("horovod", 2, *common, *end, "--save_path", tmp_path / "b", "--resume",
                       "--metrics_json", tmp_path / "b.json")
     assert f"ckpt-{stopped_at}" in proc.stdout
-    horovodrun(2, *common, *end, "--save_path", tmp_path / "a", "--metrics_json", tmp_path / "a.json")
+    launched("horovod", 2, *common, *end, "--save_path", tmp_path / "a", "--metrics_json", tmp_path / "a.json")
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("a", "b"))
     assert a["steps"] == b["steps"] == stopped_at + 100
     for key in ("train_perplexity", "valid_perplexity", "test_perplexity"):
@@ -286,7 +198,7 @@ def test_a_dead_rank_stops_the_others_clearly_and_the_checkpoint_resumes(corpus,
     last = checkpoint_step(tmp_path / "run")
     assert last > 0
 
-    proc = horovodrun(2, *common, "--resume", "--max_steps", last + 10, "--metrics_json", tmp_path / "m.json")
+    proc = launched("horovod", 2, *common, "--resume", "--max_steps", last + 10, "--metrics_json", tmp_path / "m.json")
     assert f"ckpt-{last}" in proc.stdout
     assert json.loads((tmp_path / "m.json").read_text())["steps"] == last + 10
 
@@ -301,7 +213,7 @@ def test_mnist_two_ranks_equal_one_process_with_twice_the_batch(shared, tmp_path
     common = ["--config", "stacked", "--hidden_size", "8", "--validation_size", "100", "--num_epochs", "2",
               "--data_path", shared["images"], "--seed", "3"]
     mnist = [sys.executable, "-m", "distrnn.mnist"]
-    horovodrun(2, command=[*mnist, *map(str, common), *split, "--save_path", str(tmp_path / "two"),
+    launched("horovod", 2, command=[*mnist, *map(str, common), *split, "--save_path", str(tmp_path / "two"),
                            "--metrics_json", str(tmp_path / "two.json")])
     one, one_path = one_process(shared, "mnist_batch_20", "distrnn.mnist", *common, "--batch_size", "20")
     two = json.loads((tmp_path / "two.json").read_text())

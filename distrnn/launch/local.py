@@ -104,7 +104,11 @@ def build_parser() -> cli.ArgumentParser:
                         help="workers to start on this machine")
     parser.add_argument("--port", type=number(int, minimum=1, maximum=65535), default=0,
                         help="the first worker's port (default: free ports)")
-    parser.usage = "python -m distrnn.launch --nproc N [--port P] -m distrnn.ptb FLAGS... (or -- SCRIPT ARGS...)"
+    parser.add_argument("--no_python", action="store_true",
+                        help="run the command as it is, not after python (torchrun's --no-python): a shell "
+                             "script or another program that starts the job")
+    parser.usage = ("python -m distrnn.launch --nproc N [--port P] -m distrnn.ptb FLAGS... (or -- SCRIPT ARGS...; "
+                    "--no_python -- PROGRAM ARGS...)")
     return parser
 
 
@@ -126,7 +130,7 @@ def run(argv) -> int:
         raise UsageError("give the command each worker runs after python, e.g. -m distrnn.ptb --config small")
     workers = []
     forward_signals(workers)
-    start_workers(workers, [sys.executable, *command], args.nproc, args.port)
+    start_workers(workers, command if args.no_python else [sys.executable, *command], args.nproc, args.port)
     return wait(workers)
 
 
