@@ -246,10 +246,27 @@ class CollectiveWorld(World):
                 grads[i] = tf.cast(total, grads[i].dtype) / self.size
         for i, g in enumerate(grads):
             if isinstance(g, tf.IndexedSlices):
-                rows = tf.cast(g.values, tf.float16) if fp16 else g.values
-                rows = tf.cast(self.launcher.all_gather(rows, axis=0), g.values.dtype) / self.size
-                grads[i] = tf.IndexedSlices(rows, self.launcher.all_gather(g.indices, axis=0), g.dense_shape)
+                rows, indices = self._gather_slices(tf.cast(g.values, tf.float16) if fp16 else g.values, g.indices)
+                grads[i] = tf.IndexedSlices(tf.cast(rows, g.values.dtype) / self.size, indices, g.dense_shape)
         return grads
+
+    def _gather_slices(self, rows, indices):
+        """Every rank's rows and their indices, in one all-gather: each index's 8 bytes travel as columns of
+        the rows' type beside its row (a gather copies bits, computes nothing). The launcher's public
+        all_gather would run four collectives (a shape exchange before each of two gathers, for ranks whose
+        row counts differ); every rank's count is the same here (batch x steps rows of an embedding, the same
+        flags on every rank: check_same_run), so one gather of a fixed shape does, where that shape is known."""
+        import tensorflow as tf
+        if rows.shape[0] is None or rows.shape.rank is None:
+            return self.launcher.all_gather(rows, axis=0), self.launcher.all_gather(indices, axis=0)
+        count, row_shape = rows.shape[0], rows.shape[1:]
+        flat = tf.reshape(rows, [count, row_shape.num_elements()])
+        words = tf.reshape(tf.bitcast(tf.cast(indices, tf.int64), rows.dtype), [count, -1])
+        gathered = self.launcher._all_gather(tf.concat([flat, words], axis=1), None)  # noqa: SLF001 (see above)
+        width = row_shape.num_elements()
+        index_words = tf.reshape(gathered[:, width:], [-1, *([8 // rows.dtype.size] if rows.dtype.size < 8 else [])])
+        rows_out = tf.reshape(gathered[:, :width], [-1, *row_shape])
+        return rows_out, tf.cast(tf.bitcast(index_words, tf.int64), indices.dtype)
 
     def lost(self, error: BaseException) -> Optional[str]:
         import tensorflow as tf
