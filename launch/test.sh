@@ -74,7 +74,7 @@ if [[ $# -eq 0 ]]; then
     # Stack 1's launcher tests (horovodrun; both engines side by side; a Slurm cluster; TensorFlow's engine) spend
     # most of their time waiting on the processes they start: a session of their own, beside the rest of
     # stack 1 (and stack 2), its report printed after.
-    launchers=(tests/test_horovod.py tests/test_engines.py tests/test_slurm.py tests/test_collective.py)
+    launchers=(tests/test_horovod.py tests/test_engines.py tests/test_slurm.py tests/test_collective.py tests/test_elastic.py)
     first=("${quick[@]}" "${launchers[@]/#/--ignore=}")
     .venv/bin/python -m pytest -ra --durations=5 --basetemp="$tmp/stack1-launchers" "${quick[@]}" "${launchers[@]}" \
         > "$tmp/launchers.log" 2>&1 &

@@ -112,10 +112,11 @@ def ptb_corpus(tmp_path_factory):
 
 @pytest.mark.parametrize("workers", [2, 3])
 def test_workers_equal_one_process_with_the_whole_batch(ptb_corpus, tmp_path, workers):
-    """N workers of --global_batch_size 6 compute what one process of batch 6 does, at a learning rate where
-    training is not chaotic: train perplexity to 1e-5, valid and test to 1e-4 (float32 sums in another
-    order), two epochs (the learning rate's decay in the second)."""
-    common = [*PTB, "--data_path", ptb_corpus]
+    """N workers of --global_batch_size 6 compute what one process of batch 6 does, dropout included (a row's
+    mask depends on its place in the global batch), at a learning rate where training is not chaotic: train
+    perplexity to 1e-5, valid and test to 1e-4 (float32 sums in another order), two epochs (the learning
+    rate's decay in the second)."""
+    common = [*PTB, "--data_path", ptb_corpus, "--keep_prob", "0.7"]
     proc = launch(workers, *common, "--global_batch_size", 6, "--save_path", tmp_path / "n",
                   "--metrics_json", tmp_path / "n.json")
     run_module("distrnn.ptb", *common, "--batch_size", 6, "--save_path", tmp_path / "one",

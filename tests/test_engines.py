@@ -35,7 +35,8 @@ def test_fp16_allreduce_is_close_to_float32_on_the_wire(engine, corpus, tmp_path
     common = [*PTB_SPLIT, "--data_path", corpus, "--batch_size", "2"]
     runs = {}
     for name, extra in (("float32", []), ("float16", ["--fp16_allreduce"])):
-        launched(engine, 2, *common, *extra, "--save_path", tmp_path / name, "--metrics_json", tmp_path / f"{name}.json")
+        launched(engine, 2, *common, *extra, "--save_path", tmp_path / name, "--metrics_json",
+                 tmp_path / f"{name}.json")
         runs[name] = metrics(tmp_path / f"{name}.json")
     wire16, wire32 = runs["float16"], runs["float32"]
     assert (wire16["fp16_allreduce"], wire32["fp16_allreduce"]) == (True, False)

@@ -11,7 +11,9 @@ from distrnn.ptb import reader
 from distrnn.ptb.configs import PRESETS
 from distrnn.ptb import job as ptb_job
 from distrnn.ptb.configs import RunOptions
+from distrnn.ptb.model import PTBModel
 from distrnn.ptb.trainer import Trainer, sum_duplicate_rows
+from distrnn.rnn import Unrolling
 
 SMALLISH = {"hidden_size": "16", "num_steps": "5", "batch_size": "4", "num_layers": "2"}
 
@@ -50,6 +52,21 @@ def test_dropout_applies_only_in_training():
     train_a, _ = trainer.model(x, state, training=True)
     np.testing.assert_array_equal(eval_a.numpy(), eval_b.numpy())
     assert not np.allclose(train_a.numpy(), eval_a.numpy())
+
+
+def test_a_rows_dropout_mask_depends_on_its_place_in_the_global_batch_alone():
+    """Rank r of N draws, for its B rows, the masks one process of N x B rows draws for those rows: so N ranks
+    train what one process does with dropout too, and a run resumed on another number of ranks goes on."""
+    config = override(PRESETS.get("test"), dict(SMALLISH, keep_prob="0.5"))
+    whole = PTBModel(config, 30, Unrolling.for_config(config, 5), seed=3)
+    masks = whole._dropout_mask([5, 12, 16]).numpy()
+    for ranks in (2, 3, 4):
+        rows = 12 // ranks
+        for rank in range(ranks):
+            model = PTBModel(config, 30, Unrolling.for_config(config, 5), seed=3, replica=(rank, ranks))
+            mine = model._dropout_mask([5, rows, 16]).numpy()
+            np.testing.assert_array_equal(mine, masks[:, rank * rows:(rank + 1) * rows])
+    assert 0.3 < (masks == 0).mean() < 0.7
 
 
 def test_resume_gives_the_same_next_step_loss(corpus, tmp_path):

@@ -116,8 +116,8 @@ def srun_tf_config(task: slurm_env.SrunTask, env=os.environ) -> str:
 
 # A collective that waits longer than DISTRNN_COLLECTIVE_TIMEOUT (45 s, so that the line comes within a minute
 # of the hang) for a peer ends the run with exit 75: a worker that hangs alive (a stuck read, a deadlock) still
-# answers the coordination service's heartbeats, so only this timeout tells. Rank 0's one-off work (a checkpoint, a restore, a download) is waited for at a
-# barrier of its own, for up to an hour: a slow disk is not a hung worker.
+# answers the coordination service's heartbeats, so only this timeout tells. Rank 0's one-off work (a checkpoint,
+# a restore, a download) is waited for at a barrier of its own, for up to an hour: a slow disk is not a hung worker.
 CHIEF_WORK_SECONDS = 3600.0
 GREETING = b"distrnn meet v1 "  # what a task says before its rank, so other callers are ignored
 

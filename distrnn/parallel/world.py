@@ -43,6 +43,10 @@ class World(abc.ABC):
         """The engine, for a run's metrics."""
         return {"engine": self.engine}
 
+    def shape(self) -> dict:
+        """How many processes on which engine, for the record of the sizes a run has had."""
+        return {"world_size": self.size, **self.report()}
+
     def owned_gpus(self, num_gpus: int) -> Optional[list]:
         """Indices of the node's GPUs this process uses, in the order TensorFlow numbers them
         (what joining pinned); None when it was left to see all of them."""

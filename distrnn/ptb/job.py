@@ -9,9 +9,10 @@ from distrnn.ptb.trainer import LeanerOnOOM, Trainer, evaluate, learning_rate, m
 from distrnn.run import start
 from distrnn.run.job import Curve, Job, Measures
 
-# Fields that fix variable shapes or the meaning of a saved data position: a
-# checkpoint cannot be resumed under different values.
-SHAPE_FIELDS = ("num_layers", "hidden_size", "batch_size", "num_steps", "tie_embeddings")
+# Fields that fix variable shapes or the meaning of a saved data position: a checkpoint cannot be resumed
+# under different values. The global batch, not each rank's share of it: a run goes on on another number of
+# ranks (the data order, the carried state's rows and the dropout masks follow the global batch).
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_steps", "tie_embeddings")
 
 
 def run(config, options: RunOptions, world=None) -> dict:
@@ -24,7 +25,7 @@ class PTBJob(Job):
     """The PTB language model as the training loop sees it: windows of the token stream, the LSTM state
     carried from one window to the next, perplexities."""
 
-    name, shape_fields = "ptb", SHAPE_FIELDS + ("vocab_size",)
+    name, shape_fields = "ptb", SHAPE_FIELDS + ("vocab_size", "global_batch_size")
     absent_fields = {"tie_embeddings": False}  # config.json of runs from before the field
     measures = Measures("words", "words_per_sec", "valid_perplexity", higher_is_better=False,
                         test_keys=("test_perplexity",))

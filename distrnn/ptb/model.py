@@ -10,6 +10,8 @@ It computes in its Unrolling's precision (distrnn.numerics.precision): the embed
 the lookup (only the rows a step reads), the layers and the softmax cast their weights, and the
 softmax's normaliser and the loss are float32 (distrnn.numerics.ops).
 """
+from typing import Tuple
+
 import tensorflow as tf
 
 from distrnn.numerics.ops import softmax_cross_entropy
@@ -23,9 +25,11 @@ class PTBModel(tf.Module):
     """unrolling: how the stack runs (distrnn.rnn.Unrolling, resolved by the job), read when a step
     is traced; plan: the device of each part (distrnn.parallel.placement)."""
 
-    def __init__(self, config, vocab_size: int, unrolling: Unrolling, seed: int = 0, plan=None, name: str = "ptb_lm"):
+    def __init__(self, config, vocab_size: int, unrolling: Unrolling, seed: int = 0, plan=None, name: str = "ptb_lm",
+                 replica: Tuple[int, int] = (0, 1)):
         super().__init__(name=name)
         self.config, self.vocab_size, self.unrolling = config, vocab_size, unrolling
+        self.replica = replica  # (rank, ranks): this model trains the rank-th of `ranks` equal shares of the batch
         self.plan = plan or single_device(config.num_layers)
         h, scale = config.hidden_size, config.init_scale
         # Every weight starts uniform in [-init_scale, init_scale] (recurrent biases at 0),
@@ -62,11 +66,17 @@ class PTBModel(tf.Module):
         return tuple(cell.zero_state(batch_size, self.dtype) for cell in self.cells)
 
     def _dropout_mask(self, shape):
-        """keep/keep_prob where kept, 0 elsewhere; drawn in float32 (the same masks in every precision),
-        then cast."""
+        """keep/keep_prob where kept, 0 elsewhere, for activations (T, B, H); drawn in float32 (the same masks in
+        every precision), then cast. Drawn for the whole global batch, of which this replica keeps its rows:
+        a row's mask depends on its place in the global batch alone, so N ranks of B rows train what one
+        process of N x B does, dropout included, and a run resumed on another number of ranks draws what it
+        would have (each rank draws N times the masks it uses: O(B H) against the step's O(B H^2))."""
+        rank, ranks = self.replica
         seed = self.dropout_rng.make_seeds(1)[:, 0]
-        mask = tf.nn.experimental.stateless_dropout(tf.ones(shape), rate=1.0 - self.config.keep_prob, seed=seed)
-        return tf.cast(mask, self.dtype)
+        rows = shape[1]
+        mask = tf.nn.experimental.stateless_dropout(tf.ones([shape[0], rows * ranks, shape[2]]),
+                                                    rate=1.0 - self.config.keep_prob, seed=seed)
+        return tf.cast(mask[:, rank * rows:(rank + 1) * rows], self.dtype)
 
     def __call__(self, x, state, training: bool):
         """x (B, T) word ids -> the last layer's outputs (T*B, H) in time-major order, which

@@ -62,8 +62,8 @@ class Trainer(base.Trainer):
                  sparse_as_dense: bool = False, fp16_allreduce: bool = False):
         world = world or parallel.OneProcess()
         unrolling = unrolling or Unrolling.for_config(config, config.num_steps)
-        super().__init__(PTBModel(config, vocab_size, unrolling, seed=seed, plan=plan), sgd.SGD(config.learning_rate),
-                         world)
+        model = PTBModel(config, vocab_size, unrolling, seed=seed, plan=plan, replica=(world.rank, world.size))
+        super().__init__(model, sgd.SGD(config.learning_rate), world)
         self.config = config
         self.sparse_as_dense, self.fp16_allreduce = sparse_as_dense, fp16_allreduce
         self.train_step = tf.function(self._train_step)

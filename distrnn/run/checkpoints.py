@@ -457,4 +457,7 @@ def config_mismatch(save_path: str, current: Dict, keys, absent: Optional[Dict] 
 
     diffs = [f"{k}={shown(saved[k], current[k])} there, {shown(current[k], saved[k])} here"
              for k in keys if k in saved and saved[k] != current[k]]
+    if "global_batch_size" in keys and saved.get("global_batch_size", current["global_batch_size"]) \
+            != current["global_batch_size"]:  # the one a user changes by starting on another number of ranks
+        diffs.append(f"keep it on any number of ranks with --global_batch_size {saved['global_batch_size']}")
     return "; ".join(diffs) or None

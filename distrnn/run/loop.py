@@ -73,6 +73,11 @@ class _Loop:
         self.job, self.world, self.options = job, world, options
         self.checkpoints, self.save_path, self.best_step = checkpoints, save_path, best_step
         self.pos = job.trainer.position()
+        before = self.pos.note_size(world.shape())
+        if before and world.is_chief:
+            log(f"the run goes on as {world.describe()} from step {self.pos.global_step}; it ran on "
+                f"{before['world_size']} process(es) ({before['engine']}) before, with the same global batch of "
+                f"{job.global_batch}")
         self.tensorboard = outputs.TensorBoard(save_path, world.is_chief)
         self.speed = outputs.Speed()
         self.watch = stops.Watch(world, options)
@@ -208,6 +213,7 @@ class _Loop:
             "epochs": round(pos.global_step / job.steps_per_epoch, 4),
             "steps_per_epoch": job.steps_per_epoch,
             "world_size": world.size,
+            "sizes": pos.sizes,  # every size the run had
             **world.report(),
             "global_batch_size": job.global_batch,
             # What each rank holds at the end, to see every node took part and the replicas agree.

@@ -4,6 +4,8 @@ with every checkpoint), what rank 0 shares with the other ranks, and the few thi
 its own Position and step; nothing here knows which job runs."""
 import dataclasses
 import json
+from typing import Optional
+
 import tensorflow as tf
 
 from distrnn.numerics.precision import LossScale
@@ -17,6 +19,17 @@ class Position:
     step_in_epoch: int = 0    # next step (window, batch) of that epoch
     global_step: int = 0      # training steps done in all
     history: list = dataclasses.field(default_factory=list)  # per finished epoch: its figures and step
+    # Each size the run has had: the step it started training at that size and World.shape (processes,
+    # engine); a run resumed on another number of ranks adds one.
+    sizes: list = dataclasses.field(default_factory=list)
+
+    def note_size(self, shape: dict) -> Optional[dict]:
+        """Records the size the run goes on at (World.shape); returns the one it had before where that differs."""
+        last = self.sizes[-1] if self.sizes else None
+        if last is None or {k: v for k, v in last.items() if k != "step"} != shape:
+            self.sizes.append(dict(step=self.global_step, **shape))
+            return last
+        return None
 
     def next_epoch(self) -> None:
         """On to the next epoch's first step, the job's own sums back to their start."""

@@ -1,0 +1,76 @@
+"""Elastic by restart (issue 30): a run saved by N workers goes on on M (1 included), the global batch kept,
+as if it had never stopped: the data order, the carried LSTM state's rows, the dropout masks, the learning
+rate and the loss scale follow the global batch, not the number of workers. Real worker processes under
+`python -m distrnn.launch` (TensorFlow's collectives, on whichever stack runs the test)."""
+import json
+
+import pytest
+
+from conftest import assert_one_line_error, launched, run_module, write_corpus, write_images
+
+# At --learning_rate 0.2 training is not chaotic (docs/runs.md): a restart that changed anything would show.
+PTB = ["--config", "test", "--hidden_size", "8", "--num_layers", "2", "--num_steps", "5", "--max_max_epoch", "2",
+       "--max_epoch", "1", "--keep_prob", "0.7", "--max_grad_norm", "5", "--learning_rate", "0.2", "--seed", "3",
+       "--global_batch_size", "6"]
+
+
+def train(module, workers, *args):
+    """`module ARGS` on `workers` processes (one: no launcher)."""
+    if workers == 1:
+        return run_module(module, *args, check=0)
+    return launched("tensorflow", workers, *args, module=module)
+
+
+def in_three_parts(module, common, ends, tmp_path):
+    """The run on 2 workers until ends[0], on 1 until ends[1], on 3 to its end; then uninterrupted on 1.
+    Returns both metrics and the elastic run's output."""
+    outputs = []
+    for workers, end in zip((2, 1, 3), ends):
+        limit = ["--max_steps", end] if end else []
+        outputs.append(train(module, workers, *common, *limit, "--resume", "--save_path", tmp_path / "elastic",
+                             "--metrics_json", tmp_path / "elastic.json").stdout)
+    train(module, 1, *common, "--save_path", tmp_path / "whole", "--metrics_json", tmp_path / "whole.json")
+    elastic, whole = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("elastic", "whole"))
+    return elastic, whole, outputs
+
+
+@pytest.mark.slow
+def test_ptb_with_dropout_goes_on_at_every_size_as_if_uninterrupted(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", train_words=2000, other_words=600)
+    elastic, whole, outputs = in_three_parts("distrnn.ptb", [*PTB, "--data_path", corpus], (30, 80, None), tmp_path)
+    assert elastic["steps"] == whole["steps"] == 2 * elastic["steps_per_epoch"]
+    assert len(elastic["history"]) == len(whole["history"]) == 2
+    for a, b in zip(elastic["history"], whole["history"]):
+        assert a["train_perplexity"] == pytest.approx(b["train_perplexity"], rel=1e-5)
+        assert a["valid_perplexity"] == pytest.approx(b["valid_perplexity"], rel=1e-4)
+    assert elastic["test_perplexity"] == pytest.approx(whole["test_perplexity"], rel=1e-4)
+    assert [(s["step"], s["world_size"]) for s in elastic["sizes"]] == [(0, 2), (30, 1), (80, 3)]
+    assert [s["engine"] for s in elastic["sizes"]] == ["tensorflow", "one process", "tensorflow"]
+    assert (elastic["world_size"], elastic["global_batch_size"]) == (3, 6)
+    assert ("the run goes on as one process from step 30; it ran on 2 process(es) (tensorflow) before, with the "
+            "same global batch of 6") in outputs[1]
+    assert "the run goes on as tensorflow (RING collectives), 3 process(es) from step 80; it ran on 1" in outputs[2]
+
+
+@pytest.mark.slow
+def test_mnist_goes_on_at_every_size_as_if_uninterrupted(tmp_path):
+    images = write_images(tmp_path / "images")
+    common = ["--config", "stacked", "--hidden_size", "8", "--validation_size", "100", "--num_epochs", "2",
+              "--data_path", images, "--seed", "3", "--global_batch_size", "12"]
+    elastic, whole, _ = in_three_parts("distrnn.mnist", common, (20, 45, None), tmp_path)
+    assert elastic["steps"] == whole["steps"] > 45
+    for a, b in zip(elastic["history"], whole["history"], strict=True):
+        assert a["valid_accuracy"] == b["valid_accuracy"]
+        assert a["valid_loss"] == pytest.approx(b["valid_loss"], rel=1e-4)
+    assert elastic["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-4)
+    assert elastic["confusion_matrix"] == whole["confusion_matrix"]
+    assert [s["world_size"] for s in elastic["sizes"]] == [2, 1, 3]
+
+
+def test_another_global_batch_is_refused_in_one_line_naming_how_to_keep_it(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", train_words=2000, other_words=600)
+    common = [*PTB[:-2], "--data_path", corpus, "--save_path", tmp_path / "run"]  # PTB less its global batch
+    run_module("distrnn.ptb", *common, "--global_batch_size", 6, "--max_steps", 2, check=0)
+    proc = run_module("distrnn.ptb", *common, "--batch_size", 4, "--resume")
+    assert_one_line_error(proc, "distrnn.ptb", "are from another config (global_batch_size=6 there, 4 here; keep it "
+                                               "on any number of ranks with --global_batch_size 6)")
