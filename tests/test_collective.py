@@ -298,13 +298,16 @@ def worker_pid(launcher: int, index: int) -> int:
 def test_sigterm_to_the_launcher_stops_every_worker_at_one_step_and_resumes_exactly(ptb_corpus, tmp_path):
     """A scheduler's SIGTERM to python -m distrnn.launch reaches every worker once; they agree on the step,
     rank 0 saves (every worker's carried LSTM state and the dropout generator included), each exits 143, and
-    --resume continues as the uninterrupted run."""
+    --resume continues as the uninterrupted run. An elastic launcher (--max_restarts) stops too: a signal is a
+    stop, never a restart."""
     common = [*PTB, "--keep_prob", "0.8", "--batch_size", "2", "--max_max_epoch", "1000000", "--data_path",
               ptb_corpus, "--checkpoint_every", "100000"]
     code, output = signalled_at_first_progress(
-        [sys.executable, "-m", "distrnn.launch", "--nproc", "2", "-m", "distrnn.ptb", *map(str, common),
+        [sys.executable, "-m", "distrnn.launch", "--nproc", "2", "--max_restarts", "3", "-m", "distrnn.ptb",
+         *map(str, common),
          "--save_path", str(tmp_path / "b")])
     assert code == 143 and "stopped by signal: checkpoint saved" in output, output[-2000:]
+    assert "go on from the last checkpoint" not in output
     stopped_at = checkpoint_step(tmp_path / "b")
     end = ["--max_steps", stopped_at + 60]
     resumed = launch(2, *common, *end, "--save_path", tmp_path / "b", "--resume", "--metrics_json", tmp_path / "b.json")

@@ -3,10 +3,15 @@ as if it had never stopped: the data order, the carried LSTM state's rows, the d
 rate and the loss scale follow the global batch, not the number of workers. Real worker processes under
 `python -m distrnn.launch` (TensorFlow's collectives, on whichever stack runs the test)."""
 import json
+import subprocess
+import sys
 
 import pytest
 
-from conftest import assert_one_line_error, launched, run_module, write_corpus, write_images
+from conftest import (ROOT, assert_one_line_error, checkpoint_step, launched, run_module, subprocess_env,
+                      write_corpus, write_images)
+from distrnn.launch import local
+from distrnn.run import faults
 
 # At --learning_rate 0.2 training is not chaotic (docs/runs.md): a restart that changed anything would show.
 PTB = ["--config", "test", "--hidden_size", "8", "--num_layers", "2", "--num_steps", "5", "--max_max_epoch", "2",
@@ -74,3 +79,73 @@ def test_another_global_batch_is_refused_in_one_line_naming_how_to_keep_it(tmp_p
     proc = run_module("distrnn.ptb", *common, "--batch_size", 4, "--resume")
     assert_one_line_error(proc, "distrnn.ptb", "are from another config (global_batch_size=6 there, 4 here; keep it "
                                                "on any number of ranks with --global_batch_size 6)")
+
+
+def supervised(*launcher_flags, workers=3, fault_worker=1, common=(), timeout=400):
+    """`python -m distrnn.launch --nproc WORKERS LAUNCHER_FLAGS -m distrnn.ptb COMMON`, the worker of index
+    `fault_worker` killed (-9) at its 25th step, wherever the run stands then (the first start's worker 2
+    and, after a restart to fewer, none; or worker 1 of every start): no test waits for a moment."""
+    return subprocess.run([sys.executable, "-m", "distrnn.launch", "--nproc", str(workers), *map(str, launcher_flags),
+                           "-m", "distrnn.ptb", *map(str, common)], cwd=ROOT, capture_output=True, text=True,
+                          env=subprocess_env(**{faults.VARIABLE: "step:25:kill",
+                                                faults.WORKER_VARIABLE: str(fault_worker)}), timeout=timeout)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_costs_a_restart_and_the_run_ends_as_if_uninterrupted(tmp_path):
+    """kill -9 of one of three workers in the middle of an epoch: the two others end with 75 having lost it,
+    the launcher starts them again with --resume, and the run ends on two with the uninterrupted run's
+    figures (the steps after the last checkpoint run again)."""
+    corpus = write_corpus(tmp_path / "corpus", train_words=2000, other_words=600)
+    common = [*PTB, "--data_path", corpus, "--checkpoint_every", 10]
+    proc = supervised("--min_nproc", 2, "--max_restarts", 2, fault_worker=2,
+                      common=[*common, "--save_path", tmp_path / "elastic", "--metrics_json", tmp_path / "e.json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    restarts = [line for line in proc.stderr.splitlines() if line.startswith("distrnn.launch:")]
+    assert restarts == ["distrnn.launch: lost worker 2 (ended by SIGKILL); 2 worker(s) go on from the last "
+                        "checkpoint (restart 1 of 2)"], proc.stderr[-3000:]
+    run_module("distrnn.ptb", *common, "--save_path", tmp_path / "whole", "--metrics_json", tmp_path / "w.json",
+               check=0)
+    elastic, whole = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("e", "w"))
+    assert elastic["steps"] == whole["steps"] and [s["world_size"] for s in elastic["sizes"]] == [3, 2]
+    assert elastic["sizes"][1]["step"] == 20  # the last checkpoint before the kill at the 25th step
+    for a, b in zip(elastic["history"], whole["history"], strict=True):
+        assert a["train_perplexity"] == pytest.approx(b["train_perplexity"], rel=1e-5)
+        assert a["valid_perplexity"] == pytest.approx(b["valid_perplexity"], rel=1e-4)
+    assert elastic["test_perplexity"] == pytest.approx(whole["test_perplexity"], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, why", [
+    (["--min_nproc", 3, "--max_restarts", 2], "fewer than --min_nproc 3 workers to go on with"),
+    (["--min_nproc", 1, "--max_restarts", 1], "no restarts left (--max_restarts 1)")])
+def test_losses_past_what_the_launcher_may_restart_end_with_75_and_one_line(tmp_path, flags, why):
+    """Worker 1 is killed in every start: after --max_restarts restarts, or when fewer than --min_nproc
+    workers are left, the launcher ends with 75 and one line of its own, the checkpoints intact."""
+    corpus = write_corpus(tmp_path / "corpus", train_words=2000, other_words=600)
+    proc = supervised(*flags, common=[*PTB, "--data_path", corpus, "--checkpoint_every", 10, "--save_path",
+                                      tmp_path / "run"])
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("distrnn.launch:")]
+    assert proc.returncode == 75 and lines[-1] == (f"distrnn.launch: lost worker 1 (ended by SIGKILL); {why}: "
+                                                   f"stopped, the checkpoints intact (start again with --resume)")
+    assert len(lines) == (2 if "restarts left" in why else 1), lines
+    assert checkpoint_step(tmp_path / "run") >= 20
+
+
+def test_the_size_a_restart_goes_on_at():
+    # Those that lost the others (75) go on, fewer where the global batch would not split over them.
+    assert local.restart_size([75, 137, 75], 6, 1) == 2
+    assert local.restart_size([75, 75, 137, 75], 6, 1) == 3
+    assert local.restart_size([75, 75, 137, 75], 8, 1) == 2
+    assert local.restart_size([75, 75, 137, 75], 8, 3) is None
+    assert local.restart_size([75, 137, 75, 75], None, 1) == 3
+    assert local.global_batch(["python", "-m", "distrnn.ptb", "--global_batch_size", "60"]) == 60
+    assert local.global_batch(["python", "-m", "distrnn.ptb", "--global_batch_size=24", "--resume"]) == 24
+    assert local.global_batch(["python", "-m", "distrnn.ptb", "--batch_size", "20"]) is None
+    assert local.with_resume(["python", "x", "--resume"]) == ["python", "x", "--resume"]
+    assert local.lost_text([75, 137, 1]) == "lost worker 1 (ended by SIGKILL), worker 2 (exit 1)"
+
+
+def test_a_launcher_asked_for_more_than_it_starts_is_one_line():
+    proc = run_module("distrnn.launch", "--nproc", 2, "--min_nproc", 3, "--max_restarts", 1, "-m", "distrnn.ptb")
+    assert_one_line_error(proc, "distrnn.launch", "--min_nproc 3 is more than --nproc 2: give at most 2")

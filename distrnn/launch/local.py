@@ -11,6 +11,16 @@ the same step with a checkpoint (distrnn.run.stops). When a worker fails, the ot
 their own (the collective runtime's heartbeats notice a dead worker in about ten seconds); any still
 running a minute later are killed, so the launcher never hangs. The exit code is the first failing
 worker's (0 when all succeeded).
+
+Elastic by restart (torchrun's --nnodes MIN:MAX and --max-restarts, on one machine): with --max_restarts R,
+when workers die (killed, crashed, hung and killed after the grace) and the others end with exit 75 having
+lost them, the survivors start again with --resume, as many as are left (fewer where the command's
+--global_batch_size would not split evenly over them), while at least --min_nproc remain and restarts are
+left; otherwise one line and exit 75. A run goes on at another size exactly when its global batch is kept
+(docs/engines.md). A signal to the launcher is a stop, never a restart.
+
+    python -m distrnn.launch --nproc 3 --min_nproc 2 --max_restarts 3 -m distrnn.ptb --global_batch_size 60 \
+        --save_path runs/a --resume
 """
 import json
 import os
@@ -19,14 +29,15 @@ import socket
 import subprocess
 import sys
 import time
-from typing import List
+from typing import List, Optional
 
 from distrnn import cli
-from distrnn.errors import UsageError
+from distrnn.errors import RankLost, UsageError
 from distrnn.options import number
 
 GRACE_SECONDS = 60  # after a worker fails, how long the others have to end by themselves
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+LOST = RankLost.exit_code  # what a worker that lost another ends with
 
 
 def free_ports(count: int, first: int = 0) -> List[int]:
@@ -81,21 +92,27 @@ def wait(workers: List[subprocess.Popen]) -> int:
 def _failure(workers: List[subprocess.Popen]) -> int:
     """The exit code of the first worker (in order) that ended with one other than 0, as a shell reports it
     (killed by signal N: 128 + N); 0 when none has."""
-    for w in workers:
-        rc = w.poll()
-        if rc:
-            return rc if rc > 0 else 128 - rc
-    return 0
+    return next((exit_code(w) for w in workers if w.poll()), 0)
 
 
-def forward_signals(workers: List[subprocess.Popen]) -> None:
-    """Ctrl-C, SIGTERM and SIGUSR1 to the launcher are passed to every worker, which stop together."""
+def exit_code(worker: subprocess.Popen) -> int:
+    rc = worker.poll()
+    return rc if rc >= 0 else 128 - rc
+
+
+def forward_signals(workers: List[subprocess.Popen]) -> List[int]:
+    """Ctrl-C, SIGTERM and SIGUSR1 to the launcher are passed to every worker, which stop together. Returns
+    the list the signals received are noted in (a stop: no restart after it)."""
+    received = []
+
     def handler(signum, frame):
+        received.append(signum)
         for w in workers:
             if w.poll() is None:
                 w.send_signal(signum)
     for sig in FORWARDED:
         signal.signal(sig, handler)
+    return received
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -104,6 +121,10 @@ def build_parser() -> cli.ArgumentParser:
                         help="workers to start on this machine")
     parser.add_argument("--port", type=number(int, minimum=1, maximum=65535), default=0,
                         help="the first worker's port (default: free ports)")
+    parser.add_argument("--min_nproc", type=number(int, minimum=1, maximum=1024), default=None,
+                        help="with --max_restarts: the fewest workers a restart may go on with (default --nproc)")
+    parser.add_argument("--max_restarts", type=number(int, minimum=0, maximum=1000), default=0,
+                        help="restarts after workers are lost, each with the workers left and --resume (default 0)")
     parser.add_argument("--no_python", action="store_true",
                         help="run the command as it is, not after python (torchrun's --no-python): a shell "
                              "script or another program that starts the job")
@@ -128,10 +149,64 @@ def run(argv) -> int:
     args = build_parser().parse_args(own)
     if not command:
         raise UsageError("give the command each worker runs after python, e.g. -m distrnn.ptb --config small")
+    min_nproc = args.nproc if args.min_nproc is None else args.min_nproc
+    if min_nproc > args.nproc:
+        raise UsageError(f"--min_nproc {min_nproc} is more than --nproc {args.nproc}: give at most {args.nproc}")
     workers = []
-    forward_signals(workers)
-    start_workers(workers, command if args.no_python else [sys.executable, *command], args.nproc, args.port)
-    return wait(workers)
+    received = forward_signals(workers)
+    program = command if args.no_python else [sys.executable, *command]
+    nproc, restarts = args.nproc, 0
+    while True:
+        workers.clear()
+        start_workers(workers, program if restarts == 0 else with_resume(program), nproc, args.port)
+        code = wait(workers)
+        codes = [exit_code(w) for w in workers]
+        if code == 0 or received or LOST not in codes or not args.max_restarts:
+            return code  # done, stopped, failed in a way a restart would repeat, or not elastic
+        nproc = restart_size(codes, global_batch(program), min_nproc)
+        restarts += 1
+        if nproc is None or restarts > args.max_restarts:
+            why = (f"no restarts left (--max_restarts {args.max_restarts})" if nproc is not None else
+                   f"fewer than --min_nproc {min_nproc} workers to go on with")
+            print(f"distrnn.launch: {lost_text(codes)}; {why}: stopped, the checkpoints intact (start again with "
+                  f"--resume)", file=sys.stderr)
+            return LOST
+        print(f"distrnn.launch: {lost_text(codes)}; {nproc} worker(s) go on from the last checkpoint (restart "
+              f"{restarts} of {args.max_restarts})", file=sys.stderr, flush=True)
+
+
+def restart_size(codes: List[int], batch: Optional[int], min_nproc: int) -> Optional[int]:
+    """How many workers go on after a loss: those that ended having lost the others (exit 75), fewer where
+    the global batch would not split evenly over them; None below min_nproc."""
+    size = codes.count(LOST)
+    while batch and size and batch % size:
+        size -= 1
+    return size if size >= min_nproc else None
+
+
+def lost_text(codes: List[int]) -> str:
+    lost = [f"worker {i} ({describe_code(c)})" for i, c in enumerate(codes) if c != LOST]
+    return f"lost {', '.join(lost) if lost else 'contact between the workers'}"
+
+
+def describe_code(code: int) -> str:
+    if code > 128 and code - 128 in signal.Signals._value2member_map_:
+        return f"ended by {signal.Signals(code - 128).name}"
+    return f"exit {code}"
+
+
+def global_batch(program: List[str]) -> Optional[int]:
+    """The command's --global_batch_size (given as one argument or two), if any."""
+    for i, arg in enumerate(program):
+        value = arg.split("=", 1)[1] if arg.startswith("--global_batch_size=") else (
+            program[i + 1] if arg == "--global_batch_size" and i + 1 < len(program) else None)
+        if value is not None and value.isdigit():
+            return int(value)
+    return None
+
+
+def with_resume(program: List[str]) -> List[str]:
+    return program if "--resume" in program else [*program, "--resume"]
 
 
 def main(argv=None) -> int:

@@ -10,10 +10,14 @@ a run is killed, or its disk filled, at a chosen moment of its life, and then re
         hang            stop here for good, alive (a worker stuck in a read or a deadlock: its runtime's
                         threads still answer, so only the other workers' collective timeout notices)
 
+    DISTRNN_FAULT_WORKER=K          only in the worker of index K of TF_CONFIG (one of distrnn.launch's
+                                    workers, whose environment is shared)
+
 Points: start (the save path locked, nothing restored yet), step (a training step begins), checkpoint and
 best (a save begins), eval (a validation or test begins), metrics (the end-of-run figures are written).
 Unset, which it is outside those tests, reaching a point costs one dictionary lookup.
 """
+import json
 import os
 import signal
 import threading
@@ -21,6 +25,7 @@ import time
 from typing import Dict, Optional, Tuple
 
 VARIABLE = "DISTRNN_FAULT"
+WORKER_VARIABLE = "DISTRNN_FAULT_WORKER"
 POINTS = ("start", "step", "checkpoint", "best", "eval", "metrics")
 _seen: Dict[str, int] = {}
 _plan: Optional[Tuple[str, int, str]] = None
@@ -43,7 +48,16 @@ def _planned() -> Optional[Tuple[str, int, str]]:
         name, _, rest = text.partition(":")
         count, _, action = rest.partition(":")
         _plan = (name, int(count), action) if name in POINTS and count.isdigit() and action else ("", 0, "")
+        if os.environ.get(WORKER_VARIABLE, "") not in ("", _worker_index()):
+            _plan = ("", 0, "")
     return _plan if _plan[0] else None
+
+
+def _worker_index() -> str:
+    try:
+        return str(json.loads(os.environ.get("TF_CONFIG", ""))["task"]["index"])
+    except (ValueError, KeyError, TypeError):
+        return ""
 
 
 def _act(action: str) -> None:
