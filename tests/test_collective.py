@@ -185,7 +185,7 @@ def test_a_job_whose_other_tasks_never_start_ends_in_one_line_not_a_hang(ptb_cor
     DISTRNN_JOIN_TIMEOUT seconds to meet, then one line and exit 75, nothing written. srun: a task of a
     2-task step where Horovod does not load joins through TensorFlow's collectives (auto)."""
     from conftest import hide_horovod
-    ports = [free_port(), free_port()]
+    ports = free_ports(2)
     env = {"DISTRNN_JOIN_TIMEOUT": "8"}
     if who == "srun":
         hide_horovod(tmp_path, monkeypatch)
@@ -256,12 +256,6 @@ def test_rank_0s_slow_save_is_waited_for_not_taken_for_a_hang(ptb_corpus, tmp_pa
     launched("tensorflow", 2, *PTB, "--data_path", ptb_corpus, "--save_path", tmp_path / "run", "--checkpoint_every", 2,
              "--max_steps", 4, env={"DISTRNN_COLLECTIVE_TIMEOUT": "8", faults.VARIABLE: "checkpoint:1:sleep@20"})
     assert checkpoint_step(tmp_path / "run") == 4
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -190,17 +190,18 @@ def lost_text(codes: List[int]) -> str:
 
 
 def describe_code(code: int) -> str:
-    if code > 128 and code - 128 in signal.Signals._value2member_map_:
-        return f"ended by {signal.Signals(code - 128).name}"
-    return f"exit {code}"
+    try:
+        return f"ended by {signal.Signals(code - 128).name}" if code > 128 else f"exit {code}"
+    except ValueError:  # above 128, yet no signal's number
+        return f"exit {code}"
 
 
 def global_batch(program: List[str]) -> Optional[int]:
     """The command's --global_batch_size (given as one argument or two), if any."""
-    for i, arg in enumerate(program):
-        value = arg.split("=", 1)[1] if arg.startswith("--global_batch_size=") else (
-            program[i + 1] if arg == "--global_batch_size" and i + 1 < len(program) else None)
-        if value is not None and value.isdigit():
+    for arg, following in zip(program, [*program[1:], ""]):
+        name, _, value = arg.partition("=")
+        value = (value or following) if name == "--global_batch_size" else ""
+        if value.isdigit():
             return int(value)
     return None
 

@@ -260,13 +260,13 @@ class CollectiveWorld(World):
         if rows.shape[0] is None or rows.shape.rank is None:
             return self.launcher.all_gather(rows, axis=0), self.launcher.all_gather(indices, axis=0)
         count, row_shape = rows.shape[0], rows.shape[1:]
-        flat = tf.reshape(rows, [count, row_shape.num_elements()])
-        words = tf.reshape(tf.bitcast(tf.cast(indices, tf.int64), rows.dtype), [count, -1])
-        gathered = self.launcher._all_gather(tf.concat([flat, words], axis=1), None)  # noqa: SLF001 (see above)
-        width = row_shape.num_elements()
-        index_words = tf.reshape(gathered[:, width:], [-1, *([8 // rows.dtype.size] if rows.dtype.size < 8 else [])])
-        rows_out = tf.reshape(gathered[:, :width], [-1, *row_shape])
-        return rows_out, tf.cast(tf.bitcast(index_words, tf.int64), indices.dtype)
+        width, words = row_shape.num_elements(), 8 // rows.dtype.size  # an int64 in words of the rows' type
+        packed = tf.concat([tf.reshape(rows, [count, width]),
+                            tf.reshape(tf.bitcast(tf.cast(indices, tf.int64), rows.dtype), [count, words])], axis=1)
+        gathered = self.launcher._all_gather(packed, None)  # noqa: SLF001 (see above)
+        index_words = tf.reshape(gathered[:, width:], [-1, words] if words > 1 else [-1])  # bitcast's shapes
+        return (tf.reshape(gathered[:, :width], [-1, *row_shape]),
+                tf.cast(tf.bitcast(index_words, tf.int64), indices.dtype))
 
     def lost(self, error: BaseException) -> Optional[str]:
         import tensorflow as tf
