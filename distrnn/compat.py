@@ -177,16 +177,16 @@ def horovod_missing(error: BaseException = None) -> str:
     tf = tensorflow_version()
     use = ("use the Horovod stack (bash launch/setup.sh: TensorFlow 2.15.1 with Horovod 0.28.1) or NVIDIA's "
            "TensorFlow container, which carries its own Horovod (docs/stacks.md)")
+    other = "start it on TensorFlow's own collectives (--engine tensorflow, docs/engines.md)"
     if version("horovod") is None:
         minor = _minor(tf)
         if minor and minor > HOROVOD_TF_MAX:
             return (f"launched as several ranks, but there is no Horovod for TensorFlow {tf}: Horovod 0.28.1, its "
                     f"last release, builds against TensorFlow <= {'.'.join(map(str, HOROVOD_TF_MAX))}; {use}, or "
-                    "start it on TensorFlow's own collectives (--engine tensorflow, docs/engines.md)")
+                    f"{other}")
         return ("launched as several ranks, but Horovod is not installed; run bash launch/setup.sh (it builds "
-                f"Horovod against TensorFlow {tf}), or {use}, or start it on TensorFlow's own collectives "
-                "(--engine tensorflow, docs/engines.md)")
+                f"Horovod against TensorFlow {tf}), or {use}, or {other}")
     reason = str(error).strip().splitlines()[0][:160] if error else "it does not load"
     return (f"launched as several ranks, but Horovod {version('horovod')} cannot be loaded with TensorFlow {tf} "
             f"({reason}): it must be compiled against the TensorFlow it runs with: bash launch/setup.sh rebuilds "
-            f"it, or {use}")
+            f"it, or {use}, or {other}")

@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-from conftest import (ROOT, assert_one_line_error, checkpoint_step, killed_after_first_checkpoint, launched, run_module,
-                      signalled_at_first_progress, subprocess_env, write_corpus)
+from conftest import (ENGINES, HOROVODRUN, ROOT, assert_one_line_error, checkpoint_step, killed_after_first_checkpoint,
+                      launched, run_module, signalled_at_first_progress, subprocess_env, write_corpus)
 from distrnn.errors import UsageError
-from distrnn.launch.local import free_ports, tf_configs
 from distrnn.parallel import collective, slurm_env
+from distrnn.parallel.collective import free_ports, tf_configs
 from distrnn.run import faults
 
 PTB = ["--config", "test", "--hidden_size", "8", "--num_layers", "2", "--num_steps", "5", "--max_max_epoch", "2",
@@ -289,24 +289,27 @@ def worker_pid(launcher: int, index: int) -> int:
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_launcher_stops_every_worker_at_one_step_and_resumes_exactly(ptb_corpus, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sigterm_to_the_launcher_stops_every_worker_at_one_step_and_resumes_exactly(ptb_corpus, tmp_path, engine):
     """A scheduler's SIGTERM to python -m distrnn.launch reaches every worker once; they agree on the step,
     rank 0 saves (every worker's carried LSTM state and the dropout generator included), each exits 143, and
     --resume continues as the uninterrupted run. An elastic launcher (--max_restarts) stops too: a signal is a
-    stop, never a restart."""
+    stop, never a restart. Either engine under the launcher."""
+    if engine == "horovod" and HOROVODRUN is None:
+        pytest.skip("Horovod is not installed on this stack (TensorFlow 2.19 and newer)")
     common = [*PTB, "--keep_prob", "0.8", "--batch_size", "2", "--max_max_epoch", "1000000", "--data_path",
               ptb_corpus, "--checkpoint_every", "100000"]
     code, output = signalled_at_first_progress(
-        [sys.executable, "-m", "distrnn.launch", "--nproc", "2", "--max_restarts", "3", "-m", "distrnn.ptb",
+        [sys.executable, "-m", "distrnn.launch", "--engine", engine, "--nproc", "2", "--max_restarts", "3", "-m", "distrnn.ptb",
          *map(str, common),
          "--save_path", str(tmp_path / "b")])
     assert code == 143 and "stopped by signal: checkpoint saved" in output, output[-2000:]
     assert "go on from the last checkpoint" not in output
     stopped_at = checkpoint_step(tmp_path / "b")
     end = ["--max_steps", stopped_at + 60]
-    resumed = launch(2, *common, *end, "--save_path", tmp_path / "b", "--resume", "--metrics_json", tmp_path / "b.json")
+    resumed = launched(engine, 2, *common, *end, "--save_path", tmp_path / "b", "--resume", "--metrics_json", tmp_path / "b.json")
     assert f"ckpt-{stopped_at}" in resumed.stdout
-    launch(2, *common, *end, "--save_path", tmp_path / "a", "--metrics_json", tmp_path / "a.json")
+    launched(engine, 2, *common, *end, "--save_path", tmp_path / "a", "--metrics_json", tmp_path / "a.json")
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("a", "b"))
     assert a["steps"] == b["steps"] == stopped_at + 60
     for key in ("train_perplexity", "valid_perplexity", "test_perplexity"):

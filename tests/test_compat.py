@@ -126,7 +126,8 @@ def test_horovod_missing_names_the_stack_that_has_it(monkeypatch):
     assert compat.horovod_missing(error) == (
         "launched as several ranks, but Horovod 0.28.1 cannot be loaded with TensorFlow 2.21.0 (/x/mpi_lib.so: "
         "undefined symbol: _ZN10tensorflow8OpKernel): it must be compiled against the TensorFlow it runs with: "
-        f"bash launch/setup.sh rebuilds it, or {USE}")
+        f"bash launch/setup.sh rebuilds it, or {USE}, or start it on TensorFlow's own collectives (--engine "
+        "tensorflow, docs/engines.md)")
 
 
 LAUNCHES = {"horovodrun": {"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2", "HOROVOD_LOCAL_RANK": "1",

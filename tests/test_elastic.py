@@ -3,14 +3,16 @@ as if it had never stopped: the data order, the carried LSTM state's rows, the d
 rate and the loss scale follow the global batch, not the number of workers. Real worker processes under
 `python -m distrnn.launch` (TensorFlow's collectives, on whichever stack runs the test)."""
 import json
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from conftest import (ROOT, assert_one_line_error, checkpoint_step, launched, run_module, subprocess_env,
-                      write_corpus, write_images)
+from conftest import (ENGINES, HOROVODRUN, ROOT, assert_one_line_error, checkpoint_step, hide_horovod, launched,
+                      run_module, subprocess_env, write_corpus, write_images)
 from distrnn.launch import local
+from distrnn.parallel import join
 from distrnn.run import faults
 
 # At --learning_rate 0.2 training is not chaotic (docs/runs.md): a restart that changed anything would show.
@@ -81,24 +83,29 @@ def test_another_global_batch_is_refused_in_one_line_naming_how_to_keep_it(tmp_p
                                                "on any number of ranks with --global_batch_size 6)")
 
 
-def supervised(*launcher_flags, workers=3, fault_worker=1, common=(), timeout=400):
-    """`python -m distrnn.launch --nproc WORKERS LAUNCHER_FLAGS -m distrnn.ptb COMMON`, the worker of index
-    `fault_worker` killed (-9) at its 25th step, wherever the run stands then (the first start's worker 2
-    and, after a restart to fewer, none; or worker 1 of every start): no test waits for a moment."""
-    return subprocess.run([sys.executable, "-m", "distrnn.launch", "--nproc", str(workers), *map(str, launcher_flags),
+def supervised(*launcher_flags, workers=3, fault_worker=1, common=(), timeout=400, engine="tensorflow"):
+    """`python -m distrnn.launch --engine ENGINE --nproc WORKERS LAUNCHER_FLAGS -m distrnn.ptb COMMON`, the
+    worker of index `fault_worker` killed (-9) at its 25th step, wherever the run stands then (the first
+    start's worker 2 and, after a restart to fewer, none; or worker 1 of every start): no test waits for a
+    moment."""
+    if engine == "horovod" and not HOROVODRUN:
+        pytest.skip("Horovod is not installed on this stack (TensorFlow 2.19 and newer)")
+    return subprocess.run([sys.executable, "-m", "distrnn.launch", "--engine", engine, "--nproc", str(workers),
+                           *map(str, launcher_flags),
                            "-m", "distrnn.ptb", *map(str, common)], cwd=ROOT, capture_output=True, text=True,
                           env=subprocess_env(**{faults.VARIABLE: "step:25:kill",
                                                 faults.WORKER_VARIABLE: str(fault_worker)}), timeout=timeout)
 
 
 @pytest.mark.slow
-def test_a_killed_worker_costs_a_restart_and_the_run_ends_as_if_uninterrupted(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_killed_worker_costs_a_restart_and_the_run_ends_as_if_uninterrupted(tmp_path, engine):
     """kill -9 of one of three workers in the middle of an epoch: the two others end with 75 having lost it,
     the launcher starts them again with --resume, and the run ends on two with the uninterrupted run's
-    figures (the steps after the last checkpoint run again)."""
+    figures (the steps after the last checkpoint run again), on either engine."""
     corpus = write_corpus(tmp_path / "corpus", train_words=2000, other_words=600)
     common = [*PTB, "--data_path", corpus, "--checkpoint_every", 10]
-    proc = supervised("--min_nproc", 2, "--max_restarts", 2, fault_worker=2,
+    proc = supervised("--min_nproc", 2, "--max_restarts", 2, fault_worker=2, engine=engine,
                       common=[*common, "--save_path", tmp_path / "elastic", "--metrics_json", tmp_path / "e.json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     restarts = [line for line in proc.stderr.splitlines() if line.startswith("distrnn.launch:")]
@@ -108,6 +115,7 @@ def test_a_killed_worker_costs_a_restart_and_the_run_ends_as_if_uninterrupted(tm
                check=0)
     elastic, whole = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("e", "w"))
     assert elastic["steps"] == whole["steps"] and [s["world_size"] for s in elastic["sizes"]] == [3, 2]
+    assert {s["engine"] for s in elastic["sizes"]} == {engine}
     assert elastic["sizes"][1]["step"] == 20  # the last checkpoint before the kill at the 25th step
     for a, b in zip(elastic["history"], whole["history"], strict=True):
         assert a["train_perplexity"] == pytest.approx(b["train_perplexity"], rel=1e-5)
@@ -149,3 +157,33 @@ def test_the_size_a_restart_goes_on_at():
 def test_a_launcher_asked_for_more_than_it_starts_is_one_line():
     proc = run_module("distrnn.launch", "--nproc", 2, "--min_nproc", 3, "--max_restarts", 1, "-m", "distrnn.ptb")
     assert_one_line_error(proc, "distrnn.launch", "--min_nproc 3 is more than --nproc 2: give at most 2")
+
+
+def test_the_horovod_engine_where_horovod_does_not_load_is_one_line(tmp_path, monkeypatch):
+    hide_horovod(tmp_path, monkeypatch)
+    proc = run_module("distrnn.launch", "--engine", "horovod", "--nproc", 2, "-m", "distrnn.ptb")
+    assert_one_line_error(proc, "distrnn.launch", "--engine horovod: launched as several ranks, but ", "--engine tensorflow")
+
+
+def test_each_horovod_worker_is_given_its_rank_and_the_rendezvous_the_launcher_serves():
+    """What horovodrun -np 3 -H localhost:3 sets, made by the launcher, whose rendezvous answers until stopped."""
+    pytest.importorskip("horovod.runner", reason="Horovod is not installed on this stack (TensorFlow 2.19 and newer)")
+    environments, stop = join.local_workers("horovod", 3)
+    try:
+        ports = {int(e["HOROVOD_GLOO_RENDEZVOUS_PORT"]) for e in environments}
+        assert [(e["HOROVOD_RANK"], e["HOROVOD_LOCAL_RANK"], e["HOROVOD_SIZE"], e["HOROVOD_CROSS_SIZE"])
+                for e in environments] == [("0", "0", "3", "1"), ("1", "1", "3", "1"), ("2", "2", "3", "1")]
+        assert {e["HOROVOD_GLOO_RENDEZVOUS_ADDR"] for e in environments} == {"127.0.0.1"} and len(ports) == 1
+        socket.create_connection(("127.0.0.1", ports.pop()), timeout=5).close()
+    finally:
+        stop()
+    with pytest.raises(ConnectionError):
+        socket.create_connection(("127.0.0.1", int(environments[0]["HOROVOD_GLOO_RENDEZVOUS_PORT"])), timeout=5)
+
+
+def test_each_tensorflow_worker_is_given_its_task_of_one_cluster():
+    environments, stop = join.local_workers("tensorflow", 2)
+    stop()
+    configs = [json.loads(e["TF_CONFIG"]) for e in environments]
+    assert [c["task"] for c in configs] == [{"type": "worker", "index": 0}, {"type": "worker", "index": 1}]
+    assert configs[0]["cluster"] == configs[1]["cluster"] and len(set(configs[0]["cluster"]["worker"])) == 2

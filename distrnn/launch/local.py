@@ -1,12 +1,14 @@
-"""`python -m distrnn.launch` (distrnn/launch/__main__.py): N processes of a distrnn job on this machine, joined by TensorFlow's own
-collectives (each started with its TF_CONFIG, as tf.distribute and Kubeflow's TFJob set it), where
-horovodrun is not needed or not there (TensorFlow 2.19 and newer have no Horovod).
+"""`python -m distrnn.launch` (distrnn/launch/__main__.py): N processes of a distrnn job on this machine, joined by
+TensorFlow's own collectives (each started with its TF_CONFIG, as tf.distribute and Kubeflow's TFJob set it;
+the one engine TensorFlow 2.19 and newer have) or, with --engine horovod, by Horovod over Gloo (this
+launcher serves Horovod's rendezvous and sets each worker's variables, as horovodrun does).
 
     python -m distrnn.launch --nproc 2 -m distrnn.ptb --config small --global_batch_size 40
-    bash launch/one_node.sh 2 -m distrnn.ptb ...      # horovodrun where the stack has Horovod, else this
+    python -m distrnn.launch --engine horovod --nproc 2 -m distrnn.ptb --config small --global_batch_size 40
+    bash launch/one_node.sh 2 -m distrnn.ptb ...      # horovodrun where the stack has Horovod, else the first
 
-Each worker listens on its own port of localhost: --port P gives the first (P, P+1, ...), else free ports
-are taken from the system. Ctrl-C, SIGTERM and SIGUSR1 are passed to every worker, which stop together at
+TensorFlow's workers listen on ports of localhost: --port P gives the first (P, P+1, ...), else free ports
+are taken from the system (Horovod's rendezvous: on P, else a free port). Ctrl-C, SIGTERM and SIGUSR1 are passed to every worker, which stop together at
 the same step with a checkpoint (distrnn.run.stops). When a worker fails, the others end with exit 75 on
 their own (the collective runtime's heartbeats notice a dead worker in about ten seconds); any still
 running a minute later are killed, so the launcher never hangs. The exit code is the first failing
@@ -22,10 +24,8 @@ left; otherwise one line and exit 75. A run goes on at another size exactly when
     python -m distrnn.launch --nproc 3 --min_nproc 2 --max_restarts 3 -m distrnn.ptb --global_batch_size 60 \
         --save_path runs/a --resume
 """
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,42 +34,20 @@ from typing import List, Optional
 from distrnn import cli
 from distrnn.errors import RankLost, UsageError
 from distrnn.options import number
+from distrnn.parallel import join
 
 GRACE_SECONDS = 60  # after a worker fails, how long the others have to end by themselves
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 LOST = RankLost.exit_code  # what a worker that lost another ends with
 
 
-def free_ports(count: int, first: int = 0) -> List[int]:
-    """`count` ports of localhost: first, first + 1, ... when given (each checked free), else the system's."""
-    ports, sockets = [], []
-    try:
-        for i in range(count):
-            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(probe)
-            try:
-                probe.bind(("127.0.0.1", first + i if first else 0))
-            except OSError as error:
-                raise UsageError(f"port {first + i} of localhost is taken ({error.strerror}): give --port a range of "
-                                 f"{count} free ports, or leave --port out") from None
-            ports.append(probe.getsockname()[1])
-    finally:
-        for probe in sockets:
-            probe.close()
-    return ports
-
-
-def tf_configs(ports: List[int]) -> List[str]:
-    """Each worker's TF_CONFIG: the same cluster of localhost workers, its own index."""
-    cluster = {"worker": [f"localhost:{port}" for port in ports]}
-    return [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(len(ports))]
-
-
-def start_workers(workers: List[subprocess.Popen], command: List[str], nproc: int, first_port: int = 0) -> None:
+def start_workers(workers: List[subprocess.Popen], command: List[str], nproc: int, engine: str, port: int = 0):
     """Starts the workers into `workers`, each in a session of its own: a signal reaches them through this
-    launcher (once), not also from the terminal."""
-    for config in tf_configs(free_ports(nproc, first_port)):
-        workers.append(subprocess.Popen(command, env=dict(os.environ, TF_CONFIG=config), start_new_session=True))
+    launcher (once), not also from the terminal. Returns what ends the start, once its workers are gone."""
+    environments, end = join.local_workers(engine, nproc, port)
+    for environment in environments:
+        workers.append(subprocess.Popen(command, env={**os.environ, **environment}, start_new_session=True))
+    return end
 
 
 def wait(workers: List[subprocess.Popen]) -> int:
@@ -119,8 +97,12 @@ def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(prog="python -m distrnn.launch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--nproc", type=number(int, minimum=1, maximum=1024), required=True,
                         help="workers to start on this machine")
+    parser.add_argument("--engine", choices=("tensorflow", "horovod"), default="tensorflow",
+                        help="tensorflow (default): TensorFlow's own collectives, each worker started with its "
+                             "TF_CONFIG; horovod: Horovod over Gloo, this launcher serving its rendezvous as "
+                             "horovodrun does (TensorFlow up to 2.18)")
     parser.add_argument("--port", type=number(int, minimum=1, maximum=65535), default=0,
-                        help="the first worker's port (default: free ports)")
+                        help="tensorflow: the first worker's port; horovod: the rendezvous's (default: free ports)")
     parser.add_argument("--min_nproc", type=number(int, minimum=1, maximum=1024), default=None,
                         help="with --max_restarts: the fewest workers a restart may go on with (default --nproc)")
     parser.add_argument("--max_restarts", type=number(int, minimum=0, maximum=1000), default=0,
@@ -158,8 +140,12 @@ def run(argv) -> int:
     nproc, restarts = args.nproc, 0
     while True:
         workers.clear()
-        start_workers(workers, program if restarts == 0 else with_resume(program), nproc, args.port)
-        code = wait(workers)
+        end = start_workers(workers, program if restarts == 0 else with_resume(program), nproc, args.engine,
+                            args.port)
+        try:
+            code = wait(workers)
+        finally:
+            end()
         codes = [exit_code(w) for w in workers]
         if code == 0 or received or LOST not in codes or not args.max_restarts:
             return code  # done, stopped, failed in a way a restart would repeat, or not elastic

@@ -3,7 +3,8 @@ every TensorFlow distrnn supports, 2.19 and newer included, where Horovod does n
 
 A process joins from `TF_CONFIG` (tf.distribute's convention, which Kubeflow's TFJob sets: a cluster of
 `chief` and `worker` tasks and this process's task), which distrnn writes itself for an srun step of
-several tasks (`srun_tf_config`) and launch/one_node.sh for N processes on one machine. The runtime is
+several tasks (`srun_tf_config`) and python -m distrnn.launch for N processes on one machine
+(`local_workers`). The runtime is
 TensorFlow's: creating a `tf.distribute.MultiWorkerMirroredStrategy` starts the gRPC server, the
 collective executor and the coordination service, whose heartbeats tell a dead or frozen peer in about
 ten seconds (measured: a killed worker fails the others' collective with UnavailableError after 10.4 s,
@@ -22,7 +23,7 @@ import re
 import socket
 import struct
 import time
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, List, Optional
 
 import numpy as np
 
@@ -61,6 +62,38 @@ class Task:
     @property
     def local_size(self) -> int:
         return [a.rsplit(":", 1)[0] for a in self.addresses].count(self.host)
+
+
+def free_ports(count: int, first: int = 0) -> List[int]:
+    """`count` ports of localhost: first, first + 1, ... when given (each checked free), else the system's."""
+    ports, sockets = [], []
+    try:
+        for i in range(count):
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(probe)
+            try:
+                probe.bind(("127.0.0.1", first + i if first else 0))
+            except OSError as error:
+                raise UsageError(f"port {first + i} of localhost is taken ({error.strerror}): give --port a range of "
+                                 f"{count} free ports, or leave --port out") from None
+            ports.append(probe.getsockname()[1])
+    finally:
+        for probe in sockets:
+            probe.close()
+    return ports
+
+
+def tf_configs(ports: List[int]) -> List[str]:
+    """Each worker's TF_CONFIG: the same cluster of localhost workers, its own index."""
+    cluster = {"worker": [f"localhost:{port}" for port in ports]}
+    return [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}) for i in range(len(ports))]
+
+
+def local_workers(size: int, first_port: int = 0):
+    """For python -m distrnn.launch: each of `size` workers' environment on this machine (its TF_CONFIG, the
+    workers on ports first_port, first_port + 1, ... or free ones), and what ends the start (nothing: the
+    workers serve their own runtime)."""
+    return [{"TF_CONFIG": config} for config in tf_configs(free_ports(size, first_port))], lambda: None
 
 
 def read_tf_config(text: str) -> Task:

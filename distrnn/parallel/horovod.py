@@ -2,7 +2,8 @@
 
 A process joins a Horovod job when horovodrun, an MPI launcher or an srun step of several tasks
 started it (join): under srun, this module turns the step's Slurm variables into what horovodrun's Gloo
-launcher would set (gloo_environment) and rank 0 serves Horovod's own rendezvous (serve_rendezvous).
+launcher would set (gloo_environment) and rank 0 serves Horovod's own rendezvous (serve_rendezvous); under
+distrnn.launch --engine horovod, the launcher serves it and sets each worker's variables (local_workers).
 `HorovodWorld` runs the World's collectives through Horovod and tells a collective broken by a lost
 rank from Gloo's and Horovod's errors (lost). Horovod is imported inside functions: the TensorFlow
 stacks Horovod does not build on (2.19 and newer) never load it.
@@ -10,6 +11,7 @@ stacks Horovod does not build on (2.19 and newer) never load it.
 import dataclasses
 import os
 import re
+import socket
 import threading
 from typing import Any, ClassVar, Optional
 
@@ -160,21 +162,39 @@ def gloo_environment(task: SrunTask, env=os.environ) -> dict:
     }
 
 
-def serve_rendezvous(task: SrunTask, port: int):
-    """Rank 0: Horovod's own rendezvous server (what horovodrun runs), for the step's layout, in a
-    thread of this process; the other tasks retry until it answers."""
+def serve_rendezvous(hosts: str, size: int, port: int, fix: str):
+    """Horovod's own rendezvous server (what horovodrun runs) for `size` ranks laid out on `hosts`
+    (horovodrun's -H), in a thread of this process, on `port` (0: a free one, then its
+    server_address[1]); `fix` says what to do when the port is taken."""
     from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
     from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
     try:
         server = RendezvousHTTPServer(("", port), RendezvousHandler, False)  # Horovod:
     except OSError as error:
-        raise UsageError(f"cannot serve Horovod's rendezvous on port {port} of {task.node} ({error.strerror}): "
-                         f"set DISTRNN_RENDEZVOUS_PORT to a free port") from None
-    server.init(get_host_assignments(parse_hosts(task.hosts), task.size))  # Horovod:
+        raise UsageError(f"cannot serve Horovod's rendezvous on port {port} of {socket.gethostname()} "
+                         f"({error.strerror}): {fix}") from None
+    server.init(get_host_assignments(parse_hosts(hosts), size))  # Horovod:
     threading.Thread(target=server.serve_forever, name="horovod-rendezvous", daemon=True).start()
     return server
 
 
+def local_workers(size: int, port: int = 0):
+    """What horovodrun -np SIZE -H localhost:SIZE does before it starts its processes, for
+    python -m distrnn.launch --engine horovod: Horovod's rendezvous served in this (the launcher's) process,
+    on `port` (0: a free one), and each worker's environment, made as gloo_environment makes it from
+    srun's variables. Returns (the environments, what stops the rendezvous once the workers are gone)."""
+    try:
+        server = serve_rendezvous(f"localhost:{size}", size, port, "give --port a free port, or leave --port out")
+    except ImportError as error:
+        raise UsageError(f"--engine horovod: {compat.horovod_missing(error)}") from None
+    where = {"DISTRNN_RENDEZVOUS_ADDR": "127.0.0.1", "DISTRNN_RENDEZVOUS_PORT": str(server.server_address[1])}
+    slots = (("localhost", size),)
+    tasks = [SrunTask(rank, size, rank, size, 0, 1, "localhost", slots) for rank in range(size)]
+
+    def stop():
+        server.shutdown()
+        server.server_close()
+    return [gloo_environment(task, where) for task in tasks], stop
 
 
 def join(gpus_per_rank: int = 0, required: bool = False) -> Optional[HorovodWorld]:
@@ -224,7 +244,7 @@ def _meet_under_srun(hvd, task: SrunTask) -> None:
                          "--mpi=pmix (Horovod built with MPI), or rebuild it with bash launch/setup.sh")
     port = env_number(os.environ, "HOROVOD_GLOO_RENDEZVOUS_PORT", None, minimum=1, maximum=65535)
     if task.rank == 0:
-        serve_rendezvous(task, port)
+        serve_rendezvous(task.hosts, task.size, port, "set DISTRNN_RENDEZVOUS_PORT to a free port")
     else:
         # As long as Horovod itself waits for the other ranks at the rendezvous.
         srun.wait_for_rendezvous(os.environ["HOROVOD_GLOO_RENDEZVOUS_ADDR"], port,

@@ -27,6 +27,15 @@ def init(engine: str = "auto", gpus_per_rank: int = 0, virtual_devices: int = 0)
     return world
 
 
+def local_workers(engine: str, size: int, port: int = 0):
+    """For python -m distrnn.launch: each of `size` workers' environment on this machine under `engine`
+    (tensorflow: its TF_CONFIG; horovod: Horovod's variables, the launcher serving the rendezvous as
+    horovodrun does), and a function that ends what the start set up, to call once its workers are gone."""
+    if engine == "horovod":
+        return horovod.local_workers(size, port)
+    return collective.local_workers(size, port)
+
+
 def _horovod_runs() -> bool:
     """Whether Horovod's launcher started this process, or an srun step (with no TF_CONFIG set) runs it and
     Horovod loads."""

@@ -10,8 +10,8 @@ a run is killed, or its disk filled, at a chosen moment of its life, and then re
         hang            stop here for good, alive (a worker stuck in a read or a deadlock: its runtime's
                         threads still answer, so only the other workers' collective timeout notices)
 
-    DISTRNN_FAULT_WORKER=K          only in the worker of index K of TF_CONFIG (one of distrnn.launch's
-                                    workers, whose environment is shared)
+    DISTRNN_FAULT_WORKER=K          only in the worker of index K of TF_CONFIG, or of Horovod rank K (one
+                                    of distrnn.launch's workers, whose environment is shared)
 
 Points: start (the save path locked, nothing restored yet), step (a training step begins), checkpoint and
 best (a save begins), eval (a validation or test begins), metrics (the end-of-run figures are written).
@@ -54,10 +54,11 @@ def _planned() -> Optional[Tuple[str, int, str]]:
 
 
 def _worker_index() -> str:
+    """This worker's index among distrnn.launch's: its TF_CONFIG task's, or its Horovod rank."""
     try:
         return str(json.loads(os.environ.get("TF_CONFIG", ""))["task"]["index"])
     except (ValueError, KeyError, TypeError):
-        return ""
+        return os.environ.get("HOROVOD_RANK", "")
 
 
 def _act(action: str) -> None:
