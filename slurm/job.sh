@@ -6,7 +6,8 @@
 # logs what the allocation got otherwise than the script's #SBATCH header asked (`distrnn.slurm
 # header`), and defines requeue_if_signalled RC, for after the srun line: a job stopped by the signal Slurm
 # sends ahead of its time limit (--signal=USR1@...; every task saved a checkpoint and exited 138)
-# is put back in the queue, to continue from that checkpoint.
+# is put back in the queue, to continue from that checkpoint; and distrnn_srun COMMAND..., which runs
+# the job's step on the allocation's nodes and, when a node is lost, again on the nodes left.
 set -uo pipefail
 
 source "$DISTRNN_ROOT/launch/env.sh"
@@ -26,4 +27,34 @@ requeue_if_signalled() {
         scontrol requeue "$SLURM_JOB_ID"
     fi
     return "$rc"
+}
+
+# srun COMMAND on the allocation's live nodes: as many tasks a node as the allocation has, fewer where the
+# command's global batch would not split evenly over them (python -m distrnn.slurm tasks). When the step
+# ends having lost a node (the scripts ask --no-kill, so Slurm keeps the allocation and drops the node) or a
+# rank (exit 75), it runs again on the nodes left, --resume continuing from the last checkpoint, up to
+# DISTRNN_MAX_RESTARTS times (3 by default, torchrun's --max-restarts); a requeue would wait in the queue
+# and, measured on Slurm 22.05, ask for the first allocation's task count again. Returns the exit code.
+distrnn_srun() {
+    local max=${DISTRNN_MAX_RESTARTS:-3} restarts=0 nodes names tasks rc left
+    [[ $max =~ ^[0-9]+$ ]] || { echo "[slurm] DISTRNN_MAX_RESTARTS=$max is not a count: give 0 or more" >&2; return 2; }
+    read -r nodes names < <(squeue -h -j "$SLURM_JOB_ID" -o "%D %N")
+    while true; do
+        tasks=$("$PYTHON" -m distrnn.slurm tasks "$nodes" "$@") || return 2
+        srun --kill-on-bad-exit=1 --nodes="$nodes" --ntasks="$tasks" --nodelist="$names" "$@"
+        rc=$?
+        read -r left names < <(squeue -h -j "$SLURM_JOB_ID" -o "%D %N")
+        if (( rc == 0 || rc == 138 || rc == 143 )) || (( rc != 75 && left == nodes )); then
+            return "$rc"  # done, stopped by a signal, or failed in a way a restart would repeat
+        fi
+        if (( restarts >= max )); then
+            echo "[slurm] the step ended with exit $rc on $left of $nodes node(s); no restarts left" \
+                 "(DISTRNN_MAX_RESTARTS=$max): stopped, the checkpoints intact (resubmit to go on)"
+            return "$rc"
+        fi
+        restarts=$((restarts + 1))
+        echo "[slurm] the step ended with exit $rc, $((nodes - left)) node(s) lost; going on on $names from the" \
+             "last checkpoint (restart $restarts of $max)"
+        nodes=$left
+    done
 }

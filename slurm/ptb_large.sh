@@ -33,11 +33,12 @@
 #SBATCH --output=logs/%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
+#SBATCH --no-kill
 #SBATCH --signal=USR1@300
 DISTRNN_ROOT=${DISTRNN_ROOT:-$SLURM_SUBMIT_DIR}
 [[ -f $DISTRNN_ROOT/slurm/job.sh ]] || { echo "ptb_large.sh: submit from the distrnn checkout, or set DISTRNN_ROOT" >&2; exit 2; }
 source "$DISTRNN_ROOT/slurm/job.sh"
 
-srun --kill-on-bad-exit=1 "$PYTHON" -m distrnn.ptb --config large --global_batch_size 20 \
+distrnn_srun "$PYTHON" -m distrnn.ptb --config large --global_batch_size 20 \
      --save_path "$SAVE_PATH" --resume --metrics_json "$SAVE_PATH/metrics.json" "$@"
 requeue_if_signalled $?

@@ -213,6 +213,26 @@ class SlurmCluster:
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
         self.namespaces = {}
 
+    def kill_node(self, node):
+        """The node dies as at a power loss: every process of its namespace (slurmd, slurmstepd, the job's
+        tasks) killed -9; then it is marked down, as a health check or an administrator does (slurmctld
+        would notice by itself only after SlurmdTimeout, 300 s)."""
+        for pid in subprocess.run(["ip", "netns", "pids", self.namespaces[node]], capture_output=True,
+                                  text=True).stdout.split():
+            try:
+                os.kill(int(pid), 9)
+            except ProcessLookupError:
+                pass
+        self.command("scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=killed by the test")
+
+    def revive_node(self, node):
+        """A dead node back: its slurmd started again and the node returned to service."""
+        if self.state_of(node) != "DOWN":
+            return
+        self._daemon(["slurmd", "-N", node], node=node)
+        self.command("scontrol", "update", f"NodeName={node}", "State=RESUME")
+        self.wait_for(lambda: self.idle_nodes() == len(self.nodes), 120, f"{node} to come back idle")
+
     def remove(self):
         if self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -235,6 +255,10 @@ class SlurmCluster:
         """scontrol show job, as a dict of its KEY=VALUE fields."""
         text = self.command("scontrol", "show", "job", "-o", job_id).stdout
         return dict(field.split("=", 1) for field in text.split() if "=" in field)
+
+    def state_of(self, node) -> str:
+        """The node's state as sinfo names it (IDLE, ALLOCATED, DOWN, ...)."""
+        return self.command("sinfo", "-h", "-n", node, "-o", "%T").stdout.strip().upper().rstrip("*")
 
     def idle_nodes(self) -> int:
         proc = self.command("sinfo", "-h", "-t", "idle", "-o", "%D", check=False)

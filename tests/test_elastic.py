@@ -13,6 +13,7 @@ from conftest import (ENGINES, HOROVODRUN, ROOT, assert_one_line_error, checkpoi
                       run_module, subprocess_env, write_corpus, write_images)
 from distrnn.launch import local
 from distrnn.parallel import join
+from distrnn.parallel.batch import global_batch_in, most_workers
 from distrnn.run import faults
 
 # At --learning_rate 0.2 training is not chaotic (docs/runs.md): a restart that changed anything would show.
@@ -147,9 +148,19 @@ def test_the_size_a_restart_goes_on_at():
     assert local.restart_size([75, 75, 137, 75], 8, 1) == 2
     assert local.restart_size([75, 75, 137, 75], 8, 3) is None
     assert local.restart_size([75, 137, 75, 75], None, 1) == 3
-    assert local.global_batch(["python", "-m", "distrnn.ptb", "--global_batch_size", "60"]) == 60
-    assert local.global_batch(["python", "-m", "distrnn.ptb", "--global_batch_size=24", "--resume"]) == 24
-    assert local.global_batch(["python", "-m", "distrnn.ptb", "--batch_size", "20"]) is None
+    assert local.restart_size([75, 75, 75], None, 1) == 3
+
+
+def test_a_command_lines_global_batch_is_read_as_its_parser_reads_it(tmp_path):
+    flags = tmp_path / "run.flags"
+    flags.write_text("--max_steps 5 --global_batch_size 12  # the last one counts\n")
+    assert global_batch_in(["python", "-m", "distrnn.ptb", "--global_batch_size", "60"]) == 60
+    assert global_batch_in(["python", "-m", "distrnn.ptb", "--global_batch_size=24", "--resume"]) == 24
+    assert global_batch_in(["--global_batch_size", "24", "--global_batch_size=36"]) == 36
+    assert global_batch_in(["--global_batch_size", "24", f"@{flags}"]) == 12
+    assert global_batch_in(["python", "-m", "distrnn.ptb", "--batch_size", "20"]) is None
+    assert [most_workers(20, n) for n in (1, 3, 4, 8, 12, 25)] == [1, 2, 4, 5, 10, 20]
+    assert most_workers(None, 7) == 7
     assert local.with_resume(["python", "x", "--resume"]) == ["python", "x", "--resume"]
     assert local.lost_text([75, 137, 1]) == "lost worker 1 (ended by SIGKILL), worker 2 (exit 1)"
 

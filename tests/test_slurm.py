@@ -64,6 +64,19 @@ def test_horovodrun_host_lists_from_the_allocation():
         slurm_env.horovod_hosts(job)
 
 
+def test_a_step_runs_the_tasks_its_nodes_hold_that_split_the_global_batch():
+    """slurm/job.sh's srun: as many tasks a node as the allocation has, fewer where the global batch would not
+    split evenly (ptb_large.sh's 20 rows on 3 nodes of 4 tasks: 10), after a lost node on the nodes left."""
+    command = ["python", "-m", "distrnn.ptb", "--global_batch_size", "20"]
+    assert slurm_env.step_tasks(1, command, {"SLURM_NTASKS_PER_NODE": "4"}) == (4, "")
+    assert slurm_env.step_tasks(3, command, {"SLURM_NTASKS_PER_NODE": "4"}) == (
+        10, "10 of the 12 tasks 3 node(s) hold: the global batch of 20 splits evenly over 10")
+    assert slurm_env.step_tasks(2, command[:3], {"SLURM_TASKS_PER_NODE": "3(x2)"}) == (6, "")
+    assert slurm_env.step_tasks(2, [*command, "--global_batch_size=6"], {"SLURM_TASKS_PER_NODE": "2(x2)"})[0] == 3
+    with pytest.raises(UsageError, match="SLURM_NTASKS_PER_NODE"):
+        slurm_env.step_tasks(1, command, {"SLURM_NTASKS_PER_NODE": "four"})
+
+
 def test_the_helper_command_prints_hosts_and_count_or_one_line_errors():
     env = subprocess_env(SLURM_JOB_NODELIST="gpu[01-02],cpu5", SLURM_TASKS_PER_NODE="4(x2),2")
     command = [sys.executable, "-m", "distrnn.slurm"]
@@ -71,6 +84,12 @@ def test_the_helper_command_prints_hosts_and_count_or_one_line_errors():
     count = subprocess.run([*command, "np"], env=env, capture_output=True, text=True)
     assert (hosts.returncode, hosts.stdout) == (0, "gpu01:4,gpu02:4,cpu5:2\n")
     assert (count.returncode, count.stdout) == (0, "10\n")
+    tasks = subprocess.run([*command, "tasks", "2", "python", "-m", "distrnn.ptb", "--global_batch_size", "6"], env=env,
+                           capture_output=True, text=True)
+    assert (tasks.returncode, tasks.stdout) == (0, "6\n")  # 4 a node (the first node's count), 6 of 8
+    assert tasks.stderr == "[slurm] 6 of the 8 tasks 2 node(s) hold: the global batch of 6 splits evenly over 6\n"
+    tasks = subprocess.run([*command, "tasks", "0", "x"], env=env, capture_output=True, text=True)
+    assert tasks.returncode == 2 and tasks.stderr.count("\n") == 1 and "must be >= 1" in tasks.stderr
     outside = {k: v for k, v in subprocess_env().items() if not k.startswith("SLURM_")}
     proc = subprocess.run([*command, "hosts"], env=outside, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
@@ -483,3 +502,49 @@ def test_sbatch_mnist_trains_the_stacked_preset_on_two_ranks(cluster, job_dir):
     ranks = metrics["ranks"]
     assert ranks[0]["weights_norm"] == ranks[1]["weights_norm"]  # the replicas agree to the bit
     assert sum(map(sum, metrics["confusion_matrix"])) == 200
+
+
+@pytest.mark.slow
+def test_a_node_lost_mid_run_goes_on_on_the_node_left_and_a_requeue_on_both_again(two_node_cluster, job_dir):
+    """sbatch --nodes=1-2: the job starts on both nodes (two tasks a node, which fill its two cores: Slurm 22.05
+    gives a range more than its minimum only where the tasks need it, measured). n2 dies (every process of its
+    namespace killed -9, slurmd included, and the node marked down): the allocation keeps n1 (--no-kill), and
+    the step runs again there, two tasks, from the last checkpoint. Stopped for its time limit and requeued
+    once n2 is back, it ends on both nodes: three sizes, one global batch, the figures of one uninterrupted
+    process."""
+    cluster, directory = two_node_cluster, job_dir / "two_nodes"
+    flags = directory / "node_range.flags"
+    flags.write_text("--max_steps 100000000  # until the test sets the end\n")
+    job = cluster.sbatch(*CPU_JOB, "--nodes=1-2", "--ntasks-per-node=2", os.path.join(ROOT, "slurm", "ptb_large.sh"),
+                         "--data_path", job_dir / "data", *TINY, "--checkpoint_every", "20", "--max_max_epoch",
+                         "1000000", f"@{flags}", env=job_env(), cwd=directory)
+    save_path, saved = directory / "runs" / f"ptb_large-{job}", directory / "runs" / f"ptb_large-{job}" / "checkpoints"
+    try:
+        wait_for_progress(cluster, directory, job, start=1)
+        assert cluster.job(job)["NodeList"] == "n[1-2]"
+        cluster.wait_for(lambda: (saved / "checkpoint").exists() and checkpoint_step(save_path) >= 20, 300,
+                         "a checkpoint")
+        cluster.kill_node("n2")
+        going_on = "node(s) lost; going on on n1 from the last checkpoint (restart 1 of 3)"
+        cluster.wait_for(lambda: going_on in log_of(directory, "ptb_large", job) and re.search(
+            r"step \d+/\d+ \(", log_of(directory, "ptb_large", job).split(going_on)[1]), 300, "progress on n1")
+        assert cluster.job(job)["NodeList"] == "n1"
+        cluster.command("scancel", "--signal=USR1", job)
+        cluster.wait_for(lambda: cluster.job(job).get("Restarts") == "1", 300, f"job {job} requeued")
+    finally:
+        cluster.revive_node("n2")
+    steps = checkpoint_step(save_path) + 40
+    flags.write_text(f"--max_steps {steps}\n")
+    wait_until_requeued(cluster, job, restarts=1)
+    release(cluster, job)
+    info = cluster.wait_for_state(job, ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"], 300)
+    log = log_of(directory, "ptb_large", job)
+    assert (info["JobState"], info["ExitCode"], info["NodeList"]) == ("COMPLETED", "0:0", "n[1-2]"), log[-3000:]
+    assert "Traceback" not in log
+    metrics = json.loads((save_path / "metrics.json").read_text())
+    assert [s["world_size"] for s in metrics["sizes"]] == [4, 2, 4] and metrics["global_batch_size"] == 20
+    reference = reference_run(job_dir, steps, "--checkpoint_every", "20", "--max_max_epoch", "1000000",
+                              name="reference-node-lost")
+    assert metrics["test_perplexity"] == pytest.approx(reference["test_perplexity"], rel=1e-5)
+    for a, b in zip(metrics["history"], reference["history"], strict=True):
+        assert a["valid_perplexity"] == pytest.approx(b["valid_perplexity"], rel=1e-5)

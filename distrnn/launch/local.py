@@ -35,6 +35,7 @@ from distrnn import cli
 from distrnn.errors import RankLost, UsageError
 from distrnn.options import number
 from distrnn.parallel import join
+from distrnn.parallel.batch import global_batch_in, most_workers
 
 GRACE_SECONDS = 60  # after a worker fails, how long the others have to end by themselves
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -149,7 +150,7 @@ def run(argv) -> int:
         codes = [exit_code(w) for w in workers]
         if code == 0 or received or LOST not in codes or not args.max_restarts:
             return code  # done, stopped, failed in a way a restart would repeat, or not elastic
-        nproc = restart_size(codes, global_batch(program), min_nproc)
+        nproc = restart_size(codes, global_batch_in(program), min_nproc)
         restarts += 1
         if nproc is None or restarts > args.max_restarts:
             why = (f"no restarts left (--max_restarts {args.max_restarts})" if nproc is not None else
@@ -164,9 +165,7 @@ def run(argv) -> int:
 def restart_size(codes: List[int], batch: Optional[int], min_nproc: int) -> Optional[int]:
     """How many workers go on after a loss: those that ended having lost the others (exit 75), fewer where
     the global batch would not split evenly over them; None below min_nproc."""
-    size = codes.count(LOST)
-    while batch and size and batch % size:
-        size -= 1
+    size = most_workers(batch, codes.count(LOST))
     return size if size >= min_nproc else None
 
 
@@ -180,16 +179,6 @@ def describe_code(code: int) -> str:
         return f"ended by {signal.Signals(code - 128).name}" if code > 128 else f"exit {code}"
     except ValueError:  # above 128, yet no signal's number
         return f"exit {code}"
-
-
-def global_batch(program: List[str]) -> Optional[int]:
-    """The command's --global_batch_size (given as one argument or two), if any."""
-    for arg, following in zip(program, [*program[1:], ""]):
-        name, _, value = arg.partition("=")
-        value = (value or following) if name == "--global_batch_size" else ""
-        if value.isdigit():
-            return int(value)
-    return None
 
 
 def with_resume(program: List[str]) -> List[str]:

@@ -14,10 +14,11 @@ TensorFlow (distrnn.parallel joins the step).
 import dataclasses
 import os
 import re
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from distrnn.config import env_number, read_number, shown
 from distrnn.errors import UsageError
+from distrnn.parallel.batch import global_batch_in, most_workers
 
 
 MAX_NODES = 100_000  # more than any Slurm cluster has: a longer list is junk, not an allocation to expand
@@ -172,6 +173,23 @@ def _task_number(env: Mapping[str, str], name: str, count: int, what: str) -> in
 HEADER_REQUESTS = (("nodes", "SLURM_JOB_NUM_NODES"), ("ntasks-per-node", "SLURM_NTASKS_PER_NODE"),
                    ("cpus-per-task", "SLURM_CPUS_PER_TASK"), ("gpus-per-node", "SLURM_GPUS_PER_NODE"),
                    ("time", None))
+
+
+def step_tasks(nodes: int, args: List[str], env: Mapping[str, str] = os.environ) -> Tuple[int, str]:
+    """How many tasks an srun step on `nodes` of the allocation's nodes runs, and a line saying why where it
+    is fewer than they hold: as many a node as the allocation has (SLURM_NTASKS_PER_NODE, else its first
+    node's count in SLURM_TASKS_PER_NODE), fewer where the global batch of the command `args` would not
+    split evenly over them."""
+    if nodes < 1:
+        raise UsageError(f"{nodes} nodes: an srun step needs at least one")
+    per_node = env_number(env, "SLURM_NTASKS_PER_NODE", 0, minimum=0)
+    if not per_node:
+        per_node = expand_tasks_per_node(env["SLURM_TASKS_PER_NODE"])[0] if env.get("SLURM_TASKS_PER_NODE") else 1
+    batch = global_batch_in(args)
+    tasks = most_workers(batch, nodes * per_node)
+    why = (f"{tasks} of the {nodes * per_node} tasks {nodes} node(s) hold: the global batch of {batch} splits "
+           f"evenly over {tasks}" if tasks < nodes * per_node else "")
+    return tasks, why
 
 
 def sbatch_header(text: str) -> Dict[str, str]:
