@@ -160,7 +160,9 @@ def test_a_command_lines_global_batch_is_read_as_its_parser_reads_it(tmp_path):
     assert global_batch_in(["--global_batch_size", "24", f"@{flags}"]) == 12
     assert global_batch_in(["python", "-m", "distrnn.ptb", "--batch_size", "20"]) is None
     assert [most_workers(20, n) for n in (1, 3, 4, 8, 12, 25)] == [1, 2, 4, 5, 10, 20]
-    assert most_workers(None, 7) == 7
+    assert most_workers(None, 7) == 7 and most_workers(20, 0) == 0
+    assert global_batch_in(["--global_batch_size", "9" * 30]) is None  # the job refuses it in its own line
+    assert most_workers(2 ** 31 - 1, 10 ** 15) == 2 ** 31 - 1 and most_workers(2 ** 31 - 1, 10 ** 9) == 1  # a prime
     assert local.with_resume(["python", "x", "--resume"]) == ["python", "x", "--resume"]
     assert local.lost_text([75, 137, 1]) == "lost worker 1 (ended by SIGKILL), worker 2 (exit 1)"
 

@@ -20,24 +20,25 @@ def per_rank_config(config, global_batch_size: int, world):
 
 def global_batch_in(args: List[str]) -> Optional[int]:
     """A command line's --global_batch_size, as its parser reads it (given as one argument or two, the last
-    one counting, inside @FILE too), if any: what a launcher needs to know before it starts the workers."""
+    one counting, inside @FILE too), if any: what a launcher needs to know before it starts the workers. A
+    value the job would refuse (not a positive int32) counts as none: the job says why."""
     found = None
     args = read_flag_files(list(args))
     for arg, following in zip(args, [*args[1:], ""]):
         name, equals, value = arg.partition("=")
         if name == "--global_batch_size":
             value = value if equals else following
-            found = int(value) if value.isdigit() else found
+            found = int(value) if value.isdigit() and 0 < int(value) < 2 ** 31 else None
     return found
 
 
 def most_workers(batch: Optional[int], available: int) -> int:
     """The most workers, at most `available`, over which the global batch `batch` splits evenly (all of
-    them where no global batch is given)."""
-    size = available
-    while batch and size and batch % size:
-        size -= 1
-    return size
+    them where no global batch is given): its largest divisor up to `available`."""
+    if not batch:
+        return available
+    divisors = {d for i in range(1, math.isqrt(batch) + 1) if batch % i == 0 for d in (i, batch // i)}
+    return max((d for d in divisors if d <= available), default=0)
 
 
 def lr_factor(batch_ratio: float, scaling: str = "none", step: int = 0, warmup_steps: int = 0) -> float:

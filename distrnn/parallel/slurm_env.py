@@ -182,7 +182,7 @@ def step_tasks(nodes: int, args: List[str], env: Mapping[str, str] = os.environ)
     split evenly over them."""
     if nodes < 1:
         raise UsageError(f"{nodes} nodes: an srun step needs at least one")
-    per_node = env_number(env, "SLURM_NTASKS_PER_NODE", 0, minimum=0)
+    per_node = env_number(env, "SLURM_NTASKS_PER_NODE", 0, minimum=0, maximum=MAX_NODES)
     if not per_node:
         per_node = expand_tasks_per_node(env["SLURM_TASKS_PER_NODE"])[0] if env.get("SLURM_TASKS_PER_NODE") else 1
     batch = global_batch_in(args)
