@@ -505,44 +505,49 @@ def test_sbatch_mnist_trains_the_stacked_preset_on_two_ranks(cluster, job_dir):
 
 
 @pytest.mark.slow
-def test_a_node_lost_mid_run_goes_on_on_the_node_left_and_a_requeue_on_both_again(two_node_cluster, job_dir):
+def test_a_node_lost_mid_run_goes_on_on_the_node_left_requeued_and_finished_there(two_node_cluster, job_dir):
     """sbatch --nodes=1-2: the job starts on both nodes (two tasks a node, which fill its two cores: Slurm 22.05
     gives a range more than its minimum only where the tasks need it, measured). n2 dies (every process of its
-    namespace killed -9, slurmd included, and the node marked down): the allocation keeps n1 (--no-kill), and
-    the step runs again there, two tasks, from the last checkpoint. Stopped for its time limit and requeued
-    once n2 is back, it ends on both nodes: three sizes, one global batch, the figures of one uninterrupted
-    process."""
+    namespace killed -9, slurmd included, and the node marked down): the allocation keeps n1 (--no-kill) and
+    the step runs again there, two tasks, from the last checkpoint. Stopped for its time limit, the job
+    requeues itself; Slurm then asks for its first task count (measured: pending, ReqNodeNotAvail) until told
+    fewer (docs/elastic.md), and it finishes on n1: three starts, one global batch, the figures of one
+    uninterrupted process."""
     cluster, directory = two_node_cluster, job_dir / "two_nodes"
     flags = directory / "node_range.flags"
     flags.write_text("--max_steps 100000000  # until the test sets the end\n")
     job = cluster.sbatch(*CPU_JOB, "--nodes=1-2", "--ntasks-per-node=2", os.path.join(ROOT, "slurm", "ptb_large.sh"),
                          "--data_path", job_dir / "data", *TINY, "--checkpoint_every", "20", "--max_max_epoch",
                          "1000000", f"@{flags}", env=job_env(), cwd=directory)
-    save_path, saved = directory / "runs" / f"ptb_large-{job}", directory / "runs" / f"ptb_large-{job}" / "checkpoints"
+    save_path = directory / "runs" / f"ptb_large-{job}"
     try:
         wait_for_progress(cluster, directory, job, start=1)
         assert cluster.job(job)["NodeList"] == "n[1-2]"
-        cluster.wait_for(lambda: (saved / "checkpoint").exists() and checkpoint_step(save_path) >= 20, 300,
-                         "a checkpoint")
+        cluster.wait_for(lambda: (save_path / "checkpoints" / "checkpoint").exists()
+                         and checkpoint_step(save_path) >= 20, 300, "a checkpoint")
         cluster.kill_node("n2")
         going_on = "node(s) lost; going on on n1 from the last checkpoint (restart 1 of 3)"
         cluster.wait_for(lambda: going_on in log_of(directory, "ptb_large", job) and re.search(
             r"step \d+/\d+ \(", log_of(directory, "ptb_large", job).split(going_on)[1]), 300, "progress on n1")
         assert cluster.job(job)["NodeList"] == "n1"
         cluster.command("scancel", "--signal=USR1", job)
-        cluster.wait_for(lambda: cluster.job(job).get("Restarts") == "1", 300, f"job {job} requeued")
+        cluster.wait_for(lambda: cluster.job(job).get("Restarts") == "1" and cluster.state_of("n1") == "IDLE", 300,
+                         f"job {job} requeued, n1 idle")
+        steps = checkpoint_step(save_path) + 40
+        flags.write_text(f"--max_steps {steps}\n")
+        release(cluster, job)
+        cluster.wait_for(lambda: "ReqNodeNotAvail" in cluster.job(job).get("Reason", ""), 60, "Slurm's reason")
+        cluster.command("scontrol", "update", f"JobId={job}", "NumTasks=2")
+        info = cluster.wait_for_state(job, ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"], 300)
     finally:
         cluster.revive_node("n2")
-    steps = checkpoint_step(save_path) + 40
-    flags.write_text(f"--max_steps {steps}\n")
-    wait_until_requeued(cluster, job, restarts=1)
-    release(cluster, job)
-    info = cluster.wait_for_state(job, ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"], 300)
     log = log_of(directory, "ptb_large", job)
-    assert (info["JobState"], info["ExitCode"], info["NodeList"]) == ("COMPLETED", "0:0", "n[1-2]"), log[-3000:]
+    assert (info["JobState"], info["ExitCode"], info["NodeList"]) == ("COMPLETED", "0:0", "n1"), log[-3000:]
+    assert f"[slurm] job {job} (ptb_large) start 2 on n1: 2 task(s), n1:2;" in log, log[-3000:]
     assert "Traceback" not in log
     metrics = json.loads((save_path / "metrics.json").read_text())
-    assert [s["world_size"] for s in metrics["sizes"]] == [4, 2, 4] and metrics["global_batch_size"] == 20
+    # The third start is 2 processes again: no new size.
+    assert [s["world_size"] for s in metrics["sizes"]] == [4, 2] and metrics["global_batch_size"] == 20
     reference = reference_run(job_dir, steps, "--checkpoint_every", "20", "--max_max_epoch", "1000000",
                               name="reference-node-lost")
     assert metrics["test_perplexity"] == pytest.approx(reference["test_perplexity"], rel=1e-5)
