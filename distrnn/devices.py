@@ -31,6 +31,10 @@ import psutil
 from distrnn import cli, compat, cpu, names, options
 from distrnn.memory.nvml import MIB, gpu_info
 from distrnn.ptb import plan
+from distrnn.run import files
+from distrnn.ptb import scale as scale_plan
+from distrnn.scaling import hardware
+from distrnn.scaling import model as cost
 
 def host_info() -> dict:
     memory = psutil.virtual_memory()
@@ -189,7 +193,31 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch_size", type=options.COUNT, default=0, help="override the preset's batch_size")
     plan.add_argument("--num_steps", type=options.COUNT, default=0, help="override the preset's num_steps")
     plan.add_argument("--gpu_memory_gib", type=options.number(float, positive=True), default=0,
-                      help="memory of each GPU, where NVML cannot tell (e.g. planning on another machine)")
+                      help="memory of each GPU, where NVML cannot tell (e.g. planning on another machine); with "
+                           "--gpus, the GPU's memory in place of the table's")
+    scale = parser.add_argument_group("--plan --gpus: how far a PTB job scales (words/sec, efficiency, time, "
+                                      "memory, what bounds it), from the cost model")
+    scale.add_argument("--gpus", type=scale_plan.gpu_counts, default=None, metavar="N,N,...",
+                       help="GPU counts to plan for, e.g. 1,8,64,512")
+    scale.add_argument("--gpu", default="h100", help=f"the GPU: {', '.join(hardware.GPUS)} (default h100)")
+    scale.add_argument("--link", default="ndr", help=f"the network between nodes: {', '.join(hardware.LINKS)} "
+                                                     "(default ndr)")
+    scale.add_argument("--node_link", default=None, help="the link between a node's GPUs (default nvlink; pcie3 "
+                                                         "for the k20)")
+    scale.add_argument("--gpus_per_node", type=options.DEVICE_COUNT, default=8, help="GPUs a node (default 8)")
+    scale.add_argument("--global_batch_size", type=options.COUNT, default=0,
+                       help="keep this global batch (each rank its share) instead of the preset's batch a rank")
+    scale.add_argument("--fp16_allreduce", action="store_true", help="gradients sent in float16")
+    scale.add_argument("--engine", choices=("horovod", "tensorflow"), default="horovod",
+                       help="horovod overlaps the softmax's all-reduce with the LSTM's backward pass; distrnn's "
+                            "TensorFlow engine sends every gradient after it (default horovod)")
+    scale.add_argument("--plot", metavar="FILE", help="efficiency against GPUs, as PNG")
+    positive = options.number(float, positive=True)
+    for flag, what in (("gpu_float32_tflops", "peak float32 TFLOPS"), ("gpu_float16_tflops", "peak 16-bit TFLOPS"),
+                       ("gpu_memory_gbps", "memory bandwidth, GB/s"), ("link_gbps", "the network's GB/s each way"),
+                       ("link_latency_us", "the network's latency, microseconds"),
+                       ("matmul_efficiency", "fraction of peak a compute-bound product reaches (default 0.5)")):
+        scale.add_argument(f"--{flag}", type=positive, default=0, help=f"your own figure: {what}")
     return parser
 
 
@@ -200,6 +228,8 @@ def run(argv) -> int:
     if args.stack:
         print(json.dumps(compat.stack()) if args.json else compat.format_stack(compat.stack()))
         return 0
+    if args.plan and args.gpus:
+        return plan_scaling(args)
     if args.plan:
         overrides = {k: getattr(args, k) for k in ("batch_size", "num_steps") if getattr(args, k)}
         precision = options.precision_of(args.precision, args.use_fp16)
@@ -227,6 +257,23 @@ def run(argv) -> int:
             time.sleep(args.watch)
     except KeyboardInterrupt:
         return 0
+
+
+def plan_scaling(args) -> int:
+    files.check_output(args.plot, "--plot", "efficiency.png")
+    precision = options.precision_of(args.precision, args.use_fp16)
+    figures = {k: getattr(args, k) for k in ("gpu_float32_tflops", "gpu_float16_tflops", "gpu_memory_gbps",
+                                             "link_gbps", "link_latency_us")}
+    figures["gpu_memory_gib"] = args.gpu_memory_gib
+    cluster = scale_plan.cluster_from(args.gpu, args.link, args.node_link, args.gpus_per_node, figures)
+    assumptions = cost.Assumptions(matmul_efficiency=min(args.matmul_efficiency or 0.5, 1.0),
+                                   overlap=args.engine == "horovod")
+    r = scale_plan.scaling_plan(args.config, args.gpus, cluster, precision, args.global_batch_size,
+                                args.fp16_allreduce, args.vocab_size, assumptions)
+    if args.plot:
+        scale_plan.plot_efficiency(r, args.plot)
+    print(json.dumps(r) if args.json else scale_plan.format_scaling(r))
+    return 0
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,12 @@
 """The scaling cost model (issue 31, first part): the hardware tables and the model's formulas, exact values
 worked by hand from the shapes."""
+import json
+import subprocess
+import sys
+
 import pytest
 
+from conftest import ROOT, assert_one_line_error, run_module, subprocess_env
 from distrnn.errors import UsageError
 from distrnn.scaling import hardware, model
 
@@ -62,3 +67,44 @@ def test_a_step_scales_until_the_link_bounds_it():
     piped = model.step(LARGE, 2, slow, 20, pipelined=True)
     layer = model.compute_seconds(LARGE, 20, slow.gpu, layers=1)["lstm"]
     assert (piped["ranks"], piped["gpus_per_rank"]) == (1, 2) and piped["bubble_s"] == pytest.approx(layer / 35)
+
+
+def test_the_planner_answers_as_written_without_tensorflow(tmp_path):
+    """distrnn.devices --plan --config large --gpus 1,8,64,512 --gpu h100: a row a size and strategy, the JSON
+    the same figures, a plot; TensorFlow never loaded (the command holds no GPU memory)."""
+    plot = tmp_path / "efficiency.png"
+    proc = run_module("distrnn.devices", "--plan", "--config", "large", "--gpus", "1,8,64,512", "--gpu", "h100",
+                      "--link", "25gbe", "--gpus_per_node", 4, "--plot", plot, check=0)
+    lines = proc.stdout.splitlines()
+    assert lines[1] == ("on NVIDIA H100 SXM5, 4 a node: NVLink 4 (H100 SXM) within, 25 Gbit/s Ethernet (RoCE) "
+                        "between")
+    rows = [line.split() for line in lines[3:10]]
+    assert [(r[0], r[1]) for r in rows] == [("1", "data"), ("8", "data"), ("8", "pipeline"), ("64", "data"),
+                                            ("64", "pipeline"), ("512", "data"), ("512", "pipeline")]
+    assert rows[0][5] == "1.00" and plot.read_bytes()[:4] == b"\x89PNG"
+    r = json.loads(run_module("distrnn.devices", "--plan", "--config", "large", "--gpus", "1,8", "--json",
+                              check=0).stdout)
+    assert [row["global_batch"] for row in r["rows"]] == [20, 160, 80] and r["epochs"] == 55
+    one = model.step(LARGE, 1, model.Cluster(hardware.gpu("h100"), hardware.link("nvlink"), hardware.link("ndr")),
+                     20)
+    assert r["rows"][0]["words_per_sec"] == pytest.approx(one["words_per_sec"])
+    proc = run_module("distrnn.devices", "--plan", "--config", "large", "--gpus", "8", "--global_batch_size", 20,
+                      "--json", check=0)
+    assert [row["rows_per_rank"] for row in json.loads(proc.stdout)["rows"]] == [5]  # 20 splits over 4 ranks, not 8
+    probe = subprocess.run([sys.executable, "-c", "import sys; from distrnn import devices; devices.run(['--plan', "
+                            "'--gpus', '1,2', '--json']); print('tensorflow' in sys.modules)"], cwd=ROOT,
+                           capture_output=True, text=True, env=subprocess_env())
+    assert probe.stdout.splitlines()[-1] == "False", probe.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--gpus", "1,x"], "--gpus 1,x: give GPU counts separated by commas, e.g. 1,8,64,512"),
+    (["--gpus", "0,8"], "--gpus 0,8: each count from 1 to 65,536"),
+    (["--gpus", "8", "--gpu", "b300"], "--gpu b300: no GPU of that name; choose from k20, v100, a100, h100, h200"),
+    (["--gpus", "8", "--link", "slow"], "--link slow: no link of that name; choose from pcie3"),
+    (["--gpus", "8", "--link_gbps", "nan"], "--link_gbps"),
+    (["--gpus", "8", "--plot", "/"], "--plot / is a directory; name a file in it, e.g. /efficiency.png"),
+])
+def test_bad_planner_flags_are_one_line(flags, problem):
+    proc = run_module("distrnn.devices", "--plan", *flags)
+    assert_one_line_error(proc, "distrnn.devices", problem)

@@ -4,7 +4,7 @@ from typing import Sequence
 
 import numpy as np
 
-from distrnn.run.outputs import save_figure
+from distrnn.run.files import save_figure
 
 
 def _pyplot():

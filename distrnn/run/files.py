@@ -226,3 +226,14 @@ def new_directory(target: str, failures=(), reason=str) -> Iterator[str]:
 
 def is_full_disk(error: OSError) -> bool:
     return error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def save_figure(fig, path: str) -> None:
+    """Saves a matplotlib figure as PNG, whole or not at all (replacing: SaveFailed on a full disk),
+    and closes it."""
+    import matplotlib.pyplot as plt
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)

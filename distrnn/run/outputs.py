@@ -110,15 +110,4 @@ def plot_curves(path: str, title: str, ylabel: str, curves: Dict[str, List[float
     if ax.lines:
         ax.legend()
     fig.tight_layout()
-    save_figure(fig, path)
-
-
-def save_figure(fig, path: str) -> None:
-    """Saves a matplotlib figure as PNG, whole or not at all (files.replacing: SaveFailed on a full disk),
-    and closes it."""
-    import matplotlib.pyplot as plt
-    try:
-        with files.replacing(path) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
+    files.save_figure(fig, path)

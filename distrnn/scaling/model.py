@@ -144,4 +144,5 @@ def step(model: Model, gpus: int, cluster: Cluster, rows: int, pipelined: bool =
     return {"gpus": gpus, "ranks": ranks, "gpus_per_rank": per_rank, "rows_per_rank": rows,
             "global_batch": ranks * rows, "compute_s": compute, "bubble_s": bubble, "allreduce_s": exposed,
             "step_s": seconds, "words_per_sec": ranks * rows * model.num_steps / seconds,
-            "bound": max(parts, key=parts.get) if max(parts.values()) != compute else f"compute ({c['bound']})"}
+            "bound": max(parts, key=parts.get) if max(parts.values()) != compute else
+            ("memory bandwidth" if c["bound"] == "memory" else "compute")}
