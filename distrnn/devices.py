@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "(default ndr)")
     scale.add_argument("--node_link", default=None, help="the link between a node's GPUs (default nvlink; pcie3 "
                                                          "for the k20)")
-    scale.add_argument("--gpus_per_node", type=options.DEVICE_COUNT, default=8, help="GPUs a node (default 8)")
+    scale.add_argument("--gpus_per_node", type=options.number(int, minimum=1, maximum=1024), default=8,
+                       help="GPUs a node (default 8)")
     scale.add_argument("--global_batch_size", type=options.COUNT, default=0,
                        help="keep this global batch (each rank its share) instead of the preset's batch a rank")
     scale.add_argument("--fp16_allreduce", action="store_true", help="gradients sent in float16")

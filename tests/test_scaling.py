@@ -39,8 +39,8 @@ def test_a_small_batch_time_step_is_bound_by_memory_on_a_fast_gpu_and_by_compute
     # One layer's time step at 20 rows: 2 x 20 x 3000 x 6000 flops; its weights read once.
     flops, weights = 2.0 * 20 * 3000 * 6000, 3001 * 6000
     k20, h200 = hardware.gpu("k20"), hardware.gpu("h200")
-    assert model.roofline(flops, weights * 4, k20, "float32", a) == pytest.approx(flops / (3.52e12 * 0.5))
-    assert model.roofline(flops, weights * 2, h200, "float16", a) == pytest.approx(weights * 2 / 4.8e12)
+    assert model.roofline(flops, weights * 4, k20, "float32", 0.5) == pytest.approx(flops / (3.52e12 * 0.5))
+    assert model.roofline(flops, weights * 2, h200, "float16", 0.5) == pytest.approx(weights * 2 / 4.8e12)
     assert model.compute_seconds(LARGE, 20, k20, "float32", a)["bound"] == "compute"
     assert model.compute_seconds(LARGE, 20, h200, "float16", a)["bound"] == "memory"
 
@@ -103,6 +103,9 @@ def test_the_planner_answers_as_written_without_tensorflow(tmp_path):
     (["--gpus", "8", "--gpu", "b300"], "--gpu b300: no GPU of that name; choose from k20, v100, a100, h100, h200"),
     (["--gpus", "8", "--link", "slow"], "--link slow: no link of that name; choose from pcie3"),
     (["--gpus", "8", "--link_gbps", "nan"], "--link_gbps"),
+    (["--gpus", "8", "--gpus_per_node", "0"], "--gpus_per_node: must be >= 1"),
+    (["--gpus", "8,16", "--global_batch_size", "7"], "--global_batch_size 7 splits evenly over the ranks of none of "
+                                                     "--gpus 8,16: give a multiple of the ranks, or leave it out"),
     (["--gpus", "8", "--plot", "/"], "--plot / is a directory; name a file in it, e.g. /efficiency.png"),
 ])
 def test_bad_planner_flags_are_one_line(flags, problem):

@@ -44,6 +44,9 @@ def scaling_plan(config_name: str, gpu_counts: List[int], cluster: cost.Cluster,
                              assumptions)
             rows.append(dict(step, strategy=strategy, memory_gib=_memory_gib(config, vocab_size, batch, per_rank,
                                                                                precision)))
+    if not rows:
+        raise UsageError(f"--global_batch_size {global_batch} splits evenly over the ranks of none of --gpus "
+                         f"{','.join(map(str, gpu_counts))}: give a multiple of the ranks, or leave it out")
     for row in rows:
         row["efficiency"] = row["words_per_sec"] / (row["gpus"] * one["words_per_sec"])
         row["epoch_s"] = TRAIN_WORDS / row["words_per_sec"]

@@ -3,12 +3,14 @@ against the GPU's roofline, the gradients' all-reduce over the links, the pipeli
 figure it assumes is a field of `Assumptions`, documented and overridable; docs/scaling.md holds the
 calibration against measured steps and all-reduces.
 
-One time step of one LSTM layer is a matrix product of the batch's rows [B, in + h] with the layer's weights
-[in + h, 4h] and a few element-wise kernels. At the batches language models train with (PTB: 20 rows) it
-reads far more bytes (the weights, every time step) than it computes on them, so it runs at the GPU's memory
-bandwidth, not at its peak: the roofline, max(flops / (peak x matmul_efficiency), bytes / bandwidth), plus
-each kernel's launch. The backward pass reads the weights once more a time step (the input's gradient) and
-computes the weights' gradient once for the whole sequence (one product over T x B rows, compute-bound).
+An LSTM layer, as cuDNN and distrnn's own LSTM (distrnn/rnn/lstm_sequence.py) run it: what does not depend
+on the previous step is done for the whole sequence at once (the input's projection [T x B, in] x [in, 4h],
+and in the backward pass the input's gradient and both weights' gradients: four products over T x B rows,
+near the GPU's peak); what does runs a time step at a time, forward and backward: the recurrent product of
+the batch's rows [B, h] with [h, 4h] and a few element-wise kernels. At the batches language models train
+with (PTB: 20 rows) that product reads far more bytes (the recurrent weights, every time step) than it
+computes on them, so it runs at the GPU's memory bandwidth, not its peak: the roofline, max(flops / (peak x
+matmul_efficiency), bytes / bandwidth), plus each kernel's launch.
 The softmax is one product over all T x B rows, forward and backward.
 """
 import dataclasses
@@ -25,7 +27,9 @@ INDEX_BYTES = 8          # an embedding row's int64 index, sent beside it
 @dataclasses.dataclass(frozen=True)
 class Assumptions:
     """What the model does not know from shapes, each documented and overridable by a flag."""
-    matmul_efficiency: float = 0.5     # fraction of peak a compute-bound matrix product reaches
+    matmul_efficiency: float = 0.5     # fraction of peak a time step's product reaches at the batch's rows
+    sequence_efficiency: float = 0.8   # fraction of peak a product over the whole sequence's rows reaches
+    #                                    (the weights' gradient, the softmax): large products run near peak
     kernels_per_step: int = 6          # kernels one layer's time step launches (product, gates, state), each way
     kernel_us: float = 5.0             # one kernel's launch and tail, microseconds
     overlap: bool = True               # the all-reduce of gradients ready early (the softmax's) runs during the
@@ -59,10 +63,14 @@ class Model:
                                + self.hidden_size * self.vocab_size)
 
 
-def roofline(flops: float, bytes_: float, gpu: GPU, precision: str, a: Assumptions) -> float:
-    """Seconds of one kernel-sized piece of work: bounded by compute or by memory bandwidth."""
-    peak = (gpu.float32_tflops if precision == "float32" else gpu.float16_tflops) * 1e12
-    return max(flops / (peak * a.matmul_efficiency), bytes_ / (gpu.memory_gbps * 1e9))
+def peak_flops(gpu: GPU, precision: str) -> float:
+    return (gpu.float32_tflops if precision == "float32" else gpu.float16_tflops) * 1e12
+
+
+def roofline(flops: float, bytes_: float, gpu: GPU, precision: str, efficiency: float) -> float:
+    """Seconds of one kernel-sized piece of work: bounded by compute (at `efficiency` of the peak) or by
+    memory bandwidth."""
+    return max(flops / (peak_flops(gpu, precision) * efficiency), bytes_ / (gpu.memory_gbps * 1e9))
 
 
 def compute_seconds(model: Model, rows: int, gpu: GPU, precision: str = "float32", a: Assumptions = Assumptions(),
@@ -72,16 +80,19 @@ def compute_seconds(model: Model, rows: int, gpu: GPU, precision: str = "float32
     'bound' (compute or memory, whichever the LSTM's time steps hit)."""
     layers = model.num_layers if layers is None else layers
     h, t, p = model.hidden_size, model.num_steps, 2 if precision != "float32" else 4
-    step_flops = 2.0 * rows * 2 * h * GATES * h
-    step_bytes = model.layer_weights * p + rows * (2 * h + GATES * h) * p
-    per_step = roofline(step_flops, step_bytes, gpu, precision, a) + a.kernels_per_step * a.kernel_us * 1e-6
-    weight_grad = roofline(step_flops * t, model.layer_weights * WEIGHT_BYTES, gpu, precision, a)
-    lstm = layers * (3 * t * per_step + weight_grad)  # forward, the input's gradient (twice its work), dW once
+    step_flops = 2.0 * rows * h * GATES * h  # the recurrent product: [B, h] x [h, 4h]
+    step_bytes = h * GATES * h * p + rows * 2 * GATES * h * p
+    per_step = (roofline(step_flops, step_bytes, gpu, precision, a.matmul_efficiency)
+                + a.kernels_per_step * a.kernel_us * 1e-6)
+    # Over the whole sequence at once: the input's projection, its gradient, and both weights' gradients.
+    sequence = 4 * roofline(step_flops * t, h * GATES * h * WEIGHT_BYTES, gpu, precision, a.sequence_efficiency)
+    lstm = layers * (2 * t * per_step + sequence)  # forward and backward steps, then the sequence's products
     logits = 2.0 * rows * t * h * model.vocab_size
-    softmax = 3 * roofline(logits, (h * model.vocab_size + 2 * rows * t * model.vocab_size) * p, gpu, precision, a)
+    softmax = 3 * roofline(logits, (h * model.vocab_size + 2 * rows * t * model.vocab_size) * p, gpu, precision,
+                           a.sequence_efficiency)
     softmax = softmax if layers == model.num_layers else 0.0
-    memory_bound = step_bytes / (gpu.memory_gbps * 1e9) > step_flops / ((
-        gpu.float32_tflops if precision == "float32" else gpu.float16_tflops) * 1e12 * a.matmul_efficiency)
+    memory_bound = step_bytes / (gpu.memory_gbps * 1e9) > step_flops / (peak_flops(gpu, precision)
+                                                                         * a.matmul_efficiency)
     return {"lstm": lstm, "softmax": softmax, "total": lstm + softmax, "bound": "memory" if memory_bound else "compute"}
 
 
