@@ -19,6 +19,7 @@ so nothing stays held once the listing is printed (`--watch` asks TensorFlow
 once, at the start).
 """
 import argparse
+import dataclasses
 import json
 import platform
 import subprocess
@@ -217,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, what in (("gpu_float32_tflops", "peak float32 TFLOPS"), ("gpu_float16_tflops", "peak 16-bit TFLOPS"),
                        ("gpu_memory_gbps", "memory bandwidth, GB/s"), ("link_gbps", "the network's GB/s each way"),
                        ("link_latency_us", "the network's latency, microseconds"),
-                       ("matmul_efficiency", "fraction of peak a compute-bound product reaches (default 0.5)")):
+                       ("matmul_efficiency", "fraction of peak a time step's product reaches (default "
+                                             f"{cost.Assumptions.matmul_efficiency}; at most 1)")):
         scale.add_argument(f"--{flag}", type=positive, default=0, help=f"your own figure: {what}")
     return parser
 
@@ -267,8 +269,9 @@ def plan_scaling(args) -> int:
                                              "link_gbps", "link_latency_us")}
     figures["gpu_memory_gib"] = args.gpu_memory_gib
     cluster = scale_plan.cluster_from(args.gpu, args.link, args.node_link, args.gpus_per_node, figures)
-    assumptions = cost.Assumptions(matmul_efficiency=min(args.matmul_efficiency or 0.5, 1.0),
-                                   overlap=args.engine == "horovod")
+    assumptions = cost.Assumptions(overlap=args.engine == "horovod")
+    if args.matmul_efficiency:
+        assumptions = dataclasses.replace(assumptions, matmul_efficiency=min(args.matmul_efficiency, 1.0))
     r = scale_plan.scaling_plan(args.config, args.gpus, cluster, precision, args.global_batch_size,
                                 args.fp16_allreduce, args.vocab_size, assumptions)
     if args.plot:

@@ -12,7 +12,7 @@ import sys
 
 from distrnn import cli
 from distrnn.options import number
-from distrnn.parallel.slurm_env import header_report, horovod_hosts, node_slots, step_tasks
+from distrnn.parallel.slurm_env import MAX_NODES, header_report, horovod_hosts, node_slots, step_tasks
 
 
 def main(argv=None) -> int:
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     tasks = commands.add_parser("tasks", help="inside a batch job: how many tasks an srun step of COMMAND runs on "
                                               "NODES nodes (as many a node as the allocation has, fewer where "
                                               "the command's --global_batch_size would not split evenly)")
-    tasks.add_argument("nodes", type=number(int, minimum=1, maximum=100_000), help="the nodes the step runs on")
+    tasks.add_argument("nodes", type=number(int, minimum=1, maximum=MAX_NODES), help="the nodes the step runs on")
     tasks.add_argument("step", nargs="...", help="the command the step runs")
 
     def show():

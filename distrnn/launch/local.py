@@ -8,18 +8,18 @@ launcher serves Horovod's rendezvous and sets each worker's variables, as horovo
     bash launch/one_node.sh 2 -m distrnn.ptb ...      # horovodrun where the stack has Horovod, else the first
 
 TensorFlow's workers listen on ports of localhost: --port P gives the first (P, P+1, ...), else free ports
-are taken from the system (Horovod's rendezvous: on P, else a free port). Ctrl-C, SIGTERM and SIGUSR1 are passed to every worker, which stop together at
-the same step with a checkpoint (distrnn.run.stops). When a worker fails, the others end with exit 75 on
-their own (the collective runtime's heartbeats notice a dead worker in about ten seconds); any still
-running a minute later are killed, so the launcher never hangs. The exit code is the first failing
-worker's (0 when all succeeded).
+are taken from the system (Horovod's rendezvous: on P, else a free port). Ctrl-C, SIGTERM and SIGUSR1 are
+passed to every worker, which stop together at the same step with a checkpoint (distrnn.run.stops). When a
+worker fails, the others end with exit 75 on their own (a closed connection at once, the collective
+runtime's heartbeats a frozen worker in about ten seconds); any still running a minute later are killed, so
+the launcher never hangs. The exit code is the first failing worker's (0 when all succeeded).
 
 Elastic by restart (torchrun's --nnodes MIN:MAX and --max-restarts, on one machine): with --max_restarts R,
 when workers die (killed, crashed, hung and killed after the grace) and the others end with exit 75 having
 lost them, the survivors start again with --resume, as many as are left (fewer where the command's
 --global_batch_size would not split evenly over them), while at least --min_nproc remain and restarts are
 left; otherwise one line and exit 75. A run goes on at another size exactly when its global batch is kept
-(docs/engines.md). A signal to the launcher is a stop, never a restart.
+(docs/elastic.md). A signal to the launcher is a stop, never a restart.
 
     python -m distrnn.launch --nproc 3 --min_nproc 2 --max_restarts 3 -m distrnn.ptb --global_batch_size 60 \
         --save_path runs/a --resume

@@ -76,7 +76,9 @@ def duration(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f} s"
     hours, rest = divmod(round(seconds), 3600)
-    return f"{hours // 24}d {hours % 24:02d}:{rest // 60:02d}" if hours >= 24 else f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+    if hours >= 24:
+        return f"{hours // 24}d {hours % 24:02d}:{rest // 60:02d}"
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
 def format_scaling(r: dict) -> str:
@@ -84,7 +86,8 @@ def format_scaling(r: dict) -> str:
     batch = (f"global batch {r['global_batch']}" if r["global_batch"] else
              f"{c['batch_size']} rows a rank (the global batch grows with the ranks; see --lr_scaling)")
     lines = [f"scaling plan: PTB {r['config']} ({c['num_layers']} x {c['hidden_size']} LSTM, {c['num_steps']} steps, "
-             f"vocabulary {r['vocab_size']:,}), {r['precision']}{', float16 gradients' if r['fp16_allreduce'] else ''}, "
+             f"vocabulary {r['vocab_size']:,}), {r['precision']}"
+             f"{', float16 gradients' if r['fp16_allreduce'] else ''}, "
              f"{batch}",
              f"on {cl['gpu']['name']}, {cl['gpus_per_node']} a node: {cl['intra']['name']} within, "
              f"{cl['inter']['name']} between",
@@ -97,7 +100,8 @@ def format_scaling(r: dict) -> str:
                      f"{row['words_per_sec']:>11,.0f} {efficiency:>10} {duration(row['epoch_s']):>9} "
                      f"{duration(row['epoch_s'] * r['epochs']):>10} {memory:>8}  {row['bound']}")
     if any(not row["fits"] for row in r["rows"]):
-        lines.append(f"! more than the GPU's {cl['gpu']['memory_gib']:g} GiB: see --plan --num_gpus for the memory modes")
+        lines.append(f"! more than the GPU's {cl['gpu']['memory_gib']:g} GiB: see --plan --num_gpus for the memory "
+                     "modes")
     lines.append("(a model from the shapes and the datasheets, not yet calibrated on GPUs: --matmul_efficiency "
                  "and the other figure flags take your own numbers)")
     return "\n".join(lines)
@@ -145,7 +149,8 @@ def cluster_from(gpu_name: str, link_name: str, node_link: Optional[str], gpus_p
     gpu = hardware.gpu(gpu_name)
     intra = hardware.link(node_link or ("pcie3" if gpu_name.lower() == "k20" else "nvlink"))
     inter = hardware.link(link_name)
-    pick = {"gpu": ("float32_tflops", "float16_tflops", "memory_gib", "memory_gbps"), "inter": ("gbps", "latency_us")}
-    gpu = dataclasses.replace(gpu, **{k: overrides[f"gpu_{k}"] for k in pick["gpu"] if overrides.get(f"gpu_{k}")})
-    inter = dataclasses.replace(inter, **{k: overrides[f"link_{k}"] for k in pick["inter"] if overrides.get(f"link_{k}")})
+    def own(entry, prefix: str, fields):
+        return dataclasses.replace(entry, **{k: overrides[prefix + k] for k in fields if overrides.get(prefix + k)})
+    gpu = own(gpu, "gpu_", ("float32_tflops", "float16_tflops", "memory_gib", "memory_gbps"))
+    inter = own(inter, "link_", ("gbps", "latency_us"))
     return cost.Cluster(gpu, intra, inter, gpus_per_node)

@@ -76,8 +76,8 @@ def roofline(flops: float, bytes_: float, gpu: GPU, precision: str, efficiency: 
 def compute_seconds(model: Model, rows: int, gpu: GPU, precision: str = "float32", a: Assumptions = Assumptions(),
                     layers: Optional[int] = None) -> dict:
     """One step's compute on one GPU holding `layers` of the LSTM layers (all by default) and the softmax
-    (when it holds every layer), over `rows` batch rows: {'lstm', 'softmax', 'total'} in seconds, and
-    'bound' (compute or memory, whichever the LSTM's time steps hit)."""
+    (a pipeline's last GPU holds one layer and the softmax), over `rows` batch rows: {'lstm', 'softmax',
+    'total'} in seconds, and 'bound' (compute or memory, whichever the LSTM's time steps hit)."""
     layers = model.num_layers if layers is None else layers
     h, t, p = model.hidden_size, model.num_steps, 2 if precision != "float32" else 4
     step_flops = 2.0 * rows * h * GATES * h  # the recurrent product: [B, h] x [h, 4h]
@@ -90,7 +90,6 @@ def compute_seconds(model: Model, rows: int, gpu: GPU, precision: str = "float32
     logits = 2.0 * rows * t * h * model.vocab_size
     softmax = 3 * roofline(logits, (h * model.vocab_size + 2 * rows * t * model.vocab_size) * p, gpu, precision,
                            a.sequence_efficiency)
-    softmax = softmax if layers == model.num_layers else 0.0
     memory_bound = step_bytes / (gpu.memory_gbps * 1e9) > step_flops / (peak_flops(gpu, precision)
                                                                          * a.matmul_efficiency)
     return {"lstm": lstm, "softmax": softmax, "total": lstm + softmax, "bound": "memory" if memory_bound else "compute"}
@@ -137,12 +136,11 @@ def step(model: Model, gpus: int, cluster: Cluster, rows: int, pipelined: bool =
     per_rank = model.num_layers if pipelined else 1
     ranks = gpus // per_rank
     c = compute_seconds(model, rows, cluster.gpu, precision, a, layers=1 if pipelined else None)
-    softmax = compute_seconds(model, rows, cluster.gpu, precision, a)["softmax"] if pipelined else c["softmax"]
     bubble = c["lstm"] * (per_rank - 1) / model.num_steps
-    compute = c["lstm"] + softmax
+    compute = c["total"]
     g = gradient_bytes(model, rows, fp16_allreduce)
     # Pipelined: each layer's ring joins that layer's GPU of every rank, all rings at once over the same links.
-    dense = (g["lstm"] / per_rank + g["softmax"])
+    dense = g["lstm"] / per_rank + g["softmax"]
     nodes_share = max(1, cluster.gpus_per_node // per_rank)
     inter = dataclasses.replace(cluster.inter, gbps=cluster.inter.gbps / per_rank)
     allreduce = ring_allreduce_seconds(dense, ranks, nodes_share, cluster.intra, inter)
