@@ -5,6 +5,7 @@ as the training step calls it. Prints one JSON line on rank 0: milliseconds per 
 timed repeats after 3 warm-ups).
 
     <launcher> python bench/allreduce_step.py --config small [--repeats 20] [--engine auto]
+    <launcher> python bench/allreduce_step.py --floats 1     (one dense tensor of that many floats: the latency)
 """
 import argparse
 import json
@@ -33,12 +34,14 @@ def main():
     p.add_argument("--config", default="small")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--engine", default="auto")
+    p.add_argument("--floats", type=int, default=0, help="all-reduce one tensor of this many floats instead")
     args = p.parse_args()
     from distrnn import parallel
     from distrnn.ptb.configs import PRESETS
     world = parallel.init(args.engine)
     import tensorflow as tf
-    grads = gradients(PRESETS.get(args.config))
+    grads = [tf.random.normal([args.floats])] if args.floats else gradients(PRESETS.get(args.config))
+    sparse = [g for g in grads if isinstance(g, tf.IndexedSlices)]
 
     @tf.function
     def step(grads):  # an argument, not a capture: inside the function they are graph tensors, as in training
@@ -54,10 +57,10 @@ def main():
             times.append(time.perf_counter() - t0)
     ms = world.allgather(tf.constant([statistics.median(times) * 1000]).numpy())
     if world.is_chief:
-        dense_bytes = sum(int(tf.size(g)) * 4 for g in grads[:-1])
+        dense_bytes = sum(int(tf.size(g)) * 4 for g in grads if not isinstance(g, tf.IndexedSlices))
         print(json.dumps({"engine": world.report(), "config": args.config, "processes": world.size,
-                          "ms_per_allreduce": round(float(max(ms)), 2), "dense_mib": round(dense_bytes / 2**20, 1),
-                          "embedding_rows": int(grads[-1].values.shape[0])}))
+                          "ms_per_allreduce": round(float(max(ms)), 3), "dense_bytes": dense_bytes,
+                          "embedding_rows": sum(int(g.values.shape[0]) for g in sparse)}))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ so nothing stays held once the listing is printed (`--watch` asks TensorFlow
 once, at the start).
 """
 import argparse
-import dataclasses
 import json
 import platform
 import subprocess
@@ -269,9 +268,8 @@ def plan_scaling(args) -> int:
                                              "link_gbps", "link_latency_us")}
     figures["gpu_memory_gib"] = args.gpu_memory_gib
     cluster = scale_plan.cluster_from(args.gpu, args.link, args.node_link, args.gpus_per_node, figures)
-    assumptions = cost.Assumptions(overlap=args.engine == "horovod")
-    if args.matmul_efficiency:
-        assumptions = dataclasses.replace(assumptions, matmul_efficiency=min(args.matmul_efficiency, 1.0))
+    figures = {"matmul_efficiency": min(args.matmul_efficiency, 1.0)} if args.matmul_efficiency else {}
+    assumptions = cost.engine_assumptions(args.engine, **figures)
     r = scale_plan.scaling_plan(args.config, args.gpus, cluster, precision, args.global_batch_size,
                                 args.fp16_allreduce, args.vocab_size, assumptions)
     if args.plot:

@@ -15,6 +15,7 @@ cluster DNS would (`ip netns exec` is not used: it remounts /sys, which hides th
 slurmd needs). Everything is stopped and removed
 on exit, also when a test fails.
 """
+import json
 import os
 import shutil
 import socket
@@ -94,6 +95,7 @@ class SlurmCluster:
         self.nodes, self.netns, self.cpus = list(nodes), netns, cpus
         self.dir = self.conf = None
         self.namespaces = {}
+        self.links = {}  # node: its end of the veth pair
         self.processes = []
 
     # --- start and stop ------------------------------------------------------------------
@@ -157,6 +159,7 @@ class SlurmCluster:
             f.write("127.0.0.1 localhost\n" + "".join(f"{ip} {n}\n" for n, ip in addresses.items()))
         self._run(["ip", "link", "add", f"veth-{tag}a", "netns", na, "type", "veth", "peer", "name",
                    f"veth-{tag}b", "netns", nb])
+        self.links = {a: f"veth-{tag}a", b: f"veth-{tag}b"}
         for node, ns, dev in ((a, na, f"veth-{tag}a"), (b, nb, f"veth-{tag}b")):
             self._run(["ip", "-n", ns, "addr", "add", f"{addresses[node]}/24", "dev", dev])
             self._run(["ip", "-n", ns, "link", "set", dev, "up"])
@@ -232,6 +235,36 @@ class SlurmCluster:
         self._daemon(["slurmd", "-N", node], node=node)
         self.command("scontrol", "update", f"NodeName={node}", "State=RESUME")
         self.wait_for(lambda: self.idle_nodes() == len(self.nodes), 120, f"{node} to come back idle")
+
+    # --- the link between the nodes (netns=True) -------------------------------------------------------
+    def shape(self, mbit=None):
+        """Each direction of the nodes' veth pair limited to `mbit` Mbit/s by an htb class on its sending end
+        (None: unshaped). Bandwidth only: this kernel has no netem or tbf to add delay. The burst is a
+        millisecond's bytes, so that the class reaches its rate at 10 Gbit/s too (htb's default, 1,600 bytes,
+        holds it back where the timer's ticks are coarser than a packet's time)."""
+        for node, dev in self.links.items():
+            ns = self.namespaces[node]
+            subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], capture_output=True)
+            if mbit:
+                burst = max(1600, int(mbit * 1e6 / 8 / 1000))
+                self._run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default",
+                           "10"])
+                self._run(["tc", "-n", ns, "class", "add", "dev", dev, "parent", "1:", "classid", "1:10", "htb",
+                           "rate", f"{mbit}mbit", "ceil", f"{mbit}mbit", "burst", str(burst), "cburst",
+                           str(burst), "quantum", "60000"])
+
+    def sent_bytes(self) -> dict:
+        """Bytes each node has sent over the link so far (its veth end's counter: payload and headers)."""
+        sent = {}
+        for node, dev in self.links.items():
+            out = subprocess.run(["ip", "-s", "-j", "-n", self.namespaces[node], "link", "show", dev],
+                                 capture_output=True, text=True, check=True).stdout
+            sent[node] = json.loads(out)[0]["stats64"]["tx"]["bytes"]
+        return sent
+
+    def in_node(self, node, command) -> list:
+        """`command` as run inside the node's network namespace."""
+        return self._in(node, command)
 
     def remove(self):
         if self.dir:

@@ -1,5 +1,6 @@
 """The scaling cost model (issue 31, first part): the hardware tables and the model's formulas, exact values
 worked by hand from the shapes."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import pytest
 
 from conftest import ROOT, assert_one_line_error, run_module, subprocess_env
 from distrnn.errors import UsageError
-from distrnn.scaling import hardware, model
+from distrnn.scaling import anchors, hardware, model
 
 LARGE = model.Model(hidden_size=1500, num_layers=2, num_steps=35, vocab_size=10000)  # PTB large
 
@@ -30,7 +31,8 @@ def test_the_model_counts_ptb_large_as_its_shapes_say():
     # 20 rows x 35 steps: 2 x (2 layers x 3000 x 6000 + 1500 x 10000) per token
     assert LARGE.forward_flops(20) == 2.0 * 700 * (2 * 3000 * 6000 + 1500 * 10000) == 71.4e9
     assert model.gradient_bytes(LARGE, 20) == {"lstm": 2 * 3001 * 6000 * 4, "softmax": 1501 * 10000 * 4,
-                                               "embedding_rows": 700 * (1500 * 4 + 8)}
+                                               "embedding_rows": 700 * (1500 * 4 + 8),
+                                               "embedding_dense": 10000 * 1500 * 4}
     assert model.gradient_bytes(LARGE, 20, fp16_allreduce=True)["softmax"] == 1501 * 10000 * 2
 
 
@@ -43,6 +45,71 @@ def test_a_small_batch_time_step_is_bound_by_memory_on_a_fast_gpu_and_by_compute
     assert model.roofline(flops, weights * 2, h200, "float16", 0.5) == pytest.approx(weights * 2 / 4.8e12)
     assert model.compute_seconds(LARGE, 20, k20, "float32", a)["bound"] == "compute"
     assert model.compute_seconds(LARGE, 20, h200, "float16", a)["bound"] == "memory"
+
+
+def test_a_layer_runs_its_time_steps_on_the_roofline_and_its_sequence_products_near_peak():
+    """One PTB large layer on a made-up GPU whose figures make the arithmetic plain: 1 TFLOPS, 1 TB/s."""
+    plain = hardware.GPU("plain", 1.0, 1.0, 80, 1000, "made up for the test")
+    a = model.Assumptions(matmul_efficiency=0.5, sequence_efficiency=1.0, kernels_per_step=10, kernel_us=2.0)
+    step_flops = 2.0 * 20 * 1500 * 6000                              # 0.36 GFLOP: 0.72 ms at half the peak
+    forward = step_flops / 0.5e12                                     # its 36 MB of weights read in 0.036 ms
+    kernels = 2 * 10 * 2e-6
+    sequence = step_flops * 35 / 1e12
+    first = model.lstm_layer_seconds(LARGE, 20, plain, "float32", a, first=True)
+    assert first == pytest.approx(35 * (2 * forward + kernels) + 4 * sequence)
+    # distrnn's own LSTM: a layer above the first takes its input a step at a time, the backward product slower.
+    own = dataclasses.replace(a, per_step_inputs=True, backward_efficiency=0.25)
+    above = model.lstm_layer_seconds(LARGE, 20, plain, "float32", own, first=False)
+    assert above == pytest.approx(35 * (2 * (forward + 4 * forward) + kernels) + 2 * sequence)
+    parts = model.compute_seconds(LARGE, 20, plain, "float32", a)
+    assert parts["update"] == pytest.approx(4 * LARGE.dense_weights * 4 / 1e12)  # norm, then SGD: 4 passes
+    assert parts["total"] == pytest.approx(2 * first + parts["softmax"] + parts["update"])
+
+
+def test_the_embedding_gradient_travels_as_rows_until_gathering_them_costs_more_than_the_dense_tensor():
+    """Gathering rows grows with the ranks ((n-1) x a rank's rows through every link); the dense tensor's
+    all-reduce does not: PTB large's 4.2 MB of rows a rank beat its 60 MB dense tensor up to about 28 ranks."""
+    assert model.ring_allgather_bytes(100, 8) == 700 and model.ring_allreduce_bytes(100, 8) == 175
+    cluster = model.Cluster(hardware.gpu("h100"), hardware.link("nvlink"), hardware.link("ndr"), 8)
+    chosen = {n: model.step(LARGE, n, cluster, 20)["embedding"] for n in (2, 8, 16, 64, 512)}
+    assert chosen == {2: "rows", 8: "rows", 16: "rows", 64: "dense", 512: "dense"}
+    forced = model.step(LARGE, 512, cluster, 20, sparse_as_dense=False)
+    assert forced["embedding"] == "rows" and forced["step_s"] > 2 * model.step(LARGE, 512, cluster, 20)["step_s"]
+
+
+def test_gradients_travel_in_the_order_they_are_ready_and_only_what_runs_past_the_backward_pass_shows():
+    # 1 s of backward: 0.5 s of gradients ready at once go by 0.5 s; 0.25 s more ready at its end run past it.
+    assert model.exposed_after_backward([(0.0, 0.5), (1.0, 0.25)], 1.0) == 0.25
+    # More than the backward pass holds: the link is still busy with the first when the second is ready.
+    assert model.exposed_after_backward([(0.0, 1.5), (1.0, 0.25)], 1.0) == pytest.approx(0.75)
+    # Fused all-reduces of at most 64 MB: 200 MB pay the ring's latencies four times.
+    nvlink = hardware.link("nvlink")
+    one = model.ring_allreduce_seconds(200e6, 8, 8, nvlink, nvlink)
+    assert model.ring_allreduce_seconds(200e6, 8, 8, nvlink, nvlink, fusion_bytes=64e6) == pytest.approx(
+        one + 3 * 2 * 7 * 3e-6)
+    # An engine slower than the link sets the pace (Gloo and gRPC on a CPU); a faster one does not show.
+    small = model.Model(hidden_size=200, num_layers=2, num_steps=20)
+    ten = model.Cluster(None, hardware.link("10gbe"), hardware.link("10gbe"), gpus_per_node=1)
+    def seconds(engine_gbps):
+        a = model.engine_assumptions("tensorflow", engine_gbps=engine_gbps)
+        return model.communication(small, 2, 1, ten, 20, 0.0, a=a, sparse_as_dense=False)["total_s"]
+    latencies = 5 * 30e-6  # two all-reduces (the softmax's, the LSTM's) of 2 ring steps, one gather's step
+    assert seconds(0.25) - latencies == pytest.approx((seconds(0) - latencies) * 1.25 / 0.25)  # link 1.25 GB/s
+    assert seconds(5.0) == seconds(0)
+    assert model.engine_assumptions("tensorflow").overlap is False
+    assert model.engine_assumptions("horovod").fusion_mb == 64
+
+
+def test_horovods_published_512_gpu_efficiencies_are_within_ten_points_of_the_model():
+    """Inception V3 and ResNet-101 90%, VGG-16 68% on 128 servers x 4 Pascal GPUs over 25 Gbit/s."""
+    rows = {r["network"]: r for r in anchors.table()}
+    assert {name: r["published"] for name, r in rows.items()} == {"Inception V3": 0.9, "ResNet-101": 0.9,
+                                                                    "VGG-16": 0.68}
+    assert all(abs(r["points"]) <= 10 for r in rows.values()), rows
+    # What makes VGG-16 the one that falls: 138 M weights, 89% of them in the classifier.
+    assert rows["VGG-16"]["model"] < rows["ResNet-101"]["model"] < rows["Inception V3"]["model"]
+    proc = run_module("distrnn.scaling.anchors", "--json", check=0)
+    assert json.loads(proc.stdout) == anchors.table()
 
 
 def test_a_ring_all_reduce_costs_its_bandwidth_term_and_a_latency_a_step():

@@ -485,6 +485,37 @@ def test_two_nodes_train_on_tensorflows_collectives_and_requeue(two_node_cluster
         assert a["valid_perplexity"] == pytest.approx(b["valid_perplexity"], rel=1e-5)
 
 
+@pytest.mark.parametrize("engine", ["horovod", "tensorflow"])
+def test_the_shaped_link_carries_the_bytes_the_scaling_model_counts(two_node_cluster, engine):
+    """PTB small's gradients all-reduced between the two nodes (bench/allreduce_step.py under srun) over
+    their veth pair, shaped by tc to 1 Gbit/s: what each node sends for one all-reduce (runs of 3 and of 1
+    timed all-reduce, their difference over 2) is what the scaling model counts, the dense gradients' ring
+    all-reduce and every other rank's embedding rows, plus the headers of TCP and the engine's framing."""
+    if engine == "horovod" and not horovod.loads():
+        pytest.skip("Horovod is not installed on this stack (TensorFlow 2.19 and newer)")
+    from distrnn.scaling import model
+    two_node_cluster.shape(1000)
+    try:
+        sent = []
+        for repeats in (1, 3):
+            before = two_node_cluster.sent_bytes()
+            two_node_cluster.command("srun", "-N2", "-n2", "--ntasks-per-node=1", sys.executable,
+                                     os.path.join(ROOT, "bench", "allreduce_step.py"), "--config", "small",
+                                     "--engine", engine, "--repeats", repeats, env=job_env(), cwd=ROOT, timeout=300)
+            after = two_node_cluster.sent_bytes()
+            sent.append({node: after[node] - before[node] for node in after})
+    finally:
+        two_node_cluster.shape(None)
+    small = model.Model(hidden_size=200, num_layers=2, num_steps=20, vocab_size=10000)
+    g = model.gradient_bytes(small, rows=20)
+    counted = model.ring_allreduce_bytes(g["lstm"] + g["softmax"], 2) + model.ring_allgather_bytes(
+        g["embedding_rows"], 2)
+    assert counted == 2 * 401 * 800 * 4 + 201 * 10000 * 4 + 20 * 20 * (200 * 4 + 8) == 10_929_600
+    for node in ("n1", "n2"):
+        per_allreduce = (sent[1][node] - sent[0][node]) / 2
+        assert counted < per_allreduce < counted * 1.03, (node, per_allreduce, counted)
+
+
 @pytest.mark.slow
 def test_sbatch_mnist_trains_the_stacked_preset_on_two_ranks(cluster, job_dir):
     """slurm/mnist.sh on CPUs: 2 tasks, each placing its 3 layers on 3 virtual devices (pipelined)."""

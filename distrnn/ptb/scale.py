@@ -92,18 +92,21 @@ def format_scaling(r: dict) -> str:
              f"on {cl['gpu']['name']}, {cl['gpus_per_node']} a node: {cl['intra']['name']} within, "
              f"{cl['inter']['name']} between",
              f"  {'GPUs':>5} {'strategy':<9} {'ranks':>5} {'batch':>6} {'words/sec':>11} {'efficiency':>10} "
-             f"{'epoch':>9} {r['epochs']:>3} epochs {'GiB/GPU':>8}  bound"]
+             f"{'epoch':>9} {r['epochs']:>3} epochs {'GiB/GPU':>8} {'embedding':<9}  bound"]
     for row in r["rows"]:
         efficiency = f"{row['efficiency']:.2f}"
         memory = f"{row['memory_gib']:.1f}" + ("" if row["fits"] else "!")
         lines.append(f"  {row['gpus']:>5} {row['strategy']:<9} {row['ranks']:>5} {row['global_batch']:>6} "
                      f"{row['words_per_sec']:>11,.0f} {efficiency:>10} {duration(row['epoch_s']):>9} "
-                     f"{duration(row['epoch_s'] * r['epochs']):>10} {memory:>8}  {row['bound']}")
+                     f"{duration(row['epoch_s'] * r['epochs']):>10} {memory:>8} {row['embedding']:<9}  {row['bound']}")
     if any(not row["fits"] for row in r["rows"]):
         lines.append(f"! more than the GPU's {cl['gpu']['memory_gib']:g} GiB: see --plan --num_gpus for the memory "
                      "modes")
-    lines.append("(a model from the shapes and the datasheets, not yet calibrated on GPUs: --matmul_efficiency "
-                 "and the other figure flags take your own numbers)")
+    if any(row["embedding"] == "dense" for row in r["rows"]):
+        lines.append("embedding dense: its gradient all-reduced as one tensor beats gathering every rank's rows "
+                     "there: train with --sparse_as_dense")
+    lines.append("(a model from the shapes and the datasheets, calibrated on a CPU, not on GPUs (docs/scaling.md): "
+                 "--matmul_efficiency and the other figure flags take your own numbers)")
     return "\n".join(lines)
 
 
