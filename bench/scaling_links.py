@@ -81,25 +81,26 @@ def env():
     return dict(machine.child_env(), TF_CPP_MIN_LOG_LEVEL="2")
 
 
-def srun(cluster, *args, timeout=900) -> dict:
-    """A 2-task step, a task a node; the JSON its rank 0 prints last."""
-    out = cluster.command("srun", "-N2", "-n2", "--ntasks-per-node=1", sys.executable, *args, timeout=timeout,
-                          env=env(), cwd=ROOT).stdout
-    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+def srun(cluster, *args, timeout=900) -> str:
+    """A 2-task step, a task a node, of `python ARGS`; its output."""
+    return cluster.command("srun", "-N2", "-n2", "--ntasks-per-node=1", sys.executable, *args, timeout=timeout,
+                           env=env(), cwd=ROOT).stdout
 
 
 def allreduce_ms(cluster, engine: str, what: list, repeats: int) -> float:
-    return srun(cluster, os.path.join(HERE, "allreduce_step.py"), "--engine", engine, "--repeats", repeats,
-                *what)["ms_per_allreduce"]
+    """bench/allreduce_step.py's milliseconds an all-reduce: the JSON its rank 0 prints last."""
+    out = srun(cluster, os.path.join(HERE, "allreduce_step.py"), "--engine", engine, "--repeats", repeats, *what)
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])["ms_per_allreduce"]
 
 
-def predicted_allreduce(config: str, engine: str, link: hardware.Link, engine_gbps: float) -> float:
+def predicted_exchange(config: str, engine: str, link: hardware.Link, engine_gbps: float,
+                       lstm_seconds: float = 0.0) -> dict:
+    """The model's gradient exchange of `config` between the two nodes (distrnn's default: rows gathered)."""
     c = PRESETS.get(config)
     shapes = model.Model(c.hidden_size, c.num_layers, c.num_steps, VOCAB)
     two = model.Cluster(None, link, link, gpus_per_node=1)
-    return model.communication(shapes, 2, 1, two, c.batch_size, 0.0,
-                               a=model.engine_assumptions(engine, engine_gbps=engine_gbps),
-                               sparse_as_dense=False)["total_s"]
+    return model.communication(shapes, 2, 1, two, c.batch_size, lstm_seconds,
+                               a=model.engine_assumptions(engine, engine_gbps=engine_gbps), sparse_as_dense=False)
 
 
 def side_by_side_step(data_path: str, steps: int) -> float:
@@ -121,10 +122,9 @@ def two_rank_step(cluster, engine: str, data_path: str, steps: int) -> float:
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         os.chmod(tmp, 0o755)
         metrics = os.path.join(tmp, "m.json")
-        cluster.command("srun", "-N2", "-n2", "--ntasks-per-node=1", sys.executable, "-m", "distrnn.ptb", "--config",
-                        "small", "--global_batch_size", "40", "--engine", engine, "--data_path", data_path,
-                        "--max_steps", steps, "--save_path", os.path.join(tmp, "run"), "--metrics_json", metrics,
-                        timeout=1800, env=env(), cwd=ROOT)
+        srun(cluster, "-m", "distrnn.ptb", "--config", "small", "--global_batch_size", "40", "--engine", engine,
+             "--data_path", data_path, "--max_steps", steps, "--save_path", os.path.join(tmp, "run"),
+             "--metrics_json", metrics, timeout=1800)
         with open(metrics) as f:
             m = json.load(f)
     c = PRESETS.get("small")
@@ -133,12 +133,7 @@ def two_rank_step(cluster, engine: str, data_path: str, steps: int) -> float:
 
 def predicted_two_rank_step(compute_s: float, lstm_share: float, engine: str, link: hardware.Link,
                             engine_gbps: float) -> float:
-    c = PRESETS.get("small")
-    shapes = model.Model(c.hidden_size, c.num_layers, c.num_steps, VOCAB)
-    two = model.Cluster(None, link, link, gpus_per_node=1)
-    talk = model.communication(shapes, 2, 1, two, c.batch_size, compute_s * lstm_share,
-                               a=model.engine_assumptions(engine, engine_gbps=engine_gbps), sparse_as_dense=False)
-    return compute_s + talk["exposed_s"]
+    return compute_s + predicted_exchange("small", engine, link, engine_gbps, compute_s * lstm_share)["exposed_s"]
 
 
 def failure(error: AssertionError) -> str:
@@ -202,8 +197,8 @@ def main():
             for engine in args.engines:
                 link = hardware.Link(f"{mbit} Mbit/s", tcp / 1e9, latency[engine], "measured here")
                 for config in args.configs:
-                    rows.append(measure(f"{engine} all-reduce, PTB {config}", predicted_allreduce(config, engine, link,
-                                                                                   engine_gbps[engine]),
+                    predicted = predicted_exchange(config, engine, link, engine_gbps[engine])["total_s"]
+                    rows.append(measure(f"{engine} all-reduce, PTB {config}", predicted,
                                         lambda: statistics.median(
                                             allreduce_ms(cluster, engine, ["--config", config], args.repeats)
                                             for _ in range(args.repeats)) / 1000))

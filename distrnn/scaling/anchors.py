@@ -63,13 +63,16 @@ def efficiency(net: Network, gpus: int = GPUS, cluster: model.Cluster = CLUSTER)
     rest = net.weights - net.classifier_weights
     chunks = [(0.0, seconds(net.classifier_weights))] + [((k + 1) / SPREAD, seconds(rest / SPREAD))
                                                          for k in range(SPREAD)]
-    return step / (step + model.exposed_after_backward(chunks, step * 2 / 3))
+    return step / (step + model.exposed_after_backward(chunks, step * model.BACKWARD_SHARE))
 
 
 def table() -> List[dict]:
-    return [{"network": n.name, "weights": n.weights, "images_per_sec": round(n.images_per_sec, 1),
-             "model": round(efficiency(n), 3), "published": n.published,
-             "points": round(100 * (efficiency(n) - n.published), 1)} for n in NETWORKS]
+    rows = []
+    for n in NETWORKS:
+        e = efficiency(n)
+        rows.append({"network": n.name, "weights": n.weights, "images_per_sec": round(n.images_per_sec, 1),
+                     "model": round(e, 3), "published": n.published, "points": round(100 * (e - n.published), 1)})
+    return rows
 
 
 def main(argv=None) -> int:

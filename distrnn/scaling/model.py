@@ -25,6 +25,7 @@ from distrnn.scaling.hardware import GPU, Link
 GATES = 4                # an LSTM's four gate blocks
 WEIGHT_BYTES = 4         # variables and their gradients are float32 in every precision
 INDEX_BYTES = 8          # an embedding row's int64 index, sent beside it
+BACKWARD_SHARE = 2 / 3   # of a layer's compute, its backward pass: twice the forward's products
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,7 @@ def engine_assumptions(engine: str, **figures) -> Assumptions:
     """How an engine exchanges gradients: Horovod as they are ready, in fused all-reduces of 64 MB; distrnn's
     TensorFlow engine all at once, after the backward pass. `figures`: other Assumptions fields."""
     horovod = engine == "horovod"
-    return Assumptions(overlap=horovod, fusion_mb=64.0 if horovod else 0.0, **figures)
+    return Assumptions(overlap=horovod, fusion_mb=Assumptions.fusion_mb if horovod else 0.0, **figures)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,32 +156,35 @@ def ring_allgather_bytes(nbytes_each: float, gpus: int) -> float:
     return (gpus - 1) * nbytes_each
 
 
-def ring_allreduce_seconds(nbytes: float, gpus: int, gpus_per_node: int, intra: Link, inter: Link,
-                           fusion_bytes: float = 0) -> float:
-    """A ring all-reduce of `nbytes` over `gpus` GPUs, `gpus_per_node` to a node: 2(n-1)/n x bytes over the
-    slowest link the ring crosses (a node's network link carries the whole ring's traffic once the ring
-    spans nodes), plus one latency per ring step, hierarchically (within each node, then between nodes) as
-    NCCL and Horovod do; the latencies once for each all-reduce of at most `fusion_bytes` (0: one)."""
-    if gpus <= 1:
-        return 0.0
+def _ring(gpus: int, gpus_per_node: int, intra: Link, inter: Link) -> tuple:
+    """A ring over `gpus` GPUs, hierarchical (within each node, then between nodes): the bytes a second of
+    the slowest link it crosses (a node's network link carries the whole ring's traffic once the ring spans
+    nodes), and the seconds of one pass around it (a latency a hop)."""
     nodes = math.ceil(gpus / gpus_per_node)
     within = min(gpus, gpus_per_node)
     bandwidth = (inter if nodes > 1 else intra).gbps * 1e9
-    latency = 2 * (within - 1) * intra.latency_us + 2 * (nodes - 1) * inter.latency_us
+    return bandwidth, ((within - 1) * intra.latency_us + (nodes - 1) * inter.latency_us) * 1e-6
+
+
+def ring_allreduce_seconds(nbytes: float, gpus: int, gpus_per_node: int, intra: Link, inter: Link,
+                           fusion_bytes: float = 0) -> float:
+    """A ring all-reduce of `nbytes` over `gpus` GPUs, `gpus_per_node` to a node (`_ring`: hierarchical, as
+    NCCL and Horovod do): 2(n-1)/n x bytes over the ring's slowest link, plus two passes' latencies (the
+    reduce-scatter, the all-gather) for each all-reduce of at most `fusion_bytes` (0: one)."""
+    if gpus <= 1:
+        return 0.0
+    bandwidth, latency = _ring(gpus, gpus_per_node, intra, inter)
     pieces = max(1, math.ceil(nbytes / fusion_bytes)) if fusion_bytes else 1
-    return ring_allreduce_bytes(nbytes, gpus) / bandwidth + pieces * latency * 1e-6
+    return ring_allreduce_bytes(nbytes, gpus) / bandwidth + pieces * 2 * latency
 
 
 def ring_allgather_seconds(nbytes_each: float, gpus: int, gpus_per_node: int, intra: Link, inter: Link) -> float:
     """Every GPU's `nbytes_each` to every other GPU, in a ring: each link carries (n-1) x bytes (it grows with
-    the GPUs, where an all-reduce's traffic does not), plus one latency per ring step."""
+    the GPUs, where an all-reduce's traffic does not), plus one pass's latencies."""
     if gpus <= 1:
         return 0.0
-    nodes = math.ceil(gpus / gpus_per_node)
-    within = min(gpus, gpus_per_node)
-    bandwidth = (inter if nodes > 1 else intra).gbps * 1e9
-    latency = (within - 1) * intra.latency_us + (nodes - 1) * inter.latency_us
-    return ring_allgather_bytes(nbytes_each, gpus) / bandwidth + latency * 1e-6
+    bandwidth, latency = _ring(gpus, gpus_per_node, intra, inter)
+    return ring_allgather_bytes(nbytes_each, gpus) / bandwidth + latency
 
 
 def exposed_after_backward(chunks, backward_seconds: float) -> float:
@@ -242,7 +246,8 @@ def communication(model: Model, ranks: int, per_rank: int, cluster: Cluster, row
     embedding = min(ways, key=ways.get) if sparse_as_dense is None else ("dense" if sparse_as_dense else "rows")
     first, last = allreduce(g["softmax"]), ways[embedding]
     total = first + last
-    exposed = exposed_after_backward([(0.0, first), (1.0, last)], lstm_seconds * 2 / 3) if a.overlap else total
+    exposed = (exposed_after_backward([(0.0, first), (1.0, last)], lstm_seconds * BACKWARD_SHARE) if a.overlap
+               else total)
     return {"total_s": total, "exposed_s": exposed, "embedding": embedding}
 
 
