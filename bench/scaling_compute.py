@@ -1,7 +1,7 @@
 """The scaling model's compute, calibrated on this machine's CPU as its "GPU": the model's step time for PTB
 small, medium and large against measured training steps, one run, median of --repeats.
 
-    python bench/scaling_compute.py [--configs small medium large] [--repeats 3] [--data_path DIR]
+    python bench/scaling_compute.py [--configs small medium large] [--repeats 3] [--seconds 5] [--data_path DIR]
 
 The CPU's figures, measured here with TensorFlow in a child process: its matrix-product rate (a 2048^3
 float32 product, the "peak"), its memory bandwidth (summing a 512 MiB array), one small op's dispatch (the
@@ -10,11 +10,13 @@ matmul_efficiency), the backward step's product of the forward's (backward_effic
 the whole sequence (sequence_efficiency), and the ops distrnn's own LSTM runs a layer's time step each way,
 counted in its graph (kernels_per_step). distrnn's own LSTM takes the inputs of the layers above the first a
 step at a time (per_step_inputs). With them the model (distrnn.scaling.model.compute_seconds) predicts a
-training step; distrnn.ptb measures it (`words_per_sec` of --metrics_json, the first 5 steps left out).
+training step; distrnn.ptb measures it (`words_per_sec` of --metrics_json, the first 5 steps left out; each
+run at least --seconds of timed steps, by the predicted step). The presets take turns in each repeat.
 Printed: predicted, measured, ratio.
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -160,7 +162,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=["small", "medium", "large"])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps", type=int, default=25, help="training steps a run (the first 5 are not timed)")
+    p.add_argument("--steps", type=int, default=25, help="training steps a run at least (the first 5 are not timed)")
+    p.add_argument("--seconds", type=float, default=5.0, help="timed steps a run at least (by the predicted step)")
     p.add_argument("--data_path", default=os.path.join(ROOT, "..", "shared", "data", "ptb-mini"))
     args = p.parse_args()
     out = {"machine": machine.start(), "repeats": args.repeats, "configs": {}}
@@ -169,8 +172,11 @@ def main():
     for r in range(args.repeats):
         rates = cpu_rates(args.configs, vocab)
         for config in args.configs:
-            seconds = measured_step(config, args.steps, args.data_path, vocab)
-            runs[config].append((predicted_step(config, vocab, rates), seconds, rates))
+            predicted = predicted_step(config, vocab, rates)
+            # At least --seconds of timed steps: small's 20 steps were 0.4 s and its reading moved 0.018-0.021 s.
+            timed = max(args.steps - 5, math.ceil(args.seconds / predicted))
+            seconds = measured_step(config, 5 + timed, args.data_path, vocab)
+            runs[config].append((predicted, seconds, rates))
             print(f"run {r + 1}, {config}: predicted {runs[config][-1][0]:.3f} s a step, measured {seconds:.3f} s "
                   f"(CPU: {rates['tflops'] * 1000:.0f} GFLOPS, {rates['gbps']:.1f} GB/s, an op "
                   f"{rates['kernel_us']:.1f} us; the step's product reaches {rates['fraction'][config]:.2f} of "

@@ -17,6 +17,7 @@ of the step from the calibrated compute model, bench/scaling_compute.py).
 """
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -40,41 +41,77 @@ VOCAB = 10000  # bench/allreduce_step.py's gradients are the full PTB's
 BIG = 25_000_000  # floats: the all-reduce that measures an engine's own rate
 PORT = 29871
 PROBE = r"""
-import socket, sys, time
+import json, socket, statistics, sys, threading, time
 role, host, port, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-if role == "receive":
+def listen(port):
     server = socket.socket(); server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.bind((host, port)); server.listen(1)
-    conn, _ = server.accept(); got = 0
-    while got < size:
-        got += len(conn.recv(1 << 20) or b"x" * size)
-    conn.sendall(b"k")
-else:
+    return server
+def connect(port):
     for _ in range(100):
         try:
             conn = socket.create_connection((host, port)); break
         except OSError:
             time.sleep(0.1)
-    chunk, sent, began = b"\0" * (1 << 20), 0, time.perf_counter()
-    while sent < size:
-        conn.sendall(chunk); sent += len(chunk)
-    conn.recv(1)
-    print(sent / (time.perf_counter() - began))
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return conn
+def echo(server):
+    conn, _ = server.accept(); conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while conn.recv(1):
+        conn.sendall(b"p")
+def pings(conn, until):
+    times = []
+    while not until():
+        began = time.perf_counter(); conn.sendall(b"p"); conn.recv(1); times.append(time.perf_counter() - began)
+        time.sleep(0.01)
+    return times
+if role == "receive":
+    bulk, pinged = listen(port), listen(port + 1)
+    threading.Thread(target=echo, args=(pinged,), daemon=True).start()
+    conn, _ = bulk.accept(); got = 0
+    while got < size:
+        got += len(conn.recv(1 << 20) or b"x" * size)
+    conn.sendall(b"k")
+else:
+    conn, ping = connect(port), connect(port + 1)
+    idle = pings(ping, lambda t=time.perf_counter() + 0.5: time.perf_counter() > t)
+    chunk, sent, began, done = b"\0" * (1 << 20), 0, time.perf_counter(), []
+    def send():
+        global sent
+        while sent < size:
+            conn.sendall(chunk); sent += len(chunk)
+        conn.recv(1); done.append(time.perf_counter())
+    sender = threading.Thread(target=send); sender.start()
+    time.sleep(0.5)  # the queue fills
+    loaded = pings(ping, lambda: bool(done))
+    sender.join()
+    print(json.dumps({"bytes_per_s": sent / (done[0] - began), "idle_s": statistics.median(idle),
+                      "loaded_s": statistics.median(loaded)}))
 """
 
 
-def tcp_bytes_per_second(cluster, mbit) -> float:
-    """One TCP stream's throughput from node 1 to node 2: about 2 s of data at the link's rate."""
+def tcp_probe(cluster, mbit, tries: int = 3) -> dict:
+    """One TCP stream from node 1 to node 2, about 2 s of data at the link's rate: its throughput, and a
+    ping-pong's round trip beside it, before the stream and during it (a message then waits behind the
+    full link's queue, as under an all-reduce)."""
     size = int((mbit or 20000) * 1e6 / 8 * 2)
     to = cluster.addresses["n2"]
     receiver = subprocess.Popen(cluster.in_node("n2", [sys.executable, "-c", PROBE, "receive", to, str(PORT),
                                                        str(size)]))
     try:
-        out = subprocess.run(cluster.in_node("n1", [sys.executable, "-c", PROBE, "send", to, str(PORT), str(size)]),
-                             capture_output=True, text=True, check=True, timeout=120).stdout
+        sender = subprocess.run(cluster.in_node("n1", [sys.executable, "-c", PROBE, "send", to, str(PORT), str(size)]),
+                                capture_output=True, text=True, timeout=120)
     finally:
-        receiver.wait(timeout=30)
-    return float(out.strip())
+        try:
+            receiver.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # its sender failed before the stream ended
+            receiver.kill()
+            receiver.wait()
+    if sender.returncode == 0:
+        return json.loads(sender.stdout.strip().splitlines()[-1])
+    print(f"  the TCP probe failed ({sender.stderr.strip().splitlines()[-1:]}); again", flush=True)
+    assert tries > 1, sender.stderr
+    return tcp_probe(cluster, mbit, tries - 1)
 
 
 def env():
@@ -100,7 +137,14 @@ def predicted_exchange(config: str, engine: str, link: hardware.Link, engine_gbp
     shapes = model.Model(c.hidden_size, c.num_layers, c.num_steps, VOCAB)
     two = model.Cluster(None, link, link, gpus_per_node=1)
     return model.communication(shapes, 2, 1, two, c.batch_size, lstm_seconds,
-                               a=model.engine_assumptions(engine, engine_gbps=engine_gbps), sparse_as_dense=False)
+                               a=model.engine_assumptions(engine, on_cpus=True, engine_gbps=engine_gbps),
+                               sparse_as_dense=False)
+
+
+def pieces(engine: str, nbytes: float) -> int:
+    """The all-reduces the model counts for one tensor of `nbytes` (the engine's fusion or pieces, on CPUs)."""
+    fusion = model.engine_assumptions(engine, on_cpus=True).fusion_mb * 1e6
+    return math.ceil(nbytes / fusion) if fusion else 1
 
 
 def side_by_side_step(data_path: str, steps: int) -> float:
@@ -182,17 +226,21 @@ def main():
     with slurm_cluster.SlurmCluster(["n1", "n2"], netns=True) as cluster:
         latency = {e: statistics.median(allreduce_ms(cluster, e, ["--floats", "1"], 20) for _ in range(args.repeats))
                    / 2 * 1000 for e in args.engines}  # a 2-rank ring's all-reduce: 2 steps, a latency each
-        # The engine's own rate: 100 MB all-reduced where the link (a veth pair, unshaped) is not the limit.
+        # The engine's own rate: 100 MB all-reduced where the link (a veth pair, unshaped) is not the limit,
+        # less the ring's latencies (2 a piece, as the model counts them).
         engine_gbps = {e: BIG * 4 / 1e9 / (statistics.median(allreduce_ms(cluster, e, ["--floats", BIG], 5)
                                                              for _ in range(args.repeats)) / 1000
-                                           - 2 * latency[e] * 1e-6) for e in args.engines}
+                                           - 2 * pieces(e, BIG * 4) * latency[e] * 1e-6) for e in args.engines}
         print("latency a ring step, one float on the unshaped link: " +
               ", ".join(f"{e} {us:.0f} us" for e, us in latency.items()) + "; the engines' own rate, 100 MB on it: "
               + ", ".join(f"{e} {gbps * 8:.1f} Gbit/s" for e, gbps in engine_gbps.items()), flush=True)
         for mbit in args.mbits:
             cluster.shape(mbit)
-            tcp = statistics.median(tcp_bytes_per_second(cluster, mbit) for _ in range(args.repeats))
-            print(f"link shaped to {mbit} Mbit/s: TCP carries {tcp * 8 / 1e6:.0f} Mbit/s", flush=True)
+            probes = [tcp_probe(cluster, mbit) for _ in range(args.repeats)]
+            tcp = statistics.median(p["bytes_per_s"] for p in probes)
+            queue_us = statistics.median(p["loaded_s"] - p["idle_s"] for p in probes) * 1e6
+            print(f"link shaped to {mbit} Mbit/s: TCP carries {tcp * 8 / 1e6:.0f} Mbit/s; a message waits "
+                  f"{queue_us / 1000:.1f} ms behind its full queue", flush=True)
             rows = []
             for engine in args.engines:
                 link = hardware.Link(f"{mbit} Mbit/s", tcp / 1e9, latency[engine], "measured here")
@@ -206,7 +254,8 @@ def main():
                                     predicted_two_rank_step(compute, lstm_share, engine, link, engine_gbps[engine]),
                                     lambda: statistics.median(two_rank_step(cluster, engine, args.data_path, args.steps)
                                                               for _ in range(args.repeats))))
-            out["links"][mbit] = {"tcp_mbit": round(tcp * 8 / 1e6, 1), "rows": rows}
+            out["links"][mbit] = {"tcp_mbit": round(tcp * 8 / 1e6, 1), "queue_ms": round(queue_us / 1000, 2),
+                                  "rows": rows}
         cluster.remove()
     out.update(latency_us=latency, engine_gbit={e: round(g * 8, 2) for e, g in engine_gbps.items()},
                small_compute_ms=round(compute * 1000, 2), lstm_share=round(lstm_share, 3))

@@ -134,17 +134,24 @@ def test_workers_equal_one_process_with_the_whole_batch(ptb_corpus, tmp_path, wo
     assert proc.stdout.count("done:") == 1  # rank 0 alone reports
 
 
-def test_an_embeddings_rows_and_indices_are_gathered_whole():
+def test_gradients_travel_as_the_engine_says():
     """The embedding's IndexedSlices travel as one all-gather, each index's 8 bytes as columns beside its row:
     indices past 2^32 arrive bit for bit, rows in rank order and averaged, in float32, float16 on the wire
-    (--fp16_allreduce) and float64."""
-    proc = launched("tensorflow", 2, command=[sys.executable, os.path.join(ROOT, "tests", "gather_slices.py")])
+    (--fp16_allreduce) and float64. Dense gradients go as one vector in pieces of at most PIECE_BYTES (16 bytes
+    here): 24 floats as 6 all-reduces (3 in float16), every sum exact. broadcast_variables gives every rank
+    rank 0's values, whatever their types."""
+    proc = launched("tensorflow", 2, command=[sys.executable, os.path.join(ROOT, "tests", "average_gradients.py")])
     got = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
     rows = [[[r + 1.0, 0.5], [-2.0, r * 4.0], [1.0, 1.0]] for r in (0, 1)]
     expected_rows = [[value / 2 for value in row] for rank_rows in rows for row in rank_rows]
     expected_indices = [2**40, 7, 2**33 - 1, 2**40 + 1, 7, 2**33 - 2]
     for name, dtype in (("float32", "float32"), ("float32-fp16", "float32"), ("float64", "float64")):
-        assert got[name] == {"rows": expected_rows, "indices": expected_indices, "dtype": dtype}, name
+        assert got["gathered"][name] == {"rows": expected_rows, "indices": expected_indices, "dtype": dtype}, name
+    expected_sums = [[[(i + 5 * row) * 1.5 for i in range(5)] for row in range(3)], [1.0] * 7, [1.0, -3.0]]
+    for name, pieces in (("float32", 6), ("fp16", 3)):  # a float16 is 2 bytes: 8 to a piece
+        assert got["pieces"][name] == {"sums": expected_sums, "collectives": pieces}, name
+    rank0 = [[[1.5] * 5] * 3, 7, [0.25, 0.0]]
+    assert got["broadcast"] == [rank0, rank0]
 
 
 def test_mnist_two_workers_equal_one_process(tmp_path):

@@ -96,8 +96,16 @@ def test_gradients_travel_in_the_order_they_are_ready_and_only_what_runs_past_th
     latencies = 5 * 30e-6  # two all-reduces (the softmax's, the LSTM's) of 2 ring steps, one gather's step
     assert seconds(0.25) - latencies == pytest.approx((seconds(0) - latencies) * 1.25 / 0.25)  # link 1.25 GB/s
     assert seconds(5.0) == seconds(0)
+    # TensorFlow's RING between CPUs does not stream: its own time adds to the link's.
+    a = model.engine_assumptions("tensorflow", on_cpus=True, engine_gbps=0.25)
+    serial = model.communication(small, 2, 1, ten, 20, 0.0, a=a, sparse_as_dense=False)["total_s"]
+    assert serial - latencies == pytest.approx((seconds(0) - latencies) * 1.25 * (1 / 1.25 + 1 / 0.25))
     assert model.engine_assumptions("tensorflow").overlap is False
+    assert model.engine_assumptions("horovod").overlap and not model.engine_assumptions("horovod", True).overlap
     assert model.engine_assumptions("horovod").fusion_mb == 64
+    # distrnn's TensorFlow engine: one all-reduce between GPUs (NCCL), pieces of 16 MiB between CPUs (RING).
+    assert model.engine_assumptions("tensorflow").fusion_mb == 0
+    assert model.engine_assumptions("tensorflow", on_cpus=True).fusion_mb == 16 * 2**20 / 1e6
 
 
 def test_horovods_published_512_gpu_efficiencies_are_within_ten_points_of_the_model():

@@ -152,6 +152,15 @@ def srun_tf_config(task: slurm_env.SrunTask, env=os.environ) -> str:
 # answers the coordination service's heartbeats, so only this timeout tells. Rank 0's one-off work (a checkpoint,
 # a restore, a download) is waited for at a barrier of its own, for up to an hour: a slow disk is not a hung worker.
 CHIEF_WORK_SECONDS = 3600.0
+# TensorFlow's RING (its collectives between CPUs, over gRPC) sends a tensor as at most two chunks a rank
+# (ring_alg.cc), so PTB large's 204 MB of dense gradients in one all-reduce travelled between 2 ranks as 51 MB
+# messages: at 100 Mbit/s the coordination service's heartbeat replies waited behind them past their 10 s deadline
+# and both ranks died (DEADLINE_EXCEEDED), and on an unshaped link such messages ran at half the rate of smaller
+# ones. There, gradients go as one vector in pieces of at most PIECE_BYTES instead (measured, 2 ranks, 100 MB:
+# one piece 297-310 ms, 64 MB 207-226, 32 MB 181-195, 16 MB 142-183, 8 MB 162-188, 4 MB 186-224; PTB large at
+# 100 Mbit/s goes through in 20.7 s). NCCL (GPUs) streams a tensor in its own small chunks over its own
+# connections: there one all-reduce pays the ring's latencies once.
+PIECE_BYTES = 16 * 2**20
 GREETING = b"distrnn meet v1 "  # what a task says before its rank, so other callers are ignored
 
 
@@ -259,7 +268,7 @@ class CollectiveWorld(World):
         variables = list(variables)
         if variables:
             values = [v if self.is_chief else tf.zeros_like(v) for v in variables]
-            for variable, value in zip(variables, self.launcher.batch_all_reduce([values])):
+            for variable, value in zip(variables, self._all_reduce_pieces(values)):
                 variable.assign(value)
 
     def average(self, tensor):
@@ -275,13 +284,33 @@ class CollectiveWorld(World):
         dense = [i for i, g in enumerate(grads) if g is not None and not isinstance(g, tf.IndexedSlices)]
         if dense:
             sent = [tf.cast(grads[i], tf.float16) if fp16 else grads[i] for i in dense]
-            for i, total in zip(dense, self.launcher.batch_all_reduce([sent])):
+            for i, total in zip(dense, self._all_reduce_pieces(sent)):
                 grads[i] = tf.cast(total, grads[i].dtype) / self.size
         for i, g in enumerate(grads):
             if isinstance(g, tf.IndexedSlices):
                 rows, indices = self._gather_slices(tf.cast(g.values, tf.float16) if fp16 else g.values, g.indices)
                 grads[i] = tf.IndexedSlices(tf.cast(rows, g.values.dtype) / self.size, indices, g.dense_shape)
         return grads
+
+    def _all_reduce_pieces(self, tensors) -> list:
+        """The sums of `tensors`: those of a type sent as one vector, in pieces of at most PIECE_BYTES on RING."""
+        sums = [None] * len(tensors)
+        for dtype in dict.fromkeys(t.dtype for t in tensors):  # in the same order on every rank
+            chosen = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+            for i, total in zip(chosen, self._all_reduce_one_type([tensors[i] for i in chosen])):
+                sums[i] = total
+        return sums
+
+    def _all_reduce_one_type(self, tensors) -> list:
+        import tensorflow as tf
+        sizes = [t.shape.num_elements() for t in tensors]
+        if self.implementation != "RING" or None in sizes or not sum(sizes):  # one pack, as TensorFlow sends it
+            return self.launcher.batch_all_reduce([tensors])
+        flat = tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
+        piece, total = max(1, PIECE_BYTES // flat.dtype.size), sum(sizes)
+        pieces = tf.split(flat, [min(piece, total - start) for start in range(0, total, piece)])
+        summed = tf.concat(self.launcher.batch_all_reduce([[p] for p in pieces]), axis=0)
+        return [tf.reshape(s, t.shape) for s, t in zip(tf.split(summed, sizes), tensors)]
 
     def _gather_slices(self, rows, indices):
         """Every rank's rows and their indices, in one all-gather: each index's 8 bytes travel as columns of

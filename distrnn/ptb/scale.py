@@ -112,26 +112,12 @@ def format_scaling(r: dict) -> str:
 
 def plot_efficiency(r: dict, path: str) -> None:
     """Scaling efficiency against GPUs, a line a strategy, as PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from distrnn.run.files import save_figure
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for strategy in STRATEGIES:
-        points = [(row["gpus"], row["efficiency"]) for row in r["rows"] if row["strategy"] == strategy]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=strategy)
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(0, 1.05)
-    ax.axhline(0.8, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("GPUs")
-    ax.set_ylabel("scaling efficiency")
-    ax.set_title(f"PTB {r['config']} on {r['cluster']['gpu']['name']}, {r['cluster']['gpus_per_node']} a node\n"
-                 f"{r['cluster']['inter']['name']} between nodes", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path)
+    from distrnn.run.files import save_lines
+    lines = {strategy: [(row["gpus"], row["efficiency"]) for row in r["rows"] if row["strategy"] == strategy]
+             for strategy in STRATEGIES}
+    title = (f"PTB {r['config']} on {r['cluster']['gpu']['name']}, {r['cluster']['gpus_per_node']} a node\n"
+             f"{r['cluster']['inter']['name']} between nodes")
+    save_lines(path, lines, title, "GPUs", "scaling efficiency", log_x=2, ylim=(0, 1.05), rule=0.8)
 
 
 def gpu_counts(text: str) -> List[int]:

@@ -237,3 +237,33 @@ def save_figure(fig, path: str) -> None:
             fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
+
+
+def save_lines(path: str, lines: dict, title: str, xlabel: str, ylabel: str, log_x: int = 0, log_y: bool = False,
+               ylim: Optional[tuple] = None, rule: Optional[float] = None) -> None:
+    """A line a label of `lines` (label: [(x, y), ...]; labels without points left out) as a PNG: the
+    training curves and the scaling plan draw through here. log_x: the x axis's log base (0: linear); rule: a
+    dotted horizontal line at that y."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for label, points in lines.items():
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    if log_x:
+        ax.set_xscale("log", base=log_x)
+    if log_y:
+        ax.set_yscale("log")
+    if ylim:
+        ax.set_ylim(*ylim)
+    if rule is not None:
+        ax.axhline(rule, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -93,21 +93,6 @@ class TensorBoard:
 
 def plot_curves(path: str, title: str, ylabel: str, curves: Dict[str, List[float]], log_scale: bool = True) -> None:
     """One line per curve against epoch (1-based), saved as PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for label, values in curves.items():
-        points = [(i + 1, v) for i, v in enumerate(values) if v is not None and math.isfinite(v)]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    if log_scale:
-        ax.set_yscale("log")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    if ax.lines:
-        ax.legend()
-    fig.tight_layout()
-    files.save_figure(fig, path)
+    lines = {label: [(i + 1, v) for i, v in enumerate(values) if v is not None and math.isfinite(v)]
+             for label, values in curves.items()}
+    files.save_lines(path, lines, title, "epoch", ylabel, log_y=log_scale)

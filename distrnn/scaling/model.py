@@ -20,6 +20,7 @@ import dataclasses
 import math
 from typing import Optional
 
+from distrnn.parallel.collective import PIECE_BYTES
 from distrnn.scaling.hardware import GPU, Link
 
 GATES = 4                # an LSTM's four gate blocks
@@ -48,19 +49,29 @@ class Assumptions:
     #                                    backward pass (Horovod's background thread); distrnn's TensorFlow engine
     #                                    packs every gradient into one all-reduce after the backward pass
     engine_gbps: float = 0.0           # GB/s at which the engine itself moves an all-reduce's bytes (host copies,
-    #                                    the reduction, serialization); its ring streams chunks, so the slower of
-    #                                    it and the link sets the pace; 0: never the limit (NCCL on GPUs);
+    #                                    the reduction, serialization); where its ring streams chunks the slower
+    #                                    of it and the link sets the pace; 0: never the limit (NCCL on GPUs);
     #                                    measured here for Gloo and gRPC on a CPU (bench/scaling_links.py)
+    engine_streams: bool = True        # the engine moves a chunk while the link carries the one before (Gloo,
+    #                                    NCCL); False: its time adds to the link's (TensorFlow's RING over gRPC:
+    #                                    a chunk is asked for by its receiver and arrives whole before the
+    #                                    engine reduces it)
     fusion_mb: float = 64.0            # gradients ready together travel as all-reduces of at most this many MB,
     #                                    each paying the ring's latencies (Horovod's HOROVOD_FUSION_THRESHOLD
-    #                                    default; 0: no limit, as distrnn's TensorFlow engine packs them all)
+    #                                    default; 0: no limit, as distrnn's TensorFlow engine packs them all
+    #                                    between GPUs)
 
 
-def engine_assumptions(engine: str, **figures) -> Assumptions:
+def engine_assumptions(engine: str, on_cpus: bool = False, **figures) -> Assumptions:
     """How an engine exchanges gradients: Horovod as they are ready, in fused all-reduces of 64 MB; distrnn's
-    TensorFlow engine all at once, after the backward pass. `figures`: other Assumptions fields."""
-    horovod = engine == "horovod"
-    return Assumptions(overlap=horovod, fusion_mb=Assumptions.fusion_mb if horovod else 0.0, **figures)
+    TensorFlow engine all at once, after the backward pass, as one all-reduce between GPUs (NCCL) and in
+    pieces of collective.PIECE_BYTES between CPUs (its RING, which does not stream). Between CPUs whose
+    cores the ranks' compute fills, nothing is hidden behind the backward pass: the same cores copy and
+    reduce the gradients. `figures`: other Assumptions fields."""
+    if engine == "horovod":
+        return Assumptions(overlap=not on_cpus, **figures)
+    return Assumptions(overlap=False, fusion_mb=PIECE_BYTES / 1e6 if on_cpus else 0.0, engine_streams=not on_cpus,
+                       **figures)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,8 +229,12 @@ class Cluster:
 
 
 def _through_engine(link: Link, a: Assumptions) -> Link:
-    """The link as the engine sees it: no faster than the engine moves bytes."""
-    return dataclasses.replace(link, gbps=min(link.gbps, a.engine_gbps)) if a.engine_gbps else link
+    """The link as the engine sees it: no faster than the engine moves bytes, or, where the engine does not
+    stream, at the rate of the two one after the other."""
+    if not a.engine_gbps:
+        return link
+    gbps = min(link.gbps, a.engine_gbps) if a.engine_streams else 1 / (1 / link.gbps + 1 / a.engine_gbps)
+    return dataclasses.replace(link, gbps=gbps)
 
 
 def communication(model: Model, ranks: int, per_rank: int, cluster: Cluster, rows: int, lstm_seconds: float,
