@@ -106,6 +106,8 @@ def test_gradients_travel_in_the_order_they_are_ready_and_only_what_runs_past_th
     # distrnn's TensorFlow engine: one all-reduce between GPUs (NCCL), pieces of 16 MiB between CPUs (RING).
     assert model.engine_assumptions("tensorflow").fusion_mb == 0
     assert model.engine_assumptions("tensorflow", on_cpus=True).fusion_mb == 16 * 2**20 / 1e6
+    from distrnn.parallel import collective
+    assert model.TENSORFLOW_PIECE_BYTES == collective.PIECE_BYTES  # the model's figure is the engine's
 
 
 def test_horovods_published_512_gpu_efficiencies_are_within_ten_points_of_the_model():

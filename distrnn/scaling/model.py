@@ -20,10 +20,12 @@ import dataclasses
 import math
 from typing import Optional
 
-from distrnn.parallel.collective import PIECE_BYTES
 from distrnn.scaling.hardware import GPU, Link
 
 GATES = 4                # an LSTM's four gate blocks
+# The pieces distrnn's TensorFlow engine sends its gradients in between CPUs (collective.PIECE_BYTES; the model
+# does not import the engine, a seam tests/test_layout.py keeps; tests/test_scaling.py holds the two equal).
+TENSORFLOW_PIECE_BYTES = 16 * 2**20
 WEIGHT_BYTES = 4         # variables and their gradients are float32 in every precision
 INDEX_BYTES = 8          # an embedding row's int64 index, sent beside it
 BACKWARD_SHARE = 2 / 3   # of a layer's compute, its backward pass: twice the forward's products
@@ -65,13 +67,13 @@ class Assumptions:
 def engine_assumptions(engine: str, on_cpus: bool = False, **figures) -> Assumptions:
     """How an engine exchanges gradients: Horovod as they are ready, in fused all-reduces of 64 MB; distrnn's
     TensorFlow engine all at once, after the backward pass, as one all-reduce between GPUs (NCCL) and in
-    pieces of collective.PIECE_BYTES between CPUs (its RING, which does not stream). Between CPUs whose
+    pieces of TENSORFLOW_PIECE_BYTES between CPUs (its RING, which does not stream). Between CPUs whose
     cores the ranks' compute fills, nothing is hidden behind the backward pass: the same cores copy and
     reduce the gradients. `figures`: other Assumptions fields."""
     if engine == "horovod":
         return Assumptions(overlap=not on_cpus, **figures)
-    return Assumptions(overlap=False, fusion_mb=PIECE_BYTES / 1e6 if on_cpus else 0.0, engine_streams=not on_cpus,
-                       **figures)
+    return Assumptions(overlap=False, fusion_mb=TENSORFLOW_PIECE_BYTES / 1e6 if on_cpus else 0.0,
+                       engine_streams=not on_cpus, **figures)
 
 
 @dataclasses.dataclass(frozen=True)
