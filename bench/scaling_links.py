@@ -17,7 +17,6 @@ of the step from the calibrated compute model, bench/scaling_compute.py).
 """
 import argparse
 import json
-import math
 import os
 import re
 import statistics
@@ -143,8 +142,7 @@ def predicted_exchange(config: str, engine: str, link: hardware.Link, engine_gbp
 
 def pieces(engine: str, nbytes: float) -> int:
     """The all-reduces the model counts for one tensor of `nbytes` (the engine's fusion or pieces, on CPUs)."""
-    fusion = model.engine_assumptions(engine, on_cpus=True).fusion_mb * 1e6
-    return math.ceil(nbytes / fusion) if fusion else 1
+    return model.allreduce_count(nbytes, model.engine_assumptions(engine, on_cpus=True).fusion_mb * 1e6)
 
 
 def side_by_side_step(data_path: str, steps: int) -> float:

@@ -187,8 +187,12 @@ def ring_allreduce_seconds(nbytes: float, gpus: int, gpus_per_node: int, intra: 
     if gpus <= 1:
         return 0.0
     bandwidth, latency = _ring(gpus, gpus_per_node, intra, inter)
-    pieces = max(1, math.ceil(nbytes / fusion_bytes)) if fusion_bytes else 1
-    return ring_allreduce_bytes(nbytes, gpus) / bandwidth + pieces * 2 * latency
+    return ring_allreduce_bytes(nbytes, gpus) / bandwidth + allreduce_count(nbytes, fusion_bytes) * 2 * latency
+
+
+def allreduce_count(nbytes: float, fusion_bytes: float) -> int:
+    """The all-reduces `nbytes` go in, each of at most `fusion_bytes` (0: one)."""
+    return max(1, math.ceil(nbytes / fusion_bytes)) if fusion_bytes else 1
 
 
 def ring_allgather_seconds(nbytes_each: float, gpus: int, gpus_per_node: int, intra: Link, inter: Link) -> float:
