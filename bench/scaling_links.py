@@ -9,7 +9,9 @@ For each link: its TCP throughput (one stream, node 1 to node 2), then the all-r
 gradients (bench/allreduce_step.py: the LSTM's and the softmax's dense, the embedding's rows gathered) with
 each engine, under srun, a task a node, against the model (distrnn.scaling.model: the ring all-reduce and
 the rows' all-gather between 2 ranks) fed the link's measured throughput and each engine's latency, taken
-from a one-float all-reduce on the unshaped link (this kernel has no netem or tbf: no delay can be added).
+from a one-float all-reduce on the unshaped link (this kernel has no netem or tbf: no delay can be added),
+and each engine's own rate, from 100 MB all-reduced on the unshaped link (less that link's own time, for an
+engine whose time adds to the link's).
 Then PTB small trained by the 2 ranks on each link, its step against the model's: the compute of a rank
 (measured: two unjoined processes side by side on this machine's cores, as the ranks share them) plus the
 model's gradient exchange, less what the engine hides behind the backward pass (Horovod; the LSTM's share
@@ -145,6 +147,19 @@ def pieces(engine: str, nbytes: float) -> int:
     return model.allreduce_count(nbytes, model.engine_assumptions(engine, on_cpus=True).fusion_mb * 1e6)
 
 
+def engine_rate(engine: str, seconds: float, latency_us: float, link_bytes_per_s: float) -> float:
+    """GB/s at which `engine` itself moves an all-reduce's bytes, from `seconds` for BIG floats between the two
+    nodes on the unshaped link (latency a ring step, TCP rate): less the ring's latencies (2 a piece, as the
+    model counts them), and, where the engine does not stream, less the link's own time, which its bytes spend
+    one after the other with the engine's (the model adds the two back on each shaped link)."""
+    nbytes = BIG * 4
+    sent = model.ring_allreduce_bytes(nbytes, 2)  # what the model divides by the engine's rate, as by a link's
+    seconds -= 2 * pieces(engine, nbytes) * latency_us * 1e-6
+    if not model.engine_assumptions(engine, on_cpus=True).engine_streams:
+        seconds -= sent / link_bytes_per_s
+    return sent / 1e9 / seconds
+
+
 def side_by_side_step(data_path: str, steps: int) -> float:
     """Seconds a PTB small step takes in each of two unjoined processes running together (as two ranks on
     this machine share its cores)."""
@@ -224,13 +239,13 @@ def main():
     with slurm_cluster.SlurmCluster(["n1", "n2"], netns=True) as cluster:
         latency = {e: statistics.median(allreduce_ms(cluster, e, ["--floats", "1"], 20) for _ in range(args.repeats))
                    / 2 * 1000 for e in args.engines}  # a 2-rank ring's all-reduce: 2 steps, a latency each
-        # The engine's own rate: 100 MB all-reduced where the link (a veth pair, unshaped) is not the limit,
-        # less the ring's latencies (2 a piece, as the model counts them).
-        engine_gbps = {e: BIG * 4 / 1e9 / (statistics.median(allreduce_ms(cluster, e, ["--floats", BIG], 5)
-                                                             for _ in range(args.repeats)) / 1000
-                                           - 2 * pieces(e, BIG * 4) * latency[e] * 1e-6) for e in args.engines}
+        unshaped = statistics.median(tcp_probe(cluster, None)["bytes_per_s"] for _ in range(args.repeats))
+        engine_gbps = {e: engine_rate(e, statistics.median(allreduce_ms(cluster, e, ["--floats", BIG], 5)
+                                                           for _ in range(args.repeats)) / 1000,
+                                      latency[e], unshaped) for e in args.engines}
         print("latency a ring step, one float on the unshaped link: " +
-              ", ".join(f"{e} {us:.0f} us" for e, us in latency.items()) + "; the engines' own rate, 100 MB on it: "
+              ", ".join(f"{e} {us:.0f} us" for e, us in latency.items()) + "; that link carries TCP at "
+              f"{unshaped * 8 / 1e9:.1f} Gbit/s; the engines' own rate, 100 MB on it: "
               + ", ".join(f"{e} {gbps * 8:.1f} Gbit/s" for e, gbps in engine_gbps.items()), flush=True)
         for mbit in args.mbits:
             cluster.shape(mbit)
@@ -255,7 +270,8 @@ def main():
             out["links"][mbit] = {"tcp_mbit": round(tcp * 8 / 1e6, 1), "queue_ms": round(queue_us / 1000, 2),
                                   "rows": rows}
         cluster.remove()
-    out.update(latency_us=latency, engine_gbit={e: round(g * 8, 2) for e, g in engine_gbps.items()},
+    out.update(latency_us=latency, unshaped_tcp_mbit=round(unshaped * 8 / 1e6),
+               engine_gbit={e: round(g * 8, 2) for e, g in engine_gbps.items()},
                small_compute_ms=round(compute * 1000, 2), lstm_share=round(lstm_share, 3))
     print(json.dumps(out))
 
