@@ -253,10 +253,37 @@ def run_here(module, *args, check=None, env=None, cwd=None):
     return proc
 
 
+def blocked_reading(proc, timeout=60):
+    """Waits until a thread of `proc` sleeps in a pipe's read (its FIFO's, which nobody writes). A signal sent
+    before that can be lost for good: one that arrives after Python last looked for signals and before read(2)
+    begins is handled in C at once, and the read then blocks with nothing left to interrupt it (this hung
+    CI once, 60 s, on a loaded 2-core machine). Sent to a sleeping read, it interrupts it, and Python raises.
+    Where the kernel does not say what a thread waits in (/proc/PID/task/TID/wchan), returns at once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            threads = os.listdir(f"/proc/{proc.pid}/task")
+        except OSError:
+            return
+        waits = [wchan(proc.pid, tid) for tid in threads]
+        if any("pipe_read" in w for w in waits) or not any(waits):  # anon_pipe_read (older kernels: pipe_read)
+            return
+        time.sleep(0.01)
+
+
+def wchan(pid, tid) -> str:
+    """What a thread sleeps in ('' where it has gone or the kernel does not say)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def signalled_while_held(argv, sig, fifo, env, timeout=60):
-    """Starts `python ARGV` (env: its whole environment), which holds itself by opening `fifo` for reading
-    (nobody writes); once it does, sends `sig`. Returns the CompletedProcess: what a signal at that moment
-    does, whatever the machine's speed."""
+    """Starts `python ARGV` (env: its whole environment), which holds itself by reading `fifo` (nobody
+    writes); once it sleeps in that read (blocked_reading), sends `sig`. Returns the CompletedProcess: what a
+    signal at that moment does, whatever the machine's speed."""
     proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     writer = None
@@ -267,6 +294,7 @@ def signalled_while_held(argv, sig, fifo, env, timeout=60):
             except OSError:
                 assert proc.poll() is None, proc.communicate()
                 time.sleep(0.05)
+        blocked_reading(proc)
         proc.send_signal(sig)
         try:
             out, err = proc.communicate(timeout=timeout)
