@@ -258,7 +258,8 @@ def blocked_reading(proc, timeout=60):
     before that can be lost for good: one that arrives after Python last looked for signals and before read(2)
     begins is handled in C at once, and the read then blocks with nothing left to interrupt it (this hung
     CI once, 60 s, on a loaded 2-core machine). Sent to a sleeping read, it interrupts it, and Python raises.
-    Where the kernel does not say what a thread waits in (/proc/PID/task/TID/wchan), returns at once."""
+    Where /proc shows no wchan for any thread, returns at once; where it shows "0" for every one (a running
+    thread's, or a kernel that hides symbols), waits out `timeout` and the signal goes as it did before."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
